@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make demo` runs the demo, `make test` runs every test.
+# Each creates .venv and installs what it needs; torch is installed first and pinned, so that
+# nothing pulls a different (CUDA) build.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+TORCH  := torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[demo,test]' $(TORCH)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/surgical demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) surgical-demo-delta .pytest_cache

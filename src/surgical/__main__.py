@@ -1,0 +1,5 @@
+"""``python -m surgical`` runs the command-line tool."""
+
+from surgical.cli import main
+
+main()

@@ -1,0 +1,16 @@
+"""Errors that users can act on.
+
+Every error raised for bad input is a :class:`SurgicalError` whose message is one line naming the
+problem and the fix. The CLI prints it without a traceback and exits non-zero.
+"""
+
+from __future__ import annotations
+
+
+class SurgicalError(Exception):
+    """A problem with the user's input or files, with a message that says how to fix it."""
+
+    def __init__(self, problem: str, fix: str | None = None) -> None:
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{problem}. {fix}" if fix else problem)

@@ -1,0 +1,8 @@
+"""Selection: score parameters with a registered criterion, then allocate a budget into a Plan."""
+
+from surgical.select import gradient, random  # noqa: F401  (register the criteria)
+from surgical.select.core import select
+from surgical.select.criteria import CRITERIA, ScoreContext
+from surgical.select.plan import Plan
+
+__all__ = ["CRITERIA", "Plan", "ScoreContext", "select"]

@@ -1,0 +1,113 @@
+"""The Plan: what a selection chose to train, savable and reusable on the same base model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from surgical.delta.codec import decode_indices, encode_indices
+from surgical.errors import SurgicalError
+from surgical.utils import atomic_dir
+
+PLAN_FORMAT = 1
+
+
+@dataclass
+class Plan:
+    """A selection of parameters to train.
+
+    Attributes:
+        entries: Parameter name -> sorted flat int64 indices of the entries to train.
+        shapes: Parameter name -> shape, for every parameter named in ``entries`` or ``dense``.
+        dense: Names of parameters trained in full (heads, norms, biases the user asked for).
+        meta: Provenance: criterion, budget, patterns, seed, calibration size, totals.
+    """
+
+    entries: dict[str, torch.Tensor] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    dense: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_entries(self) -> int:
+        """Number of selected entries (the sparse budget actually used)."""
+        return sum(int(i.numel()) for i in self.entries.values())
+
+    @property
+    def num_dense(self) -> int:
+        """Number of parameters trained densely."""
+        return sum(_numel(self.shapes[n]) for n in self.dense)
+
+    @property
+    def num_trainable(self) -> int:
+        """Entries plus densely trained parameters."""
+        return self.num_entries + self.num_dense
+
+    def summary(self) -> str:
+        """One line: criterion, selected entries and their share of the targets, dense params."""
+        total = self.meta.get("targeted", 0) or 1
+        return (
+            f"{self.meta.get('method', '?')}: {self.num_entries:,} entries "
+            f"({100 * self.num_entries / total:.2f}% of {total:,} targeted) in "
+            f"{len(self.entries)} tensors, {self.num_dense:,} dense in {len(self.dense)} tensors"
+        )
+
+    def save(self, directory: str | Path) -> Path:
+        """Writes ``plan.safetensors`` and ``plan.json`` into ``directory`` atomically."""
+        directory = Path(directory)
+        tensors: dict[str, torch.Tensor] = {}
+        for name, idx in self.entries.items():
+            gaps, overflow = encode_indices(idx)
+            tensors[f"{name}.gaps"] = gaps
+            tensors[f"{name}.overflow"] = overflow
+        info = {
+            "format": PLAN_FORMAT,
+            "shapes": {n: list(s) for n, s in self.shapes.items()},
+            "entries": {n: int(i.numel()) for n, i in self.entries.items()},
+            "dense": self.dense,
+            "meta": self.meta,
+        }
+        with atomic_dir(directory) as tmp:
+            save_file(tensors, str(tmp / "plan.safetensors"))
+            (tmp / "plan.json").write_text(json.dumps(info, indent=2))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Plan:
+        """Reads a plan written by :meth:`save`; a missing or damaged file is a SurgicalError."""
+        directory = Path(directory)
+        fix = "Pass a directory written by `surgical select` or Plan.save"
+        if not directory.is_dir():
+            raise SurgicalError(f"plan directory {str(directory)!r} does not exist", fix)
+        try:
+            info = json.loads((directory / "plan.json").read_text())
+            tensors = load_file(str(directory / "plan.safetensors"))
+        except FileNotFoundError as e:
+            raise SurgicalError(f"plan file {e.filename!r} is missing", fix) from None
+        except (json.JSONDecodeError, SafetensorError, OSError) as e:
+            raise SurgicalError(f"plan in {str(directory)!r} is truncated or corrupted ({e})", fix) from None
+        entries = {}
+        for name, count in info["entries"].items():
+            idx = decode_indices(tensors[f"{name}.gaps"], tensors[f"{name}.overflow"])
+            if idx.numel() != count:
+                raise SurgicalError(f"plan entry list for {name!r} is corrupted", fix)
+            entries[name] = idx
+        return cls(
+            entries=entries,
+            shapes={n: tuple(s) for n, s in info["shapes"].items()},
+            dense=list(info["dense"]),
+            meta=info["meta"],
+        )
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -1,0 +1,125 @@
+"""``prepare``: make exactly a plan's parameters trainable, at the memory floor.
+
+After ``prepare(model, plan)``:
+- every parameter not in the plan has ``requires_grad=False`` (no gradient, no optimizer state);
+- each planned Linear weight is frozen and gets a ``weight_sg_delta`` parameter holding the k
+  trainable values (see :mod:`surgical.train.sparse`);
+- the plan's dense parameters train as usual.
+
+So ``[p for p in model.parameters() if p.requires_grad]`` is exactly what an optimizer needs,
+and the HF ``Trainer`` picks the same set by itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from surgical.errors import SurgicalError
+from surgical.select.plan import Plan
+from surgical.train.sparse import EntryState, attach_entries, detach_entries, sync_entries
+
+
+@dataclass
+class Prepared:
+    """What ``prepare`` recorded on the model (``model._sg_prepared``)."""
+
+    plan: Plan
+    entry_modules: dict[str, nn.Module]  # parameter name -> module holding it
+
+
+def _module_of(model: nn.Module, param_name: str) -> tuple[nn.Module, str]:
+    mname, _, pname = param_name.rpartition(".")
+    try:
+        module = model.get_submodule(mname) if mname else model
+    except AttributeError:
+        module = None
+    if module is None or not isinstance(getattr(module, pname, None), torch.Tensor):
+        raise SurgicalError(
+            f"the plan names parameter {param_name!r}, which this model does not have",
+            "Use the plan with the base model it was selected on",
+        )
+    return module, pname
+
+
+def check_plan(model: nn.Module, plan: Plan) -> None:
+    """Raises a SurgicalError if the plan does not fit the model (names, shapes, indices)."""
+    params = dict(model.named_parameters())
+    for name, shape in plan.shapes.items():
+        if name not in params:
+            _module_of(model, name)  # raises with the standard message
+        if tuple(params[name].shape) != tuple(shape):
+            raise SurgicalError(
+                f"the plan was made for another model: {name!r} has shape {tuple(shape)} in the "
+                f"plan but {tuple(params[name].shape)} in this model",
+                "Use the plan with the base model it was selected on",
+            )
+    for name, idx in plan.entries.items():
+        if idx.numel() and int(idx[-1]) >= params[name].numel():
+            raise SurgicalError(f"plan indices for {name!r} are out of range", "Re-run selection")
+
+
+def prepare(model: nn.Module, plan: Plan) -> nn.Module:
+    """Makes exactly the plan's entries and dense parameters trainable; returns the model.
+
+    Raises:
+        SurgicalError: if the model is already prepared or the plan does not fit it.
+    """
+    if getattr(model, "_sg_prepared", None) is not None:
+        raise SurgicalError("this model is already prepared", "Call surgical.unprepare(model) first")
+    check_plan(model, plan)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    entry_modules: dict[str, nn.Module] = {}
+    for name, idx in plan.entries.items():
+        module, pname = _module_of(model, name)
+        if not isinstance(module, nn.Linear) or pname != "weight":
+            raise SurgicalError(
+                f"entry training supports nn.Linear weights only, not {name!r}",
+                "Train that parameter densely (list it under 'always')",
+            )
+        attach_entries(module, idx)
+        entry_modules[name] = module
+    params = dict(model.named_parameters())
+    for name in plan.dense:
+        params[name].requires_grad_(True)
+    model._sg_prepared = Prepared(plan=plan, entry_modules=entry_modules)
+    return model
+
+
+def prepared(model: nn.Module) -> Prepared:
+    """The record ``prepare`` left on the model, or a SurgicalError if there is none."""
+    info = getattr(model, "_sg_prepared", None)
+    if info is None:
+        raise SurgicalError("this model was not prepared", "Call surgical.prepare(model, plan) first")
+    return info
+
+
+def sync(model: nn.Module) -> None:
+    """Writes every trained delta into its weight, so the weights hold the fine-tuned values.
+
+    Forward passes do this lazily; call it before reading weights or a state dict directly.
+    """
+    for module in prepared(model).entry_modules.values():
+        sync_entries(module, module._sg_entries)
+
+
+def unprepare(model: nn.Module) -> nn.Module:
+    """Removes the delta parameters, leaving a plain model that holds the fine-tuned weights."""
+    info = prepared(model)
+    for module in info.entry_modules.values():
+        detach_entries(module)
+    del model._sg_prepared
+    return model
+
+
+def entry_state(module: nn.Module) -> EntryState:
+    """The entry bookkeeping of a prepared Linear."""
+    return module._sg_entries
+
+
+def trainable_count(model: nn.Module) -> int:
+    """Number of trainable values (delta entries plus dense parameters)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,215 @@
+"""Entry-sparse training of a Linear weight at the memory floor.
+
+The frozen weight ``W`` always holds the current fine-tuned values, so the forward pass is a
+plain ``F.linear``. The trainable state is a 1-D parameter ``delta`` of the k selected entries;
+``W.flat[idx] == orig + delta`` is restored lazily before each forward in which ``delta`` has
+changed (its version counter moved), which works with any optimizer and training loop.
+
+Optimizers that write parameters without bumping the version counter (fused AdamW, the HF
+Trainer's default, does this) are covered by a global optimizer step post-hook that marks every
+entry-sparse weight dirty after any ``optimizer.step()``.
+
+The backward pass returns the input gradient ``gy @ W`` and the gradient of ``delta`` only at the
+selected entries, computed with a sampled dense-dense matmul: no dense weight gradient is formed.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+#: Above this density the dense product followed by a gather is faster than a sampled matmul.
+DENSE_GATHER_DENSITY = 0.25
+
+
+@dataclass
+class EntryState:
+    """Bookkeeping of an entry-sparse weight.
+
+    The tensors live on the module so that ``model.to(...)`` moves them: the parameter
+    ``<name>_sg_delta`` (k trainable values) and the non-persistent buffers ``<name>_sg_indices``
+    (sorted flat indices, int64) and ``<name>_sg_orig`` (the base values at those indices).
+    """
+
+    param_name: str  # name of the weight inside its module, e.g. "weight"
+    shape: tuple[int, int]
+    pattern: torch.Tensor | None = None  # CSR pattern of the indices, built on first use
+    synced_version: int = -1
+    dirty: bool = False  # set after any optimizer step
+
+    def indices(self, module: nn.Module) -> torch.Tensor:
+        return getattr(module, f"{self.param_name}_sg_indices")
+
+    def orig(self, module: nn.Module) -> torch.Tensor:
+        return getattr(module, f"{self.param_name}_sg_orig")
+
+    def delta(self, module: nn.Module) -> torch.Tensor:
+        return getattr(module, delta_attr(self.param_name))
+
+    def csr(self, module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+        """The CSR pattern on the indices' device in ``dtype`` (cached)."""
+        idx = self.indices(module)
+        p = self.pattern
+        if p is None or p.device != idx.device or p.dtype != dtype:
+            p = self.pattern = csr_pattern(idx, self.shape, dtype)
+        return p
+
+
+def csr_pattern(indices: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """A CSR tensor whose non-zeros sit at the sorted flat ``indices`` of a 2-D ``shape``."""
+    rows_n, cols_n = shape
+    rows = torch.div(indices, cols_n, rounding_mode="floor")
+    cols = indices - rows * cols_n
+    crow = torch.zeros(rows_n + 1, dtype=torch.int64, device=indices.device)
+    crow[1:] = torch.bincount(rows, minlength=rows_n).cumsum(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "CSR support is in beta"
+        return torch.sparse_csr_tensor(
+            crow,
+            cols,
+            torch.zeros(indices.numel(), dtype=dtype, device=indices.device),
+            size=shape,
+            check_invariants=False,
+        )
+
+
+def sampled_weight_grad(
+    gy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, pattern: torch.Tensor
+) -> torch.Tensor:
+    """``(gy^T @ x).flatten()[indices]``, without the dense product when sparse enough.
+
+    Args:
+        gy: Output gradient, (tokens, out).
+        x: Layer input, (tokens, in).
+        indices: Sorted flat indices into the (out, in) weight.
+        pattern: CSR tensor of shape (out, in) with non-zeros at ``indices`` and dtype of ``gy``.
+    """
+    out_f, in_f = pattern.shape
+    if indices.numel() > DENSE_GATHER_DENSITY * out_f * in_f:
+        return (gy.t() @ x).view(-1).index_select(0, indices)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse.sampled_addmm(pattern, gy.t(), x, beta=0.0).values()
+
+
+class _EntryLinearFn(torch.autograd.Function):
+    """y = x @ W^T + b where W already contains ``orig + delta`` at the selected entries."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, delta, module):  # noqa: D102
+        ctx.module = module
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight.to(x.dtype) if weight.dtype != x.dtype else weight, bias)
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: D102
+        x, weight = ctx.saved_tensors
+        gx = gb = gd = None
+        if ctx.needs_input_grad[0]:
+            gx = gy @ weight.to(gy.dtype)
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy2.sum(0)
+        if ctx.needs_input_grad[3]:
+            module = ctx.module
+            state: EntryState = module._sg_entries
+            x2 = x.reshape(-1, x.shape[-1]).to(gy2.dtype)
+            gd = sampled_weight_grad(gy2, x2, state.indices(module), state.csr(module, gy2.dtype)).to(
+                state.delta(module).dtype
+            )
+        return gx, None, gb, gd, None
+
+
+def delta_attr(param_name: str) -> str:
+    """Name of the trainable delta parameter registered beside ``param_name`` in its module."""
+    return f"{param_name}_sg_delta"
+
+
+def sync_entries(module: nn.Module, state: EntryState) -> None:
+    """Writes ``orig + delta`` into the frozen weight if ``delta`` changed since the last sync."""
+    delta = state.delta(module)
+    if delta._version == state.synced_version and not state.dirty:
+        return
+    weight = getattr(module, state.param_name)
+    with torch.no_grad():
+        new = torch.add(state.orig(module), delta.detach())
+        weight.view(-1).index_copy_(0, state.indices(module), new.to(weight.dtype))
+    state.synced_version = delta._version
+    state.dirty = False
+
+
+_LIVE: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules with entry-sparse weights
+_HOOK_HANDLE = None
+
+
+def _mark_dirty_after_step(optimizer, args, kwargs) -> None:
+    for module in list(_LIVE):
+        state = getattr(module, "_sg_entries", None)
+        if state is not None:
+            state.dirty = True
+
+
+def _ensure_step_hook() -> None:
+    global _HOOK_HANDLE
+    if _HOOK_HANDLE is None:
+        _HOOK_HANDLE = register_optimizer_step_post_hook(_mark_dirty_after_step)
+
+
+def _sync_before_state_dict(module, prefix, keep_vars) -> None:
+    state = getattr(module, "_sg_entries", None)
+    if state is not None:
+        sync_entries(module, state)
+
+
+def _entry_linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    state: EntryState = module._sg_entries
+    sync_entries(module, state)
+    delta = state.delta(module)
+    if not (torch.is_grad_enabled() and delta.requires_grad):
+        return F.linear(x, module.weight, module.bias)
+    return _EntryLinearFn.apply(x, module.weight, module.bias, delta, module)
+
+
+def attach_entries(module: nn.Linear, indices: torch.Tensor) -> nn.Parameter:
+    """Makes the entries ``indices`` of ``module.weight`` trainable through a delta parameter.
+
+    The weight is frozen, a zero-initialised parameter ``weight_sg_delta`` of ``len(indices)``
+    values is registered on the module, and the module's forward is routed through the sparse
+    autograd function. Returns the new parameter.
+    """
+    weight = module.weight
+    indices = indices.to(device=weight.device, dtype=torch.int64)
+    weight.requires_grad_(False)
+    state = EntryState(param_name="weight", shape=tuple(weight.shape))
+    orig = weight.detach().view(-1).index_select(0, indices).clone()
+    module.register_buffer("weight_sg_indices", indices, persistent=False)
+    module.register_buffer("weight_sg_orig", orig, persistent=False)
+    delta = nn.Parameter(torch.zeros(indices.numel(), dtype=weight.dtype, device=weight.device))
+    module.register_parameter(delta_attr("weight"), delta)
+    state.synced_version = delta._version
+    module._sg_entries = state
+    module.forward = _entry_linear_forward.__get__(module)  # bound method on this instance
+    module._sg_sd_hook = module.register_state_dict_pre_hook(_sync_before_state_dict)
+    _LIVE.add(module)
+    _ensure_step_hook()
+    return delta
+
+
+def detach_entries(module: nn.Linear) -> None:
+    """Undoes :func:`attach_entries`, keeping the trained values in the weight."""
+    state: EntryState = module._sg_entries
+    sync_entries(module, state)
+    for suffix in ("sg_delta", "sg_indices", "sg_orig"):
+        delattr(module, f"{state.param_name}_{suffix}")
+    del module._sg_entries
+    del module.forward  # back to the class's forward
+    module._sg_sd_hook.remove()
+    del module._sg_sd_hook
+    _LIVE.discard(module)
