@@ -164,3 +164,18 @@ def test_proportional_counts_sum_exactly():
 
     counts = proportional_counts({"a": 3, "b": 3, "c": 3}, 4)
     assert sum(counts.values()) == 4 and counts == {"a": 2, "b": 1, "c": 1}
+
+
+def test_plan_with_rows_and_cols_roundtrip(tmp_path):
+    plan = sg.Plan(
+        rows={"a.weight": torch.tensor([0, 3])},
+        cols={"b.weight": torch.tensor([2])},
+        shapes={"a.weight": (4, 5), "b.weight": (3, 6)},
+    )
+    assert plan.num_entries == 2 * 5 + 3
+    assert plan.entry_indices("a.weight").tolist() == [0, 1, 2, 3, 4, 15, 16, 17, 18, 19]
+    assert plan.entry_indices("b.weight").tolist() == [2, 8, 14]
+    plan.save(tmp_path / "p")
+    back = sg.Plan.load(tmp_path / "p")
+    assert torch.equal(back.rows["a.weight"], plan.rows["a.weight"])
+    assert torch.equal(back.cols["b.weight"], plan.cols["b.weight"])

@@ -138,3 +138,24 @@ def test_hf_trainer_trains_only_the_plan(bert, batches, tmp_path):
     sg.sync(bert)
     ref = dict(bert.named_parameters())
     assert all(torch.equal(p, ref[n]) for n, p in fresh.named_parameters())
+
+
+def test_rows_and_columns_in_a_plan_train_exactly_those(bert, batches):
+    base = copy.deepcopy(bert)
+    q, o = "bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.1.output.dense.weight"
+    plan = sg.Plan(
+        rows={q: torch.tensor([1, 4])},
+        cols={o: torch.tensor([0, 63])},
+        shapes={q: (32, 32), o: (32, 64)},
+        dense=["classifier.weight"],
+    )
+    plan.shapes["classifier.weight"] = (2, 32)
+    assert plan.num_entries == 2 * 32 + 2 * 32
+    sg.prepare(bert, plan)
+    assert sg.trainable_count(bert) == plan.num_trainable
+    _train(bert, batches, steps=3)
+    sg.sync(bert)
+    p, b = dict(bert.named_parameters()), dict(base.named_parameters())
+    changed_q = (p[q] != b[q]).nonzero()[:, 0].unique().tolist()
+    changed_o = (p[o] != b[o]).nonzero()[:, 1].unique().tolist()
+    assert set(changed_q) <= {1, 4} and changed_q and set(changed_o) <= {0, 63} and changed_o

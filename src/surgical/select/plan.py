@@ -22,10 +22,15 @@ PLAN_FORMAT = 1
 class Plan:
     """A selection of parameters to train.
 
+    A parameter appears in at most one of ``entries``, ``rows``, ``cols`` and ``dense``.
+
     Attributes:
         entries: Parameter name -> sorted flat int64 indices of the entries to train.
-        shapes: Parameter name -> shape, for every parameter named in ``entries`` or ``dense``.
-        dense: Names of parameters trained in full (heads, norms, biases the user asked for).
+        shapes: Parameter name -> shape, for every parameter the plan names.
+        dense: Names of parameters trained in full (selected whole tensors, and the heads,
+            norms and biases the user asked to train always).
+        rows: Parameter name -> sorted int64 indices of whole rows (dim 0) of a 2-D weight.
+        cols: Parameter name -> sorted int64 indices of whole columns (dim 1) of a 2-D weight.
         meta: Provenance: criterion, budget, patterns, seed, calibration size, totals.
     """
 
@@ -33,11 +38,32 @@ class Plan:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     dense: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)
+    cols: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_entries(self) -> int:
-        """Number of selected entries (the sparse budget actually used)."""
-        return sum(int(i.numel()) for i in self.entries.values())
+        """Number of selected values outside ``dense`` (entries plus those of rows/columns)."""
+        n = sum(int(i.numel()) for i in self.entries.values())
+        n += sum(int(r.numel()) * self.shapes[k][1] for k, r in self.rows.items())
+        n += sum(int(c.numel()) * self.shapes[k][0] for k, c in self.cols.items())
+        return n
+
+    def entry_indices(self, name: str) -> torch.Tensor:
+        """Sorted flat indices of everything selected in a sparse parameter (rows/cols expanded)."""
+        if name in self.entries:
+            return self.entries[name]
+        out_f, in_f = self.shapes[name]
+        if name in self.rows:
+            r = self.rows[name]
+            return (r[:, None] * in_f + torch.arange(in_f)[None, :]).reshape(-1)
+        c = self.cols[name]
+        return (torch.arange(out_f)[:, None] * in_f + c[None, :]).reshape(-1)
+
+    @property
+    def sparse_names(self) -> list[str]:
+        """Parameters with entries, rows or columns selected."""
+        return [*self.entries, *self.rows, *self.cols]
 
     @property
     def num_dense(self) -> int:
@@ -66,10 +92,15 @@ class Plan:
             gaps, overflow = encode_indices(idx)
             tensors[f"{name}.gaps"] = gaps
             tensors[f"{name}.overflow"] = overflow
+        for kind in ("rows", "cols"):
+            for name, idx in getattr(self, kind).items():
+                tensors[f"{name}.{kind}"] = idx.to(torch.int64).contiguous()
         info = {
             "format": PLAN_FORMAT,
             "shapes": {n: list(s) for n, s in self.shapes.items()},
             "entries": {n: int(i.numel()) for n, i in self.entries.items()},
+            "rows": sorted(self.rows),
+            "cols": sorted(self.cols),
             "dense": self.dense,
             "meta": self.meta,
         }
@@ -103,6 +134,8 @@ class Plan:
             shapes={n: tuple(s) for n, s in info["shapes"].items()},
             dense=list(info["dense"]),
             meta=info["meta"],
+            rows={n: tensors[f"{n}.rows"] for n in info.get("rows", [])},
+            cols={n: tensors[f"{n}.cols"] for n in info.get("cols", [])},
         )
 
 

@@ -56,8 +56,9 @@ def check_plan(model: nn.Module, plan: Plan) -> None:
                 f"plan but {tuple(params[name].shape)} in this model",
                 "Use the plan with the base model it was selected on",
             )
-    for name, idx in plan.entries.items():
-        if idx.numel() and int(idx[-1]) >= params[name].numel():
+    for name in plan.sparse_names:
+        idx = plan.entry_indices(name)
+        if idx.numel() and int(idx.max()) >= params[name].numel():
             raise SurgicalError(f"plan indices for {name!r} are out of range", "Re-run selection")
 
 
@@ -73,7 +74,9 @@ def prepare(model: nn.Module, plan: Plan) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     entry_modules: dict[str, nn.Module] = {}
-    for name, idx in plan.entries.items():
+    for name in plan.sparse_names:
+        # rows and columns are trained as their entries for now (exact, not yet the fastest path)
+        idx = plan.entry_indices(name)
         module, pname = _module_of(model, name)
         if not isinstance(module, nn.Linear) or pname != "weight":
             raise SurgicalError(
