@@ -40,7 +40,9 @@ def demo(
         str | None, typer.Option(help="CSV with text,label,source (default: packaged movie reviews).")
     ] = None,
     method: Annotated[str, typer.Option(help="Selection criterion.")] = "gradient",
-    density: Annotated[float, typer.Option(help="Fraction of the encoder's Linear weights to train.")] = 0.01,
+    density: Annotated[
+        float, typer.Option(help="Fraction of the encoder layers' Linear weights trained as sparse entries.")
+    ] = 0.004,
     targets: Annotated[
         list[str] | None, typer.Option("--target", help="Pattern of weights to select from (repeatable).")
     ] = None,
