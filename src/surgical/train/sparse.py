@@ -42,6 +42,8 @@ class EntryState:
     pattern: torch.Tensor | None = None  # CSR pattern of the indices, built on first use
     synced_version: int = -1
     dirty: bool = False  # set after any optimizer step
+    accumulate: bool = False  # also add the dense weight gradient into ``grad_acc`` (regrow)
+    grad_acc: torch.Tensor | None = None
 
     def indices(self, module: nn.Module) -> torch.Tensor:
         return getattr(module, f"{self.param_name}_sg_indices")
@@ -120,7 +122,14 @@ class _EntryLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             module = ctx.module
             state: EntryState = module._sg_entries
-            x2 = x.reshape(-1, x.shape[-1]).to(gy2.dtype)
+            # the delta's gradient is computed in the delta's dtype: sampled_addmm has no bf16
+            # kernel on CPU, and fp32 accumulation keeps bf16-autocast gradients accurate
+            gdt = state.delta(module).dtype
+            gy2 = gy2.to(gdt)
+            x2 = x.reshape(-1, x.shape[-1]).to(gdt)
+            if state.accumulate:  # a prune-and-regrow schedule asked for one dense gradient
+                dense = gy2.t() @ x2
+                state.grad_acc = dense if state.grad_acc is None else state.grad_acc.add_(dense)
             gd = sampled_weight_grad(gy2, x2, state.indices(module), state.csr(module, gy2.dtype)).to(
                 state.delta(module).dtype
             )
@@ -143,6 +152,17 @@ def sync_entries(module: nn.Module, state: EntryState) -> None:
         weight.view(-1).index_copy_(0, state.indices(module), new.to(weight.dtype))
     state.synced_version = delta._version
     state.dirty = False
+
+
+def rebuild_entries(module: nn.Module) -> None:
+    """Re-derives a weight's cached pattern after its indices changed, and re-syncs it.
+
+    The caller must first have restored the weight to the base values at any index it dropped.
+    """
+    state: EntryState = module._sg_entries
+    state.pattern = None
+    state.dirty = True
+    sync_entries(module, state)
 
 
 _LIVE: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules with entry-sparse weights
