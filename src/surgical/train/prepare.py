@@ -20,6 +20,7 @@ from torch import nn
 from surgical.errors import SurgicalError
 from surgical.select.plan import Plan
 from surgical.train.sparse import EntryState, attach_entries, detach_entries, sync_entries
+from surgical.train.structured import attach_block
 
 
 @dataclass
@@ -75,15 +76,18 @@ def prepare(model: nn.Module, plan: Plan) -> nn.Module:
         p.requires_grad_(False)
     entry_modules: dict[str, nn.Module] = {}
     for name in plan.sparse_names:
-        # rows and columns are trained as their entries for now (exact, not yet the fastest path)
-        idx = plan.entry_indices(name)
         module, pname = _module_of(model, name)
         if not isinstance(module, nn.Linear) or pname != "weight":
             raise SurgicalError(
-                f"entry training supports nn.Linear weights only, not {name!r}",
+                f"entry, row and column training support nn.Linear weights only, not {name!r}",
                 "Train that parameter densely (list it under 'always')",
             )
-        attach_entries(module, idx)
+        if name in plan.rows:  # dense sub-blocks: one small matmul for the gradient
+            attach_block(module, plan.rows[name], axis=0)
+        elif name in plan.cols:
+            attach_block(module, plan.cols[name], axis=1)
+        else:
+            attach_entries(module, plan.entries[name])
         entry_modules[name] = module
     params = dict(model.named_parameters())
     for name in plan.dense:

@@ -146,7 +146,9 @@ class Regrow(TrainHook):
         self.changes = 0  # entries moved so far
 
     def _modules(self, state: StepState) -> list[nn.Module]:
-        return [m for m in state.model.modules() if getattr(m, "_sg_entries", None) is not None]
+        from surgical.train.sparse import EntryState
+
+        return [m for m in state.model.modules() if isinstance(getattr(m, "_sg_entries", None), EntryState)]
 
     def _arm(self, state: StepState) -> None:
         arm = (state.step + 1) % self.every == 0

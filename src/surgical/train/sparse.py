@@ -143,6 +143,9 @@ def delta_attr(param_name: str) -> str:
 
 def sync_entries(module: nn.Module, state: EntryState) -> None:
     """Writes ``orig + delta`` into the frozen weight if ``delta`` changed since the last sync."""
+    if not isinstance(state, EntryState):  # a row/column block (surgical.train.structured)
+        state.sync(module)
+        return
     delta = state.delta(module)
     if delta._version == state.synced_version and not state.dirty:
         return
@@ -160,6 +163,10 @@ def rebuild_entries(module: nn.Module) -> None:
     The caller must first have restored the weight to the base values at any index it dropped.
     """
     state: EntryState = module._sg_entries
+    if not isinstance(state, EntryState):
+        state.dirty = True
+        state.sync(module)
+        return
     state.pattern = None
     state.dirty = True
     sync_entries(module, state)
@@ -223,8 +230,13 @@ def attach_entries(module: nn.Linear, indices: torch.Tensor) -> nn.Parameter:
 
 
 def detach_entries(module: nn.Linear) -> None:
-    """Undoes :func:`attach_entries`, keeping the trained values in the weight."""
+    """Undoes :func:`attach_entries` (or :func:`~surgical.train.structured.attach_block`)."""
     state: EntryState = module._sg_entries
+    if not isinstance(state, EntryState):
+        from surgical.train.structured import detach_block
+
+        detach_block(module)
+        return
     sync_entries(module, state)
     for suffix in ("sg_delta", "sg_indices", "sg_orig"):
         delattr(module, f"{state.param_name}_{suffix}")
