@@ -12,6 +12,7 @@ from conftest import cls_batches, lm_batches, tiny_bert, tiny_llama
 from surgical.train.checkpoint import checkpoints, latest_checkpoint
 from surgical.train.hooks import TrainHook
 from surgical.train.loop import fit
+from surgical.train.schedules import LISA, Regrow
 
 BATCHES = cls_batches(n=6)
 
@@ -42,18 +43,23 @@ def _same(a, b):
         assert torch.equal(t, b.full[n]), n
 
 
-def test_resume_after_interruption_is_bit_identical(tmp_path):
+def _schedule(name):
+    return {"none": [], "regrow": [Regrow(every=2, fraction=0.2)], "lisa": [LISA(gamma=1, every=3)]}[name]
+
+
+@pytest.mark.parametrize("schedule", ["none", "regrow", "lisa"])
+def test_resume_after_interruption_is_bit_identical(tmp_path, schedule):
     ref = _prepared()
-    fit(ref, BATCHES, max_steps=9, lr=1e-2, show=False)
+    fit(ref, BATCHES, max_steps=9, lr=1e-2, show=False, hooks=_schedule(schedule))
     run = _prepared()
     with pytest.raises(KeyboardInterrupt):
         fit(run, BATCHES, max_steps=9, lr=1e-2, show=False, checkpoint_dir=tmp_path, checkpoint_every=2,
-            hooks=[_Interrupt(5)])  # fmt: skip
+            hooks=[*_schedule(schedule), _Interrupt(5)])  # fmt: skip
     assert [p.name for p in checkpoints(tmp_path)] == ["step-4"]  # only the newest is kept
     (tmp_path / ".step-6.tmp-xyz").mkdir()  # what a kill during a save leaves: ignored
     again = _prepared()
     res = fit(again, BATCHES, max_steps=9, lr=1e-2, show=False, checkpoint_dir=tmp_path, checkpoint_every=2,
-              resume=True)  # fmt: skip
+              resume=True, hooks=_schedule(schedule))  # fmt: skip
     assert res.resumed_from == 4 and res.steps == 9 and len(res.losses) == 5
     _same(sg.extract(ref), sg.extract(again))
     assert latest_checkpoint(tmp_path).name == "step-9"

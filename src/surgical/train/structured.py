@@ -1,4 +1,4 @@
-"""Rows and columns of a Linear weight trained as one dense sub-block.
+"""Rows and columns of a Linear weight (and token rows of an Embedding) trained as a dense block.
 
 Same in-place scheme as entry training (:mod:`surgical.train.sparse`): the frozen weight ``W``
 holds ``base + delta`` on the selected rows (or columns), so the forward is a plain ``F.linear``.
@@ -108,8 +108,43 @@ def _block_linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return _BlockLinearFn.apply(x, module.weight, module.bias, block, state.sel(module), state.axis)
 
 
-def attach_block(module: nn.Linear, sel: torch.Tensor, axis: int) -> nn.Parameter:
-    """Makes rows (``axis=0``) or columns (``axis=1``) ``sel`` of ``module.weight`` trainable."""
+class _BlockEmbeddingFn(torch.autograd.Function):
+    """Embedding lookup whose gradient goes only to the selected token rows."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, block, lookup, module):  # noqa: D102
+        ctx.save_for_backward(ids, lookup)
+        ctx.rows = block.shape[0]
+        return F.embedding(
+            ids, weight, module.padding_idx, module.max_norm, module.norm_type, module.scale_grad_by_freq,
+            module.sparse,
+        )  # fmt: skip
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: D102
+        ids, lookup = ctx.saved_tensors
+        pos = lookup[ids.reshape(-1)]
+        hit = pos >= 0  # tokens whose row is trained
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        gblock = torch.zeros(ctx.rows, gy.shape[-1], dtype=torch.float32, device=gy.device)
+        gblock.index_add_(0, pos[hit], gy2[hit].to(torch.float32))
+        return None, None, gblock, None, None
+
+
+def _block_embedding_forward(module: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    state: BlockState = module._sg_entries
+    state.sync(module)
+    block = state.block(module)
+    if not (torch.is_grad_enabled() and block.requires_grad):
+        return F.embedding(ids, module.weight, module.padding_idx, module.max_norm, module.norm_type)
+    return _BlockEmbeddingFn.apply(ids, module.weight, block, module.weight_sg_lookup, module)
+
+
+def attach_block(module: nn.Module, sel: torch.Tensor, axis: int) -> nn.Parameter:
+    """Makes rows (``axis=0``) or columns (``axis=1``) ``sel`` of ``module.weight`` trainable.
+
+    ``module`` is an ``nn.Linear``, or an ``nn.Embedding`` with ``axis=0`` (token rows).
+    """
     from surgical.train.sparse import _LIVE, _ensure_step_hook, _sync_before_state_dict
 
     weight = module.weight
@@ -123,7 +158,13 @@ def attach_block(module: nn.Linear, sel: torch.Tensor, axis: int) -> nn.Paramete
     module.register_parameter("weight_sg_delta", block)
     state.synced_version = block._version
     module._sg_entries = state
-    module.forward = _block_linear_forward.__get__(module)
+    if isinstance(module, nn.Embedding):
+        lookup = torch.full((weight.shape[0],), -1, dtype=torch.int64, device=weight.device)
+        lookup[sel] = torch.arange(sel.numel(), device=weight.device)
+        module.register_buffer("weight_sg_lookup", lookup, persistent=False)
+        module.forward = _block_embedding_forward.__get__(module)
+    else:
+        module.forward = _block_linear_forward.__get__(module)
     module._sg_sd_hook = module.register_state_dict_pre_hook(_sync_before_state_dict)
     _LIVE.add(module)
     _ensure_step_hook()
@@ -136,8 +177,9 @@ def detach_block(module: nn.Linear) -> None:
 
     state: BlockState = module._sg_entries
     state.sync(module)
-    for suffix in ("sg_delta", "sg_sel", "sg_base"):
-        delattr(module, f"{state.param_name}_{suffix}")
+    for suffix in ("sg_delta", "sg_sel", "sg_base", "sg_lookup"):
+        if hasattr(module, f"{state.param_name}_{suffix}"):
+            delattr(module, f"{state.param_name}_{suffix}")
     del module._sg_entries
     del module.forward
     module._sg_sd_hook.remove()
