@@ -137,16 +137,25 @@ def test_schedule_runs_inside_hf_trainer(tmp_path):
     from transformers import Trainer, TrainingArguments
 
     model = tiny_bert()
-    sg.prepare(model, _layer_plan(model))
+    plan = _layer_plan(model)
+    sg.prepare(model, plan)
     rows = [{k: v[i] for k, v in b.items()} for b in BATCHES for i in range(len(b["labels"]))]
     lisa = LISA(gamma=1, every=2, seed=0)
     rec = _Record()
     args = TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=4, learning_rate=1e-3,
-        report_to=[], save_strategy="no", use_cpu=True, logging_strategy="no",
+        report_to=[], save_strategy="steps", save_steps=2, use_cpu=True, logging_strategy="no",
+        save_only_model=True,
     )  # fmt: skip
-    Trainer(model=model, args=args, train_dataset=rows, callbacks=[SurgicalCallback(lisa, rec)]).train()
+    cb = SurgicalCallback(lisa, rec, save_delta=True)
+    Trainer(model=model, args=args, train_dataset=rows, callbacks=[cb]).train()
     assert len(rec.active) == 4
+    final = sg.Delta.load(tmp_path / "surgical-delta")
+    mid = sg.Delta.load(tmp_path / "checkpoint-2" / "surgical-delta")
+    assert (
+        set(final.full) == {n for n, _ in model.named_parameters() if n in final.full} and final.num_full > 0
+    )
+    assert any(not torch.equal(final.full[n], mid.full[n]) for n in final.full)  # training went on
     for active in rec.active:
         layers = {n.split(".layer.")[1].split(".")[0] for n in active if ".layer." in n}
         assert len(layers) == 1

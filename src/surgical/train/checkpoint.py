@@ -42,33 +42,31 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _trainable_state(model: torch.nn.Module) -> dict:
-    values = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if _is_trained(n, p)}
-    indices = {n: b.detach().cpu().clone() for n, b in model.named_buffers() if n.endswith("_sg_indices")}
-    origs = {n: b.detach().cpu().clone() for n, b in model.named_buffers() if n.endswith("_sg_orig")}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    return {"values": values, "indices": indices, "origs": origs, "requires_grad": flags}
-
-
-def _is_trained(name: str, p: torch.nn.Parameter) -> bool:
-    # Schedules may have frozen a trained parameter for now; what was trained is what a plan or a
-    # schedule ever made trainable, which is the optimizer's parameter set (see save_checkpoint).
-    return p.requires_grad or name.endswith("_sg_delta")
+def _trainable_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Values of every parameter the optimizer owns (schedules may have frozen some for now),
+    the entry indices and base values (regrow moves them), and the requires_grad flags."""
+    owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    values = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if id(p) in owned}
+    buffers = {
+        n: b.detach().cpu().clone()
+        for n, b in model.named_buffers()
+        if n.endswith(("_sg_indices", "_sg_orig"))
+    }
+    return {
+        "values": values,
+        "indices": {n: b for n, b in buffers.items() if n.endswith("_sg_indices")},
+        "origs": {n: b for n, b in buffers.items() if n.endswith("_sg_orig")},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+    }
 
 
 def save_checkpoint(
     checkpoint_dir: str | Path, state: StepState, hooks: Sequence[TrainHook] = (), keep: int = 1
 ) -> Path:
     """Writes ``step-<state.step>`` atomically and keeps only the newest ``keep`` checkpoints."""
-    model = state.model
-    opt_params = {id(p) for g in state.optimizer.param_groups for p in g["params"]}
-    trained = _trainable_state(model)
-    trained["values"] = {
-        n: p.detach().cpu().clone() for n, p in model.named_parameters() if id(p) in opt_params
-    }
     payload = {
         "step": state.step,
-        "model": trained,
+        "model": _trainable_state(state.model, state.optimizer),
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
         "rng": {

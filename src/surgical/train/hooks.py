@@ -8,6 +8,7 @@ schedule such as LISA) runs inside :func:`surgical.train.loop.fit` and, wrapped 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,8 +70,14 @@ class SurgicalCallback(TrainerCallback):
     switched off in ``on_train_begin``, after the optimizer exists.
     """
 
-    def __init__(self, *hooks: TrainHook) -> None:
+    def __init__(self, *hooks: TrainHook, save_delta: bool = False) -> None:
+        """Args:
+        hooks: Schedules or other hooks to run.
+        save_delta: Also write the delta (``sg.extract(model).save``) into each Trainer
+            checkpoint directory as ``surgical-delta/``, and into ``output_dir`` at the end.
+        """
         self.hooks = list(hooks)
+        self.save_delta = save_delta
         self._state: StepState | None = None
 
     def _sync_state(self, args, state, model, optimizer, lr_scheduler) -> StepState:
@@ -90,3 +97,17 @@ class SurgicalCallback(TrainerCallback):
         s = self._sync_state(args, state, model, optimizer, lr_scheduler)
         for h in self.hooks:
             h.on_step_end(s)
+
+    def on_save(self, args, state, control, model=None, **kw):
+        if self.save_delta and model is not None and state.is_world_process_zero:
+            self._write(model, Path(args.output_dir) / f"checkpoint-{state.global_step}" / "surgical-delta")
+
+    def on_train_end(self, args, state, control, model=None, **kw):
+        if self.save_delta and model is not None and state.is_world_process_zero:
+            self._write(model, Path(args.output_dir) / "surgical-delta")
+
+    @staticmethod
+    def _write(model: nn.Module, path: Path) -> None:
+        from surgical.delta import extract
+
+        extract(model).save(path)
