@@ -9,6 +9,7 @@ import torch
 
 import surgical as sg
 from conftest import cls_batches, lm_batches, tiny_bert, tiny_llama
+from surgical.errors import SurgicalError
 from surgical.train.checkpoint import checkpoints, latest_checkpoint
 from surgical.train.hooks import TrainHook
 from surgical.train.loop import fit
@@ -86,9 +87,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
     model = _prepared()
     res = fit(model, BATCHES, max_steps=8, show=False, checkpoint_dir=tmp_path, checkpoint_every=2,
-              hooks=[Poison()])  # fmt: skip
+              hooks=[Poison()], on_nan="stop")  # fmt: skip
     assert res.stopped == "nan" and res.steps == 3
     assert [p.name for p in checkpoints(tmp_path)] == ["step-2"]  # no checkpoint after the bad step
+    with pytest.raises(SurgicalError, match="the loss became NaN/inf at step 4"):  # the default
+        fit(_prepared(), BATCHES, max_steps=8, show=False, hooks=[Poison()])
 
 
 def _grads(model, batch, bf16=False, ckpt=False):

@@ -79,6 +79,7 @@ def fit(
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
+    on_nan: str = "raise",
     show: bool = True,
 ) -> FitResult:
     """Trains the parameters that require grad with AdamW (warm-up then linear decay).
@@ -97,10 +98,12 @@ def fit(
         checkpoint_dir: Where checkpoints go (``step-N`` directories, written atomically).
         checkpoint_every: Write a checkpoint every this many optimizer steps (0: only at the end).
         resume: Continue from the latest checkpoint in ``checkpoint_dir`` if there is one.
+        on_nan: What a non-finite loss does: ``"raise"`` a SurgicalError, or ``"stop"`` and
+            return with ``stopped="nan"``. Either way the bad step is not applied and the last
+            checkpoint written is left as it was.
 
     Returns:
-        A :class:`FitResult`. A non-finite loss stops training before that step is applied and
-        sets ``stopped="nan"``; the last checkpoint written is left as it was.
+        A :class:`FitResult`.
     """
     from surgical.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -111,6 +114,8 @@ def fit(
         )
     if not batches:
         raise SurgicalError("the training data yielded no batches", "Pass a non-empty dataset")
+    if on_nan not in ("raise", "stop"):
+        raise SurgicalError(f"on_nan must be 'raise' or 'stop', got {on_nan!r}", "Pass one of them")
     if grad_accum < 1:
         raise SurgicalError(f"grad_accum must be at least 1, got {grad_accum}", "Pass a positive number")
     device = params[0].device
@@ -152,6 +157,11 @@ def fit(
                 tokens += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
             if stopped:
                 opt.zero_grad(set_to_none=True)
+                if on_nan == "raise":
+                    raise SurgicalError(
+                        f"the loss became NaN/inf at step {state.step + 1}; training stopped",
+                        "Lower the learning rate or set max_grad_norm",
+                    )
                 break
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(

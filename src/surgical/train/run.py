@@ -159,6 +159,7 @@ def run_train(cfg: RunConfig, console: Console | None = None, show: bool = True)
         checkpoint_dir=out / "checkpoints",
         checkpoint_every=t.checkpoint_every,
         resume=t.resume,
+        on_nan="stop",
         show=show,
     )
     summary: dict[str, Any] = {
