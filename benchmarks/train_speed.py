@@ -155,7 +155,7 @@ def worker(name: str, steps: int, warmup: int, quick: bool) -> dict:
     return {"config": name, "step_times": times, "peak_rss_bytes": peak_rss_bytes(), "trainable": trainable}
 
 
-def run(args) -> dict:
+def run(args, partial: Path | None = None) -> dict:
     steps, warmup, rounds = (2, 1, 1) if args.quick else (args.steps, args.warmup, args.rounds)
     results: dict[str, dict] = {c: {"step_times": [], "peak_rss": []} for c in args.configs}
     env = dict(os.environ, PYTHONPATH=str(HERE.parent / "src"))
@@ -175,13 +175,21 @@ def run(args) -> dict:
             n = out["trainable"]
             print(f"round {r + 1}/{rounds} {c:>14}: {med:.3f} s/step, {gib:.2f} GiB, {n:,} trainable")
             sys.stdout.flush()
-    for v in results.values():
-        v["step_s"] = statistics.median(v["step_times"])
-        v["peak_rss_gib"] = statistics.median(v["peak_rss"]) / 2**30
-    return results
+            if partial is not None:  # keep what is measured so far if the run is cut short
+                done = {k: _summarise(v) for k, v in results.items() if v["step_times"]}
+                partial.write_text(json.dumps(report(done, args.quick, show=False), indent=2) + "\n")
+    return {k: _summarise(v) for k, v in results.items()}
 
 
-def report(results: dict, quick: bool) -> dict:
+def _summarise(v: dict) -> dict:
+    return {
+        **v,
+        "step_s": statistics.median(v["step_times"]),
+        "peak_rss_gib": statistics.median(v["peak_rss"]) / 2**30,
+    }
+
+
+def report(results: dict, quick: bool, show: bool = True) -> dict:
     ref = {k: results[k] for k in ("full", "lora", "floor") if k in results}
     rows = {}
     for c, v in results.items():
@@ -194,13 +202,8 @@ def report(results: dict, quick: bool) -> dict:
             above = (v["peak_rss_gib"] - results["floor"]["peak_rss_gib"]) * 2**30
             row["bytes_above_floor_per_entry"] = round(above / v["trainable"], 1)
         rows[c] = row
-    print(f"{'config':>14} {'s/step':>7} {'GiB':>6} {'trainable':>11} {'t/full':>6} {'t/lora':>6} "
-          f"{'t/floor':>7} {'m/lora':>6} {'m/floor':>7}")  # fmt: skip
-    for c, r in rows.items():
-        keys = ("time_vs_full", "time_vs_lora", "time_vs_floor", "mem_vs_lora", "mem_vs_floor")
-        ratios = [r.get(k, 0) for k in keys]
-        print(f"{c:>14} {r['step_s']:7.3f} {r['peak_rss_gib']:6.2f} {r['trainable']:11,} "
-              + " ".join(f"{x:6.2f}" for x in ratios))  # fmt: skip
+    if show:
+        print_table(rows)
     import torch
 
     return {
@@ -213,6 +216,17 @@ def report(results: dict, quick: bool) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "results": rows,
     }
+
+
+def print_table(rows: dict) -> None:
+    """Prints the results as a table of step times, memory and ratios."""
+    print(f"{'config':>14} {'s/step':>7} {'GiB':>6} {'trainable':>11} {'t/full':>6} {'t/lora':>6} "
+          f"{'t/floor':>7} {'m/lora':>6} {'m/floor':>7}")  # fmt: skip
+    keys = ("time_vs_full", "time_vs_lora", "time_vs_floor", "mem_vs_lora", "mem_vs_floor")
+    for c, r in rows.items():
+        ratios = [r.get(k, 0) for k in keys]
+        print(f"{c:>14} {r['step_s']:7.3f} {r['peak_rss_gib']:6.2f} {r['trainable']:11,} "
+              + " ".join(f"{x:6.2f}" for x in ratios))  # fmt: skip
 
 
 def main() -> None:
