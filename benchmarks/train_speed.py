@@ -169,7 +169,8 @@ def run(args, partial: Path | None = None) -> dict:
     results: dict[str, dict] = {c: {"step_times": [], "peak_rss": []} for c in args.configs}
     # one thread by default: on a busy machine two spinning OpenMP threads per process made a
     # full fine-tuning step ~20x slower (85 s instead of ~4 s) and the ratios meaningless
-    env = dict(os.environ, PYTHONPATH=str(HERE.parent / "src"), OMP_NUM_THREADS=str(args.threads))
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # recorded in the report
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent / "src"))
     for r in range(rounds):
         for c in args.configs:  # interleaved: each round runs every configuration once
             cmd = [sys.executable, __file__, "--worker", c, "--steps", str(steps), "--warmup", str(warmup)]
@@ -217,16 +218,33 @@ def report(results: dict, quick: bool, show: bool = True) -> dict:
         print_table(rows)
     import torch
 
+    slope = entry_slope(results)
+    if show and slope is not None:
+        print(f"memory per selected entry (slope from 0.5% to the LoRA-equivalent count): {slope:.1f} bytes")
     return {
+        "bytes_per_entry_slope": slope,
         "benchmark": "train_speed",
         "model": "tiny random Llama (quick)" if quick else "SmolLM2-135M-Instruct fp32, batch 4 x 128 tokens",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads",
+        f"{os.environ.get('OMP_NUM_THREADS', '?')} thread(s) per worker process",
         "note": "machine shared with other work while measuring: timings are noisy; peak RSS includes "
         "the loaded model and Python/torch (~same in every configuration)",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "results": rows,
     }
+
+
+def entry_slope(results: dict) -> float | None:
+    """Peak-RSS growth per selected entry between the smallest and largest entry configuration.
+
+    Memory above the floor also holds costs that do not depend on the count (the saved layer
+    inputs every trained Linear needs for its weight gradient); the slope isolates the part
+    that grows with the number of entries.
+    """
+    pts = sorted((v["trainable"], v["peak_rss_gib"]) for c, v in results.items() if c.startswith("entries_"))
+    if len(pts) < 2 or pts[-1][0] == pts[0][0]:
+        return None
+    return round((pts[-1][1] - pts[0][1]) * 2**30 / (pts[-1][0] - pts[0][0]), 1)
 
 
 def print_table(rows: dict) -> None:

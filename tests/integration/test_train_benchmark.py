@@ -23,7 +23,7 @@ def test_train_speed_quick(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     data = json.loads(out.read_text())
     res = data["results"]
-    assert list(res) == configs and "shared" in data["note"]
+    assert list(res) == configs and "shared" in data["note"] and "bytes_per_entry_slope" in data
     assert res["floor"]["trainable"] == 0 and res["floor"]["time_vs_floor"] == 1.0
     assert res["lora"]["time_vs_lora"] == 1.0
     # the LoRA-equivalent row plan trains about as many values as LoRA r=16 (rounding per tensor)
