@@ -185,3 +185,9 @@ def test_kill_9_then_resume_ends_with_the_same_delta(tmp_path, files):
         assert torch.equal(idx, b.entries[name][0]) and torch.equal(vals, b.entries[name][1]), name
     for name, t in a.full.items():
         assert torch.equal(t, b.full[name]), name
+
+
+def test_keys_lists_every_config_key_with_help(monkeypatch, capsys):
+    code, out, _ = run_main(monkeypatch, capsys, "train", "--keys")
+    assert code == 0
+    assert "training.checkpoint_every: Checkpoint every N steps" in out and "schedule.gamma: LISA" in out
