@@ -18,15 +18,19 @@ from surgical.delta import Delta, apply, extract  # noqa: E402
 from surgical.errors import SurgicalError  # noqa: E402
 from surgical.select import CRITERIA, Plan, select  # noqa: E402
 from surgical.train import prepare, sync, trainable_count, unprepare  # noqa: E402
+from surgical.train.hooks import SurgicalCallback  # noqa: E402
+from surgical.train.loop import fit  # noqa: E402
 
 __all__ = [
     "CRITERIA",
     "Delta",
     "Plan",
+    "SurgicalCallback",
     "SurgicalError",
     "__version__",
     "apply",
     "extract",
+    "fit",
     "prepare",
     "select",
     "sync",

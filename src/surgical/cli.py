@@ -115,6 +115,47 @@ def inspect(path: Annotated[str, typer.Argument(help="A delta directory.")]) -> 
         )
 
 
+@app.command()
+def train(
+    config: Annotated[str | None, typer.Option("--config", "-c", help="YAML run config.")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key, e.g. --set training.lr=3e-4 (repeatable)."),
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Override model.path.")] = None,
+    data: Annotated[str | None, typer.Option(help="Override data.path.")] = None,
+    out: Annotated[str | None, typer.Option(help="Override out (the run directory).")] = None,
+    density: Annotated[float | None, typer.Option(help="Override selection.density.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Override training.lr.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Override training.max_steps.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint.")] = False,
+    keys: Annotated[
+        bool, typer.Option("--keys", help="List every config key with its help, then exit.")
+    ] = False,
+) -> None:
+    """Train a selection of a model from a YAML config; write the delta and a run summary."""
+    from surgical.train.config import help_text, load_config, parse_override
+    from surgical.train.run import run_train
+
+    if keys:
+        for line in help_text():
+            console.print(line, highlight=False)
+        return
+    overrides = dict(parse_override(s) for s in set_ or [])
+    flags = {
+        "model.path": model,
+        "data.path": data,
+        "out": out,
+        "selection.density": density,
+        "training.lr": lr,
+        "training.max_steps": max_steps,
+    }
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    if resume:
+        overrides["training.resume"] = True
+    run_train(load_config(config, overrides), console)
+
+
 def main() -> None:
     """Entry point: runs the app, turning SurgicalErrors into one line and exit status 2."""
     try:

@@ -1,30 +1,65 @@
-"""A plain training loop over pre-built batches (AdamW, warm-up then linear decay)."""
+"""The one training loop: AdamW over pre-built batches, with hooks, checkpoints and resume.
+
+Everything a run can vary (gradient accumulation, bf16 autocast, dynamic schedules, periodic
+checkpoints, resuming) plugs into :func:`fit`; there is no second loop to drift from it.
+
+Determinism: the batch order of epoch ``e`` is a permutation drawn from ``seed + e`` alone, and
+a checkpoint stores every RNG state, so a run resumed from a checkpoint takes exactly the steps
+an uninterrupted run would have taken.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
 from surgical.errors import SurgicalError
+from surgical.train.hooks import StepState, TrainHook
 from surgical.utils import progress
 
 
 @dataclass
 class FitResult:
-    """What a training run did."""
+    """What a training run did.
+
+    Attributes:
+        steps: Optimizer steps taken in total (including those before a resume).
+        seconds: Wall time of this call.
+        losses: Loss of each optimizer step taken in this call (mean over accumulated batches).
+        resumed_from: Step of the checkpoint this call resumed from, or None.
+        stopped: Why training stopped early ("nan": a non-finite loss), or None.
+        tokens: Input tokens processed in this call.
+    """
 
     steps: int
     seconds: float
     losses: list[float] = field(default_factory=list)
+    resumed_from: int | None = None
+    stopped: str | None = None
+    tokens: int = 0
 
     @property
     def seconds_per_step(self) -> float:
-        return self.seconds / max(1, self.steps)
+        return self.seconds / max(1, len(self.losses))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """Batch order of an epoch: depends on (seed, epoch) only, so a resumed run can recompute it."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def _autocast(bf16: bool, device: torch.device):
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def fit(
@@ -32,17 +67,46 @@ def fit(
     batches: Sequence[dict],
     *,
     epochs: int = 1,
+    max_steps: int | None = None,
     lr: float = 1e-3,
     weight_decay: float = 0.0,
     warmup: float = 0.1,
+    grad_accum: int = 1,
+    max_grad_norm: float | None = None,
+    bf16: bool = False,
     seed: int = 0,
+    hooks: Sequence[TrainHook] = (),
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    on_nan: str = "raise",
     show: bool = True,
 ) -> FitResult:
-    """Trains the parameters that require grad with AdamW over ``batches`` for ``epochs``.
+    """Trains the parameters that require grad with AdamW (warm-up then linear decay).
 
-    Batches are reshuffled each epoch with ``seed``. A non-finite loss stops training with a
-    SurgicalError before the step is applied.
+    One optimizer step consumes ``grad_accum`` batches; the total is ``epochs * len(batches) //
+    grad_accum`` steps, or ``max_steps``. The optimizer is given every parameter that requires
+    grad at the start, so hooks may freeze and unfreeze them later (see
+    :mod:`surgical.train.schedules`); a frozen parameter has no gradient and AdamW skips it.
+
+    Args:
+        model: A model (usually prepared with :func:`surgical.prepare`) returning ``.loss``.
+        batches: Batches of tensors, reused every epoch in a seeded order.
+        bf16: Run forward passes under bf16 autocast (the trained values stay fp32).
+        hooks: Objects with ``on_train_begin(state)`` / ``on_step_end(state)`` (see
+            :class:`surgical.train.hooks.TrainHook`).
+        checkpoint_dir: Where checkpoints go (``step-N`` directories, written atomically).
+        checkpoint_every: Write a checkpoint every this many optimizer steps (0: only at the end).
+        resume: Continue from the latest checkpoint in ``checkpoint_dir`` if there is one.
+        on_nan: What a non-finite loss does: ``"raise"`` a SurgicalError, or ``"stop"`` and
+            return with ``stopped="nan"``. Either way the bad step is not applied and the last
+            checkpoint written is left as it was.
+
+    Returns:
+        A :class:`FitResult`.
     """
+    from surgical.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise SurgicalError(
@@ -50,32 +114,87 @@ def fit(
         )
     if not batches:
         raise SurgicalError("the training data yielded no batches", "Pass a non-empty dataset")
+    if on_nan not in ("raise", "stop"):
+        raise SurgicalError(f"on_nan must be 'raise' or 'stop', got {on_nan!r}", "Pass one of them")
+    if grad_accum < 1:
+        raise SurgicalError(f"grad_accum must be at least 1, got {grad_accum}", "Pass a positive number")
     device = params[0].device
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    total = epochs * len(batches)
+    per_epoch = max(1, len(batches) // grad_accum)
+    total = max_steps if max_steps is not None else epochs * per_epoch
     sched = get_linear_schedule_with_warmup(opt, int(warmup * total), total)
-    gen = torch.Generator().manual_seed(seed)
+    state = StepState(model=model, optimizer=opt, scheduler=sched, step=0, total_steps=total)
+    resumed_from = None
+    if resume and checkpoint_dir is not None:
+        ckpt = latest_checkpoint(checkpoint_dir)
+        if ckpt is not None:
+            load_checkpoint(ckpt, state, hooks)
+            resumed_from = state.step
+    for h in hooks:
+        h.on_train_begin(state)
     model.train()
     losses: list[float] = []
+    tokens = 0
+    stopped = None
     start = time.perf_counter()
     with progress(disable=not show) as bar:
-        task = bar.add_task("training", total=total, info="")
-        for _epoch in range(epochs):
-            for i in torch.randperm(len(batches), generator=gen).tolist():
+        task = bar.add_task("training", total=total, completed=state.step, info="")
+        while state.step < total:
+            epoch, pos = divmod(state.step, per_epoch)
+            order = epoch_order(len(batches), seed, epoch)
+            micro = [order[(pos * grad_accum + j) % len(order)] for j in range(grad_accum)]
+            opt.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for i in micro:
                 batch = {k: v.to(device) for k, v in batches[i].items()}
-                loss = model(**batch).loss
+                with _autocast(bf16, device):
+                    loss = model(**batch).loss
                 if not torch.isfinite(loss):
-                    raise SurgicalError(
-                        f"the loss became {loss.item()} at step {len(losses) + 1}",
-                        "Lower the learning rate",
-                    )
+                    stopped = "nan"
+                    break
+                (loss / grad_accum).backward()
+                step_loss += loss.item() / grad_accum
+                tokens += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
+            if stopped:
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
-                rate = len(losses) / (time.perf_counter() - start)
-                recent = sum(losses[-20:]) / len(losses[-20:])
-                bar.update(task, advance=1, info=f"loss {recent:.3f}  {rate:.2f} step/s")
+                if on_nan == "raise":
+                    raise SurgicalError(
+                        f"the loss became NaN/inf at step {state.step + 1}; training stopped",
+                        "Lower the learning rate or set max_grad_norm",
+                    )
+                break
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in opt.param_groups for p in g["params"]], max_grad_norm
+                )
+            opt.step()
+            sched.step()
+            state.step += 1
+            state.loss = step_loss
+            losses.append(step_loss)
+            for h in hooks:
+                h.on_step_end(state)
+            if checkpoint_dir is not None and checkpoint_every and state.step % checkpoint_every == 0:
+                save_checkpoint(checkpoint_dir, state, hooks)
+            elapsed = time.perf_counter() - start
+            recent = sum(losses[-20:]) / len(losses[-20:])
+            bar.update(
+                task,
+                advance=1,
+                info=f"loss {recent:.3f}  {len(losses) / elapsed:.2f} step/s  {tokens / elapsed:,.0f} tok/s",
+            )
     model.eval()
-    return FitResult(steps=len(losses), seconds=time.perf_counter() - start, losses=losses)
+    if (
+        stopped is None
+        and checkpoint_dir is not None
+        and not (checkpoint_every and state.step % checkpoint_every == 0)
+    ):
+        save_checkpoint(checkpoint_dir, state, hooks)
+    return FitResult(
+        steps=state.step,
+        seconds=time.perf_counter() - start,
+        losses=[x for x in losses if math.isfinite(x)],
+        resumed_from=resumed_from,
+        stopped=stopped,
+        tokens=tokens,
+    )

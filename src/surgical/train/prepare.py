@@ -20,6 +20,7 @@ from torch import nn
 from surgical.errors import SurgicalError
 from surgical.select.plan import Plan
 from surgical.train.sparse import EntryState, attach_entries, detach_entries, sync_entries
+from surgical.train.structured import attach_block
 
 
 @dataclass
@@ -62,6 +63,31 @@ def check_plan(model: nn.Module, plan: Plan) -> None:
             raise SurgicalError(f"plan indices for {name!r} are out of range", "Re-run selection")
 
 
+def _check_untied(model: nn.Module, module: nn.Module, name: str) -> None:
+    """Embedding rows are trained through the lookup only: refuse a weight another module uses."""
+    users = [m for m in model.modules() if getattr(m, "weight", None) is module.weight]
+    if len(users) > 1:
+        raise SurgicalError(
+            f"{name!r} is tied to another module (e.g. the LM head), so its rows cannot be trained "
+            "through the embedding alone",
+            "Train the tied weight densely (list it under 'always'), or untie the embeddings",
+        )
+
+
+def _kind(model: nn.Module, plan: Plan, name: str) -> str:
+    """How a sparse plan entry trains ("entries", "rows", "cols"), or a SurgicalError."""
+    module, pname = _module_of(model, name)
+    kind = "rows" if name in plan.rows else "cols" if name in plan.cols else "entries"
+    if isinstance(module, nn.Embedding) and pname == "weight" and kind == "rows":
+        _check_untied(model, module, name)  # token rows
+    elif not isinstance(module, nn.Linear) or pname != "weight":
+        raise SurgicalError(
+            f"entries, rows and columns train nn.Linear weights (and nn.Embedding rows), not {name!r}",
+            "Train that parameter densely (list it under 'always')",
+        )
+    return kind
+
+
 def prepare(model: nn.Module, plan: Plan) -> nn.Module:
     """Makes exactly the plan's entries and dense parameters trainable; returns the model.
 
@@ -71,19 +97,18 @@ def prepare(model: nn.Module, plan: Plan) -> nn.Module:
     if getattr(model, "_sg_prepared", None) is not None:
         raise SurgicalError("this model is already prepared", "Call surgical.unprepare(model) first")
     check_plan(model, plan)
+    kinds = {name: _kind(model, plan, name) for name in plan.sparse_names}  # validate all first
     for p in model.parameters():
         p.requires_grad_(False)
     entry_modules: dict[str, nn.Module] = {}
-    for name in plan.sparse_names:
-        # rows and columns are trained as their entries for now (exact, not yet the fastest path)
-        idx = plan.entry_indices(name)
-        module, pname = _module_of(model, name)
-        if not isinstance(module, nn.Linear) or pname != "weight":
-            raise SurgicalError(
-                f"entry training supports nn.Linear weights only, not {name!r}",
-                "Train that parameter densely (list it under 'always')",
-            )
-        attach_entries(module, idx)
+    for name, kind in kinds.items():
+        module, _ = _module_of(model, name)
+        if kind == "rows":  # dense sub-blocks: one small matmul (or index_add) for the gradient
+            attach_block(module, plan.rows[name], axis=0)
+        elif kind == "cols":
+            attach_block(module, plan.cols[name], axis=1)
+        else:
+            attach_entries(module, plan.entries[name])
         entry_modules[name] = module
     params = dict(model.named_parameters())
     for name in plan.dense:

@@ -42,6 +42,8 @@ class EntryState:
     pattern: torch.Tensor | None = None  # CSR pattern of the indices, built on first use
     synced_version: int = -1
     dirty: bool = False  # set after any optimizer step
+    accumulate: bool = False  # also add the dense weight gradient into ``grad_acc`` (regrow)
+    grad_acc: torch.Tensor | None = None
 
     def indices(self, module: nn.Module) -> torch.Tensor:
         return getattr(module, f"{self.param_name}_sg_indices")
@@ -53,30 +55,39 @@ class EntryState:
         return getattr(module, delta_attr(self.param_name))
 
     def csr(self, module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-        """The CSR pattern on the indices' device in ``dtype`` (cached)."""
+        """The CSR pattern on the indices' device in ``dtype`` (cached).
+
+        Its values are never read (the sampled matmul runs with ``beta=0``), so when the dtype
+        matches they alias the delta's storage instead of costing 4 more bytes per entry.
+        """
         idx = self.indices(module)
         p = self.pattern
         if p is None or p.device != idx.device or p.dtype != dtype:
-            p = self.pattern = csr_pattern(idx, self.shape, dtype)
+            delta = self.delta(module).detach()
+            values = delta if delta.dtype == dtype and delta.device == idx.device else None
+            p = self.pattern = csr_pattern(idx, self.shape, dtype, values)
         return p
 
 
-def csr_pattern(indices: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    """A CSR tensor whose non-zeros sit at the sorted flat ``indices`` of a 2-D ``shape``."""
+def csr_pattern(
+    indices: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype, values: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A CSR tensor whose non-zeros sit at the sorted flat ``indices`` of a 2-D ``shape``.
+
+    Row pointers and column indices are int32 when they fit (half the memory of int64);
+    ``values`` (k values, only their storage is used) default to zeros.
+    """
     rows_n, cols_n = shape
     rows = torch.div(indices, cols_n, rounding_mode="floor")
     cols = indices - rows * cols_n
-    crow = torch.zeros(rows_n + 1, dtype=torch.int64, device=indices.device)
+    itype = torch.int32 if max(indices.numel(), cols_n) < 2**31 - 1 else torch.int64
+    crow = torch.zeros(rows_n + 1, dtype=itype, device=indices.device)
     crow[1:] = torch.bincount(rows, minlength=rows_n).cumsum(0)
+    if values is None:
+        values = torch.zeros(indices.numel(), dtype=dtype, device=indices.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "CSR support is in beta"
-        return torch.sparse_csr_tensor(
-            crow,
-            cols,
-            torch.zeros(indices.numel(), dtype=dtype, device=indices.device),
-            size=shape,
-            check_invariants=False,
-        )
+        return torch.sparse_csr_tensor(crow, cols.to(itype), values, size=shape, check_invariants=False)
 
 
 def sampled_weight_grad(
@@ -120,7 +131,14 @@ class _EntryLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             module = ctx.module
             state: EntryState = module._sg_entries
-            x2 = x.reshape(-1, x.shape[-1]).to(gy2.dtype)
+            # the delta's gradient is computed in the delta's dtype: sampled_addmm has no bf16
+            # kernel on CPU, and fp32 accumulation keeps bf16-autocast gradients accurate
+            gdt = state.delta(module).dtype
+            gy2 = gy2.to(gdt)
+            x2 = x.reshape(-1, x.shape[-1]).to(gdt)
+            if state.accumulate:  # a prune-and-regrow schedule asked for one dense gradient
+                dense = gy2.t() @ x2
+                state.grad_acc = dense if state.grad_acc is None else state.grad_acc.add_(dense)
             gd = sampled_weight_grad(gy2, x2, state.indices(module), state.csr(module, gy2.dtype)).to(
                 state.delta(module).dtype
             )
@@ -134,6 +152,9 @@ def delta_attr(param_name: str) -> str:
 
 def sync_entries(module: nn.Module, state: EntryState) -> None:
     """Writes ``orig + delta`` into the frozen weight if ``delta`` changed since the last sync."""
+    if not isinstance(state, EntryState):  # a row/column block (surgical.train.structured)
+        state.sync(module)
+        return
     delta = state.delta(module)
     if delta._version == state.synced_version and not state.dirty:
         return
@@ -143,6 +164,21 @@ def sync_entries(module: nn.Module, state: EntryState) -> None:
         weight.view(-1).index_copy_(0, state.indices(module), new.to(weight.dtype))
     state.synced_version = delta._version
     state.dirty = False
+
+
+def rebuild_entries(module: nn.Module) -> None:
+    """Re-derives a weight's cached pattern after its indices changed, and re-syncs it.
+
+    The caller must first have restored the weight to the base values at any index it dropped.
+    """
+    state: EntryState = module._sg_entries
+    if not isinstance(state, EntryState):
+        state.dirty = True
+        state.sync(module)
+        return
+    state.pattern = None
+    state.dirty = True
+    sync_entries(module, state)
 
 
 _LIVE: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules with entry-sparse weights
@@ -203,8 +239,13 @@ def attach_entries(module: nn.Linear, indices: torch.Tensor) -> nn.Parameter:
 
 
 def detach_entries(module: nn.Linear) -> None:
-    """Undoes :func:`attach_entries`, keeping the trained values in the weight."""
+    """Undoes :func:`attach_entries` (or :func:`~surgical.train.structured.attach_block`)."""
     state: EntryState = module._sg_entries
+    if not isinstance(state, EntryState):
+        from surgical.train.structured import detach_block
+
+        detach_block(module)
+        return
     sync_entries(module, state)
     for suffix in ("sg_delta", "sg_indices", "sg_orig"):
         delattr(module, f"{state.param_name}_{suffix}")

@@ -1,0 +1,226 @@
+"""Dynamic schedules: change what is trained during a run (LISA, prune-and-regrow, HFT).
+
+Each schedule is a :class:`~surgical.train.hooks.TrainHook`: pass it to ``fit(hooks=[...])``,
+wrap it in :class:`~surgical.train.hooks.SurgicalCallback` for the HF ``Trainer``, or name it
+in the ``schedule:`` section of a ``surgical train`` config.
+
+Schedules only ever choose among what ``prepare`` made trainable (the optimizer's parameters).
+Random choices are drawn from a generator seeded by ``(seed, period)``, so a resumed run makes
+the same choices as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from surgical.errors import SurgicalError
+from surgical.train.hooks import StepState, TrainHook
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)\.")
+
+
+def _generator(seed: int, period: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + period)
+
+
+def _optimizer_params(state: StepState) -> dict[str, nn.Parameter]:
+    ids = {id(p) for g in state.optimizer.param_groups for p in g["params"]}
+    return {n: p for n, p in state.model.named_parameters() if id(p) in ids}
+
+
+def set_active(optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter], active: set[str]) -> None:
+    """Trains exactly the ``active`` names among ``params``; frees the optimizer state of the rest.
+
+    Freed state is really freed: the moments are dropped from ``optimizer.state``, and a
+    parameter that becomes active again starts with fresh moments.
+    """
+    for name, p in params.items():
+        on = name in active
+        p.requires_grad_(on)
+        if not on:
+            p.grad = None
+            optimizer.state.pop(p, None)
+
+
+class _Freezer(TrainHook):
+    """Activates a random subset of units (groups of parameters) every ``every`` steps."""
+
+    def __init__(self, every: int = 10, seed: int = 0) -> None:
+        if every < 1:
+            raise SurgicalError(f"schedule.every must be at least 1, got {every}", "Pass a positive period")
+        self.every = every
+        self.seed = seed
+        self.active_units: list[str] = []
+
+    def units(self, params: dict[str, nn.Parameter]) -> tuple[dict[str, list[str]], list[str]]:
+        """(unit -> parameter names) and the names that always stay trainable."""
+        raise NotImplementedError
+
+    def pick(self, units: list[str], gen: torch.Generator) -> list[str]:
+        raise NotImplementedError
+
+    def _apply(self, state: StepState) -> None:
+        params = _optimizer_params(state)
+        units, always = self.units(params)
+        names = sorted(units)
+        self.active_units = sorted(self.pick(names, _generator(self.seed, state.step // self.every)))
+        active = set(always)
+        for u in self.active_units:
+            active.update(units[u])
+        set_active(state.optimizer, params, active)
+
+    def on_train_begin(self, state: StepState) -> None:
+        self._apply(state)
+
+    def on_step_end(self, state: StepState) -> None:
+        if state.step % self.every == 0:
+            self._apply(state)
+
+
+class LISA(_Freezer):
+    """Layerwise Importance Sampling: train ``gamma`` randomly chosen layers, resampled every K steps.
+
+    Parameters outside the repeated layers (embeddings, final norm, heads) train throughout,
+    as in the LISA paper. Deactivated layers get ``requires_grad=False`` and their optimizer
+    state is freed, so memory follows the active layers only; autograd stops below the lowest
+    active layer when nothing beneath it is trainable.
+    """
+
+    def __init__(self, gamma: int = 2, every: int = 10, seed: int = 0) -> None:
+        super().__init__(every, seed)
+        if gamma < 1:
+            raise SurgicalError(f"schedule.gamma must be at least 1, got {gamma}", "Pass a positive count")
+        self.gamma = gamma
+
+    def units(self, params):
+        layers: dict[str, list[str]] = defaultdict(list)
+        always = []
+        for name in params:
+            m = _LAYER.search(name)
+            if m:
+                layers[f"{int(m.group(1)):05d}"].append(name)
+            else:
+                always.append(name)
+        if not layers:
+            raise SurgicalError(
+                "LISA found no numbered layers among the trained parameters", "Use another schedule"
+            )
+        return dict(layers), always
+
+    def pick(self, units, gen):
+        perm = torch.randperm(len(units), generator=gen).tolist()
+        return [units[i] for i in perm[: min(self.gamma, len(units))]]
+
+
+class HFT(_Freezer):
+    """Half Fine-Tuning: each stage of ``every`` steps trains a random half of the trained tensors."""
+
+    def units(self, params):
+        return {n: [n] for n in params}, []
+
+    def pick(self, units, gen):
+        perm = torch.randperm(len(units), generator=gen).tolist()
+        return [units[i] for i in perm[: max(1, len(units) // 2)]]
+
+
+class Regrow(TrainHook):
+    """Prune-and-regrow (SpIEL): every K steps, per entry-sparse weight, drop the ``fraction`` of
+    entries with the smallest ``|delta|`` and grow as many where the accumulated gradient is largest.
+
+    The gradient of the whole weight is accumulated during the one step before each update only
+    (K-1 steps pay nothing). Dropped entries go back to their exact base value; grown entries
+    start at delta 0 with fresh Adam moments, kept entries keep their values and moments. The
+    number of entries per tensor never changes, so the optimizer keeps the same parameters.
+    """
+
+    def __init__(self, every: int = 10, fraction: float = 0.1, seed: int = 0) -> None:
+        if every < 1:
+            raise SurgicalError(f"schedule.every must be at least 1, got {every}", "Pass a positive period")
+        if not 0.0 < fraction < 1.0:
+            raise SurgicalError(f"schedule.fraction must be in (0, 1), got {fraction}", "Pass e.g. 0.1")
+        self.every, self.fraction, self.seed = every, fraction, seed
+        self.changes = 0  # entries moved so far
+
+    def _modules(self, state: StepState) -> list[nn.Module]:
+        from surgical.train.sparse import EntryState
+
+        return [m for m in state.model.modules() if isinstance(getattr(m, "_sg_entries", None), EntryState)]
+
+    def _arm(self, state: StepState) -> None:
+        arm = (state.step + 1) % self.every == 0
+        for m in self._modules(state):
+            m._sg_entries.accumulate = arm
+            m._sg_entries.grad_acc = None
+
+    def on_train_begin(self, state: StepState) -> None:
+        self._arm(state)
+
+    def on_step_end(self, state: StepState) -> None:
+        if state.step % self.every == 0:
+            for m in self._modules(state):
+                self.changes += regrow_module(m, state.optimizer, self.fraction)
+        self._arm(state)
+
+    def state_dict(self):
+        return {"changes": self.changes}
+
+    def load_state_dict(self, state):
+        self.changes = int(state.get("changes", 0))
+
+
+@torch.no_grad()
+def regrow_module(module: nn.Module, optimizer: torch.optim.Optimizer, fraction: float) -> int:
+    """One prune-and-regrow update of an entry-sparse Linear; returns the number of entries moved."""
+    from surgical.train.sparse import rebuild_entries, sync_entries
+
+    st = module._sg_entries
+    acc, st.grad_acc, st.accumulate = st.grad_acc, None, False
+    delta, idx, orig = st.delta(module), st.indices(module), st.orig(module)
+    k = idx.numel()
+    n = int(fraction * k)
+    if acc is None or n == 0:
+        return 0
+    sync_entries(module, st)
+    weight = getattr(module, st.param_name).view(-1)
+    drop_pos = torch.topk(delta.abs(), n, largest=False).indices
+    keep = torch.ones(k, dtype=torch.bool, device=idx.device)
+    keep[drop_pos] = False
+    weight.index_copy_(0, idx[drop_pos], orig[drop_pos].to(weight.dtype))  # back to the exact base
+    score = acc.reshape(-1).abs()
+    score[idx[keep]] = -1.0  # kept entries cannot be grown again
+    grown = torch.topk(score, n).indices
+    new_idx = torch.cat([idx[keep], grown])
+    order = torch.argsort(new_idx)
+    new_idx = new_idx[order]
+    new_orig = torch.cat([orig[keep], weight.index_select(0, grown).to(orig.dtype)])[order]
+    moved = int((~torch.isin(grown, idx)).sum())
+
+    def rearrange(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t[keep], torch.zeros(n, dtype=t.dtype, device=t.device)])[order]
+
+    delta.copy_(rearrange(delta))
+    opt_state = optimizer.state.get(delta, {})
+    for value in opt_state.values():
+        if torch.is_tensor(value) and value.shape == delta.shape:
+            value.copy_(rearrange(value))
+    idx.copy_(new_idx)
+    orig.copy_(new_orig)
+    rebuild_entries(module)
+    return moved
+
+
+def make_schedule(cfg, seed: int = 0) -> list[TrainHook]:
+    """Hooks for a :class:`surgical.train.config.ScheduleConfig` (empty for ``name: none``)."""
+    if cfg.name == "none":
+        return []
+    if cfg.name == "lisa":
+        return [LISA(gamma=cfg.gamma, every=cfg.every, seed=seed)]
+    if cfg.name == "hft":
+        return [HFT(every=cfg.every, seed=seed)]
+    if cfg.name == "regrow":
+        return [Regrow(every=cfg.every, fraction=cfg.fraction, seed=seed)]
+    raise SurgicalError(f"unknown schedule {cfg.name!r}", "Use one of: none, lisa, regrow, hft")

@@ -1,0 +1,187 @@
+"""Rows and columns of a Linear weight (and token rows of an Embedding) trained as a dense block.
+
+Same in-place scheme as entry training (:mod:`surgical.train.sparse`): the frozen weight ``W``
+holds ``base + delta`` on the selected rows (or columns), so the forward is a plain ``F.linear``.
+The trainable parameter ``weight_sg_delta`` is the (r, in) block of selected rows or the (out, c)
+block of selected columns, and its gradient is one small dense matmul:
+``gy[:, rows]^T @ x`` for rows, ``gy^T @ x[:, cols]`` for columns. No index lists per entry, no
+sparse kernels: the cheapest structured path there is.
+
+For :func:`surgical.extract` the block presents itself as sorted flat entries (``indices``,
+``delta``, ``orig`` flattened in row-major order), so deltas keep one on-disk format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class BlockState:
+    """Bookkeeping of a row- or column-block weight (``module._sg_entries``).
+
+    Module attributes: parameter ``weight_sg_delta`` (the block), non-persistent buffers
+    ``weight_sg_sel`` (sorted row or column indices) and ``weight_sg_base`` (base block).
+    """
+
+    param_name: str
+    shape: tuple[int, int]
+    axis: int  # 0: rows, 1: columns
+    synced_version: int = -1
+    dirty: bool = False
+    accumulate: bool = False  # unused (prune-and-regrow works on entries); kept for uniformity
+    grad_acc: torch.Tensor | None = None
+
+    def block(self, module: nn.Module) -> nn.Parameter:
+        return getattr(module, f"{self.param_name}_sg_delta")
+
+    def sel(self, module: nn.Module) -> torch.Tensor:
+        return getattr(module, f"{self.param_name}_sg_sel")
+
+    def delta(self, module: nn.Module) -> torch.Tensor:
+        """The block's values flattened in the order of :meth:`indices`."""
+        return self.block(module).reshape(-1)
+
+    def orig(self, module: nn.Module) -> torch.Tensor:
+        return getattr(module, f"{self.param_name}_sg_base").reshape(-1)
+
+    def indices(self, module: nn.Module) -> torch.Tensor:
+        """Sorted flat indices of the block's entries in the (out, in) weight."""
+        sel = self.sel(module)
+        out_f, in_f = self.shape
+        if self.axis == 0:
+            return (sel[:, None] * in_f + torch.arange(in_f, device=sel.device)[None, :]).reshape(-1)
+        return (torch.arange(out_f, device=sel.device)[:, None] * in_f + sel[None, :]).reshape(-1)
+
+    def sync(self, module: nn.Module) -> None:
+        """Writes ``base + block`` into the frozen weight if the block changed."""
+        block = self.block(module)
+        if block._version == self.synced_version and not self.dirty:
+            return
+        weight = getattr(module, self.param_name)
+        base = getattr(module, f"{self.param_name}_sg_base")
+        with torch.no_grad():
+            weight.index_copy_(self.axis, self.sel(module), torch.add(base, block.detach()).to(weight.dtype))
+        self.synced_version = block._version
+        self.dirty = False
+
+
+class _BlockLinearFn(torch.autograd.Function):
+    """y = x @ W^T + b where W already holds ``base + block`` on the selected rows/columns."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, block, sel, axis):  # noqa: D102
+        ctx.save_for_backward(x, weight, sel)
+        ctx.axis = axis
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight.to(x.dtype) if weight.dtype != x.dtype else weight, bias)
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: D102
+        x, weight, sel = ctx.saved_tensors
+        gx = gb = gblock = None
+        if ctx.needs_input_grad[0]:
+            gx = gy @ weight.to(gy.dtype)
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy2.sum(0)
+        if ctx.needs_input_grad[3]:
+            x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
+            gy2 = gy2.to(torch.float32)
+            if ctx.axis == 0:
+                gblock = gy2.index_select(1, sel).t() @ x2  # (r, in)
+            else:
+                gblock = gy2.t() @ x2.index_select(1, sel)  # (out, c)
+        return gx, None, gb, gblock, None, None
+
+
+def _block_linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    state: BlockState = module._sg_entries
+    state.sync(module)
+    block = state.block(module)
+    if not (torch.is_grad_enabled() and block.requires_grad):
+        return F.linear(x, module.weight, module.bias)
+    return _BlockLinearFn.apply(x, module.weight, module.bias, block, state.sel(module), state.axis)
+
+
+class _BlockEmbeddingFn(torch.autograd.Function):
+    """Embedding lookup whose gradient goes only to the selected token rows."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, block, lookup, module):  # noqa: D102
+        ctx.save_for_backward(ids, lookup)
+        ctx.rows = block.shape[0]
+        return F.embedding(
+            ids, weight, module.padding_idx, module.max_norm, module.norm_type, module.scale_grad_by_freq,
+            module.sparse,
+        )  # fmt: skip
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: D102
+        ids, lookup = ctx.saved_tensors
+        pos = lookup[ids.reshape(-1)]
+        hit = pos >= 0  # tokens whose row is trained
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        gblock = torch.zeros(ctx.rows, gy.shape[-1], dtype=torch.float32, device=gy.device)
+        gblock.index_add_(0, pos[hit], gy2[hit].to(torch.float32))
+        return None, None, gblock, None, None
+
+
+def _block_embedding_forward(module: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    state: BlockState = module._sg_entries
+    state.sync(module)
+    block = state.block(module)
+    if not (torch.is_grad_enabled() and block.requires_grad):
+        return F.embedding(ids, module.weight, module.padding_idx, module.max_norm, module.norm_type)
+    return _BlockEmbeddingFn.apply(ids, module.weight, block, module.weight_sg_lookup, module)
+
+
+def attach_block(module: nn.Module, sel: torch.Tensor, axis: int) -> nn.Parameter:
+    """Makes rows (``axis=0``) or columns (``axis=1``) ``sel`` of ``module.weight`` trainable.
+
+    ``module`` is an ``nn.Linear``, or an ``nn.Embedding`` with ``axis=0`` (token rows).
+    """
+    from surgical.train.sparse import _LIVE, _ensure_step_hook, _sync_before_state_dict
+
+    weight = module.weight
+    sel = sel.to(device=weight.device, dtype=torch.int64)
+    weight.requires_grad_(False)
+    state = BlockState(param_name="weight", shape=tuple(weight.shape), axis=axis)
+    base = weight.detach().index_select(axis, sel).clone()
+    module.register_buffer("weight_sg_sel", sel, persistent=False)
+    module.register_buffer("weight_sg_base", base, persistent=False)
+    block = nn.Parameter(torch.zeros_like(base))
+    module.register_parameter("weight_sg_delta", block)
+    state.synced_version = block._version
+    module._sg_entries = state
+    if isinstance(module, nn.Embedding):
+        lookup = torch.full((weight.shape[0],), -1, dtype=torch.int64, device=weight.device)
+        lookup[sel] = torch.arange(sel.numel(), device=weight.device)
+        module.register_buffer("weight_sg_lookup", lookup, persistent=False)
+        module.forward = _block_embedding_forward.__get__(module)
+    else:
+        module.forward = _block_linear_forward.__get__(module)
+    module._sg_sd_hook = module.register_state_dict_pre_hook(_sync_before_state_dict)
+    _LIVE.add(module)
+    _ensure_step_hook()
+    return block
+
+
+def detach_block(module: nn.Linear) -> None:
+    """Undoes :func:`attach_block`, keeping the trained values in the weight."""
+    from surgical.train.sparse import _LIVE
+
+    state: BlockState = module._sg_entries
+    state.sync(module)
+    for suffix in ("sg_delta", "sg_sel", "sg_base", "sg_lookup"):
+        if hasattr(module, f"{state.param_name}_{suffix}"):
+            delattr(module, f"{state.param_name}_{suffix}")
+    del module._sg_entries
+    del module.forward
+    module._sg_sd_hook.remove()
+    del module._sg_sd_hook
+    _LIVE.discard(module)

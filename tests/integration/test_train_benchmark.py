@@ -1,0 +1,33 @@
+"""The training benchmark's --quick mode: every listed configuration runs and ratios come out right."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_train_speed_quick(tmp_path):
+    out = tmp_path / "speed.json"
+    configs = ["lora", "entries_1", "rows_lora", "floor"]  # a subset: each one is a fresh process
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+    p = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "train_speed.py"), "--quick", "--out", str(out),
+         "--configs", *configs],
+        env=env, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    data = json.loads(out.read_text())
+    res = data["results"]
+    assert list(res) == configs and "shared" in data["note"] and "bytes_per_entry_slope" in data
+    assert res["floor"]["trainable"] == 0 and res["floor"]["time_vs_floor"] == 1.0
+    assert res["lora"]["time_vs_lora"] == 1.0
+    # the LoRA-equivalent row plan trains about as many values as LoRA r=16 (rounding per tensor)
+    assert abs(res["rows_lora"]["trainable"] - res["lora"]["trainable"]) < 0.05 * res["lora"]["trainable"]
+    assert res["entries_1"]["bytes_above_floor_per_entry"] is not None
+    for r in res.values():
+        assert r["step_s"] > 0 and r["peak_rss_gib"] > 0

@@ -1,0 +1,193 @@
+"""`surgical train` end to end on tiny on-disk models: outputs, bad input, kill -9 and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import surgical as sg
+from surgical import cli
+from surgical.train.checkpoint import latest_checkpoint
+from train_fixtures import save_tiny_model, write_cls_csv, write_instruct_jsonl
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = dict(os.environ, COLUMNS="120", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return {
+        "bert": save_tiny_model(root / "bert", "bert"),
+        "llama": save_tiny_model(root / "llama", "llama"),
+        "csv": write_cls_csv(root / "cls.csv"),
+        "jsonl": write_instruct_jsonl(root / "ins.jsonl"),
+    }
+
+
+def _config(tmp_path, files, **sections) -> Path:
+    cfg = {
+        "out": str(tmp_path / "run"),
+        "model": {"path": str(files["bert"])},
+        "data": {"path": str(files["csv"]), "batch_size": 8, "max_length": 16},
+        "selection": {"method": "gradient", "density": 0.05, "always": ["classifier"]},
+        "training": {"max_steps": 6, "lr": 0.01},
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    p = tmp_path / "run.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["surgical", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_classification_writes_delta_and_summary(tmp_path, files, monkeypatch, capsys):
+    cfg = _config(tmp_path, files)
+    code, out, err = run_main(monkeypatch, capsys, "train", "-c", str(cfg), "--lr", "0.02", "--set",
+                              "training.max_steps=4")  # fmt: skip
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["steps"] == 4 and len(summary["losses"]) == 4
+    assert summary["config"]["training"]["lr"] == 0.02  # the flag overrode the file
+    delta = sg.Delta.load(tmp_path / "run" / "delta")
+    plan = sg.Plan.load(tmp_path / "run" / "plan")
+    assert delta.num_entries == plan.num_entries and set(delta.full) == {
+        "classifier.weight",
+        "classifier.bias",
+    }
+    assert summary["trainable"] == plan.num_trainable
+    assert "4 steps" in out and "step/s" in out
+
+
+def test_train_causal_lm_instruction_data(tmp_path, files, monkeypatch, capsys):
+    cfg = _config(
+        tmp_path, files, model={"path": str(files["llama"]), "task": "causal_lm"},
+        data={"path": str(files["jsonl"]), "batch_size": 4}, selection={"always": []},
+        schedule={"name": "regrow", "every": 2}, training={"max_steps": 4, "bf16": True},
+    )  # fmt: skip
+    code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(cfg))
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 4 and all(torch.isfinite(torch.tensor(summary["losses"])))
+
+
+@pytest.mark.parametrize(
+    ("sections", "needle"),
+    [
+        ({"data": {"text_column": "sentence"}}, "lacks column(s) sentence"),
+        ({"training": {"lr_max": 1}}, "unknown config key 'training.lr_max'"),
+        ({"model": {"task": "translation"}}, "unknown model.task 'translation'"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, files, monkeypatch, capsys, sections, needle):
+    code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(_config(tmp_path, files, **sections)))
+    assert code == 2 and needle in " ".join(err.split())
+    assert "Traceback" not in err
+
+
+def test_plan_for_another_model_is_a_shape_error(tmp_path, files, monkeypatch, capsys):
+    from conftest import tiny_llama
+
+    other = tiny_llama()
+    sg.select(other, None, method="random", density=0.05, progress=False).save(tmp_path / "llama-plan")
+    # a plan selected on a Llama names parameters the BERT model does not have
+    cfg2 = _config(tmp_path, files, selection={"plan": str(tmp_path / "llama-plan")})
+    code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(cfg2))
+    assert code == 2 and "does not have" in err
+    # a plan whose shapes differ from the model's
+    wide = sg.select(_wider_bert(), None, method="random", density=0.05, progress=False)
+    wide.save(tmp_path / "wide-plan")
+    code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(_config(
+        tmp_path, files, selection={"plan": str(tmp_path / "wide-plan")})))  # fmt: skip
+    assert code == 2 and "plan was made for another model" in " ".join(err.split())
+
+
+def _wider_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    c = BertConfig(vocab_size=100, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                   intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    return BertForSequenceClassification(c)
+
+
+def test_nan_loss_stops_keeps_checkpoint_and_says_so(tmp_path, files, monkeypatch, capsys):
+    cfg = _config(tmp_path, files, training={"lr": 1e30, "warmup": 0.0, "checkpoint_every": 1})
+    code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(cfg))
+    err = " ".join(err.split())
+    assert code == 2 and "the loss became NaN/inf at step" in err and "kept the last good checkpoint" in err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "nan" and summary["last_good_checkpoint"].endswith(f"step-{summary['steps']}")
+    assert not (tmp_path / "run" / "delta").exists()
+
+
+def _train_proc(cfg: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "surgical", "train", "-c", str(cfg), *extra],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def test_kill_9_then_resume_ends_with_the_same_delta(tmp_path, files):
+    steps = 24
+    common = {"training": {"max_steps": steps, "lr": 0.01, "checkpoint_every": 1}, "data": {"limit": 24}}
+    ref_dir, kill_dir = tmp_path / "ref", tmp_path / "kill"
+    ref_dir.mkdir()
+    kill_dir.mkdir()
+    ref_cfg = _config(ref_dir, files, **common)
+    kill_cfg = _config(kill_dir, files, **common)
+    victim = _train_proc(kill_cfg)
+    ckpts = kill_dir / "run" / "checkpoints"
+    deadline = time.time() + 120
+
+    def progressed() -> bool:
+        last = latest_checkpoint(ckpts)
+        return last is not None and int(last.name.split("-")[1]) >= 3
+
+    while time.time() < deadline and not progressed() and victim.poll() is None:
+        time.sleep(0.01)
+    os.kill(victim.pid, signal.SIGKILL)  # mid-training, possibly mid-checkpoint
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    assert not (kill_dir / "run" / "delta").exists()
+    reference = subprocess.run(
+        [sys.executable, "-m", "surgical", "train", "-c", str(ref_cfg)], env=ENV, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    resumed = subprocess.run(
+        [sys.executable, "-m", "surgical", "train", "-c", str(kill_cfg), "--resume"], env=ENV,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads((kill_dir / "run" / "summary.json").read_text())
+    assert summary["resumed_from"] is not None and 3 <= summary["resumed_from"] < steps
+    a, b = sg.Delta.load(ref_dir / "run" / "delta"), sg.Delta.load(kill_dir / "run" / "delta")
+    for name, (idx, vals) in a.entries.items():
+        assert torch.equal(idx, b.entries[name][0]) and torch.equal(vals, b.entries[name][1]), name
+    for name, t in a.full.items():
+        assert torch.equal(t, b.full[name]), name
+
+
+def test_keys_lists_every_config_key_with_help(monkeypatch, capsys):
+    code, out, _ = run_main(monkeypatch, capsys, "train", "--keys")
+    assert code == 0
+    assert "training.checkpoint_every: Checkpoint every N steps" in out and "schedule.gamma: LISA" in out

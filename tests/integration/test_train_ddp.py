@@ -1,0 +1,47 @@
+"""DDP on CPU: torchrun with 2 gloo processes and accelerate; both ranks end with the same delta."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import surgical as sg
+
+SCRIPT = Path(__file__).with_name("ddp_train_script.py")
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.skipif(
+    shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun"
+)
+def test_two_process_ddp_ranks_end_with_identical_deltas(tmp_path):
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+    p = subprocess.Popen(
+        [torchrun, "--standalone", "--nproc_per_node", "2", str(SCRIPT), str(tmp_path)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _, err = p.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # torchrun and both workers: never leave them running
+        p.communicate()
+        pytest.fail("the two-process run did not finish in 240 s")
+    assert p.returncode == 0, err[-3000:]
+    d0, d1 = sg.Delta.load(tmp_path / "rank0"), sg.Delta.load(tmp_path / "rank1")
+    assert d0.meta["world_size"] == 2 and "MULTI_CPU" in d0.meta["distributed_type"]
+    assert d0.num_entries > 0 and d0.entries.keys() == d1.entries.keys()
+    changed = 0
+    for name, (idx, vals) in d0.entries.items():
+        assert torch.equal(idx, d1.entries[name][0]) and torch.equal(vals, d1.entries[name][1]), name
+        changed += int((vals != 0).sum())
+    assert changed > 0.9 * d0.num_entries  # training happened
+    for name, t in d0.full.items():
+        assert torch.equal(t, d1.full[name]), name

@@ -1,0 +1,57 @@
+"""Tiny on-disk models, tokenizers and data files for end-to-end training tests (no downloads)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+WORDS = "good bad great awful fine poor nice dull fun boring the a movie film plot was is very not".split()
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[EOS]"]
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]"
+    )
+
+
+def save_tiny_model(path: Path, kind: str) -> Path:
+    """Writes a tiny random BERT classifier (``kind="bert"``) or Llama LM (``"llama"``) with tokenizer."""
+    from conftest import tiny_bert, tiny_llama
+
+    model = tiny_bert() if kind == "bert" else tiny_llama()
+    model.config.pad_token_id = 0
+    model.save_pretrained(str(path))
+    tiny_tokenizer().save_pretrained(str(path))
+    return path
+
+
+def write_cls_csv(path: Path, n: int = 48, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "label"])
+        for _ in range(n):
+            label = rng.randint(0, 1)
+            word = rng.choice(["good", "great", "fun"] if label else ["bad", "awful", "dull"])
+            w.writerow([f"the movie was very {word} {rng.choice(WORDS)}", label])
+    return path
+
+
+def write_instruct_jsonl(path: Path, n: int = 24, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w") as fh:
+        for _ in range(n):
+            word = rng.choice(WORDS)
+            fh.write(
+                json.dumps({"prompt": f"the film was {word}", "response": f"{word} {word} movie"}) + "\n"
+            )
+    return path
