@@ -216,6 +216,7 @@ def select(
         "budget": k,
         "selected": selected,
         "targeted": total,
+        "targeted_shapes": {n: list(p.shape) for n, p in params.items()},  # for per-layer reports
         "granularity": granularity,
         "allocation": allocation,
         "aggregate": aggregate,
