@@ -85,7 +85,7 @@ def apply_cmd(
 def inspect(
     path: Annotated[str, typer.Argument(help="A delta directory, or a plan directory (with plan.json).")],
     png: Annotated[
-        str | None, typer.Option(help="Where to write a plan's heatmap (default: PLAN/selection.png).")
+        str | None, typer.Option(help="Write a heatmap to this PNG (a plan's default: PLAN/selection.png).")
     ] = None,
 ) -> None:
     """Summarise a delta (per-tensor counts, norms, size) or a plan (per-layer table and heatmap)."""

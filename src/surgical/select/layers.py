@@ -30,7 +30,6 @@ _HEAD_TENSORS = (
     ("attention.query.weight", "rows"),
     ("attention.key.weight", "rows"),
     ("attention.value.weight", "rows"),
-    ("attention.output.dense.weight", "cols"),
 )
 
 
