@@ -215,3 +215,20 @@ def test_structured_plans_save_load_and_prepare(tmp_path):
     layer_plan = sg.select(tiny_llama(), method="magnitude", density=0.5, granularity="layer")
     assert layer_plan.dense and all(n.startswith("model.layers.") for n in layer_plan.dense)
     assert layer_plan.num_dense == layer_plan.meta["selected"]
+
+
+def test_unit_scores_are_sums_or_means_of_their_entries():
+    from surgical.select.allocate import allocate
+    from surgical.select.units import build_units
+
+    a = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    scores = {"a": a, "b": torch.tensor([[1.5, 1.5]])}
+    by_sum = build_units(scores, "row", "sum")
+    assert [u.scores.tolist() for u in by_sum] == [[4.0, 0.0], [3.0]] and [u.size for u in by_sum] == [4, 2]
+    taken = allocate(by_sum, 4, "global")
+    assert taken["a"].tolist() == [True, False] and taken["b"].tolist() == [False]
+    by_mean = build_units(scores, "row", "mean")
+    taken = allocate(by_mean, 4, "global")  # b's row (mean 1.5) first; then a's best row no longer fits
+    assert taken["a"].tolist() == [False, False] and taken["b"].tolist() == [True]
+    cols = build_units(scores, "column", "sum")
+    assert cols[0].scores.tolist() == [1.0] * 4 and cols[0].size == 2

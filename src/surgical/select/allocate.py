@@ -12,7 +12,7 @@ by one global pass that spends what the quotas left over. The result: no unselec
 fit into the unspent budget, i.e. the plan is as close to the budget as whole units allow
 (rows and columns within one row or column; heads within one head; tensors and layers never
 exceed it). Ties in score are broken by parameter order, then by position, so plans are
-deterministic.
+deterministic. Entry top-k never concatenates the scores (see :mod:`surgical.select.topk`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from surgical.errors import SurgicalError
+from surgical.select.topk import topk_masks
 from surgical.select.units import Units
 
 ALLOCATIONS = ("global", "per_tensor", "per_layer")
@@ -42,18 +43,11 @@ def proportional_counts(sizes: dict[str, int], k: int) -> dict[str, int]:
 
 
 def _entry_topk(units: list[Units], k: int, taken: dict[str, torch.Tensor]) -> None:
-    """Marks the k best entries of ``units`` (all of unit size 1) as taken."""
+    """Marks the k best entries of ``units`` (all of unit size 1) as taken, exactly k of them."""
     if k <= 0 or not units:
         return
-    flat = torch.cat([u.scores for u in units])
-    top = torch.topk(flat, k, sorted=False).indices  # deterministic for the same scores
-    mask = torch.zeros(flat.numel(), dtype=torch.bool)
-    mask[top] = True
-    start = 0
-    for u in units:
-        n = u.scores.numel()
-        taken[u.name] |= mask[start : start + n]
-        start += n
+    for u, mask in zip(units, topk_masks([u.scores for u in units], k), strict=True):
+        taken[u.name] |= mask
 
 
 def _greedy(units: list[Units], budget: int, taken: dict[str, torch.Tensor]) -> int:

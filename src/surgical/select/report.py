@@ -137,7 +137,7 @@ def heatmap_png(report: LayerReport, title: str) -> bytes:
                 if np.isfinite(grid[i, j]):
                     colour = "white" if grid[i, j] < 0.6 * vmax else "black"
                     ax.text(j, i, f"{grid[i, j]:.2g}", ha="center", va="center", fontsize=7, color=colour)
-    fig.colorbar(im, ax=ax, label="% of the tensor selected")
+    fig.colorbar(im, ax=ax, label="% of the tensor selected", fraction=0.05, pad=0.02)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
