@@ -136,7 +136,7 @@ def heatmap_png(report: LayerReport, title: str) -> bytes:
             for j in range(n_cols):
                 if np.isfinite(grid[i, j]):
                     colour = "white" if grid[i, j] < 0.6 * vmax else "black"
-                    ax.text(j, i, f"{grid[i, j]:.2g}", ha="center", va="center", fontsize=7, color=colour)
+                    ax.text(j, i, f"{grid[i, j]:.3g}", ha="center", va="center", fontsize=7, color=colour)
     fig.colorbar(im, ax=ax, label="% of the tensor selected", fraction=0.05, pad=0.02)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
