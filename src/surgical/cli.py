@@ -84,8 +84,23 @@ def apply_cmd(
 
 
 @app.command()
-def inspect(path: Annotated[str, typer.Argument(help="A delta directory.")]) -> None:
-    """Summarise a delta: per-tensor counts, norms and the file size."""
+def inspect(
+    path: Annotated[str, typer.Argument(help="A delta directory, or a plan directory (with plan.json).")],
+    png: Annotated[
+        str | None, typer.Option(help="Write a heatmap to this PNG (a plan's default: PLAN/selection.png).")
+    ] = None,
+) -> None:
+    """Summarise a delta (per-tensor counts, norms, size) or a plan (per-layer table and heatmap)."""
+    from pathlib import Path
+
+    if (Path(path) / "plan.json").is_file():
+        _inspect_plan(path, png)
+    else:
+        _inspect_delta(path)
+
+
+def _inspect_delta(path: str) -> None:
+    """Prints a delta's per-tensor counts, share, norms and its size on disk."""
     from surgical.delta import Delta
     from surgical.utils import dir_size
 
@@ -154,6 +169,144 @@ def train(
     if resume:
         overrides["training.resume"] = True
     run_train(load_config(config, overrides), console)
+
+
+def _parse_options(items: list[str] | None) -> dict:
+    """``key=value`` pairs; values are JSON when they parse (numbers, true/false), else strings."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SurgicalError(f"option {item!r} is not key=value", "Pass e.g. --option labels=sampled")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@app.command("select")
+def select_cmd(
+    model: Annotated[str, typer.Argument(help="Model directory (Hugging Face, local).")],
+    data: Annotated[str, typer.Option(help="Calibration data: CSV or JSON-lines with a text column.")],
+    out: Annotated[str, typer.Option(help="Directory for the plan.")] = "surgical-plan",
+    method: Annotated[str, typer.Option(help="Criterion (gradient, fisher, lottery ...).")] = "gradient",
+    density: Annotated[float | None, typer.Option(help="Fraction of the targeted parameters.")] = None,
+    count: Annotated[int | None, typer.Option(help="Number of parameters instead of a density.")] = None,
+    optimizer_bytes: Annotated[
+        int | None, typer.Option(help="AdamW fp32 state budget in bytes (16 per parameter).")
+    ] = None,
+    granularity: Annotated[
+        str | None, typer.Option(help="entry, row, column, head, tensor or layer (default: the criterion's).")
+    ] = None,
+    allocation: Annotated[str, typer.Option(help="global, per_tensor or per_layer.")] = "global",
+    aggregate: Annotated[str, typer.Option(help="A unit's score: sum or mean of its entries.")] = "sum",
+    targets: Annotated[
+        list[str] | None, typer.Option("--target", help="Pattern to select from (repeatable).")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option(help="Pattern removed from the targets (repeatable).")
+    ] = None,
+    always: Annotated[
+        list[str] | None, typer.Option(help="Pattern trained densely, outside the budget (repeatable).")
+    ] = None,
+    option: Annotated[
+        list[str] | None, typer.Option(help="Criterion option key=value, e.g. labels=sampled (repeatable).")
+    ] = None,
+    task: Annotated[str, typer.Option(help="auto, classification or causal-lm.")] = "auto",
+    text_column: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
+    label_column: Annotated[str, typer.Option(help="Integer label column (classification).")] = "label",
+    batches: Annotated[int, typer.Option(help="Calibration batches.")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Examples per calibration batch.")] = 16,
+    max_length: Annotated[int, typer.Option(help="Tokens per example.")] = 128,
+    seed: Annotated[int, typer.Option(help="Seed for sampling data, random scores and a new head.")] = 0,
+    png: Annotated[str | None, typer.Option(help="Heatmap path (default: OUT/selection.png).")] = None,
+) -> None:
+    """Score a model on calibration data and write a Plan directory, with a per-layer summary."""
+    from pathlib import Path
+
+    from surgical.select import select
+    from surgical.select.calibration import load_for_selection
+
+    out_path = Path(out)
+    if out_path.exists() and not (out_path / "plan.json").is_file():
+        raise SurgicalError(f"output {out!r} exists and is not a plan directory", "Choose another --out")
+    options = _parse_options(option)
+    loaded, calib, task = load_for_selection(
+        model,
+        data,
+        task=task,
+        text_column=text_column,
+        label_column=label_column,
+        batches=batches,
+        batch_size=batch_size,
+        max_length=max_length,
+        seed=seed,
+    )
+    plan = select(
+        loaded,
+        calib,
+        method=method,
+        density=density,
+        count=count,
+        optimizer_bytes=optimizer_bytes,
+        granularity=granularity,
+        allocation=allocation,
+        aggregate=aggregate,
+        targets=targets,
+        exclude=exclude,
+        always=always,
+        max_batches=batches,
+        seed=seed,
+        **options,
+    )
+    plan.meta["model"] = str(model)
+    plan.meta["data"] = str(data)
+    plan.meta["task"] = task
+    plan.save(out_path)
+    console.print(f"wrote plan {out}: {plan.summary()}")
+    _inspect_plan(out, png)
+
+
+def _inspect_plan(path: str, png: str | None) -> None:
+    """Prints a plan's per-layer table and writes its heatmap PNG."""
+    from pathlib import Path
+
+    from surgical.select.plan import Plan
+    from surgical.select.report import always_names, heatmap_png, layer_report, plan_title, write_bytes_atomic
+
+    plan = Plan.load(path)
+    report = layer_report(plan)
+    t = Table(title=f"plan {path}: share of each layer and tensor type selected")
+    t.add_column("layer")
+    for typ in report.types:
+        t.add_column(typ, justify="right")
+    t.add_column("layer total", justify="right")
+    for row, shares, total in zip(report.layers, report.share, report.layer_share, strict=True):
+        cells = ["" if v is None else f"{v:.2%}" for v in shares]
+        t.add_row(row, *cells, f"{total:.2%}")
+    t.add_row("all", *[f"{v:.2%}" for v in report.type_share], "", style="bold")
+    console.print(t)
+    m = plan.meta
+    extra = always_names(plan)
+    always_count = sum(_numel(plan.shapes[n]) for n in extra)
+    console.print(
+        f"{m.get('method', '?')}, granularity {m.get('granularity', 'entry')}, allocation "
+        f"{m.get('allocation', 'global')}: {m.get('selected', plan.num_entries):,} of "
+        f"{m.get('targeted', 0):,} targeted parameters (budget {m.get('budget', 0):,}), "
+        f"{m.get('calibration_batches', 0)} calibration batches"
+        + (f"; always dense: {always_count:,} in {len(extra)} tensors" if extra else "")
+    )
+    target = Path(png) if png else Path(path) / "selection.png"
+    write_bytes_atomic(target, heatmap_png(report, plan_title(plan)))
+    console.print(f"heatmap: {target}")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def main() -> None:

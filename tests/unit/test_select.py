@@ -95,7 +95,7 @@ def test_global_topk_spans_tensors():
     [
         (
             dict(method="nope", density=0.1),
-            "unknown selection criterion 'nope'. Use one of: gradient, random",
+            "unknown selection criterion 'nope'. Use one of: fim_layer, fisher, gradient, lottery, magnitude",
         ),
         (dict(method="random", density=0.0), "density must be in (0, 1]"),
         (dict(method="random", density=1.5), "density must be in (0, 1]"),

@@ -1,4 +1,4 @@
-"""``select``: score the targeted parameters, then allocate a budget of entries (global top-k)."""
+"""``select``: score the targeted parameters, group the scores into units, allocate a budget."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ import torch
 from torch import nn
 
 from surgical.errors import SurgicalError
-from surgical.select.criteria import CRITERIA, ScoreContext
+from surgical.select.allocate import ALLOCATIONS, allocate, proportional_counts  # noqa: F401
+from surgical.select.criteria import CRITERIA, ScoreContext, default_granularity
+from surgical.select.layers import head_dim, head_kind
 from surgical.select.patterns import as_patterns, select_names
 from surgical.select.plan import Plan
+from surgical.select.units import GRANULARITIES, build_units, dense_sizes
 
 
 def default_targets(model: nn.Module) -> list[str]:
@@ -58,20 +61,39 @@ def resolve_targets(
     return {n: params[n] for n in names}, always_names
 
 
-def budget_count(total: int, density: float | None, count: int | None) -> int:
-    """Number of entries to select from ``total`` given a density or a count (exactly one)."""
-    if (density is None) == (count is None):
-        raise SurgicalError("give exactly one of density and count", "Pass density=0.01 or count=100000")
+BYTES_PER_PARAM = 16
+"""Optimizer-state bytes per trained parameter with AdamW in fp32: value, gradient, two moments."""
+
+
+def budget_count(
+    total: int, density: float | None, count: int | None, optimizer_bytes: int | None = None
+) -> int:
+    """Parameters to select from ``total`` given a density, a count or optimizer bytes (exactly one).
+
+    ``optimizer_bytes`` buys ``optimizer_bytes // 16`` parameters (see :data:`BYTES_PER_PARAM`).
+    """
+    given = [x for x in (density, count, optimizer_bytes) if x is not None]
+    if len(given) != 1:
+        raise SurgicalError(
+            "give exactly one of density, count and optimizer_bytes", "Pass density=0.01 or count=100000"
+        )
     if density is not None:
         if not (0.0 < float(density) <= 1.0):
             raise SurgicalError(
                 f"density must be in (0, 1], got {density}", "Pass a fraction such as 0.01 for 1%"
             )
         k = max(1, round(float(density) * total))
-    else:
+    elif count is not None:
         k = int(count)
         if k < 1:
             raise SurgicalError(f"count must be at least 1, got {count}", "Pass a positive count")
+    else:
+        k = int(optimizer_bytes) // BYTES_PER_PARAM
+        if k < 1:
+            raise SurgicalError(
+                f"optimizer_bytes={optimizer_bytes} buys no parameter (AdamW fp32 needs 16 bytes each)",
+                "Pass at least 16 bytes",
+            )
     if k > total:
         raise SurgicalError(
             f"budget of {k:,} entries exceeds the {total:,} targeted entries",
@@ -82,49 +104,9 @@ def budget_count(total: int, density: float | None, count: int | None) -> int:
 
 def global_topk(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     """The k highest-scoring entries across all tensors, as sorted flat indices per tensor."""
-    names = list(scores)
-    flat = torch.cat([scores[n].reshape(-1).float().cpu() for n in names])
-    top = torch.topk(flat, k, sorted=False).indices
-    mask = torch.zeros(flat.numel(), dtype=torch.bool)
-    mask[top] = True
-    out: dict[str, torch.Tensor] = {}
-    start = 0
-    for n in names:
-        size = scores[n].numel()
-        idx = torch.nonzero(mask[start : start + size]).flatten()  # sorted
-        if idx.numel():
-            out[n] = idx
-        start += size
-    return out
-
-
-def proportional_counts(sizes: dict[str, int], k: int) -> dict[str, int]:
-    """Splits ``k`` over tensors in proportion to their sizes, summing to exactly ``k``.
-
-    Largest-remainder rounding; ties go to the earlier tensor, so the split is deterministic.
-    """
-    total = sum(sizes.values())
-    exact = {n: k * s / total for n, s in sizes.items()}
-    counts = {n: int(v) for n, v in exact.items()}
-    short = k - sum(counts.values())
-    by_remainder = sorted(sizes, key=lambda n: (-(exact[n] - counts[n]), list(sizes).index(n)))
-    for n in by_remainder[:short]:
-        counts[n] += 1
-    return counts
-
-
-def per_tensor_topk(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """The same share of every tensor: each tensor's top entries, ``k`` in total."""
-    counts = proportional_counts({n: s.numel() for n, s in scores.items()}, k)
-    out = {}
-    for n, s in scores.items():
-        if counts[n]:
-            idx = torch.topk(s.reshape(-1).float().cpu(), counts[n], sorted=False).indices
-            out[n] = torch.sort(idx).values
-    return out
-
-
-ALLOCATIONS = {"global": global_topk, "per_tensor": per_tensor_topk}
+    units = build_units(scores, "entry")
+    taken = allocate(units, k, "global")
+    return {u.name: torch.nonzero(taken[u.name]).flatten() for u in units if taken[u.name].any()}
 
 
 def select(
@@ -134,66 +116,116 @@ def select(
     method: str = "gradient",
     density: float | None = None,
     count: int | None = None,
+    optimizer_bytes: int | None = None,
+    granularity: str | None = None,
+    allocation: str = "global",
+    aggregate: str = "sum",
     targets: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     always: str | Sequence[str] | None = None,
-    allocation: str = "global",
     max_batches: int = 16,
     seed: int = 0,
     progress: bool = True,
     **options: Any,
 ) -> Plan:
-    """Chooses which entries of the model to train.
+    """Chooses which parts of the model to train.
 
     Args:
         model: Any torch model; for data-driven criteria it must return ``.loss`` for a batch.
         data: Calibration batches (dicts of tensors including labels).
         method: A registered criterion name (see ``surgical.CRITERIA.names()``).
-        density: Fraction of the targeted entries to select, in (0, 1].
-        count: Alternatively, the exact number of entries.
-        targets: Patterns of parameters to select entries from (default: all Linear weights but
-            the output embedding).
+        density: Fraction of the targeted parameters to select, in (0, 1].
+        count: Alternatively, the number of parameters.
+        optimizer_bytes: Alternatively, AdamW fp32 optimizer-state bytes (16 per parameter).
+        granularity: ``entry``, ``row``, ``column``, ``head`` (attention projections only),
+            ``tensor`` or ``layer`` (a transformer block); default: the criterion's own
+            (``entry`` for all but ``rgn``: tensor, ``fim_layer``: layer).
+        allocation: ``global`` (best units anywhere), ``per_tensor`` (the same share of every
+            tensor; raw gradient scores are largest next to the head, and a global top-k can
+            spend most of the budget there) or ``per_layer`` (the same share of every block).
+        aggregate: A unit's score: ``sum`` (default) or ``mean`` of its entries' scores.
+        targets: Patterns of parameters to select from (default: all Linear weights but the
+            output embedding).
         exclude: Patterns removed from the targets.
         always: Patterns of parameters trained densely (heads, norms, biases); they are not
-            part of the entry budget.
-        allocation: ``global`` (top-k across all targeted tensors) or ``per_tensor`` (the same
-            share of every tensor; raw gradient scores are largest next to the head, and a
-            global top-k can spend most of the budget there).
+            part of the budget.
         max_batches: Calibration batches to use.
-        seed: Seed for random criteria.
+        seed: Seed for random criteria and label sampling.
         progress: Show a progress bar while scoring.
-        **options: Criterion-specific settings.
+        **options: Criterion-specific settings (an unknown one is an error).
 
     Returns:
-        A :class:`Plan` with exactly the budgeted number of entries.
+        A :class:`Plan`: entries go to ``entries``, rows and query/key/value heads to ``rows``,
+        columns and output-projection heads to ``cols``, tensors and layers to ``dense``. The
+        budget is met exactly for entries and never exceeded otherwise (see
+        :mod:`surgical.select.allocate`).
     """
     criterion = CRITERIA.get(method)
+    granularity = granularity or default_granularity(criterion)
+    if granularity not in GRANULARITIES:
+        raise SurgicalError(f"unknown granularity {granularity!r}", f"Use one of: {', '.join(GRANULARITIES)}")
     if allocation not in ALLOCATIONS:
         raise SurgicalError(f"unknown allocation {allocation!r}", f"Use one of: {', '.join(ALLOCATIONS)}")
+    if default_granularity(criterion) in ("tensor", "layer") and granularity not in ("tensor", "layer"):
+        raise SurgicalError(
+            f"criterion {method!r} scores whole tensors, so granularity {granularity!r} is impossible",
+            "Use granularity='tensor' or 'layer'",
+        )
     params, always_names = resolve_targets(model, targets, exclude, always)
+    hd = None
+    if granularity == "head":
+        hd = head_dim(model)
+        params = {n: p for n, p in params.items() if head_kind(n)}
+        if not params:
+            raise SurgicalError(
+                "head granularity found no attention projection among the targets", "Use granularity='row'"
+            )
     total = sum(p.numel() for p in params.values())
-    k = budget_count(total, density, count)
+    k = budget_count(total, density, count, optimizer_bytes)
     if max_batches < 1:
         raise SurgicalError(f"max_batches must be at least 1, got {max_batches}", "Pass a positive number")
     ctx = ScoreContext(model, params, data, max_batches, seed, progress, dict(options))
     with torch.random.fork_rng(devices=[]):
-        scores = criterion(ctx)
-    entries = ALLOCATIONS[allocation](scores, k)
+        raw = criterion(ctx)
+    scores = {n: raw[n] for n in params}  # parameter order, not gradient-arrival order: breaks ties
+    del raw
     all_params = dict(model.named_parameters())
-    shapes = {n: tuple(all_params[n].shape) for n in [*entries, *always_names]}
-    meta = {
+    units = build_units(scores, granularity, aggregate, hd)
+    dense_sizes(units, {n: tuple(p.shape) for n, p in params.items()})
+    del scores  # entry units hold the scores now; keep one copy at a time
+    taken = allocate(units, k, allocation)
+    plan = Plan(dense=list(always_names))
+    for u in units:
+        chosen = torch.nonzero(taken[u.name]).flatten()
+        if not chosen.numel():
+            continue
+        if u.kind == "entries":
+            plan.entries[u.name] = chosen
+        elif u.kind in ("rows", "cols"):
+            idx = (chosen[:, None] * u.block + torch.arange(u.block)[None, :]).reshape(-1)
+            getattr(plan, u.kind)[u.name] = idx
+        else:
+            plan.dense.extend(u.members)
+    selected = sum(int(taken[u.name].sum()) * u.size for u in units)
+    plan.shapes = {n: tuple(all_params[n].shape) for n in [*plan.sparse_names, *plan.dense]}
+    plan.meta = {
         "method": method,
         "density": density,
         "count": count,
-        "selected": k,
+        "optimizer_bytes": optimizer_bytes,
+        "budget": k,
+        "selected": selected,
         "targeted": total,
-        "granularity": "entry",
+        "targeted_shapes": {n: list(p.shape) for n, p in params.items()},  # for per-layer reports
+        "granularity": granularity,
         "allocation": allocation,
+        "aggregate": aggregate,
         "targets": as_patterns(targets),
         "exclude": as_patterns(exclude),
         "always": as_patterns(always),
         "max_batches": max_batches,
+        "calibration_batches": ctx.used,
         "seed": seed,
-        "options": {k_: v for k_, v in options.items()},
+        "options": dict(options),
     }
-    return Plan(entries=entries, shapes=shapes, dense=always_names, meta=meta)
+    return plan

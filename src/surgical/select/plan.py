@@ -76,12 +76,15 @@ class Plan:
         return self.num_entries + self.num_dense
 
     def summary(self) -> str:
-        """One line: criterion, selected entries and their share of the targets, dense params."""
+        """One line: criterion, granularity, selected values and their share of the targets."""
         total = self.meta.get("targeted", 0) or 1
+        selected = self.meta.get("selected", self.num_entries)
+        always = [n for n in self.dense if n not in self.meta.get("targeted_shapes", {})]
+        whole = len(self.dense) - len(always) if "targeted_shapes" in self.meta else 0
         return (
-            f"{self.meta.get('method', '?')}: {self.num_entries:,} entries "
-            f"({100 * self.num_entries / total:.2f}% of {total:,} targeted) in "
-            f"{len(self.entries)} tensors, {self.num_dense:,} dense in {len(self.dense)} tensors"
+            f"{self.meta.get('method', '?')} ({self.meta.get('granularity', 'entry')}): {selected:,} "
+            f"values ({100 * selected / total:.2f}% of {total:,} targeted) in "
+            f"{len(self.sparse_names) + whole} tensors, {self.num_dense:,} dense in {len(self.dense)} tensors"
         )
 
     def save(self, directory: str | Path) -> Path:

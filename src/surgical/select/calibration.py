@@ -1,0 +1,106 @@
+"""Loading a model and calibration batches from files, for ``surgical select``.
+
+Two tasks: ``classification`` (a sequence classifier; the table needs a text and an integer
+label column) and ``causal-lm`` (a causal language model; only the text column is used and the
+labels are the input ids, with padding ignored). ``auto`` picks ``causal-lm`` when the model's
+config names a ``...ForCausalLM`` architecture.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from surgical.data.text import TextExamples, load_table, text_batches
+from surgical.errors import SurgicalError
+from surgical.utils import quiet_transformers
+
+TASKS = ("auto", "classification", "causal-lm")
+
+
+def detect_task(model_dir: Path) -> str:
+    """``causal-lm`` if config.json names a ForCausalLM/LMHeadModel architecture, else classification."""
+    try:
+        archs = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
+    except (OSError, json.JSONDecodeError):
+        archs = []
+    return "causal-lm" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else "classification"
+
+
+def read_examples(path: str | Path, text_column: str, label_column: str | None) -> TextExamples:
+    """Texts (and integer labels when ``label_column`` is given) from a CSV or JSON-lines file."""
+    columns = [text_column] + ([label_column] if label_column else [])
+    rows = load_table(path, columns)
+    labels = []
+    if label_column:
+        try:
+            labels = [int(r[label_column]) for r in rows]
+        except (TypeError, ValueError) as e:
+            raise SurgicalError(
+                f"a {label_column!r} value in {str(path)!r} is not an integer ({e})", "Use 0..C-1 labels"
+            ) from None
+    else:
+        labels = [0] * len(rows)
+    return TextExamples([str(r[text_column]).replace("<br />", " ") for r in rows], labels)
+
+
+def load_for_selection(
+    model_dir: str | Path,
+    data: str | Path,
+    *,
+    task: str = "auto",
+    text_column: str = "text",
+    label_column: str = "label",
+    batches: int = 16,
+    batch_size: int = 16,
+    max_length: int = 128,
+    seed: int = 0,
+):
+    """Loads the model and up to ``batches`` shuffled calibration batches; returns (model, batches, task)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    quiet_transformers()
+    if task not in TASKS:
+        raise SurgicalError(f"unknown task {task!r}", f"Use one of: {', '.join(TASKS)}")
+    if batches < 1 or batch_size < 1:
+        raise SurgicalError(
+            f"--batches and --batch-size must be at least 1 (got {batches}, {batch_size})",
+            "Pass positive numbers",
+        )
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise SurgicalError(
+            f"model path {str(model_dir)!r} is not a model directory (no config.json)",
+            "Pass a local Hugging Face model directory",
+        )
+    task = detect_task(model_dir) if task == "auto" else task
+    examples = read_examples(data, text_column, label_column if task == "classification" else None)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))
+    examples = examples.subset(order[: batches * batch_size].tolist())
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        if task == "classification":
+            torch.manual_seed(seed)  # a new head is initialised from this seed
+            num_labels = max(2, max(examples.labels) + 1)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(model_dir), num_labels=num_labels, local_files_only=True
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SurgicalError(
+            f"cannot load a model from {str(model_dir)!r}: {first}", "Check the path"
+        ) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    out = text_batches(tok, examples, batch_size, max_length)
+    if task == "causal-lm":
+        for b in out:
+            labels = b["input_ids"].clone()
+            labels[b["attention_mask"] == 0] = -100  # padding is not a target
+            b["labels"] = labels
+            b.pop("token_type_ids", None)
+    return model.eval(), out, task
