@@ -99,8 +99,9 @@ def from_peft_lora(directory: str | Path, base: nn.Module | None = None) -> Delt
             f"{str(directory)!r} holds a corrupted adapter ({e})", "Save the adapter again"
         ) from None
     if cfg.get("peft_type") != "LORA" or cfg.get("use_dora"):
+        kind = f"{cfg.get('peft_type')}{' (DoRA)' if cfg.get('use_dora') else ''}"
         raise SurgicalError(
-            f"{str(directory)!r} is a {cfg.get('peft_type')}{' (DoRA)' if cfg.get('use_dora') else ''} adapter",
+            f"{str(directory)!r} is a {kind} adapter",
             "Only plain LoRA adapters can be imported; merge others with PEFT and use Delta.from_models",
         )
     r0, alpha0 = cfg.get("r", 8), cfg.get("lora_alpha", 8)
