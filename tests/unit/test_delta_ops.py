@@ -245,3 +245,15 @@ def test_wrong_base_error_names_both_fingerprints(bert):
 def test_fingerprint_ignores_dtype(bert):
     d = _random_delta(bert, full=())
     sg.apply(tiny_bert().to(torch.bfloat16), d)  # same base, other dtype: accepted
+
+
+def test_layer_grid_places_each_tensor(bert):
+    from surgical.delta.inspect import layer_grid, tensor_rows
+
+    d = _random_delta(bert, density=0.1)
+    layers, modules, grid = layer_grid(d)
+    assert layers == [0, 1] and "attention.self.query" in modules
+    j = modules.index("attention.self.query")
+    assert abs(float(grid[1, j]) - 0.1) < 0.01
+    rows = {r["name"]: r for r in tensor_rows(d)}
+    assert rows["classifier.weight"]["kind"] == "full" and rows["classifier.weight"]["share"] == 1.0

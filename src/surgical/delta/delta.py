@@ -33,7 +33,7 @@ TENSOR_FILE = "delta.safetensors"
 _RESERVED = {"format_version", "library_version", "dtype", "tensors"}
 
 
-@dataclass
+@dataclass(eq=False)  # identity: revert() matches the object that was applied
 class Delta:
     """A sparse (and partly dense) change to a base model.
 
