@@ -257,3 +257,22 @@ def test_layer_grid_places_each_tensor(bert):
     assert abs(float(grid[1, j]) - 0.1) < 0.01
     rows = {r["name"]: r for r in tensor_rows(d)}
     assert rows["classifier.weight"]["kind"] == "full" and rows["classifier.weight"]["share"] == 1.0
+
+
+@pytest.mark.parametrize("numel", [1, 63, 64, 65, 28_311_552, 2**31 + 7])
+def test_fingerprint_positions_stay_inside_the_tensor(numel):
+    from surgical.delta.fingerprint import SAMPLE, sample_positions
+
+    pos = sample_positions(numel)
+    assert pos.numel() == min(numel, SAMPLE) and int(pos.max()) == numel - 1 and int(pos.min()) == 0
+    assert bool((pos[1:] > pos[:-1]).all())
+
+
+def test_deltas_with_the_first_fingerprint_are_still_checked(bert):
+    from surgical.delta.fingerprint import legacy_fingerprint
+
+    d = _random_delta(bert, full=())
+    d.meta["base"] = {"name_or_path": "x", "fingerprint": legacy_fingerprint(bert, d.entries)}
+    sg.apply(tiny_bert(), d)
+    with pytest.raises(sg.SurgicalError, match="not the base"):
+        sg.apply(tiny_bert(seed=3), d)

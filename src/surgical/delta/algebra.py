@@ -145,8 +145,8 @@ def base_checks(delta: Delta) -> list[tuple[str, tuple[str, ...]]]:
     base = delta.meta.get("base", {}) or {}
     if "checks" in base:
         return [(str(fp), tuple(ex)) for fp, ex in base["checks"]]
-    if base.get("fingerprint"):
-        return [(str(base["fingerprint"]), tuple(base.get("fingerprint_excludes", sorted(delta.full))))]
+    if base.get("fingerprint") and "fingerprint_excludes" in base:
+        return [(str(base["fingerprint"]), tuple(base["fingerprint_excludes"]))]
     return []
 
 
