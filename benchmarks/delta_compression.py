@@ -46,7 +46,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="surgical-compress-"))
     sizes = dict(train_size=256, held_out=128, ood_size=64, ood_max_length=128, calib_batches=2)
     if not args.quick:
-        sizes = dict(train_size=3000, held_out=1000, ood_size=500, calib_batches=8)
+        sizes = dict(train_size=2000, held_out=500, ood_size=200, ood_max_length=128, calib_batches=8)
     cfg = DemoConfig(out=str(work / "delta"), **sizes)
     demo = run_demo(cfg, console)
     delta = sg.Delta.load(cfg.out)

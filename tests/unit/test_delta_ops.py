@@ -276,3 +276,11 @@ def test_deltas_with_the_first_fingerprint_are_still_checked(bert):
     sg.apply(tiny_bert(), d)
     with pytest.raises(sg.SurgicalError, match="not the base"):
         sg.apply(tiny_bert(seed=3), d)
+
+
+def test_float16_overflow_is_refused_at_save(tmp_path):
+    d = sg.Delta(entries={"w": (torch.tensor([0, 5]), torch.tensor([1.0, 1e6]))}, shapes={"w": (4, 4)})
+    with pytest.raises(sg.SurgicalError, match="overflows float16"):
+        d.save(tmp_path / "d", dtype="float16")
+    assert not (tmp_path / "d").exists()
+    d.save(tmp_path / "d", dtype="bfloat16")

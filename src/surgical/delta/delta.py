@@ -171,6 +171,12 @@ class Delta:
             "tensors": kinds,
             **self.meta,
         }
+        for key, t in tensors.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise SurgicalError(
+                    f"{key!r} overflows {dtype} (values beyond its range)",
+                    "Save with dtype='float32' or 'bfloat16'",
+                )
         with atomic_dir(directory) as tmp:
             save_file(
                 {k: v.contiguous() for k, v in tensors.items()},
