@@ -40,6 +40,9 @@ VARIANTS = [  # (label, keep density, stored dtype)
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small subsets (a minute or two)")
+    ap.add_argument(
+        "--delta", help="evaluate this demo delta (trained with the same sizes) instead of training"
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "delta_compression.json"))
     args = ap.parse_args()
     console = Console()
@@ -47,9 +50,13 @@ def main() -> None:
     sizes = dict(train_size=256, held_out=128, ood_size=64, ood_max_length=128, calib_batches=2)
     if not args.quick:
         sizes = dict(train_size=2000, held_out=500, ood_size=200, ood_max_length=128, calib_batches=8)
-    cfg = DemoConfig(out=str(work / "delta"), **sizes)
-    demo = run_demo(cfg, console)
-    delta = sg.Delta.load(cfg.out)
+    cfg = DemoConfig(out=args.delta or str(work / "delta"), **sizes)
+    if args.delta:
+        delta = sg.Delta.load(args.delta)
+        demo = {**delta.meta.get("training", {}), "entries": delta.num_entries}
+    else:
+        demo = run_demo(cfg, console)
+        delta = sg.Delta.load(cfg.out)
     model, tok = load_classifier(default_model_path_of(cfg), seed=cfg.seed)
     _, test, ood = load_movie_reviews(default_data_path(), cfg)
     test_b = text_batches(tok, test, 64, cfg.max_length)
@@ -103,7 +110,9 @@ def main() -> None:
     result = {
         "task": "demo: MiniLM, RT train -> RT held-out (ID) / IMDB (OOD), 1% of encoder Linear weights",
         "config": {k: v for k, v in vars(cfg).items() if k != "out"},
-        "demo": {k: demo[k] for k in ("id_accuracy", "ood_accuracy", "entries", "seconds_per_step")},
+        "demo": {
+            k: demo.get(k) for k in ("id_accuracy", "ood_accuracy", "entries", "seconds_per_step", "steps")
+        },
         "variants": rows,
         "shira_bytes": shira_bytes,
         "note": "bytes_per_entry excludes the float32 head stored in full; one seed; shared 2-core machine",

@@ -70,18 +70,19 @@ def plot_delta(delta: Delta, path: str | Path, title: str = "where the delta liv
 
     layers, modules, grid = layer_grid(delta)
     path = Path(path)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * max(1, len(modules)), 1.2 + 0.3 * max(1, len(layers))))
+    width = 3.0 + 0.75 * max(1, len(modules))
+    fig, ax = plt.subplots(figsize=(max(5.0, width), 3.0 + 0.3 * max(1, len(layers))))
     if layers:
         im = ax.imshow((grid * 100).numpy(), aspect="auto", cmap="viridis")
         ax.set_xticks(range(len(modules)), modules, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(len(layers)), [str(i) for i in layers], fontsize=8)
         ax.set_ylabel("layer")
-        fig.colorbar(im, ax=ax, label="% of the tensor changed")
+        fig.colorbar(im, ax=ax, label="% changed")
     else:
         ax.text(0.5, 0.5, "no tensor inside numbered layers", ha="center", va="center")
         ax.set_axis_off()
     others = [r["name"] for r in tensor_rows(delta) if not _LAYER.match(r["name"])]
-    ax.set_title(title + (f"\n(+ {len(others)} tensors outside layers)" if others else ""), fontsize=9)
+    ax.set_title(title + (f"\n(+ {len(others)} tensor(s) outside numbered layers)" if others else ""), fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
