@@ -82,7 +82,8 @@ def plot_delta(delta: Delta, path: str | Path, title: str = "where the delta liv
         ax.text(0.5, 0.5, "no tensor inside numbered layers", ha="center", va="center")
         ax.set_axis_off()
     others = [r["name"] for r in tensor_rows(delta) if not _LAYER.match(r["name"])]
-    ax.set_title(title + (f"\n(+ {len(others)} tensor(s) outside numbered layers)" if others else ""), fontsize=9)
+    note = f"\n(+ {len(others)} tensor(s) outside numbered layers)" if others else ""
+    ax.set_title(title + note, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
