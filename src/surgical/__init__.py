@@ -14,7 +14,7 @@ small exact delta::
 
 __version__ = "0.1.0"
 
-from surgical.delta import Delta, apply, extract  # noqa: E402
+from surgical.delta import Delta, applied, apply, compose, extract, revert  # noqa: E402
 from surgical.errors import SurgicalError  # noqa: E402
 from surgical.select import CRITERIA, Plan, select  # noqa: E402
 from surgical.train import prepare, sync, trainable_count, unprepare  # noqa: E402
@@ -28,10 +28,13 @@ __all__ = [
     "SurgicalCallback",
     "SurgicalError",
     "__version__",
+    "applied",
     "apply",
+    "compose",
     "extract",
     "fit",
     "prepare",
+    "revert",
     "select",
     "sync",
     "trainable_count",

@@ -70,15 +70,25 @@ def apply_cmd(
     deltas: Annotated[list[str], typer.Argument(help="One or more delta directories, applied in order.")],
     out: Annotated[str, typer.Option(help="Directory for the merged Hugging Face model.")],
     force: Annotated[bool, typer.Option(help="Apply even if the base fingerprint differs.")] = False,
+    scale: Annotated[
+        list[float] | None,
+        typer.Option("--scale", help="Weight of each delta (repeat once per delta; default 1)."),
+    ] = None,
 ) -> None:
     """Apply deltas to a base model and write a plain Hugging Face model directory."""
     from surgical.delta import Delta, apply
     from surgical.hf import load_base_for, save_model_dir
 
+    scales = list(scale) if scale else [1.0] * len(deltas)
+    if len(scales) != len(deltas):
+        raise SurgicalError(
+            f"{len(deltas)} deltas but {len(scales)} --scale values", "Pass one --scale per delta"
+        )
     loaded = [Delta.load(d) for d in deltas]  # validate every delta before loading the model
     model, tokenizer = load_base_for(base, loaded[0])
-    for d in loaded:
-        apply(model, d, force=force)
+    for d, a in zip(loaded, scales, strict=True):
+        apply(model, d, scale=a, force=force)
+    model.__dict__.pop("_sg_applied", None)  # the saved originals are not needed any more
     save_model_dir(model, tokenizer, out)
     console.print(f"wrote {out} ({len(loaded)} delta(s) applied to {base})")
 
@@ -96,38 +106,127 @@ def inspect(
     if (Path(path) / "plan.json").is_file():
         _inspect_plan(path, png)
     else:
-        _inspect_delta(path)
+        _inspect_delta(path, png)
 
 
-def _inspect_delta(path: str) -> None:
-    """Prints a delta's per-tensor counts, share, norms and its size on disk."""
+def _inspect_delta(path: str, png: str | None) -> None:
+    """Prints a delta's per-tensor counts, share, norms and size on disk; optionally a PNG heatmap."""
     from surgical.delta import Delta
+    from surgical.delta.inspect import plot_delta, tensor_rows
     from surgical.utils import dir_size
 
     delta = Delta.load(path)
     t = Table(title=f"delta {path}")
-    for col in ("parameter", "kind", "count", "share", "L2 norm"):
+    for col in ("parameter", "kind", "count", "share", "L2 norm", "max |v|"):
         t.add_column(col, justify="left" if col in ("parameter", "kind") else "right")
-    for name, (idx, vals) in delta.entries.items():
-        numel = 1
-        for s in delta.shapes[name]:
-            numel *= s
-        t.add_row(name, "entries", f"{idx.numel():,}", f"{idx.numel() / numel:.2%}", f"{vals.norm():.4g}")
-    for name, tensor in delta.full.items():
-        t.add_row(name, "full", f"{tensor.numel():,}", "100%", f"{tensor.norm():.4g}")
+    for r in tensor_rows(delta):
+        t.add_row(
+            r["name"],
+            r["kind"],
+            f"{r['count']:,}",
+            f"{r['share']:.2%}",
+            f"{r['norm']:.4g}",
+            f"{r['max_abs']:.3g}",
+        )
     console.print(t)
     size = dir_size(path)
     n = delta.num_entries
     base = delta.meta.get("base", {})
     console.print(
-        f"{n:,} entries + {delta.num_full:,} full values; {size / 1024:.1f} KiB on disk"
-        + (f" ({size / max(1, n + delta.num_full):.2f} bytes per value)")
-        + f"; base {base.get('name_or_path', '?')} (fingerprint {base.get('fingerprint', '?')})"
+        f"{n:,} entries + {delta.num_dense:,} dense + {delta.num_full:,} full values; {size / 1024:.1f} KiB "
+        f"on disk ({size / max(1, n + delta.num_dense + delta.num_full):.2f} bytes per value)"
+        + f"; base {base.get('name_or_path') or '?'} (fingerprint {base.get('fingerprint', '?')})",
+        soft_wrap=True,  # one line, however narrow the terminal
     )
     if "training" in delta.meta:
         console.print(
             "training: " + json.dumps({k: v for k, v in delta.meta["training"].items() if k != "config"})
         )
+    if png:
+        plot_delta(delta, png, title=f"delta {path}")
+        console.print(f"wrote {png}")
+
+
+@app.command()
+def export(
+    delta_dir: Annotated[str, typer.Argument(help="A delta directory.")],
+    base: Annotated[str, typer.Option(help="Base model directory the delta was trained on.")],
+    out: Annotated[str, typer.Option(help="Directory for the exported adapter.")],
+    to: Annotated[str, typer.Option("--to", help="Target format: peft-shira.")] = "peft-shira",
+    force: Annotated[bool, typer.Option(help="Export even if the base fingerprint differs.")] = False,
+) -> None:
+    """Export a delta to another library's format (a PEFT SHiRA adapter)."""
+    from surgical.delta import Delta
+    from surgical.delta.peft_export import export_shira
+    from surgical.hf import load_base_for
+    from surgical.utils import dir_size
+
+    if to != "peft-shira":
+        raise SurgicalError(f"unknown export format {to!r}", "Use --to peft-shira")
+    delta = Delta.load(delta_dir)
+    model, _ = load_base_for(base, delta)
+    export_shira(delta, model, out, force=force)
+    console.print(
+        f"wrote PEFT SHiRA adapter {out} ({dir_size(out) / 1024:.1f} KiB; "
+        f"ours {dir_size(delta_dir) / 1024:.1f} KiB)"
+    )
+
+
+@app.command()
+def diff(
+    base: Annotated[str, typer.Argument(help="Base model directory.")],
+    finetuned: Annotated[str, typer.Argument(help="Fine-tuned model directory (same architecture).")],
+    out: Annotated[str, typer.Option(help="Directory for the delta.")],
+    density: Annotated[
+        float | None,
+        typer.Option(help="Keep this share of each tensor's largest changes (default: all, dense)."),
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option(help="Value storage: float32, float16, bfloat16, int8, sign.")
+    ] = "float32",
+) -> None:
+    """Build a delta from two checkpoints (a model fine-tuned anywhere)."""
+    from surgical.delta import Delta
+    from surgical.hf import load_base_for
+
+    ft_probe = Delta(meta={"base": {"architecture": _architecture_of(finetuned)}})
+    ft, _ = load_base_for(finetuned, ft_probe)
+    base_model, _ = load_base_for(base, Delta(meta={"base": {"architecture": type(ft).__name__}}))
+    delta = Delta.from_models(base_model, ft, density=density)
+    delta.save(out, dtype=dtype)
+    console.print(
+        f"wrote {out}: {delta.num_entries:,} entries, {delta.num_dense:,} dense, "
+        f"{delta.num_full:,} full values"
+    )
+
+
+@app.command("import-lora")
+def import_lora(
+    adapter: Annotated[str, typer.Argument(help="PEFT LoRA adapter directory (safetensors).")],
+    base: Annotated[str, typer.Option(help="Base model directory, to record its fingerprint.")],
+    out: Annotated[str, typer.Option(help="Directory for the delta.")],
+    dtype: Annotated[str, typer.Option(help="Value storage: float32, float16, bfloat16.")] = "float32",
+) -> None:
+    """Import a PEFT LoRA adapter as a dense delta."""
+    from surgical.delta import Delta
+    from surgical.hf import load_base_for
+
+    probe = Delta(meta={"base": {"architecture": _architecture_of(base)}})
+    model, _ = load_base_for(base, probe)
+    delta = Delta.from_peft_lora(adapter, base=model)
+    delta.save(out, dtype=dtype)
+    console.print(f"wrote {out}: {delta.num_dense:,} dense + {delta.num_full:,} full values from {adapter}")
+
+
+def _architecture_of(model_dir: str) -> str:
+    """The first architecture named in a model directory's config.json (AutoModel if none)."""
+    from pathlib import Path
+
+    try:
+        archs = json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or []
+    except (OSError, json.JSONDecodeError):
+        archs = []
+    return archs[0] if archs else "AutoModel"
 
 
 @app.command()

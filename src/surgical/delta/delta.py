@@ -1,17 +1,19 @@
 """The Delta: what training changed, keyed by the model's own parameter names.
 
-Two kinds of tensor:
+Three kinds of tensor, one kind per parameter:
 - ``entries``: sorted flat indices and values *added* to the base at those indices;
+- ``dense``: a whole tensor *added* to the base (deltas built from two checkpoints, LoRA imports);
 - ``full``: a whole tensor that *replaces* the base's (densely trained heads, norms, biases; a
   freshly initialised classification head has no meaningful base value to add to).
 
 Applying is exact: a fine-tuned entry is ``base + delta`` computed the same way training wrote
 it, so a delta applied to a fresh copy of the base reproduces the fine-tuned model bit for bit.
+Arithmetic (``scale``, ``+``, ``to_dense``, ``prune``, ``compress``) lives in
+:mod:`surgical.delta.algebra`; the methods here delegate to it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,25 +22,24 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import nn
 
-from surgical.delta.codec import decode_indices, encode_indices
+from surgical.delta.codec import VALUE_CODECS, decode_indices, decode_values, encode_indices, encode_values
 from surgical.errors import SurgicalError
 from surgical.utils import atomic_dir
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "delta_config.json"
 TENSOR_FILE = "delta.safetensors"
-FINGERPRINT_SAMPLE = 64
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_RESERVED = {"format_version", "library_version", "dtype", "tensors"}
 
 
-@dataclass
+@dataclass(eq=False)  # identity: revert() matches the object that was applied
 class Delta:
     """A sparse (and partly dense) change to a base model.
 
     Attributes:
-        entries: Parameter name -> (sorted int64 flat indices, values added at them).
+        entries: Parameter name -> (sorted unique int64 flat indices, float values added at them).
+        dense: Parameter name -> tensor added to the base tensor.
         full: Parameter name -> tensor that replaces the base tensor.
         shapes: Parameter name -> shape of the parameter in the base model.
         meta: Base identity (``base``), plan provenance (``plan``), training summary, etc.
@@ -48,6 +49,7 @@ class Delta:
     full: dict[str, torch.Tensor] = field(default_factory=dict)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_entries(self) -> int:
@@ -59,30 +61,109 @@ class Delta:
         """Number of values in replaced tensors."""
         return sum(int(t.numel()) for t in self.full.values())
 
+    @property
+    def num_dense(self) -> int:
+        """Number of values in added dense tensors."""
+        return sum(int(t.numel()) for t in self.dense.values())
+
+    def names(self) -> list[str]:
+        """Every parameter name the delta touches."""
+        return [*self.entries, *self.dense, *self.full]
+
+    def validate(self) -> None:
+        """Raises a SurgicalError unless kinds are disjoint, shapes known and values finite."""
+        seen: set[str] = set()
+        for name in self.names():
+            if name in seen:
+                raise SurgicalError(
+                    f"the delta holds {name!r} twice (two kinds)", "Keep one kind per parameter"
+                )
+            seen.add(name)
+            if name not in self.shapes:
+                raise SurgicalError(f"the delta has no shape for {name!r}", "Set delta.shapes[name]")
+        for name, (idx, vals) in self.entries.items():
+            if idx.numel() != vals.numel():
+                raise SurgicalError(f"{name!r} has {idx.numel()} indices but {vals.numel()} values", "Fix it")
+            _check_finite(name, vals)
+        for name, t in (*self.dense.items(), *self.full.items()):
+            _check_finite(name, t)
+
+    # arithmetic (see algebra.py)
+    def scale(self, factor: float) -> Delta:
+        """A copy with every added change multiplied by ``factor`` (replaced tensors are kept)."""
+        from surgical.delta.algebra import scale
+
+        return scale(self, factor)
+
+    def __add__(self, other: Delta) -> Delta:
+        from surgical.delta.algebra import add
+
+        return add(self, other)
+
+    def __mul__(self, factor: float) -> Delta:
+        return self.scale(factor)
+
+    __rmul__ = __mul__
+
+    def to_dense(self) -> Delta:
+        """A copy whose entries are dense added tensors (zeros elsewhere)."""
+        from surgical.delta.algebra import to_dense
+
+        return to_dense(self)
+
+    def prune(self, density: float) -> Delta:
+        """A copy keeping, per tensor, the ``density`` fraction of added values largest in magnitude."""
+        from surgical.delta.algebra import prune
+
+        return prune(self, density)
+
+    def compress(self, density: float = 1.0, values: str = "sign") -> Delta:
+        """ComPEFT-style compression: ``prune(density)`` then values as stored by codec ``values``."""
+        from surgical.delta.algebra import compress
+
+        return compress(self, density, values)
+
+    @classmethod
+    def from_models(cls, base, finetuned, density: float | None = None) -> Delta:
+        """The delta turning ``base`` into ``finetuned`` (see :func:`surgical.delta.convert.from_models`)."""
+        from surgical.delta.convert import from_models
+
+        return from_models(base, finetuned, density=density)
+
+    @classmethod
+    def from_peft_lora(cls, directory: str | Path, base=None) -> Delta:
+        """A dense delta from a PEFT LoRA adapter directory (see :mod:`surgical.delta.convert`)."""
+        from surgical.delta.convert import from_peft_lora
+
+        return from_peft_lora(directory, base=base)
+
     def save(self, directory: str | Path, dtype: str = "float32") -> Path:
         """Writes ``delta.safetensors`` and ``delta_config.json`` atomically.
 
         Args:
             directory: Target directory; an existing one is replaced only once the new one is
                 complete.
-            dtype: Storage dtype of the values: ``float32`` (exact), ``float16`` or ``bfloat16``.
+            dtype: Storage of the values: ``float32`` (exact), ``float16``, ``bfloat16``, or the
+                lossy ``int8`` (per-tensor scale) and ``sign`` (1 bit + one scale per tensor,
+                for entries; dense and replaced tensors then use bfloat16).
         """
-        if dtype not in _DTYPES:
-            raise SurgicalError(f"unknown value dtype {dtype!r}", f"Use one of: {', '.join(_DTYPES)}")
-        tdtype = _DTYPES[dtype]
+        if dtype not in VALUE_CODECS:
+            raise SurgicalError(f"unknown value dtype {dtype!r}", f"Use one of: {', '.join(VALUE_CODECS)}")
+        self.validate()
         tensors: dict[str, torch.Tensor] = {}
         kinds: dict[str, dict[str, Any]] = {}
+        whole_codec = dtype if dtype in ("float32", "float16", "bfloat16") else "bfloat16"
         for name, (idx, vals) in self.entries.items():
-            _check_finite(name, vals)
             gaps, overflow = encode_indices(idx)
             tensors[f"entries.{name}.gaps"] = gaps
             tensors[f"entries.{name}.overflow"] = overflow
-            tensors[f"entries.{name}.values"] = vals.detach().to("cpu", tdtype).contiguous()
+            for part, t in encode_values(vals, dtype).items():
+                tensors[f"entries.{name}.{part}"] = t
             kinds[name] = {"kind": "entries", "shape": list(self.shapes[name]), "count": int(idx.numel())}
-        for name, t in self.full.items():
-            _check_finite(name, t)
-            tensors[f"full.{name}"] = t.detach().to("cpu", tdtype).contiguous()
-            kinds[name] = {"kind": "full", "shape": list(self.shapes[name])}
+        for kind, items in (("dense", self.dense), ("full", self.full)):
+            for name, t in items.items():
+                tensors[f"{kind}.{name}"] = t.detach().to("cpu", torch.float32).to(_float(whole_codec))
+                kinds[name] = {"kind": kind, "shape": list(self.shapes[name])}
         config = {
             "format_version": FORMAT_VERSION,
             "library_version": _version(),
@@ -90,8 +171,18 @@ class Delta:
             "tensors": kinds,
             **self.meta,
         }
+        for key, t in tensors.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise SurgicalError(
+                    f"{key!r} overflows {dtype} (values beyond its range)",
+                    "Save with dtype='float32' or 'bfloat16'",
+                )
         with atomic_dir(directory) as tmp:
-            save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": "surgical-delta"})
+            save_file(
+                {k: v.contiguous() for k, v in tensors.items()},
+                str(tmp / TENSOR_FILE),
+                metadata={"format": "surgical-delta"},
+            )
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
         return Path(directory)
 
@@ -123,69 +214,70 @@ class Delta:
             raise SurgicalError(
                 f"{str(directory / TENSOR_FILE)!r} is truncated or corrupted ({e})", "Save the delta again"
             ) from None
-        if config.get("format_version") != FORMAT_VERSION or "tensors" not in config:
+        if (
+            not isinstance(config, dict)
+            or config.get("format_version") != FORMAT_VERSION
+            or "tensors" not in config
+        ):
             raise SurgicalError(
-                f"{str(directory / CONFIG_FILE)!r} is not a surgical delta of format {FORMAT_VERSION}",
-                fix,
+                f"{str(directory / CONFIG_FILE)!r} is not a surgical delta of format {FORMAT_VERSION}", fix
             )
         delta = cls()
+        codec = config.get("dtype", "float32")
         try:
+            if codec not in VALUE_CODECS:
+                raise ValueError(f"unknown value dtype {codec!r}")
             for name, info in config["tensors"].items():
-                delta.shapes[name] = tuple(info["shape"])
+                shape = tuple(int(s) for s in info["shape"])
+                numel = _numel(shape)
+                delta.shapes[name] = shape
                 if info["kind"] == "entries":
-                    idx = decode_indices(tensors[f"entries.{name}.gaps"], tensors[f"entries.{name}.overflow"])
-                    vals = tensors[f"entries.{name}.values"].float()
+                    prefix = f"entries.{name}."
+                    idx = decode_indices(tensors[prefix + "gaps"], tensors[prefix + "overflow"])
+                    stored = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+                    vals = decode_values(stored, codec, int(info["count"]))
                     if idx.numel() != info["count"] or vals.numel() != idx.numel():
                         raise ValueError(f"entry count of {name}")
+                    if idx.numel() and int(idx[-1]) >= numel:
+                        raise ValueError(f"indices of {name} beyond its shape")
                     delta.entries[name] = (idx, vals)
+                elif info["kind"] in ("dense", "full"):
+                    t = tensors[f"{info['kind']}.{name}"].float()
+                    if tuple(t.shape) != shape:
+                        raise ValueError(f"shape of {name}")
+                    getattr(delta, info["kind"])[name] = t
                 else:
-                    delta.full[name] = tensors[f"full.{name}"].float()
-        except (KeyError, ValueError) as e:
+                    raise ValueError(f"unknown kind {info['kind']!r} of {name}")
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise SurgicalError(
                 f"{str(directory)!r} is corrupted: its files disagree ({e})", "Save the delta again"
             ) from None
         for name, (_, vals) in delta.entries.items():
-            _check_finite(name, vals)
-        for name, t in delta.full.items():
-            _check_finite(name, t)
-        reserved = {"format_version", "library_version", "dtype", "tensors"}
-        delta.meta = {k: v for k, v in config.items() if k not in reserved}
+            _check_finite(name, vals, directory)
+        for name, t in (*delta.dense.items(), *delta.full.items()):
+            _check_finite(name, t, directory)
+        delta.meta = {k: v for k, v in config.items() if k not in _RESERVED}
         return delta
 
 
-def _check_finite(name: str, t: torch.Tensor) -> None:
+def _float(codec: str) -> torch.dtype:
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[codec]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _check_finite(name: str, t: torch.Tensor, where: Path | None = None) -> None:
     if not bool(torch.isfinite(t).all()):
-        raise SurgicalError(f"delta values of {name!r} contain NaN or Inf", "Check the training run")
+        place = f" in {str(where)!r}" if where is not None else ""
+        raise SurgicalError(f"delta values of {name!r}{place} contain NaN or Inf", "Check the training run")
 
 
 def _version() -> str:
     from surgical import __version__
 
     return __version__
-
-
-def fingerprint_of(samples: dict[str, tuple[tuple[int, ...], torch.Tensor]]) -> str:
-    """Hash of parameter names, shapes and base values at the first entries of each tensor."""
-    h = hashlib.sha256()
-    for name in sorted(samples):
-        shape, values = samples[name]
-        h.update(f"{name}{tuple(shape)}".encode())
-        h.update(values[:FINGERPRINT_SAMPLE].detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def base_fingerprint(model: nn.Module, delta: Delta) -> str:
-    """Fingerprint of ``model`` seen as the base of ``delta`` (see :func:`fingerprint_of`).
-
-    Covers only the tensors the delta adds to; replaced (``full``) tensors are excluded since
-    their base values do not matter (a fresh classification head is random).
-    """
-    params = dict(model.named_parameters())
-    samples = {}
-    for name, (idx, _) in delta.entries.items():
-        p = params.get(name)
-        if p is None or tuple(p.shape) != tuple(delta.shapes[name]):
-            return f"mismatch:{name}"
-        head = idx[:FINGERPRINT_SAMPLE].to(p.device)
-        samples[name] = (tuple(p.shape), p.detach().reshape(-1).index_select(0, head))
-    return fingerprint_of(samples)

@@ -1,13 +1,33 @@
-"""Moving deltas in and out of models: ``extract`` and ``apply``."""
+"""Moving deltas in and out of models: ``extract``, ``apply``, ``revert`` and ``applied``.
+
+``apply`` saves, for every value it changes, the value it overwrote (k values for k entries; the
+whole tensor for dense and replaced tensors), on ``model._sg_applied``. ``revert`` writes them
+back, so it restores the base bit for bit, and both cost time proportional to the delta, not the
+model: switching the task of a served model is cheap.
+"""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from surgical.delta.delta import FINGERPRINT_SAMPLE, Delta, base_fingerprint, fingerprint_of
+from surgical.delta.algebra import base_checks
+from surgical.delta.delta import Delta
+from surgical.delta.fingerprint import legacy_fingerprint, model_fingerprint
 from surgical.errors import SurgicalError
 from surgical.train.prepare import prepared, sync
+
+
+@dataclass
+class AppliedRecord:
+    """What one ``apply`` overwrote: name -> (sorted indices or None for whole, old values)."""
+
+    delta_id: int
+    saved: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = field(default_factory=dict)
 
 
 def extract(model: nn.Module, **meta) -> Delta:
@@ -19,48 +39,35 @@ def extract(model: nn.Module, **meta) -> Delta:
     info = prepared(model)
     sync(model)
     delta = Delta()
-    samples = {}
     for name, module in info.entry_modules.items():
         state = module._sg_entries
         idx = state.indices(module).detach().cpu().clone()
         delta.entries[name] = (idx, state.delta(module).detach().float().cpu().clone())
         delta.shapes[name] = tuple(module.weight.shape)
-        samples[name] = (delta.shapes[name], state.orig(module)[:FINGERPRINT_SAMPLE])
     params = dict(model.named_parameters())
     for name in info.plan.dense:
         delta.full[name] = params[name].detach().float().cpu().clone()
         delta.shapes[name] = tuple(params[name].shape)
-    config = getattr(model, "config", None)
-    delta.meta = {
-        "base": {
-            "name_or_path": str(getattr(config, "_name_or_path", "") or ""),
-            "model_type": getattr(config, "model_type", None),
-            "architecture": type(model).__name__,
-            "num_labels": getattr(config, "num_labels", None),
-            "fingerprint": fingerprint_of(samples),
-        },
-        "plan": info.plan.meta,
-        **meta,
-    }
+    delta.meta = {"base": base_identity(model, exclude=delta.full), "plan": info.plan.meta, **meta}
     return delta
 
 
-@torch.no_grad()
-def apply(model: nn.Module, delta: Delta, *, force: bool = False) -> nn.Module:
-    """Adds a delta to a base model in place and returns it.
+def base_identity(model: nn.Module, exclude=()) -> dict:
+    """The ``base`` metadata of a delta made on ``model`` (name, architecture, fingerprint)."""
+    config = getattr(model, "config", None)
+    excludes = sorted(exclude)
+    return {
+        "name_or_path": str(getattr(config, "_name_or_path", "") or ""),
+        "model_type": getattr(config, "model_type", None),
+        "architecture": type(model).__name__,
+        "num_labels": getattr(config, "num_labels", None),
+        "fingerprint": model_fingerprint(model, excludes),
+        "fingerprint_excludes": excludes,
+    }
 
-    Args:
-        model: A plain (unprepared) model of the architecture the delta was trained on.
-        delta: The delta to apply.
-        force: Apply even if the base fingerprint differs from the one recorded at training.
 
-    Raises:
-        SurgicalError: if a parameter is missing or has another shape, or the base differs.
-    """
-    if getattr(model, "_sg_prepared", None) is not None:
-        raise SurgicalError(
-            "cannot apply a delta to a prepared model", "Call surgical.unprepare(model) first"
-        )
+def check_base(model: nn.Module, delta: Delta) -> None:
+    """Raises a SurgicalError unless ``model`` has the delta's parameters, shapes and base identity."""
     params = dict(model.named_parameters())
     for name, shape in delta.shapes.items():
         if name not in params:
@@ -74,9 +81,12 @@ def apply(model: nn.Module, delta: Delta, *, force: bool = False) -> nn.Module:
                 f"but {tuple(params[name].shape)} here",
                 "Apply the delta to the base model it was trained from",
             )
-    expected = delta.meta.get("base", {}).get("fingerprint")
-    if expected and not force:
-        got = base_fingerprint(model, delta)
+    checks = [(fp, model_fingerprint, ex) for fp, ex in base_checks(delta)]
+    legacy = delta.meta.get("base", {}) or {}
+    if legacy.get("fingerprint") and "fingerprint_excludes" not in legacy and "checks" not in legacy:
+        checks.append((legacy["fingerprint"], None, ()))  # a delta from before the current fingerprint
+    for expected, how, excludes in checks:
+        got = how(model, excludes) if how else legacy_fingerprint(model, delta.entries)
         if got != expected:
             base_name = delta.meta.get("base", {}).get("name_or_path") or "?"
             here = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "?")
@@ -85,10 +95,106 @@ def apply(model: nn.Module, delta: Delta, *, force: bool = False) -> nn.Module:
                 f"({base_name}, fingerprint {expected})",
                 "Load the right base model, or pass force=True / --force to apply anyway",
             )
+
+
+@torch.no_grad()
+def apply(model: nn.Module, delta: Delta, *, scale: float = 1.0, force: bool = False) -> nn.Module:
+    """Adds ``scale`` times a delta to a model in place and returns it; :func:`revert` undoes it.
+
+    Entries and dense tensors add ``scale * value`` (with ``scale=1`` exactly the addition
+    training did, so the fine-tuned model is reproduced bit for bit). Replaced tensors are
+    copied for ``scale=1`` and interpolated ``base + scale * (new - base)`` otherwise.
+
+    Args:
+        model: A plain (unprepared) model of the architecture the delta was trained on; other
+            deltas may already be applied.
+        delta: The delta to apply.
+        scale: Multiplier of the change.
+        force: Apply even if the base fingerprint differs from the one recorded at training.
+
+    Raises:
+        SurgicalError: if a parameter is missing or has another shape, or the base differs.
+    """
+    if getattr(model, "_sg_prepared", None) is not None:
+        raise SurgicalError(
+            "cannot apply a delta to a prepared model", "Call surgical.unprepare(model) first"
+        )
+    delta.validate()
+    if force:
+        check_base(model, Delta(shapes=delta.shapes))
+    else:
+        check_base(model, delta)
+    params = dict(model.named_parameters())
+    record = AppliedRecord(id(delta))
+    scale = float(scale)
     for name, (idx, vals) in delta.entries.items():
         flat = params[name].data.view(-1)
         i = idx.to(flat.device)
-        flat.index_copy_(0, i, torch.add(flat.index_select(0, i), vals.to(flat.device, flat.dtype)))
+        old = flat.index_select(0, i)
+        record.saved[name] = (i, old)
+        v = (
+            vals.to(flat.device, flat.dtype)
+            if scale == 1.0
+            else (vals.float() * scale).to(flat.device, flat.dtype)
+        )
+        flat.index_copy_(0, i, torch.add(old, v))
+    for name, t in delta.dense.items():
+        p = params[name].data
+        record.saved[name] = (None, p.clone())
+        p.add_(t.to(p.device, p.dtype) if scale == 1.0 else (t.float() * scale).to(p.device, p.dtype))
     for name, t in delta.full.items():
-        params[name].data.copy_(t.to(params[name].device, params[name].dtype))
+        p = params[name].data
+        record.saved[name] = (None, p.clone())
+        if scale == 1.0:
+            p.copy_(t.to(p.device, p.dtype))
+        else:
+            p.copy_(p.float().lerp(t.to(p.device).float(), scale).to(p.dtype))
+    stack = getattr(model, "_sg_applied", None)
+    if stack is None:
+        stack = []
+        object.__setattr__(model, "_sg_applied", stack)  # a plain attribute, never in state_dict
+    stack.append(record)
     return model
+
+
+@torch.no_grad()
+def revert(model: nn.Module, delta: Delta | None = None) -> nn.Module:
+    """Undoes the last :func:`apply` (of ``delta``, if given) exactly, restoring the saved values.
+
+    Raises:
+        SurgicalError: if nothing was applied, ``delta`` was not applied to this model, or deltas
+            applied after it are still in place (revert in reverse order).
+    """
+    stack = getattr(model, "_sg_applied", None) or []
+    if not stack:
+        raise SurgicalError("no delta is applied to this model", "Apply one with surgical.apply first")
+    if delta is not None and stack[-1].delta_id != id(delta):
+        if any(r.delta_id == id(delta) for r in stack):
+            raise SurgicalError(
+                "deltas applied after this one are still in place", "Revert them first (reverse order)"
+            )
+        raise SurgicalError(
+            "this delta was not applied to this model",
+            "Pass the same Delta object that surgical.apply received",
+        )
+    record = stack.pop()
+    params = dict(model.named_parameters())
+    for name, (idx, old) in record.saved.items():
+        p = params[name].data
+        if idx is None:
+            p.copy_(old)
+        else:
+            p.view(-1).index_copy_(0, idx, old)
+    return model
+
+
+@contextlib.contextmanager
+def applied(
+    model: nn.Module, delta: Delta, *, scale: float = 1.0, force: bool = False
+) -> Iterator[nn.Module]:
+    """``with applied(model, delta): ...`` runs the body with the delta applied, then reverts exactly."""
+    apply(model, delta, scale=scale, force=force)
+    try:
+        yield model
+    finally:
+        revert(model, delta)

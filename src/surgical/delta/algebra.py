@@ -1,0 +1,201 @@
+"""Arithmetic on deltas: scaling, composition, densifying, pruning and compression.
+
+Added changes (``entries`` and ``dense``) form a vector space: scaling multiplies them and
+composition adds them, entry by entry (overlapping entries add). Replaced tensors (``full``) have
+no base to scale from, so ``scale`` keeps them, and composing two deltas that replace the same
+tensor with different values is an error: there is no sum of two replacements.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from surgical.delta.codec import VALUE_CODECS, decode_values, encode_values
+from surgical.delta.delta import Delta
+from surgical.errors import SurgicalError
+
+
+def _copy_meta(delta: Delta) -> dict:
+    return copy.deepcopy(delta.meta)
+
+
+def scale(delta: Delta, factor: float) -> Delta:
+    """``factor`` times the added changes of ``delta``; replaced tensors are kept as they are."""
+    factor = float(factor)
+    out = Delta(shapes=dict(delta.shapes), meta=_copy_meta(delta))
+    out.entries = {n: (i.clone(), v * factor) for n, (i, v) in delta.entries.items()}
+    out.dense = {n: t * factor for n, t in delta.dense.items()}
+    out.full = {n: t.clone() for n, t in delta.full.items()}
+    out.meta.setdefault("ops", []).append(f"scale({factor:g})")
+    return out
+
+
+def merge_entries(
+    a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Union of two sorted entry sets; values at shared indices are summed."""
+    idx = torch.cat([a[0], b[0]])
+    vals = torch.cat([a[1].float(), b[1].float()])
+    uniq, inverse = torch.unique(idx, sorted=True, return_inverse=True)
+    summed = torch.zeros(uniq.numel(), dtype=torch.float32).index_add_(0, inverse, vals)
+    return uniq, summed
+
+
+def _dense_of(delta: Delta, name: str) -> torch.Tensor:
+    if name in delta.dense:
+        return delta.dense[name].float()
+    idx, vals = delta.entries[name]
+    out = torch.zeros(delta.shapes[name], dtype=torch.float32)
+    out.view(-1).index_put_((idx,), vals.float(), accumulate=True)
+    return out
+
+
+def add(a: Delta, b: Delta) -> Delta:
+    """The composition ``a + b``: applying it equals applying ``a`` then ``b`` (up to rounding).
+
+    Raises:
+        SurgicalError: if a parameter has different shapes, or is replaced by one delta and
+            changed otherwise by the other, or the deltas were made on different bases.
+    """
+    for name in set(a.shapes) & set(b.shapes):
+        if tuple(a.shapes[name]) != tuple(b.shapes[name]):
+            raise SurgicalError(
+                f"cannot compose: {name!r} is {tuple(a.shapes[name])} in one delta and "
+                f"{tuple(b.shapes[name])} in the other",
+                "Compose deltas of the same base model",
+            )
+    out = Delta(shapes={**a.shapes, **b.shapes}, meta=_compose_meta(a, b))
+    names_a, names_b = set(a.names()), set(b.names())
+    for name in dict.fromkeys([*a.names(), *b.names()]):
+        in_a, in_b = name in names_a, name in names_b
+        if in_a and in_b:
+            if name in a.full or name in b.full:
+                if name in a.full and name in b.full and torch.equal(a.full[name], b.full[name]):
+                    out.full[name] = a.full[name].clone()
+                    continue
+                raise SurgicalError(
+                    f"cannot compose: both deltas change {name!r} and at least one replaces it",
+                    "Drop the replaced tensor from one delta (del delta.full[name]) before composing",
+                )
+            if name in a.entries and name in b.entries:
+                out.entries[name] = merge_entries(a.entries[name], b.entries[name])
+            else:
+                out.dense[name] = _dense_of(a, name) + _dense_of(b, name)
+            continue
+        src = a if in_a else b
+        if name in src.entries:
+            idx, vals = src.entries[name]
+            out.entries[name] = (idx.clone(), vals.clone())
+        elif name in src.dense:
+            out.dense[name] = src.dense[name].clone()
+        else:
+            out.full[name] = src.full[name].clone()
+    return out
+
+
+def compose(deltas: list[Delta], weights: list[float] | None = None) -> Delta:
+    """``sum(w * d)`` over the deltas (weights default to 1); overlapping entries add."""
+    if not deltas:
+        raise SurgicalError("nothing to compose", "Pass at least one delta")
+    weights = [1.0] * len(deltas) if weights is None else list(weights)
+    if len(weights) != len(deltas):
+        raise SurgicalError(f"{len(deltas)} deltas but {len(weights)} weights", "Pass one weight per delta")
+    out = deltas[0] if weights[0] == 1.0 else scale(deltas[0], weights[0])
+    for d, w in zip(deltas[1:], weights[1:], strict=True):
+        out = add(out, d if w == 1.0 else scale(d, w))
+    return out
+
+
+def _compose_meta(a: Delta, b: Delta) -> dict:
+    """Keeps base identity when both agree; records every distinct fingerprint check otherwise."""
+    checks = []
+    for d in (a, b):
+        for check in base_checks(d):
+            if check not in checks:
+                checks.append(check)
+    fps = {fp for fp, excludes in checks}
+    base_a, base_b = a.meta.get("base", {}), b.meta.get("base", {})
+    names = {base_a.get("name_or_path"), base_b.get("name_or_path")} - {None, ""}
+    if len(fps) > 1 and len({tuple(e) for _, e in checks}) == 1:
+        raise SurgicalError(
+            f"cannot compose deltas made on different base models (fingerprints {' vs '.join(sorted(fps))})",
+            "Compose deltas of the same base model",
+        )
+    base = {**base_b, **base_a}
+    base.pop("fingerprint", None)
+    base.pop("fingerprint_excludes", None)
+    if len(checks) == 1:
+        base["fingerprint"], base["fingerprint_excludes"] = checks[0][0], list(checks[0][1])
+    elif checks:
+        base["checks"] = [[fp, list(ex)] for fp, ex in checks]
+    if len(names) > 1:
+        base["name_or_path"] = " + ".join(sorted(names))
+    return {"base": base, "composed_of": [_summary(a), _summary(b)]}
+
+
+def _summary(d: Delta) -> dict:
+    keep = ("plan", "training", "source", "ops", "composed_of")
+    return {k: d.meta[k] for k in keep if k in d.meta}
+
+
+def base_checks(delta: Delta) -> list[tuple[str, tuple[str, ...]]]:
+    """The (fingerprint, excluded parameter names) pairs a base must match to receive ``delta``."""
+    base = delta.meta.get("base", {}) or {}
+    if "checks" in base:
+        return [(str(fp), tuple(ex)) for fp, ex in base["checks"]]
+    if base.get("fingerprint") and "fingerprint_excludes" in base:
+        return [(str(base["fingerprint"]), tuple(base["fingerprint_excludes"]))]
+    return []
+
+
+def to_dense(delta: Delta) -> Delta:
+    """A copy with every entries tensor turned into a dense added tensor."""
+    out = Delta(shapes=dict(delta.shapes), meta=_copy_meta(delta))
+    out.dense = {n: _dense_of(delta, n) for n in [*delta.entries, *delta.dense]}
+    out.full = {n: t.clone() for n, t in delta.full.items()}
+    return out
+
+
+def _topk_entries(
+    t_idx: torch.Tensor | None, vals: torch.Tensor, density: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``density`` share of ``vals`` largest in |value| (at least one), as sorted entries."""
+    flat = vals.reshape(-1).float()
+    k = max(1, round(density * flat.numel())) if flat.numel() else 0
+    top = torch.topk(flat.abs(), k, sorted=False).indices.sort().values
+    idx = top if t_idx is None else t_idx[top]
+    return idx.to(torch.int64), flat[top]
+
+
+def prune(delta: Delta, density: float) -> Delta:
+    """Keeps per tensor the ``density`` fraction of added values largest in magnitude.
+
+    Entries stay entries; dense added tensors become entries. Replaced tensors are kept.
+    """
+    if not 0.0 < density <= 1.0:
+        raise SurgicalError(f"density must be in (0, 1], got {density}", "Pass e.g. density=0.5")
+    out = Delta(shapes=dict(delta.shapes), meta=_copy_meta(delta))
+    for name, (idx, vals) in delta.entries.items():
+        out.entries[name] = _topk_entries(idx, vals, density) if density < 1 else (idx.clone(), vals.clone())
+    for name, t in delta.dense.items():
+        out.entries[name] = _topk_entries(None, t, density)
+    out.full = {n: t.clone() for n, t in delta.full.items()}
+    out.meta.setdefault("ops", []).append(f"prune({density:g})")
+    return out
+
+
+def compress(delta: Delta, density: float = 1.0, values: str = "sign") -> Delta:
+    """ComPEFT-style: ``prune(density)``, then entry values as the codec ``values`` stores them.
+
+    The result holds exactly what ``save(dtype=values)`` writes, so it can be evaluated before
+    saving. ``values``: ``sign`` (1 bit + one scale per tensor), ``int8``, or a float dtype.
+    """
+    if values not in VALUE_CODECS:
+        raise SurgicalError(f"unknown value codec {values!r}", f"Use one of: {', '.join(VALUE_CODECS)}")
+    out = prune(delta, density) if density < 1.0 else scale(delta, 1.0)
+    for name, (idx, vals) in list(out.entries.items()):
+        out.entries[name] = (idx, decode_values(encode_values(vals, values), values, vals.numel()))
+    out.meta["ops"] = [*delta.meta.get("ops", []), f"compress(density={density:g}, values={values})"]
+    return out

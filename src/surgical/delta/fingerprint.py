@@ -1,0 +1,102 @@
+"""Base identity: a fingerprint of the model a delta was made on.
+
+The fingerprint hashes the names, shapes and a fixed strided sample of values of every parameter
+of the base, except the ones the delta replaces (a freshly initialised classification head is
+random on every load). Since it does not depend on which entries the delta holds, deltas made on
+the same base carry the same fingerprint and stay checkable after composition. Values are hashed
+rounded to bfloat16, so the same base loaded in float32, float16 or bfloat16 is recognised.
+
+A model with deltas applied through :func:`surgical.apply` is fingerprinted as its base: the
+values saved by each application stand in for the changed ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+SAMPLE = 64
+
+
+def sample_positions(numel: int) -> torch.Tensor:
+    """The flat positions sampled from a tensor of ``numel`` elements (at most ``SAMPLE``)."""
+    if numel <= SAMPLE:
+        return torch.arange(numel)
+    # integer arithmetic: a float32 linspace rounds past numel - 1 for tensors of ~2**24+ elements
+    return torch.arange(SAMPLE, dtype=torch.int64) * (numel - 1) // (SAMPLE - 1)
+
+
+def base_samples(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, tuple[tuple, torch.Tensor]]:
+    """Name -> (shape, sampled base values) for every parameter not in ``exclude``.
+
+    Accounts for what this library changed in place: entries of a prepared model (their saved
+    originals) and deltas applied with :func:`surgical.apply` (their saved values).
+    """
+    excluded = set(exclude)
+    prepared = getattr(model, "_sg_prepared", None)
+    orig_of: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if prepared is not None:
+        for name, module in prepared.entry_modules.items():
+            state = module._sg_entries
+            orig_of[name] = (state.indices(module).detach(), state.orig(module).detach())
+    stack = list(getattr(model, "_sg_applied", []))
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=True):
+        if name in excluded or name.endswith("_sg_delta"):  # trainable values of a prepared model
+            continue
+        flat = p.detach().reshape(-1)
+        pos = sample_positions(flat.numel()).to(flat.device)
+        vals = flat.index_select(0, pos).float().clone()
+        if name in orig_of:
+            _override(vals, pos, *orig_of[name])
+        for record in reversed(stack):  # the bottom-most application saved the true base
+            saved = record.saved.get(name)
+            if saved is not None:
+                _override(vals, pos, *saved)
+        out[name] = (tuple(p.shape), vals.cpu())
+    return out
+
+
+def _override(vals: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor | None, orig: torch.Tensor) -> None:
+    """Replaces sampled values by saved originals (``idx`` None: ``orig`` is the whole tensor)."""
+    if idx is None:
+        vals.copy_(orig.reshape(-1).index_select(0, pos.to(orig.device)).float().to(vals.device))
+        return
+    idx = idx.to(pos.device)
+    if idx.numel() == 0:
+        return
+    at = torch.searchsorted(idx, pos).clamp(max=idx.numel() - 1)
+    hit = idx[at] == pos
+    if bool(hit.any()):
+        vals[hit] = orig.to(vals.device).float()[at[hit]]
+
+
+def fingerprint_of(samples: dict[str, tuple[tuple, torch.Tensor]]) -> str:
+    """16 hex digits of a hash over names, shapes and sampled values (rounded to bfloat16)."""
+    h = hashlib.sha256()
+    for name in sorted(samples):
+        shape, values = samples[name]
+        h.update(f"{name}{tuple(shape)}".encode())
+        h.update(values.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(model: nn.Module, exclude: Iterable[str] = ()) -> str:
+    """Fingerprint of ``model`` as a base, ignoring the parameters in ``exclude``."""
+    return fingerprint_of(base_samples(model, exclude))
+
+
+def legacy_fingerprint(model: nn.Module, entries: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> str:
+    """The fingerprint of deltas written before ``fingerprint_excludes`` existed (format 1 as first
+    released): base values at the first 64 indices of each entries tensor, hashed in float32."""
+    params = dict(model.named_parameters())
+    h = hashlib.sha256()
+    for name in sorted(entries):
+        p = params[name]
+        head = entries[name][0][:SAMPLE].to(p.device)
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        h.update(p.detach().reshape(-1).index_select(0, head).float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

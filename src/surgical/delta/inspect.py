@@ -1,0 +1,98 @@
+"""Looking at a delta: per-tensor counts and norms, and a picture of where it lives."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgical.delta.delta import Delta
+
+_LAYER = re.compile(r"^(.*?\.(?:layers?|h|blocks?)\.)(\d+)\.(.*)$")
+
+
+def tensor_rows(delta: Delta) -> list[dict[str, Any]]:
+    """One row per tensor: name, kind, count of values, share of the tensor, L2 norm, max |value|."""
+    rows = []
+    for name in delta.names():
+        numel = 1
+        for s in delta.shapes[name]:
+            numel *= s
+        if name in delta.entries:
+            kind, vals = "entries", delta.entries[name][1]
+        elif name in delta.dense:
+            kind, vals = "dense", delta.dense[name]
+        else:
+            kind, vals = "full", delta.full[name]
+        v = vals.float().reshape(-1)
+        rows.append(
+            {
+                "name": name,
+                "kind": kind,
+                "count": int(v.numel()),
+                "share": v.numel() / max(1, numel),
+                "norm": float(v.norm()) if v.numel() else 0.0,
+                "max_abs": float(v.abs().max()) if v.numel() else 0.0,
+            }
+        )
+    return rows
+
+
+def layer_grid(delta: Delta) -> tuple[list[int], list[str], torch.Tensor]:
+    """(layer numbers, module names, share matrix) for tensors inside numbered layers.
+
+    Entry ``[i, j]`` is the share of module ``j`` of layer ``i`` that the delta changes (NaN where
+    it does not touch it).
+    """
+    cells: dict[tuple[int, str], float] = {}
+    for row in tensor_rows(delta):
+        m = _LAYER.match(row["name"])
+        if m:
+            cells[(int(m.group(2)), m.group(3).removesuffix(".weight"))] = row["share"]
+    layers = sorted({k[0] for k in cells})
+    modules = sorted({k[1] for k in cells})
+    grid = torch.full((len(layers), len(modules)), float("nan"))
+    for (layer, module), share in cells.items():
+        grid[layers.index(layer), modules.index(module)] = share
+    return layers, modules, grid
+
+
+def plot_delta(delta: Delta, path: str | Path, title: str = "where the delta lives") -> Path:
+    """Writes a PNG heatmap of the changed share per layer and module (atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers, modules, grid = layer_grid(delta)
+    path = Path(path)
+    width = 3.0 + 0.75 * max(1, len(modules))
+    fig, ax = plt.subplots(figsize=(max(5.0, width), 3.0 + 0.3 * max(1, len(layers))))
+    if layers:
+        im = ax.imshow((grid * 100).numpy(), aspect="auto", cmap="viridis")
+        ax.set_xticks(range(len(modules)), modules, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(layers)), [str(i) for i in layers], fontsize=8)
+        ax.set_ylabel("layer")
+        fig.colorbar(im, ax=ax, label="% changed")
+    else:
+        ax.text(0.5, 0.5, "no tensor inside numbered layers", ha="center", va="center")
+        ax.set_axis_off()
+    others = [r["name"] for r in tensor_rows(delta) if not _LAYER.match(r["name"])]
+    note = f"\n(+ {len(others)} tensor(s) outside numbered layers)" if others else ""
+    ax.set_title(title + note, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
