@@ -271,7 +271,7 @@ def _print_summary(console: Console, r: dict[str, Any]) -> None:
     t.add_row("OOD accuracy (IMDB)", f"{r['ood_accuracy']:.1%}")
     t.add_row(
         "trainable parameters",
-        f"{r['trainable']:,} ({r['entries']:,} sparse entries + {r['dense']:,} dense head); "
+        f"{r['trainable']:,} ({r['entries']:,} sparse entries + {r['dense']:,} trained densely); "
         f"encoder share {r['trainable_share_of_encoder']:.2%}",
     )
     t.add_row("delta file", f"{r['delta_dir']} ({r['delta_bytes'] / 1024:.0f} KiB)")
