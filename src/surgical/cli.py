@@ -410,6 +410,8 @@ def _numel(shape) -> int:
 
 def main() -> None:
     """Entry point: runs the app, turning SurgicalErrors into one line and exit status 2."""
+    global console, err_console
+    console, err_console = Console(), Console(stderr=True)  # sized for the terminal of this run
     try:
         app(standalone_mode=False)
     except SurgicalError as e:

@@ -16,7 +16,7 @@ from surgical import cli
 
 def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     monkeypatch.setattr(sys, "argv", ["surgical", *args])
-    monkeypatch.setattr(cli.console, "width", 250)  # no wrapping inside the asserted text
+    monkeypatch.setenv("COLUMNS", "250")  # no wrapping inside the asserted text
     code = 0
     try:
         cli.main()
