@@ -22,6 +22,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[demo,test,bench]' $(TORCH)
+	$(BIN)/python benchmarks/train_speed.py
+	$(BIN)/python benchmarks/select_cost.py
+	$(BIN)/python benchmarks/delta_switch.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
