@@ -13,16 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from smollm2 import smollm2_path  # noqa: E402
-
-import surgical as sg  # noqa: E402
+import surgical as sg
+from surgical.models import smollm2_path
 
 
 def random_delta(model, density: float, seed: int) -> sg.Delta:

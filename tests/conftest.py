@@ -88,3 +88,20 @@ def batches():
 
 def clone(model):
     return copy.deepcopy(model)
+
+
+def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Runs `surgical ARGS` in-process on a wide terminal; returns (exit code, stdout, stderr)."""
+    import sys
+
+    from surgical import cli
+
+    monkeypatch.setattr(sys, "argv", ["surgical", *args])
+    monkeypatch.setenv("COLUMNS", "250")  # no wrapping inside asserted text
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -372,7 +372,8 @@ def _inspect_plan(path: str, png: str | None) -> None:
     from pathlib import Path
 
     from surgical.select.plan import Plan
-    from surgical.select.report import always_names, heatmap_png, layer_report, plan_title, write_bytes_atomic
+    from surgical.select.report import always_names, heatmap_png, layer_report, plan_title
+    from surgical.utils import atomic_write_bytes
 
     plan = Plan.load(path)
     report = layer_report(plan)
@@ -397,7 +398,7 @@ def _inspect_plan(path: str, png: str | None) -> None:
         + (f"; always dense: {always_count:,} in {len(extra)} tensors" if extra else "")
     )
     target = Path(png) if png else Path(path) / "selection.png"
-    write_bytes_atomic(target, heatmap_png(report, plan_title(plan)))
+    atomic_write_bytes(target, heatmap_png(report, plan_title(plan)))
     console.print(f"heatmap: {target}")
 
 

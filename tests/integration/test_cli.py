@@ -10,22 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from surgical import cli
+from conftest import run_main
 from surgical.demo import DemoConfig, default_model_path, run_demo
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Runs `surgical ARGS` in-process; returns (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["surgical", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

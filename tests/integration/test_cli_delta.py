@@ -10,20 +10,7 @@ import pytest
 import torch
 
 import surgical as sg
-from conftest import cls_batches, tiny_bert
-from surgical import cli
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["surgical", *args])
-    monkeypatch.setenv("COLUMNS", "250")  # no wrapping inside the asserted text
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+from conftest import cls_batches, run_main, tiny_bert
 
 
 @pytest.fixture(scope="module")

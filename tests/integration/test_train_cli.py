@@ -15,7 +15,7 @@ import torch
 import yaml
 
 import surgical as sg
-from surgical import cli
+from conftest import run_main
 from surgical.train.checkpoint import latest_checkpoint
 from train_fixtures import save_tiny_model, write_cls_csv, write_instruct_jsonl
 
@@ -47,17 +47,6 @@ def _config(tmp_path, files, **sections) -> Path:
     p = tmp_path / "run.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["surgical", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_train_classification_writes_delta_and_summary(tmp_path, files, monkeypatch, capsys):
