@@ -268,16 +268,6 @@ def test_fingerprint_positions_stay_inside_the_tensor(numel):
     assert bool((pos[1:] > pos[:-1]).all())
 
 
-def test_deltas_with_the_first_fingerprint_are_still_checked(bert):
-    from surgical.delta.fingerprint import legacy_fingerprint
-
-    d = _random_delta(bert, full=())
-    d.meta["base"] = {"name_or_path": "x", "fingerprint": legacy_fingerprint(bert, d.entries)}
-    sg.apply(tiny_bert(), d)
-    with pytest.raises(sg.SurgicalError, match="not the base"):
-        sg.apply(tiny_bert(seed=3), d)
-
-
 def test_float16_overflow_is_refused_at_save(tmp_path):
     d = sg.Delta(entries={"w": (torch.tensor([0, 5]), torch.tensor([1.0, 1e6]))}, shapes={"w": (4, 4)})
     with pytest.raises(sg.SurgicalError, match="overflows float16"):

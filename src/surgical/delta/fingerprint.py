@@ -87,16 +87,3 @@ def fingerprint_of(samples: dict[str, tuple[tuple, torch.Tensor]]) -> str:
 def model_fingerprint(model: nn.Module, exclude: Iterable[str] = ()) -> str:
     """Fingerprint of ``model`` as a base, ignoring the parameters in ``exclude``."""
     return fingerprint_of(base_samples(model, exclude))
-
-
-def legacy_fingerprint(model: nn.Module, entries: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> str:
-    """The fingerprint of deltas written before ``fingerprint_excludes`` existed (format 1 as first
-    released): base values at the first 64 indices of each entries tensor, hashed in float32."""
-    params = dict(model.named_parameters())
-    h = hashlib.sha256()
-    for name in sorted(entries):
-        p = params[name]
-        head = entries[name][0][:SAMPLE].to(p.device)
-        h.update(f"{name}{tuple(p.shape)}".encode())
-        h.update(p.detach().reshape(-1).index_select(0, head).float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]

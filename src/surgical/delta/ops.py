@@ -17,7 +17,7 @@ from torch import nn
 
 from surgical.delta.algebra import base_checks
 from surgical.delta.delta import Delta
-from surgical.delta.fingerprint import legacy_fingerprint, model_fingerprint
+from surgical.delta.fingerprint import model_fingerprint
 from surgical.errors import SurgicalError
 from surgical.train.prepare import prepared, sync
 
@@ -81,12 +81,8 @@ def check_base(model: nn.Module, delta: Delta) -> None:
                 f"but {tuple(params[name].shape)} here",
                 "Apply the delta to the base model it was trained from",
             )
-    checks = [(fp, model_fingerprint, ex) for fp, ex in base_checks(delta)]
-    legacy = delta.meta.get("base", {}) or {}
-    if legacy.get("fingerprint") and "fingerprint_excludes" not in legacy and "checks" not in legacy:
-        checks.append((legacy["fingerprint"], None, ()))  # a delta from before the current fingerprint
-    for expected, how, excludes in checks:
-        got = how(model, excludes) if how else legacy_fingerprint(model, delta.entries)
+    for expected, excludes in base_checks(delta):
+        got = model_fingerprint(model, excludes)
         if got != expected:
             base_name = delta.meta.get("base", {}).get("name_or_path") or "?"
             here = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "?")
