@@ -198,6 +198,32 @@ def _ensure_step_hook() -> None:
         _HOOK_HANDLE = register_optimizer_step_post_hook(_mark_dirty_after_step)
 
 
+def install(module: nn.Module, state, forward) -> None:
+    """Routes ``module``'s forward through ``forward`` and keeps its weight in sync with ``state``.
+
+    Shared by entry-sparse weights and row/column blocks (:mod:`surgical.train.structured`): the
+    weight is re-synced after every optimizer step and before every ``state_dict()``.
+    """
+    module._sg_entries = state
+    module.forward = forward.__get__(module)  # a bound method on this instance only
+    module._sg_sd_hook = module.register_state_dict_pre_hook(_sync_before_state_dict)
+    _LIVE.add(module)
+    _ensure_step_hook()
+
+
+def uninstall(module: nn.Module, suffixes: tuple[str, ...]) -> None:
+    """Undoes :func:`install` and removes the ``<param>_<suffix>`` attributes that exist."""
+    state = module._sg_entries
+    for suffix in suffixes:
+        if hasattr(module, f"{state.param_name}_{suffix}"):
+            delattr(module, f"{state.param_name}_{suffix}")
+    del module._sg_entries
+    del module.forward  # back to the class's forward
+    module._sg_sd_hook.remove()
+    del module._sg_sd_hook
+    _LIVE.discard(module)
+
+
 def _sync_before_state_dict(module, prefix, keep_vars) -> None:
     state = getattr(module, "_sg_entries", None)
     if state is not None:
@@ -230,11 +256,7 @@ def attach_entries(module: nn.Linear, indices: torch.Tensor) -> nn.Parameter:
     delta = nn.Parameter(torch.zeros(indices.numel(), dtype=weight.dtype, device=weight.device))
     module.register_parameter(delta_attr("weight"), delta)
     state.synced_version = delta._version
-    module._sg_entries = state
-    module.forward = _entry_linear_forward.__get__(module)  # bound method on this instance
-    module._sg_sd_hook = module.register_state_dict_pre_hook(_sync_before_state_dict)
-    _LIVE.add(module)
-    _ensure_step_hook()
+    install(module, state, _entry_linear_forward)
     return delta
 
 
@@ -247,10 +269,4 @@ def detach_entries(module: nn.Linear) -> None:
         detach_block(module)
         return
     sync_entries(module, state)
-    for suffix in ("sg_delta", "sg_indices", "sg_orig"):
-        delattr(module, f"{state.param_name}_{suffix}")
-    del module._sg_entries
-    del module.forward  # back to the class's forward
-    module._sg_sd_hook.remove()
-    del module._sg_sd_hook
-    _LIVE.discard(module)
+    uninstall(module, ("sg_delta", "sg_indices", "sg_orig"))

@@ -145,7 +145,7 @@ def attach_block(module: nn.Module, sel: torch.Tensor, axis: int) -> nn.Paramete
 
     ``module`` is an ``nn.Linear``, or an ``nn.Embedding`` with ``axis=0`` (token rows).
     """
-    from surgical.train.sparse import _LIVE, _ensure_step_hook, _sync_before_state_dict
+    from surgical.train.sparse import install
 
     weight = module.weight
     sel = sel.to(device=weight.device, dtype=torch.int64)
@@ -157,31 +157,20 @@ def attach_block(module: nn.Module, sel: torch.Tensor, axis: int) -> nn.Paramete
     block = nn.Parameter(torch.zeros_like(base))
     module.register_parameter("weight_sg_delta", block)
     state.synced_version = block._version
-    module._sg_entries = state
     if isinstance(module, nn.Embedding):
         lookup = torch.full((weight.shape[0],), -1, dtype=torch.int64, device=weight.device)
         lookup[sel] = torch.arange(sel.numel(), device=weight.device)
         module.register_buffer("weight_sg_lookup", lookup, persistent=False)
-        module.forward = _block_embedding_forward.__get__(module)
+        install(module, state, _block_embedding_forward)
     else:
-        module.forward = _block_linear_forward.__get__(module)
-    module._sg_sd_hook = module.register_state_dict_pre_hook(_sync_before_state_dict)
-    _LIVE.add(module)
-    _ensure_step_hook()
+        install(module, state, _block_linear_forward)
     return block
 
 
 def detach_block(module: nn.Linear) -> None:
     """Undoes :func:`attach_block`, keeping the trained values in the weight."""
-    from surgical.train.sparse import _LIVE
+    from surgical.train.sparse import uninstall
 
     state: BlockState = module._sg_entries
     state.sync(module)
-    for suffix in ("sg_delta", "sg_sel", "sg_base", "sg_lookup"):
-        if hasattr(module, f"{state.param_name}_{suffix}"):
-            delattr(module, f"{state.param_name}_{suffix}")
-    del module._sg_entries
-    del module.forward
-    module._sg_sd_hook.remove()
-    del module._sg_sd_hook
-    _LIVE.discard(module)
+    uninstall(module, ("sg_delta", "sg_sel", "sg_base", "sg_lookup"))
