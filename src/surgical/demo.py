@@ -14,7 +14,6 @@ Everything comes from PyPI packages; nothing is downloaded from a hub.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import random
 import time
@@ -282,11 +281,3 @@ def _print_summary(console: Console, r: dict[str, Any]) -> None:
         "fresh base + delta", "identical predictions" if r["reloaded_identical"] else "[red]MISMATCH[/]"
     )
     console.print(t)
-
-
-def write_csv(path: Path, rows: list[dict[str, str]]) -> None:
-    """Writes rows with text,label,source columns (used by tests to make small data files)."""
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["text", "label", "source"])
-        w.writeheader()
-        w.writerows(rows)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,8 +88,3 @@ def text_batches(
         enc["labels"] = torch.tensor([data.labels[i] for i in idx], dtype=torch.long)
         batches.append(enc)
     return batches
-
-
-def iterate(batches: Sequence[dict]) -> Iterator[dict]:
-    """Plain iterator over pre-built batches (for symmetry with streaming sources)."""
-    yield from batches
