@@ -139,26 +139,9 @@ def load_movie_reviews(path: Path, cfg: DemoConfig) -> tuple[TextExamples, TextE
 
 def load_classifier(path: str | Path, num_labels: int = 2, seed: int = 0):
     """Loads a sequence classifier and its tokenizer from a local directory, offline."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from surgical.hf import load_model
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise SurgicalError(
-            f"model path {str(path)!r} is not a model directory (no config.json)",
-            "Pass a local Hugging Face model directory",
-        )
-    torch.manual_seed(seed)  # the new classification head is initialised from this seed
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), num_labels=num_labels, local_files_only=True
-        )
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SurgicalError(
-            f"cannot load a model from {str(path)!r}: {first}", "Check the model directory"
-        ) from None
-    return model.eval(), tokenizer
+    return load_model(path, "classification", num_labels=num_labels, seed=seed)
 
 
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:

@@ -4,11 +4,58 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import transformers
 
 from surgical.delta.delta import Delta
 from surgical.errors import SurgicalError
 from surgical.utils import atomic_dir, quiet_transformers
+
+
+def check_model_dir(path: str | Path, label: str = "model path") -> Path:
+    """``path`` as a Path if it holds a Hugging Face model (config.json), else a SurgicalError."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise SurgicalError(
+            f"{label} {str(path)!r} is not a model directory (no config.json)",
+            "Pass a local Hugging Face model directory",
+        )
+    return path
+
+
+def load_model(
+    path: str | Path,
+    task: str = "classification",
+    *,
+    num_labels: int = 2,
+    seed: int = 0,
+    label: str = "model path",
+):
+    """Loads ``(model, tokenizer)`` for ``task`` ("classification" or "causal-lm") offline.
+
+    A new classification head is initialised from ``seed``. A missing or unloadable directory is
+    a SurgicalError naming ``label`` (the option the user set, e.g. ``model.path``).
+    """
+    quiet_transformers()
+    path = check_model_dir(path, label)
+    torch.manual_seed(seed)
+    try:
+        if task == "classification":
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                str(path), num_labels=num_labels, local_files_only=True
+            )
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise SurgicalError(
+            f"cannot load a model from {str(path)!r}: {_first_line(e)}", f"Check {label}"
+        ) from None
+    return model.eval(), tokenizer
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def load_base_for(path: str | Path, delta: Delta):
@@ -18,12 +65,7 @@ def load_base_for(path: str | Path, delta: Delta):
     from the model directory.
     """
     quiet_transformers()
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise SurgicalError(
-            f"base model path {str(path)!r} is not a model directory (no config.json)",
-            "Pass the local Hugging Face model directory the delta was trained from",
-        )
+    path = check_model_dir(path, "base model path")
     base = delta.meta.get("base", {})
     arch = base.get("architecture") or "AutoModel"
     cls = getattr(transformers, arch, None)
@@ -38,9 +80,8 @@ def load_base_for(path: str | Path, delta: Delta):
     try:
         model = cls.from_pretrained(str(path), local_files_only=True, **kwargs)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SurgicalError(
-            f"cannot load the base model from {str(path)!r}: {first}", "Check the path"
+            f"cannot load the base model from {str(path)!r}: {_first_line(e)}", "Check the path"
         ) from None
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)

@@ -59,7 +59,7 @@ def load_for_selection(
     seed: int = 0,
 ):
     """Loads the model and up to ``batches`` shuffled calibration batches; returns (model, batches, task)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from surgical.hf import check_model_dir, load_model
 
     quiet_transformers()
     if task not in TASKS:
@@ -69,31 +69,13 @@ def load_for_selection(
             f"--batches and --batch-size must be at least 1 (got {batches}, {batch_size})",
             "Pass positive numbers",
         )
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise SurgicalError(
-            f"model path {str(model_dir)!r} is not a model directory (no config.json)",
-            "Pass a local Hugging Face model directory",
-        )
+    model_dir = check_model_dir(model_dir)
     task = detect_task(model_dir) if task == "auto" else task
     examples = read_examples(data, text_column, label_column if task == "classification" else None)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))
     examples = examples.subset(order[: batches * batch_size].tolist())
-    try:
-        tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-        if task == "classification":
-            torch.manual_seed(seed)  # a new head is initialised from this seed
-            num_labels = max(2, max(examples.labels) + 1)
-            model = AutoModelForSequenceClassification.from_pretrained(
-                str(model_dir), num_labels=num_labels, local_files_only=True
-            )
-        else:
-            model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SurgicalError(
-            f"cannot load a model from {str(model_dir)!r}: {first}", "Check the path"
-        ) from None
+    num_labels = max(2, max(examples.labels) + 1) if task == "classification" else 2
+    model, tok = load_model(model_dir, task, num_labels=num_labels, seed=seed)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     out = text_batches(tok, examples, batch_size, max_length)

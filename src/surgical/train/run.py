@@ -20,37 +20,21 @@ from rich.console import Console
 
 from surgical.errors import SurgicalError
 from surgical.train.config import RunConfig
-from surgical.utils import atomic_write_text, peak_rss_bytes, quiet_transformers
+from surgical.utils import atomic_write_text, peak_rss_bytes
 
 TASKS = ("classification", "causal_lm")
 
 
 def load_model(cfg: RunConfig):
     """Loads the model and tokenizer from a local directory, offline."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from surgical.hf import load_model
 
-    quiet_transformers()
     m = cfg.model
     if m.task not in TASKS:
         raise SurgicalError(f"unknown model.task {m.task!r}", f"Use one of: {', '.join(TASKS)}")
-    path = Path(m.path)
-    if not (path / "config.json").is_file():
-        raise SurgicalError(
-            f"model.path {str(path)!r} is not a model directory (no config.json)",
-            "Pass a local Hugging Face model directory",
-        )
-    torch.manual_seed(cfg.training.seed)  # a new classification head is initialised from the seed
-    try:
-        if m.task == "classification":
-            model = AutoModelForSequenceClassification.from_pretrained(
-                str(path), num_labels=m.num_labels, local_files_only=True
-            )
-        else:
-            model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SurgicalError(f"cannot load a model from {str(path)!r}: {first}", "Check model.path") from None
+    model, tokenizer = load_model(
+        m.path, m.task, num_labels=m.num_labels, seed=cfg.training.seed, label="model.path"
+    )
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
