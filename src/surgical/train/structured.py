@@ -33,8 +33,6 @@ class BlockState:
     axis: int  # 0: rows, 1: columns
     synced_version: int = -1
     dirty: bool = False
-    accumulate: bool = False  # unused (prune-and-regrow works on entries); kept for uniformity
-    grad_acc: torch.Tensor | None = None
 
     def block(self, module: nn.Module) -> nn.Parameter:
         return getattr(module, f"{self.param_name}_sg_delta")
