@@ -1,4 +1,4 @@
-"""Run by test_train_ddp.py under ``torchrun --nproc_per_node 2``: DDP training of a prepared model.
+"""Run by test_train_ddp.py under `torchrun` or `accelerate launch` (2 processes): DDP training.
 
 Each rank trains on its own shard of the batches with accelerate (gloo, CPU) and saves the delta
 it ends with under ``<out>/rank<R>``; the test checks that both ranks hold the same delta.

@@ -1,4 +1,4 @@
-"""DDP on CPU: torchrun with 2 gloo processes and accelerate; both ranks end with the same delta."""
+"""DDP on CPU, 2 gloo processes launched by torchrun and by `accelerate launch`: same delta on both."""
 
 from __future__ import annotations
 
@@ -18,20 +18,29 @@ SCRIPT = Path(__file__).with_name("ddp_train_script.py")
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.skipif(
-    shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun"
-)
-def test_two_process_ddp_ranks_end_with_identical_deltas(tmp_path):
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+LAUNCHERS = {
+    "torchrun": ["torchrun", "--standalone", "--nproc_per_node", "2"],
+    # accelerate's --cpu flag alone starts one process; --multi_gpu with ACCELERATE_USE_CPU=1
+    # starts two CPU processes under gloo (DistributedType.MULTI_CPU)
+    "accelerate": ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_process_ddp_ranks_end_with_identical_deltas(tmp_path, launcher):
+    cmd = list(LAUNCHERS[launcher])
+    exe = shutil.which(cmd[0], path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip(f"no {cmd[0]} next to the interpreter")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"), ACCELERATE_USE_CPU="1")
     p = subprocess.Popen(
-        [torchrun, "--standalone", "--nproc_per_node", "2", str(SCRIPT), str(tmp_path)],
+        [exe, *cmd[1:], str(SCRIPT), str(tmp_path)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     try:
         _, err = p.communicate(timeout=240)
     except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)  # torchrun and both workers: never leave them running
+        os.killpg(p.pid, signal.SIGKILL)  # the launcher and both workers: never leave them running
         p.communicate()
         pytest.fail("the two-process run did not finish in 240 s")
     assert p.returncode == 0, err[-3000:]

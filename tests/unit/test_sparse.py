@@ -115,3 +115,22 @@ def test_weight_follows_optimizer_even_when_fused(fused):
     assert delta.abs().sum() > 0
     state = sp.state_dict()  # reading the state dict syncs too
     assert torch.equal(state["weight"].reshape(-1)[idx], torch.add(sp.weight_sg_orig, delta.detach()))
+
+
+def test_resident_state_is_at_most_28_bytes_per_entry_under_adam():
+    """Per entry: delta, its gradient, Adam's two moments and the base value (4 B each in fp32),
+    the int32 flat index and the CSR's int32 column index. 28 B, below the 32 B target."""
+    sp = _layer(out_f=64, in_f=64)
+    k = 400
+    idx = torch.randperm(64 * 64, generator=torch.Generator().manual_seed(0))[:k].sort().values
+    delta = attach_entries(sp, idx)
+    assert sp.weight_sg_indices.dtype == torch.int32
+    opt = torch.optim.AdamW([delta], lr=1e-3)
+    sp(torch.randn(8, 64)).sum().backward()
+    opt.step()
+    pattern = sp._sg_entries.csr(sp, delta.dtype)
+    assert pattern.values().data_ptr() == delta.data_ptr()  # the CSR values alias the delta
+    tensors = [delta, delta.grad, sp.weight_sg_indices, sp.weight_sg_orig, pattern.col_indices()]
+    tensors += [t for t in opt.state[delta].values() if t.numel() == k]
+    per_entry = sum(t.numel() * t.element_size() for t in tensors) / k
+    assert per_entry == 28.0

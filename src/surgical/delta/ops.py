@@ -41,7 +41,7 @@ def extract(model: nn.Module, **meta) -> Delta:
     delta = Delta()
     for name, module in info.entry_modules.items():
         state = module._sg_entries
-        idx = state.indices(module).detach().cpu().clone()
+        idx = state.indices(module).detach().to("cpu", torch.int64, copy=True)  # a Delta holds int64
         delta.entries[name] = (idx, state.delta(module).detach().float().cpu().clone())
         delta.shapes[name] = tuple(module.weight.shape)
     params = dict(model.named_parameters())

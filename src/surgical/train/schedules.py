@@ -189,7 +189,7 @@ def regrow_module(module: nn.Module, optimizer: torch.optim.Optimizer, fraction:
     drop_pos = torch.topk(delta.abs(), n, largest=False).indices
     keep = torch.ones(k, dtype=torch.bool, device=idx.device)
     keep[drop_pos] = False
-    weight.index_copy_(0, idx[drop_pos], orig[drop_pos].to(weight.dtype))  # back to the exact base
+    weight.index_copy_(0, idx[drop_pos].long(), orig[drop_pos].to(weight.dtype))  # back to the exact base
     score = acc.reshape(-1).abs()
     score[idx[keep]] = -1.0  # kept entries cannot be grown again
     grown = torch.topk(score, n).indices

@@ -34,7 +34,8 @@ class EntryState:
 
     The tensors live on the module so that ``model.to(...)`` moves them: the parameter
     ``<name>_sg_delta`` (k trainable values) and the non-persistent buffers ``<name>_sg_indices``
-    (sorted flat indices, int64) and ``<name>_sg_orig`` (the base values at those indices).
+    (sorted flat indices; int32 when the weight has fewer than 2**31 entries, half the memory of
+    int64) and ``<name>_sg_orig`` (the base values at those indices).
     """
 
     param_name: str  # name of the weight inside its module, e.g. "weight"
@@ -145,6 +146,11 @@ class _EntryLinearFn(torch.autograd.Function):
         return gx, None, gb, gd, None
 
 
+def index_dtype(numel: int) -> torch.dtype:
+    """The smallest integer dtype that indexes a weight of ``numel`` entries (int32 or int64)."""
+    return torch.int32 if numel < 2**31 - 1 else torch.int64
+
+
 def delta_attr(param_name: str) -> str:
     """Name of the trainable delta parameter registered beside ``param_name`` in its module."""
     return f"{param_name}_sg_delta"
@@ -161,7 +167,8 @@ def sync_entries(module: nn.Module, state: EntryState) -> None:
     weight = getattr(module, state.param_name)
     with torch.no_grad():
         new = torch.add(state.orig(module), delta.detach())
-        weight.view(-1).index_copy_(0, state.indices(module), new.to(weight.dtype))
+        # index_copy_ wants int64: a per-layer transient is cheaper than keeping int64 resident
+        weight.view(-1).index_copy_(0, state.indices(module).long(), new.to(weight.dtype))
     state.synced_version = delta._version
     state.dirty = False
 
@@ -247,7 +254,7 @@ def attach_entries(module: nn.Linear, indices: torch.Tensor) -> nn.Parameter:
     autograd function. Returns the new parameter.
     """
     weight = module.weight
-    indices = indices.to(device=weight.device, dtype=torch.int64)
+    indices = indices.to(device=weight.device, dtype=index_dtype(weight.numel()))
     weight.requires_grad_(False)
     state = EntryState(param_name="weight", shape=tuple(weight.shape))
     orig = weight.detach().view(-1).index_select(0, indices).clone()
