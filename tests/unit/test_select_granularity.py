@@ -232,3 +232,20 @@ def test_unit_scores_are_sums_or_means_of_their_entries():
     assert taken["a"].tolist() == [False, False] and taken["b"].tolist() == [True]
     cols = build_units(scores, "column", "sum")
     assert cols[0].scores.tolist() == [1.0] * 4 and cols[0].size == 2
+
+
+def test_heatmap_scale_is_logarithmic_only_when_shares_span_decades():
+    import numpy as np
+    from matplotlib.colors import LogNorm, Normalize
+
+    from surgical.select.report import colour_norm
+
+    spread = np.array([[57.0, np.nan], [0.01, 0.0], [2.0, 5.0]])
+    norm, grid = colour_norm(spread)
+    assert isinstance(norm, LogNorm) and (norm.vmin, norm.vmax) == (0.01, 57.0)
+    assert grid[1, 1] < norm.vmin and np.isnan(grid[0, 1])  # unselected: below the scale
+    assert norm(0.1) - norm(0.01) == pytest.approx(norm(1.0) - norm(0.1))  # a decade each
+    narrow = np.array([[1.0, 2.0], [0.0, np.nan]])
+    norm, grid = colour_norm(narrow)
+    assert isinstance(norm, Normalize) and not isinstance(norm, LogNorm)
+    assert (norm.vmin, norm.vmax) == (0, 2.0) and grid is narrow

@@ -73,11 +73,18 @@ def plot_delta(delta: Delta, path: str | Path, title: str = "where the delta liv
     width = 3.0 + 0.75 * max(1, len(modules))
     fig, ax = plt.subplots(figsize=(max(5.0, width), 3.0 + 0.3 * max(1, len(layers))))
     if layers:
-        im = ax.imshow((grid * 100).numpy(), aspect="auto", cmap="viridis")
+        from matplotlib.colors import LogNorm
+
+        from surgical.select.report import colour_norm
+
+        norm, shown = colour_norm((grid * 100).numpy())
+        cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd", under="#f4f1e8")
+        im = ax.imshow(shown, aspect="auto", cmap=cmap, norm=norm)
         ax.set_xticks(range(len(modules)), modules, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(len(layers)), [str(i) for i in layers], fontsize=8)
         ax.set_ylabel("layer")
-        fig.colorbar(im, ax=ax, label="% changed")
+        log = " (log scale; pale: none)" if isinstance(norm, LogNorm) else ""
+        fig.colorbar(im, ax=ax, label="% changed" + log)
     else:
         ax.text(0.5, 0.5, "no tensor inside numbered layers", ha="center", va="center")
         ax.set_axis_off()

@@ -106,6 +106,24 @@ def layer_report(plan: Plan) -> LayerReport:
     return LayerReport(rows, [short.get(t, t) for t in types], share, layer_share, type_share)
 
 
+def colour_norm(grid):
+    """The colour scale of a heatmap of percentages (NaN: no tensor), and the grid to draw.
+
+    Shares often span decades (a pooler at 57%, layers at 0.01-5%), where a linear scale paints
+    every layer the same colour; then the scale is logarithmic and unselected cells are moved
+    below its minimum, so they take the colour map's "under" colour.
+    """
+    import numpy as np
+    from matplotlib.colors import LogNorm, Normalize
+
+    positive = grid[np.isfinite(grid) & (grid > 0)]
+    if positive.size > 1 and positive.max() / positive.min() > 30:
+        low = float(positive.min())
+        return LogNorm(vmin=low, vmax=float(positive.max())), np.where(grid == 0, low / 10, grid)
+    vmax = max(1e-9, float(positive.max()) if positive.size else 1.0)
+    return Normalize(vmin=0, vmax=vmax), grid
+
+
 def heatmap_png(report: LayerReport, title: str) -> bytes:
     """A layers x tensor types heatmap of selected shares, as PNG bytes (matplotlib Agg)."""
     import matplotlib
@@ -113,13 +131,15 @@ def heatmap_png(report: LayerReport, title: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.colors import LogNorm
 
     grid = np.array([[np.nan if v is None else 100 * v for v in r] for r in report.share], dtype=float)
     n_rows, n_cols = grid.shape
     fig, ax = plt.subplots(figsize=(2.5 + 1.1 * n_cols, max(3.5, 1.8 + 0.3 * n_rows)), dpi=120)
-    vmax = max(1e-9, float(np.nanmax(grid)) if np.isfinite(grid).any() else 1.0)
-    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")  # grey: no such tensor there
-    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=vmax, aspect="auto")
+    norm, grid = colour_norm(grid)
+    log = isinstance(norm, LogNorm)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd", under="#f4f1e8")  # grey: no tensor
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto")
     xs = zip(report.types, report.type_share, strict=True)
     ys = zip(report.layers, report.layer_share, strict=True)
     ax.set_xticks(range(n_cols), [f"{t}\n{100 * s:.2g}%" for t, s in xs])
@@ -132,9 +152,11 @@ def heatmap_png(report: LayerReport, title: str) -> bytes:
         for i in range(n_rows):
             for j in range(n_cols):
                 if np.isfinite(grid[i, j]):
-                    colour = "white" if grid[i, j] < 0.6 * vmax else "black"
-                    ax.text(j, i, f"{grid[i, j]:.3g}", ha="center", va="center", fontsize=7, color=colour)
-    fig.colorbar(im, ax=ax, label="% of the tensor selected", fraction=0.05, pad=0.02)
+                    value = report.share[i][j] * 100
+                    colour = "white" if 0 < value and norm(grid[i, j]) < 0.6 else "black"
+                    ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=7, color=colour)
+    label = "% of the tensor selected" + (" (log scale; pale: none)" if log else "")
+    fig.colorbar(im, ax=ax, label=label, fraction=0.05, pad=0.02)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
