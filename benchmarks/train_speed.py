@@ -207,11 +207,29 @@ def report(results: dict, quick: bool, show: bool = True) -> dict:
         "model": "tiny random Llama (quick)" if quick else "SmolLM2-135M-Instruct fp32, batch 4 x 128 tokens",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"{os.environ.get('OMP_NUM_THREADS', '?')} thread(s) per worker process",
-        "note": "machine shared with other work while measuring: timings are noisy; peak RSS includes "
-        "the loaded model and Python/torch (~same in every configuration)",
+        "note": "peak RSS includes the loaded model and Python/torch (about the same in every "
+        "configuration); entries_lora trains as many values as LoRA r=16" + share_note(results),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "results": rows,
     }
+
+
+def share_note(results: dict) -> str:
+    """The LoRA-equivalent count as a share of all parameters (full fine-tuning trains them all)."""
+    if "entries_lora" not in results or "full" not in results:
+        return ""
+    return f" ({results['entries_lora']['trainable'] / results['full']['trainable']:.1%} of all parameters)"
+
+
+def protocol(args, load_before: tuple, load_after: tuple) -> str:
+    """How the figures were taken, with the machine's load averages around the run."""
+    steps, warmup, rounds = (2, 1, 1) if args.quick else (args.steps, args.warmup, args.rounds)
+    return (
+        f"{rounds} interleaved round(s), each configuration in its own fresh process, median of "
+        f"{rounds * steps} steps ({steps} per round) after {warmup} warm-up step(s), "
+        f"{args.threads} torch thread(s) per process; 1-minute load average "
+        f"{load_before[0]:.2f} before and {load_after[0]:.2f} after the run"
+    )
 
 
 def entry_slope(results: dict) -> float | None:
@@ -252,7 +270,9 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps, args.warmup, args.quick)))
         return
+    load_before = os.getloadavg()
     data = report(run(args), args.quick)
+    data["protocol"] = protocol(args, load_before, os.getloadavg())
     out = Path(
         args.out or HERE / "results" / ("train_speed_quick.json" if args.quick else "train_speed.json")
     )

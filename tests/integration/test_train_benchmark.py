@@ -23,7 +23,8 @@ def test_train_speed_quick(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     data = json.loads(out.read_text())
     res = data["results"]
-    assert list(res) == configs and "shared" in data["note"] and "bytes_per_entry_slope" in data
+    assert list(res) == configs and "bytes_per_entry_slope" in data
+    assert "1 interleaved round(s)" in data["protocol"] and "load average" in data["protocol"]
     assert res["floor"]["trainable"] == 0 and res["floor"]["time_vs_floor"] == 1.0
     assert res["lora"]["time_vs_lora"] == 1.0
     # the LoRA-equivalent row plan trains about as many values as LoRA r=16 (rounding per tensor)
