@@ -273,7 +273,7 @@ class Delta:
                 f"{str(directory / TENSOR_FILE)!r} is truncated or corrupted ({e})", "Save the delta again"
             ) from None
         version = config.get("format_version") if isinstance(config, dict) else None
-        if version not in _KINDS_OF_FORMAT or "tensors" not in config:
+        if not isinstance(version, int) or version not in _KINDS_OF_FORMAT or "tensors" not in config:
             raise SurgicalError(
                 f"{str(directory / CONFIG_FILE)!r} is not a surgical delta of format "
                 f"{' or '.join(map(str, _KINDS_OF_FORMAT))}",
@@ -319,7 +319,7 @@ class Delta:
                     except ValueError as e:
                         raise ValueError(f"{kind} of {name}: {e}") from None
                     delta.blocks(kind)[name] = (idx, block)
-        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as e:
             raise SurgicalError(
                 f"{str(directory / TENSOR_FILE)!r} is corrupted or does not match its {CONFIG_FILE} ({e})",
                 "Save the delta again",
