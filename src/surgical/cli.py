@@ -122,7 +122,7 @@ def _inspect_delta(path: str, png: str | None) -> None:
     for r in tensor_rows(delta):
         t.add_row(
             r["name"],
-            r["kind"],
+            r["kind"] if r["units"] is None else f"{r['kind']} ({r['units']:,})",
             f"{r['count']:,}",
             f"{r['share']:.2%}",
             f"{r['norm']:.4g}",
@@ -130,11 +130,11 @@ def _inspect_delta(path: str, png: str | None) -> None:
         )
     console.print(t)
     size = dir_size(path)
-    n = delta.num_entries
     base = delta.meta.get("base", {})
     console.print(
-        f"{n:,} entries + {delta.num_dense:,} dense + {delta.num_full:,} full values; {size / 1024:.1f} KiB "
-        f"on disk ({size / max(1, n + delta.num_dense + delta.num_full):.2f} bytes per value)"
+        f"{delta.num_entries:,} entries + {delta.num_block_values:,} in rows/columns + "
+        f"{delta.num_dense:,} dense + {delta.num_full:,} full values; {size / 1024:.1f} KiB "
+        f"on disk ({size / max(1, delta.num_values):.2f} bytes per value)"
         + f"; base {base.get('name_or_path') or '?'} (fingerprint {base.get('fingerprint', '?')})",
         soft_wrap=True,  # one line, however narrow the terminal
     )
@@ -195,7 +195,8 @@ def diff(
     delta = Delta.from_models(base_model, ft, density=density)
     delta.save(out, dtype=dtype)
     console.print(
-        f"wrote {out}: {delta.num_entries:,} entries, {delta.num_dense:,} dense, "
+        f"wrote {out}: {delta.num_entries:,} entries, {delta.num_block_values:,} in rows/columns, "
+        f"{delta.num_dense:,} dense, "
         f"{delta.num_full:,} full values"
     )
 

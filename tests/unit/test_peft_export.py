@@ -20,8 +20,11 @@ def _logits(model, batch):
         return model(**x).logits
 
 
-def _trained_delta(model, batches, density=0.05, always=()):
-    plan = sg.select(model, batches, method="random", density=density, always=list(always), progress=False)
+def _trained_delta(model, batches, density=0.05, always=(), granularity="entry"):
+    plan = sg.select(
+        model, batches, method="random", density=density, always=list(always), granularity=granularity,
+        progress=False,
+    )  # fmt: skip
     sg.prepare(model, plan)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for b in batches:
@@ -33,11 +36,15 @@ def _trained_delta(model, batches, density=0.05, always=()):
     return delta
 
 
-@pytest.mark.parametrize("kind", ["bert", "llama"])
-def test_shira_export_loads_in_peft_and_matches(tmp_path, kind):
+@pytest.mark.parametrize(
+    ("kind", "granularity"), [("bert", "entry"), ("llama", "entry"), ("bert", "row"), ("llama", "column")]
+)
+def test_shira_export_loads_in_peft_and_matches(tmp_path, kind, granularity):
+    """Rows and columns are exported as their entries."""
     make, batches = (tiny_bert, cls_batches()) if kind == "bert" else (tiny_llama, lm_batches())
     always = ["classifier"] if kind == "bert" else ["norm.weight"]
-    delta = _trained_delta(make(), batches, always=always)
+    delta = _trained_delta(make(), batches, always=always, granularity=granularity)
+    assert bool(delta.rows or delta.cols) == (granularity != "entry")
     delta.save(tmp_path / "ours")
     export_shira(sg.Delta.load(tmp_path / "ours"), make(), tmp_path / "shira")
     cfg = json.loads((tmp_path / "shira" / "adapter_config.json").read_text())

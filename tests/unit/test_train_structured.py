@@ -71,7 +71,8 @@ def test_all_rows_train_like_dense_training_and_extract_exactly():
     for n in names:
         torch.testing.assert_close(model.get_parameter(n), dense.get_parameter(n), rtol=1e-5, atol=1e-6)
     delta = sg.extract(model)
-    assert delta.num_entries == sum(model.get_parameter(n).numel() for n in names)
+    assert set(delta.rows) == set(names) and not delta.entries  # stored as rows, not expanded
+    assert delta.num_block_values == sum(model.get_parameter(n).numel() for n in names)
     sg.apply(base, delta)
     trained = dict(model.named_parameters())
     for n, p in base.named_parameters():

@@ -1,9 +1,15 @@
 """Arithmetic on deltas: scaling, composition, densifying, pruning and compression.
 
-Added changes (``entries`` and ``dense``) form a vector space: scaling multiplies them and
-composition adds them, entry by entry (overlapping entries add). Replaced tensors (``full``) have
-no base to scale from, so ``scale`` keeps them, and composing two deltas that replace the same
-tensor with different values is an error: there is no sum of two replacements.
+Added changes (``entries``, ``rows``, ``cols`` and ``dense``) form a vector space: scaling
+multiplies them and composition adds them, value by value (overlapping entries, rows or columns
+add). Replaced tensors (``full``) have no base to scale from, so ``scale`` keeps them, and
+composing two deltas that replace the same tensor with different values is an error: there is no
+sum of two replacements.
+
+When two deltas change one tensor in different kinds, the sum takes the most compact kind that
+holds both exactly: two blocks of the same kind stay a block (union of the rows or columns);
+entries with a block, or rows with columns, become entries; anything with a dense tensor becomes
+dense.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import copy
 
 import torch
 
+from surgical.delta.blocks import BLOCK_KINDS, add_block_, merge_blocks, to_entries
 from surgical.delta.codec import VALUE_CODECS, decode_values, encode_values
 from surgical.delta.delta import Delta
 from surgical.errors import SurgicalError
@@ -26,6 +33,8 @@ def scale(delta: Delta, factor: float) -> Delta:
     factor = float(factor)
     out = Delta(shapes=dict(delta.shapes), meta=_copy_meta(delta))
     out.entries = {n: (i.clone(), v * factor) for n, (i, v) in delta.entries.items()}
+    out.rows = {n: (i.clone(), b * factor) for n, (i, b) in delta.rows.items()}
+    out.cols = {n: (i.clone(), b * factor) for n, (i, b) in delta.cols.items()}
     out.dense = {n: t * factor for n, t in delta.dense.items()}
     out.full = {n: t.clone() for n, t in delta.full.items()}
     out.meta.setdefault("ops", []).append(f"scale({factor:g})")
@@ -43,13 +52,47 @@ def merge_entries(
     return uniq, summed
 
 
+def entries_of(delta: Delta, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The change of ``name`` as sorted flat entries (a block is expanded; entries as they are)."""
+    if name in delta.entries:
+        return delta.entries[name]
+    kind = delta.kind_of(name)
+    idx, block = delta.blocks(kind)[name]
+    return to_entries(kind, idx, block, tuple(delta.shapes[name]))
+
+
 def _dense_of(delta: Delta, name: str) -> torch.Tensor:
     if name in delta.dense:
         return delta.dense[name].float()
-    idx, vals = delta.entries[name]
     out = torch.zeros(delta.shapes[name], dtype=torch.float32)
+    kind = delta.kind_of(name)
+    if kind in BLOCK_KINDS:
+        idx, block = delta.blocks(kind)[name]
+        return add_block_(out, kind, idx, block.float())
+    idx, vals = delta.entries[name]
     out.view(-1).index_put_((idx,), vals.float(), accumulate=True)
     return out
+
+
+def _copy_change(src: Delta, out: Delta, name: str) -> None:
+    """Copies the change of ``name`` in ``src`` into ``out``, in the same kind."""
+    kind = src.kind_of(name)
+    if kind in ("dense", "full"):
+        getattr(out, kind)[name] = getattr(src, kind)[name].clone()
+    else:
+        idx, vals = getattr(src, kind)[name]
+        getattr(out, kind)[name] = (idx.clone(), vals.clone())
+
+
+def _add_changes(a: Delta, b: Delta, out: Delta, name: str) -> None:
+    """Puts the sum of two added changes of ``name`` into ``out`` (see the module docstring)."""
+    ka, kb = a.kind_of(name), b.kind_of(name)
+    if ka == kb and ka in BLOCK_KINDS:
+        out.blocks(ka)[name] = merge_blocks(ka, a.blocks(ka)[name], b.blocks(kb)[name])
+    elif "dense" in (ka, kb):
+        out.dense[name] = _dense_of(a, name) + _dense_of(b, name)
+    else:
+        out.entries[name] = merge_entries(entries_of(a, name), entries_of(b, name))
 
 
 def add(a: Delta, b: Delta) -> Delta:
@@ -79,19 +122,9 @@ def add(a: Delta, b: Delta) -> Delta:
                     f"cannot compose: both deltas change {name!r} and at least one replaces it",
                     "Drop the replaced tensor from one delta (del delta.full[name]) before composing",
                 )
-            if name in a.entries and name in b.entries:
-                out.entries[name] = merge_entries(a.entries[name], b.entries[name])
-            else:
-                out.dense[name] = _dense_of(a, name) + _dense_of(b, name)
-            continue
-        src = a if in_a else b
-        if name in src.entries:
-            idx, vals = src.entries[name]
-            out.entries[name] = (idx.clone(), vals.clone())
-        elif name in src.dense:
-            out.dense[name] = src.dense[name].clone()
+            _add_changes(a, b, out, name)
         else:
-            out.full[name] = src.full[name].clone()
+            _copy_change(a if in_a else b, out, name)
     return out
 
 
@@ -151,9 +184,9 @@ def base_checks(delta: Delta) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def to_dense(delta: Delta) -> Delta:
-    """A copy with every entries tensor turned into a dense added tensor."""
+    """A copy with every added change (entries, rows, columns) turned into a dense added tensor."""
     out = Delta(shapes=dict(delta.shapes), meta=_copy_meta(delta))
-    out.dense = {n: _dense_of(delta, n) for n in [*delta.entries, *delta.dense]}
+    out.dense = {n: _dense_of(delta, n) for n in delta.names() if n not in delta.full}
     out.full = {n: t.clone() for n, t in delta.full.items()}
     return out
 
@@ -172,13 +205,21 @@ def _topk_entries(
 def prune(delta: Delta, density: float) -> Delta:
     """Keeps per tensor the ``density`` fraction of added values largest in magnitude.
 
-    Entries stay entries; dense added tensors become entries. Replaced tensors are kept.
+    Entries stay entries; dense added tensors become entries, and so do rows and columns for
+    ``density < 1`` (the largest values of a block are scattered over its rows, so what is left
+    is no block any more). Replaced tensors are kept.
     """
     if not 0.0 < density <= 1.0:
         raise SurgicalError(f"density must be in (0, 1], got {density}", "Pass e.g. density=0.5")
     out = Delta(shapes=dict(delta.shapes), meta=_copy_meta(delta))
     for name, (idx, vals) in delta.entries.items():
         out.entries[name] = _topk_entries(idx, vals, density) if density < 1 else (idx.clone(), vals.clone())
+    for kind in BLOCK_KINDS:
+        for name, (idx, block) in delta.blocks(kind).items():
+            if density < 1:
+                out.entries[name] = _topk_entries(*entries_of(delta, name), density)
+            else:
+                out.blocks(kind)[name] = (idx.clone(), block.clone())
     for name, t in delta.dense.items():
         out.entries[name] = _topk_entries(None, t, density)
     out.full = {n: t.clone() for n, t in delta.full.items()}
@@ -187,7 +228,7 @@ def prune(delta: Delta, density: float) -> Delta:
 
 
 def compress(delta: Delta, density: float = 1.0, values: str = "sign") -> Delta:
-    """ComPEFT-style: ``prune(density)``, then entry values as the codec ``values`` stores them.
+    """ComPEFT-style: ``prune(density)``, then sparse values as the codec ``values`` stores them.
 
     The result holds exactly what ``save(dtype=values)`` writes, so it can be evaluated before
     saving. ``values``: ``sign`` (1 bit + one scale per tensor), ``int8``, or a float dtype.
@@ -195,7 +236,10 @@ def compress(delta: Delta, density: float = 1.0, values: str = "sign") -> Delta:
     if values not in VALUE_CODECS:
         raise SurgicalError(f"unknown value codec {values!r}", f"Use one of: {', '.join(VALUE_CODECS)}")
     out = prune(delta, density) if density < 1.0 else scale(delta, 1.0)
-    for name, (idx, vals) in list(out.entries.items()):
-        out.entries[name] = (idx, decode_values(encode_values(vals, values), values, vals.numel()))
+    for kind in ("entries", *BLOCK_KINDS):  # what save() encodes with the codec, tensor by tensor
+        items = getattr(out, kind)
+        for name, (idx, vals) in list(items.items()):
+            stored = decode_values(encode_values(vals, values), values, vals.numel())
+            items[name] = (idx, stored.reshape(vals.shape))
     out.meta["ops"] = [*delta.meta.get("ops", []), f"compress(density={density:g}, values={values})"]
     return out

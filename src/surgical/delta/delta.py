@@ -1,13 +1,20 @@
 """The Delta: what training changed, keyed by the model's own parameter names.
 
-Three kinds of tensor, one kind per parameter:
+Five kinds of tensor, one kind per parameter:
 - ``entries``: sorted flat indices and values *added* to the base at those indices;
+- ``rows`` / ``cols``: sorted row (column) indices and a dense block *added* to those rows
+  (columns of a 2-D weight): what row/column training and Embedding token rows produce, stored
+  with one index per row instead of one per value (see :mod:`surgical.delta.blocks`);
 - ``dense``: a whole tensor *added* to the base (deltas built from two checkpoints, LoRA imports);
 - ``full``: a whole tensor that *replaces* the base's (densely trained heads, norms, biases; a
   freshly initialised classification head has no meaningful base value to add to).
 
 Applying is exact: a fine-tuned entry is ``base + delta`` computed the same way training wrote
 it, so a delta applied to a fresh copy of the base reproduces the fine-tuned model bit for bit.
+
+On disk, format 2 adds the ``rows`` and ``cols`` kinds to format 1 (entries, dense, full). A
+delta without them is still written as format 1, so older readers keep loading it; both formats
+load.
 Arithmetic (``scale``, ``+``, ``to_dense``, ``prune``, ``compress``) lives in
 :mod:`surgical.delta.algebra`; the methods here delegate to it.
 """
@@ -23,11 +30,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from surgical.delta.blocks import BLOCK_KINDS, block_shape, check_block, check_sorted_indices
 from surgical.delta.codec import VALUE_CODECS, decode_indices, decode_values, encode_indices, encode_values
 from surgical.errors import SurgicalError
 from surgical.utils import atomic_dir
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest format written; format 1 (no rows/cols kinds) still loads
+_KINDS_OF_FORMAT = {1: ("entries", "dense", "full"), 2: ("entries", "rows", "cols", "dense", "full")}
 CONFIG_FILE = "delta_config.json"
 TENSOR_FILE = "delta.safetensors"
 _RESERVED = {"format_version", "library_version", "dtype", "tensors"}
@@ -39,6 +48,10 @@ class Delta:
 
     Attributes:
         entries: Parameter name -> (sorted unique int64 flat indices, float values added at them).
+        rows: Parameter name -> (sorted unique int64 row indices, block of shape
+            ``(r, *shape[1:])`` added to those rows).
+        cols: 2-D parameter name -> (sorted unique int64 column indices, block of shape
+            ``(shape[0], c)`` added to those columns).
         dense: Parameter name -> tensor added to the base tensor.
         full: Parameter name -> tensor that replaces the base tensor.
         shapes: Parameter name -> shape of the parameter in the base model.
@@ -50,11 +63,18 @@ class Delta:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    cols: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def num_entries(self) -> int:
         """Number of sparse entries."""
         return sum(int(i.numel()) for i, _ in self.entries.values())
+
+    @property
+    def num_block_values(self) -> int:
+        """Number of values in row and column blocks."""
+        return sum(int(b.numel()) for kind in BLOCK_KINDS for _, b in self.blocks(kind).values())
 
     @property
     def num_full(self) -> int:
@@ -66,12 +86,33 @@ class Delta:
         """Number of values in added dense tensors."""
         return sum(int(t.numel()) for t in self.dense.values())
 
+    @property
+    def num_values(self) -> int:
+        """Number of stored values of every kind (what bytes per value divide by)."""
+        return self.num_entries + self.num_block_values + self.num_dense + self.num_full
+
     def names(self) -> list[str]:
         """Every parameter name the delta touches."""
-        return [*self.entries, *self.dense, *self.full]
+        return [*self.entries, *self.rows, *self.cols, *self.dense, *self.full]
+
+    def blocks(self, kind: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The ``rows`` or ``cols`` dictionary, by kind name."""
+        return self.rows if kind == "rows" else self.cols
+
+    def kind_of(self, name: str) -> str:
+        """The kind (``entries``, ``rows``, ``cols``, ``dense`` or ``full``) storing ``name``."""
+        for kind in ("entries", "rows", "cols", "dense", "full"):
+            if name in getattr(self, kind):
+                return kind
+        raise KeyError(name)
 
     def validate(self) -> None:
-        """Raises a SurgicalError unless kinds are disjoint, shapes known and values finite."""
+        """Raises a SurgicalError unless the delta is well formed.
+
+        Well formed: kinds are disjoint, every shape is known, sparse indices are sorted, unique
+        and inside their tensor, blocks and whole tensors have the right shapes, values are
+        finite. Costs time proportional to the delta.
+        """
         seen: set[str] = set()
         for name in self.names():
             if name in seen:
@@ -81,9 +122,22 @@ class Delta:
             seen.add(name)
             if name not in self.shapes:
                 raise SurgicalError(f"the delta has no shape for {name!r}", "Set delta.shapes[name]")
-        for name, (idx, vals) in self.entries.items():
-            if idx.numel() != vals.numel():
-                raise SurgicalError(f"{name!r} has {idx.numel()} indices but {vals.numel()} values", "Fix it")
+        fix = "Build the delta with surgical.extract or the Delta methods, or fix that tensor"
+        try:
+            for name, (idx, vals) in self.entries.items():
+                if idx.numel() != vals.numel():
+                    raise ValueError(f"{idx.numel()} indices but {vals.numel()} values")
+                check_sorted_indices(idx, _numel(self.shapes[name]), "entry")
+            for kind in BLOCK_KINDS:
+                for name, (idx, block) in self.blocks(kind).items():
+                    check_block(kind, idx, block, tuple(self.shapes[name]))
+            for name, t in (*self.dense.items(), *self.full.items()):
+                if tuple(t.shape) != tuple(self.shapes[name]):
+                    raise ValueError(f"tensor is {tuple(t.shape)}, its shape is {tuple(self.shapes[name])}")
+        except ValueError as e:
+            problem = f"{name!r} ({self.kind_of(name)}) of the delta is malformed: {e}"
+            raise SurgicalError(problem, fix) from None
+        for name, (_, vals) in (*self.entries.items(), *self.rows.items(), *self.cols.items()):
             _check_finite(name, vals)
         for name, t in (*self.dense.items(), *self.full.items()):
             _check_finite(name, t)
@@ -145,7 +199,7 @@ class Delta:
                 complete.
             dtype: Storage of the values: ``float32`` (exact), ``float16``, ``bfloat16``, or the
                 lossy ``int8`` (per-tensor scale) and ``sign`` (1 bit + one scale per tensor,
-                for entries; dense and replaced tensors then use bfloat16).
+                for entries, rows and columns; dense and replaced tensors then use bfloat16).
         """
         if dtype not in VALUE_CODECS:
             raise SurgicalError(f"unknown value dtype {dtype!r}", f"Use one of: {', '.join(VALUE_CODECS)}")
@@ -153,19 +207,23 @@ class Delta:
         tensors: dict[str, torch.Tensor] = {}
         kinds: dict[str, dict[str, Any]] = {}
         whole_codec = dtype if dtype in ("float32", "float16", "bfloat16") else "bfloat16"
-        for name, (idx, vals) in self.entries.items():
-            gaps, overflow = encode_indices(idx)
-            tensors[f"entries.{name}.gaps"] = gaps
-            tensors[f"entries.{name}.overflow"] = overflow
-            for part, t in encode_values(vals, dtype).items():
-                tensors[f"entries.{name}.{part}"] = t
-            kinds[name] = {"kind": "entries", "shape": list(self.shapes[name]), "count": int(idx.numel())}
-        for kind, items in (("dense", self.dense), ("full", self.full)):
-            for name, t in items.items():
+        sparse = [("entries", self.entries), *((k, self.blocks(k)) for k in BLOCK_KINDS)]
+        for kind, items in sparse:
+            for name, (idx, vals) in items.items():
+                # indices as 16-bit gaps for every sparse kind: rows and columns are sorted too
+                gaps, overflow = encode_indices(idx)
+                tensors[f"{kind}.{name}.gaps"] = gaps
+                tensors[f"{kind}.{name}.overflow"] = overflow
+                for part, t in encode_values(vals, dtype).items():
+                    tensors[f"{kind}.{name}.{part}"] = t
+                kinds[name] = {"kind": kind, "shape": list(self.shapes[name]), "count": int(idx.numel())}
+        for kind, whole in (("dense", self.dense), ("full", self.full)):
+            for name, t in whole.items():
                 tensors[f"{kind}.{name}"] = t.detach().to("cpu", torch.float32).to(_float(whole_codec))
                 kinds[name] = {"kind": kind, "shape": list(self.shapes[name])}
         config = {
-            "format_version": FORMAT_VERSION,
+            # the oldest format that holds every kind used, so older readers load what they can
+            "format_version": FORMAT_VERSION if self.rows or self.cols else 1,
             "library_version": _version(),
             "dtype": dtype,
             "tensors": kinds,
@@ -214,13 +272,12 @@ class Delta:
             raise SurgicalError(
                 f"{str(directory / TENSOR_FILE)!r} is truncated or corrupted ({e})", "Save the delta again"
             ) from None
-        if (
-            not isinstance(config, dict)
-            or config.get("format_version") != FORMAT_VERSION
-            or "tensors" not in config
-        ):
+        version = config.get("format_version") if isinstance(config, dict) else None
+        if not isinstance(version, int) or version not in _KINDS_OF_FORMAT or "tensors" not in config:
             raise SurgicalError(
-                f"{str(directory / CONFIG_FILE)!r} is not a surgical delta of format {FORMAT_VERSION}", fix
+                f"{str(directory / CONFIG_FILE)!r} is not a surgical delta of format "
+                f"{' or '.join(map(str, _KINDS_OF_FORMAT))}",
+                fix + " (a newer format needs a newer surgical)",
             )
         delta = cls()
         codec = config.get("dtype", "float32")
@@ -228,31 +285,46 @@ class Delta:
             if codec not in VALUE_CODECS:
                 raise ValueError(f"unknown value dtype {codec!r}")
             for name, info in config["tensors"].items():
+                kind = info["kind"]
+                if kind not in _KINDS_OF_FORMAT[version]:
+                    raise ValueError(f"unknown kind {kind!r} of {name} in format {version}")
                 shape = tuple(int(s) for s in info["shape"])
-                numel = _numel(shape)
                 delta.shapes[name] = shape
-                if info["kind"] == "entries":
-                    prefix = f"entries.{name}."
-                    idx = decode_indices(tensors[prefix + "gaps"], tensors[prefix + "overflow"])
-                    stored = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-                    vals = decode_values(stored, codec, int(info["count"]))
-                    if idx.numel() != info["count"] or vals.numel() != idx.numel():
-                        raise ValueError(f"entry count of {name}")
-                    if idx.numel() and int(idx[-1]) >= numel:
-                        raise ValueError(f"indices of {name} beyond its shape")
-                    delta.entries[name] = (idx, vals)
-                elif info["kind"] in ("dense", "full"):
-                    t = tensors[f"{info['kind']}.{name}"].float()
+                if kind in ("dense", "full"):
+                    t = tensors[f"{kind}.{name}"].float()
                     if tuple(t.shape) != shape:
                         raise ValueError(f"shape of {name}")
-                    getattr(delta, info["kind"])[name] = t
+                    getattr(delta, kind)[name] = t
+                    continue
+                prefix = f"{kind}.{name}."
+                idx = decode_indices(tensors[prefix + "gaps"], tensors[prefix + "overflow"])
+                count = int(info["count"])
+                if idx.numel() != count:
+                    raise ValueError(f"index count of {name}")
+                if kind == "entries":
+                    check_sorted_indices(idx, _numel(shape), f"{name} entry")
+                    want: tuple[int, ...] = (count,)
                 else:
-                    raise ValueError(f"unknown kind {info['kind']!r} of {name}")
-        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+                    want = block_shape(kind, shape, count)
+                stored = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+                vals = decode_values(stored, codec, _numel(want))
+                if vals.numel() != _numel(want):
+                    raise ValueError(f"value count of {name}")
+                if kind == "entries":
+                    delta.entries[name] = (idx, vals)
+                else:
+                    block = vals.reshape(want)
+                    try:
+                        check_block(kind, idx, block, shape)
+                    except ValueError as e:
+                        raise ValueError(f"{kind} of {name}: {e}") from None
+                    delta.blocks(kind)[name] = (idx, block)
+        except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as e:
             raise SurgicalError(
-                f"{str(directory)!r} is corrupted: its files disagree ({e})", "Save the delta again"
+                f"{str(directory / TENSOR_FILE)!r} is corrupted or does not match its {CONFIG_FILE} ({e})",
+                "Save the delta again",
             ) from None
-        for name, (_, vals) in delta.entries.items():
+        for name, (_, vals) in (*delta.entries.items(), *delta.rows.items(), *delta.cols.items()):
             _check_finite(name, vals, directory)
         for name, t in (*delta.dense.items(), *delta.full.items()):
             _check_finite(name, t, directory)

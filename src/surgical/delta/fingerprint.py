@@ -54,8 +54,12 @@ def base_samples(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, tup
             _override(vals, pos, *orig_of[name])
         for record in reversed(stack):  # the bottom-most application saved the true base
             saved = record.saved.get(name)
-            if saved is not None:
-                _override(vals, pos, *saved)
+            if saved is None:
+                continue
+            idx, old, axis = saved
+            if axis is not None:  # a row or column block: locate the sampled positions in it
+                idx, old = _block_positions(tuple(p.shape), pos, idx, old, axis)
+            _override(vals, pos, idx, old)
         out[name] = (tuple(p.shape), vals.cpu())
     return out
 
@@ -72,6 +76,27 @@ def _override(vals: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor | None, o
     hit = idx[at] == pos
     if bool(hit.any()):
         vals[hit] = orig.to(vals.device).float()[at[hit]]
+
+
+def _block_positions(
+    shape: tuple[int, ...], pos: torch.Tensor, sel: torch.Tensor, block: torch.Tensor, axis: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Saved block values at the sampled flat positions ``pos`` it covers, as (flat idx, values).
+
+    Costs O(len(pos) log r), never the size of the block: sampled positions are mapped to their
+    row (column) and looked up in the sorted selection.
+    """
+    sel = sel.to(pos.device)
+    if sel.numel() == 0:
+        return sel, block.reshape(-1)
+    width = block[0].numel() if axis == 0 else shape[1]  # values per row of the tensor
+    row, col = pos // width, pos % width
+    unit = row if axis == 0 else col
+    at = torch.searchsorted(sel, unit).clamp(max=sel.numel() - 1)
+    hit = sel[at] == unit
+    b = block.to(pos.device).reshape(block.shape[0], -1)
+    vals = b[at[hit], col[hit]] if axis == 0 else b[row[hit], at[hit]]
+    return pos[hit], vals
 
 
 def fingerprint_of(samples: dict[str, tuple[tuple, torch.Tensor]]) -> str:

@@ -16,23 +16,26 @@ _LAYER = re.compile(r"^(.*?\.(?:layers?|h|blocks?)\.)(\d+)\.(.*)$")
 
 
 def tensor_rows(delta: Delta) -> list[dict[str, Any]]:
-    """One row per tensor: name, kind, count of values, share of the tensor, L2 norm, max |value|."""
+    """One row per tensor: name, kind, count of values, share of the tensor, L2 norm, max |value|.
+
+    ``units`` is the number of rows or columns of a ``rows``/``cols`` block (None otherwise);
+    ``count`` is always the number of values, so shares compare across kinds.
+    """
     rows = []
     for name in delta.names():
         numel = 1
         for s in delta.shapes[name]:
             numel *= s
-        if name in delta.entries:
-            kind, vals = "entries", delta.entries[name][1]
-        elif name in delta.dense:
-            kind, vals = "dense", delta.dense[name]
-        else:
-            kind, vals = "full", delta.full[name]
+        kind = delta.kind_of(name)
+        stored = getattr(delta, kind)[name]
+        units = int(stored[0].numel()) if kind in ("rows", "cols") else None
+        vals = stored if kind in ("dense", "full") else stored[1]
         v = vals.float().reshape(-1)
         rows.append(
             {
                 "name": name,
                 "kind": kind,
+                "units": units,
                 "count": int(v.numel()),
                 "share": v.numel() / max(1, numel),
                 "norm": float(v.norm()) if v.numel() else 0.0,

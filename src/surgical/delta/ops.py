@@ -1,7 +1,8 @@
 """Moving deltas in and out of models: ``extract``, ``apply``, ``revert`` and ``applied``.
 
-``apply`` saves, for every value it changes, the value it overwrote (k values for k entries; the
-whole tensor for dense and replaced tensors), on ``model._sg_applied``. ``revert`` writes them
+``apply`` saves, for every value it changes, the value it overwrote (k values for k entries, the
+selected rows or columns for a block, the whole tensor for dense and replaced tensors), on
+``model._sg_applied``. ``revert`` writes them
 back, so it restores the base bit for bit, and both cost time proportional to the delta, not the
 model: switching the task of a served model is cheap.
 """
@@ -11,39 +12,63 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from surgical.delta.algebra import base_checks
+from surgical.delta.blocks import BLOCK_KINDS
 from surgical.delta.delta import Delta
 from surgical.delta.fingerprint import model_fingerprint
 from surgical.errors import SurgicalError
 from surgical.train.prepare import prepared, sync
 
 
+class Saved(NamedTuple):
+    """Values one ``apply`` overwrote in one tensor.
+
+    ``idx`` None: ``old`` is the whole tensor. ``axis`` None: ``idx`` are sorted flat indices and
+    ``old`` the values there. ``axis`` 0 or 1: ``idx`` are sorted rows or columns and ``old`` the
+    block ``tensor.index_select(axis, idx)``.
+    """
+
+    idx: torch.Tensor | None
+    old: torch.Tensor
+    axis: int | None = None
+
+
 @dataclass
 class AppliedRecord:
-    """What one ``apply`` overwrote: name -> (sorted indices or None for whole, old values)."""
+    """What one ``apply`` overwrote: parameter name -> :class:`Saved`."""
 
     delta_id: int
-    saved: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = field(default_factory=dict)
+    saved: dict[str, Saved] = field(default_factory=dict)
 
 
 def extract(model: nn.Module, **meta) -> Delta:
     """The delta a prepared model has trained so far (a copy; training may go on).
 
-    Entry tensors hold the trained deltas; the plan's densely trained parameters are stored in
-    full. ``meta`` is merged into the delta's metadata (e.g. a training summary).
+    Entry weights become ``entries``; weights trained as row or column blocks (Linear rows and
+    columns, Embedding token rows, any :class:`~surgical.train.structured.BlockState`) become
+    ``rows`` / ``cols`` holding the block as trained. The plan's densely trained parameters are
+    stored in full. ``meta`` is merged into the delta's metadata (e.g. a training summary).
     """
+    from surgical.train.structured import BlockState
+
     info = prepared(model)
     sync(model)
     delta = Delta()
     for name, module in info.entry_modules.items():
         state = module._sg_entries
+        delta.shapes[name] = tuple(getattr(module, state.param_name).shape)
+        if isinstance(state, BlockState):
+            kind = "rows" if state.axis == 0 else "cols"
+            sel = state.sel(module).detach().to("cpu", torch.int64, copy=True)
+            delta.blocks(kind)[name] = (sel, state.block(module).detach().float().cpu().clone())
+            continue
         idx = state.indices(module).detach().to("cpu", torch.int64, copy=True)  # a Delta holds int64
         delta.entries[name] = (idx, state.delta(module).detach().float().cpu().clone())
-        delta.shapes[name] = tuple(module.weight.shape)
     params = dict(model.named_parameters())
     for name in info.plan.dense:
         delta.full[name] = params[name].detach().float().cpu().clone()
@@ -97,9 +122,9 @@ def check_base(model: nn.Module, delta: Delta) -> None:
 def apply(model: nn.Module, delta: Delta, *, scale: float = 1.0, force: bool = False) -> nn.Module:
     """Adds ``scale`` times a delta to a model in place and returns it; :func:`revert` undoes it.
 
-    Entries and dense tensors add ``scale * value`` (with ``scale=1`` exactly the addition
-    training did, so the fine-tuned model is reproduced bit for bit). Replaced tensors are
-    copied for ``scale=1`` and interpolated ``base + scale * (new - base)`` otherwise.
+    Entries, row and column blocks and dense tensors add ``scale * value`` (with ``scale=1``
+    exactly the addition training did, so the fine-tuned model is reproduced bit for bit).
+    Replaced tensors are copied for ``scale=1`` and interpolated ``base + scale * (new - base)`` otherwise.
 
     Args:
         model: A plain (unprepared) model of the architecture the delta was trained on; other
@@ -123,24 +148,32 @@ def apply(model: nn.Module, delta: Delta, *, scale: float = 1.0, force: bool = F
     params = dict(model.named_parameters())
     record = AppliedRecord(id(delta))
     scale = float(scale)
+
+    def change(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        # scale 1 adds the stored values as they are: the addition training did, bit for bit
+        t = t if scale == 1.0 else t.float() * scale
+        return t.to(like.device, like.dtype)
+
     for name, (idx, vals) in delta.entries.items():
         flat = params[name].data.view(-1)
         i = idx.to(flat.device)
         old = flat.index_select(0, i)
-        record.saved[name] = (i, old)
-        v = (
-            vals.to(flat.device, flat.dtype)
-            if scale == 1.0
-            else (vals.float() * scale).to(flat.device, flat.dtype)
-        )
-        flat.index_copy_(0, i, torch.add(old, v))
+        record.saved[name] = Saved(i, old)
+        flat.index_copy_(0, i, torch.add(old, change(vals, flat)))
+    for kind, axis in BLOCK_KINDS.items():
+        for name, (idx, block) in delta.blocks(kind).items():
+            p = params[name].data
+            i = idx.to(p.device)
+            old = p.index_select(axis, i)
+            record.saved[name] = Saved(i, old, axis)
+            p.index_copy_(axis, i, torch.add(old, change(block, p)))
     for name, t in delta.dense.items():
         p = params[name].data
-        record.saved[name] = (None, p.clone())
-        p.add_(t.to(p.device, p.dtype) if scale == 1.0 else (t.float() * scale).to(p.device, p.dtype))
+        record.saved[name] = Saved(None, p.clone())
+        p.add_(change(t, p))
     for name, t in delta.full.items():
         p = params[name].data
-        record.saved[name] = (None, p.clone())
+        record.saved[name] = Saved(None, p.clone())
         if scale == 1.0:
             p.copy_(t.to(p.device, p.dtype))
         else:
@@ -175,12 +208,14 @@ def revert(model: nn.Module, delta: Delta | None = None) -> nn.Module:
         )
     record = stack.pop()
     params = dict(model.named_parameters())
-    for name, (idx, old) in record.saved.items():
+    for name, (idx, old, axis) in record.saved.items():
         p = params[name].data
         if idx is None:
             p.copy_(old)
-        else:
+        elif axis is None:
             p.view(-1).index_copy_(0, idx, old)
+        else:
+            p.index_copy_(axis, idx, old)
     return model
 
 

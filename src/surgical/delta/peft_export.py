@@ -2,11 +2,12 @@
 
 SHiRA stores, per adapted ``nn.Linear``, a list of (row, col) indices and one value per index,
 and requires every layer to hold exactly ``r * (in_features + out_features)`` values for one
-global ``r``. Our entries are therefore padded with zero-valued entries up to that count (which
-changes nothing numerically). Everything SHiRA cannot express (dense and replaced tensors,
-entries on non-Linear parameters) goes to ``modules_to_save``: PEFT then stores those modules
-whole, with the delta applied. The file costs SHiRA's ~12 bytes per value (int32 row and column,
-fp32 value) against our ~4.
+global ``r``. Our entries (and rows and columns of Linear weights, expanded to their entries)
+are therefore padded with zero-valued entries up to that count (which changes nothing
+numerically). Everything SHiRA cannot express (dense and replaced tensors, entries or rows on
+non-Linear parameters such as Embedding token rows) goes to ``modules_to_save``: PEFT then
+stores those modules whole, with the delta applied. The file costs SHiRA's ~12 bytes per value
+(int32 row and column, fp32 value) against our ~4 for entries and ~2 for rows (bfloat16).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from surgical.delta.algebra import entries_of
 from surgical.delta.delta import Delta
 from surgical.delta.ops import applied, check_base
 from surgical.errors import SurgicalError
@@ -24,13 +26,14 @@ from surgical.utils import atomic_dir
 
 
 def _shira_layers(model: nn.Module, delta: Delta) -> tuple[dict[str, nn.Linear], set[str]]:
-    """Modules adaptable by SHiRA (entries on a Linear weight only) and modules to save whole."""
+    """Modules adaptable by SHiRA (entries, rows or columns of a Linear weight) and modules to save whole."""
     linear: dict[str, nn.Linear] = {}
     whole: set[str] = set()
+    sparse = {*delta.entries, *delta.rows, *delta.cols}
     for name in delta.names():
         module_name, _, pname = name.rpartition(".")
         module = model.get_submodule(module_name)
-        if name in delta.entries and pname == "weight" and isinstance(module, nn.Linear):
+        if name in sparse and pname == "weight" and isinstance(module, nn.Linear):
             linear[module_name] = module
         else:
             whole.add(module_name)
@@ -60,9 +63,10 @@ def export_shira(delta: Delta, base: nn.Module, out: str | Path, *, force: bool 
         raise SurgicalError("exporting to PEFT needs the peft package", "pip install 'peft>=0.17'") from None
     check_base(base, Delta(shapes=delta.shapes) if force else delta)
     linear, whole = _shira_layers(base, delta)
+    entries = {name: entries_of(delta, f"{name}.weight") for name in linear}
     r = 1
     for module_name, m in linear.items():
-        k = delta.entries[f"{module_name}.weight"][0].numel()
+        k = entries[module_name][0].numel()
         r = max(r, -(-k // (m.in_features + m.out_features)))
     for module_name, m in linear.items():
         if r * (m.in_features + m.out_features) > m.in_features * m.out_features:
@@ -71,8 +75,7 @@ def export_shira(delta: Delta, base: nn.Module, out: str | Path, *, force: bool 
                 "Export a sparser delta (delta.prune(...)) or fewer layers",
             )
     padded = {
-        name: _pad(delta.entries[f"{name}.weight"], r * (m.in_features + m.out_features), m)
-        for name, m in linear.items()
+        name: _pad(entries[name], r * (m.in_features + m.out_features), m) for name, m in linear.items()
     }
     with applied(base, delta, force=True):  # values of the modules PEFT saves whole
         saved = {
