@@ -175,3 +175,27 @@ def test_state_dict_after_a_step_holds_the_trained_rows_under_both_names():
     rows = _rows()
     assert torch.equal(sd[EMB], sd[HEAD])
     assert not torch.equal(sd[EMB][rows], before[EMB][rows])
+
+
+def test_row_selection_targets_the_tied_embedding_by_gradient():
+    model = tiny_llama()
+    plan = sg.select(
+        model, BATCHES, method="gradient", granularity="row", targets=["embed_tokens", "q_proj"],
+        count=5 * DIM, allocation="per_tensor", max_batches=2, progress=False,
+    )  # fmt: skip
+    assert EMB in plan.rows and HEAD not in plan.rows and plan.shapes[EMB] == (VOCAB, DIM)
+    dense = tiny_llama()  # the same score by hand: |dense tied gradient| summed per row
+    for n, p in dense.named_parameters():
+        p.requires_grad_(n == EMB)
+    score = torch.zeros(VOCAB, DIM)
+    for b in BATCHES[:2]:
+        dense(**b).loss.backward()
+        score += dense.get_parameter(EMB).grad.abs()
+        dense.zero_grad()
+    want = torch.topk(score.sum(1), len(plan.rows[EMB])).indices.sort().values
+    assert torch.equal(plan.rows[EMB], want)
+    sg.prepare(model, plan)
+    fit(model, BATCHES, max_steps=2, lr=1e-2, show=False)
+    assert sg.extract(model).num_entries == plan.num_entries
+    with pytest.raises(SurgicalError, match="matches no nn.Linear weight"):
+        sg.select(model, BATCHES, method="random", targets=["embed_tokens"], count=10)
