@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import surgical as sg
 from conftest import lm_batches, tiny_llama
@@ -62,6 +63,38 @@ def test_block_grad_is_the_dense_tied_grad_at_the_rows(name):
     trainable = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == [("model.embed_tokens.weight_sg_delta", (len(rows), DIM))]
     assert model.lm_head.weight.grad is None and model.lm_head.weight is model.model.embed_tokens.weight
+
+
+class _Shapes(TorchDispatchMode):
+    """Records the shape of every tensor an op produces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(o, torch.Tensor):
+                self.shapes.append((str(func), tuple(o.shape)))
+        return out
+
+
+def test_backward_forms_no_vocab_by_dim_tensor():
+    """Neither the lookup's nor the head's backward makes a dense weight gradient (dense does)."""
+    found = {}
+    for kind in ("dense", "rows"):
+        model = tiny_llama()
+        if kind == "rows":
+            sg.prepare(model, _plan(_rows()))
+        else:
+            for n, p in model.named_parameters():
+                p.requires_grad_(n == EMB)
+        loss = model(**BATCHES[0]).loss
+        with _Shapes() as rec:
+            loss.backward()
+        found[kind] = [f for f, s in rec.shapes if s == (VOCAB, DIM)]
+    assert found["dense"] and found["rows"] == []
 
 
 def _sgd(model, steps: int = 4, mask: torch.Tensor | None = None) -> None:
@@ -199,3 +232,23 @@ def test_row_selection_targets_the_tied_embedding_by_gradient():
     assert sg.extract(model).num_entries == plan.num_entries
     with pytest.raises(SurgicalError, match="matches no nn.Linear weight"):
         sg.select(model, BATCHES, method="random", targets=["embed_tokens"], count=10)
+
+
+def test_hf_trainer_trains_the_one_block(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = _prepared(HEAD)
+    base = tiny_llama()
+    rows = [{k: v[i] for k, v in b.items()} for b in BATCHES for i in range(len(b["input_ids"]))]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=1, learning_rate=1e-2,
+        report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    shapes = [tuple(p.shape) for g in trainer.optimizer.param_groups for p in g["params"]]
+    assert shapes == [(len(_rows()), DIM)]  # one parameter for the tied weight, not two
+    sg.apply(base, sg.extract(model))
+    sg.sync(model)
+    assert torch.equal(base.get_parameter(EMB), model.get_parameter(EMB))
+    assert not torch.equal(base.get_parameter(EMB), tiny_llama().get_parameter(EMB))
