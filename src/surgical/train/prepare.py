@@ -4,7 +4,12 @@ After ``prepare(model, plan)``:
 - every parameter not in the plan has ``requires_grad=False`` (no gradient, no optimizer state);
 - each planned Linear weight is frozen and gets a ``weight_sg_delta`` parameter holding the k
   trainable values (see :mod:`surgical.train.sparse`);
+- planned rows/columns train as a dense block (:mod:`surgical.train.structured`); token rows of
+  an embedding tied to the LM head as one block read by both modules (:mod:`surgical.train.tied`);
 - the plan's dense parameters train as usual.
+
+A tied parameter may be named in the plan by any of its names; it trains under the one
+``named_parameters()`` reports.
 
 So ``[p for p in model.parameters() if p.requires_grad]`` is exactly what an optimizer needs,
 and the HF ``Trainer`` picks the same set by itself.
@@ -85,24 +90,23 @@ def canonical_plan(model: nn.Module, plan: Plan) -> Plan:
     if not any(n in alias for n in [*plan.shapes, *plan.sparse_names, *plan.dense]):
         return plan
 
-    def rename(names):
-        out = [alias.get(n, n) for n in names]
-        if len(set(out)) != len(out):
-            twice = next(n for n in out if out.count(n) > 1)
-            raise SurgicalError(
-                f"the plan names the tied parameter {twice!r} twice (under both of its names)",
-                "Keep one of the names in the plan",
-            )
-        return out
+    def canon(name: str) -> str:
+        return alias.get(name, name)
 
-    rename([*plan.sparse_names, *plan.dense])  # one tied weight, one way of training it
+    named = [canon(n) for n in [*plan.sparse_names, *plan.dense]]  # one tied weight, one way to train
+    twice = sorted({n for n in named if named.count(n) > 1})
+    if twice:
+        raise SurgicalError(
+            f"the plan names the tied parameter {twice[0]!r} twice (under both of its names)",
+            "Keep one of the names in the plan",
+        )
     return replace(
         plan,
-        entries={alias.get(n, n): t for n, t in plan.entries.items()},
-        rows={alias.get(n, n): t for n, t in plan.rows.items()},
-        cols={alias.get(n, n): t for n, t in plan.cols.items()},
-        dense=rename(plan.dense),
-        shapes={alias.get(n, n): s for n, s in plan.shapes.items()},
+        entries={canon(n): t for n, t in plan.entries.items()},
+        rows={canon(n): t for n, t in plan.rows.items()},
+        cols={canon(n): t for n, t in plan.cols.items()},
+        dense=[canon(n) for n in plan.dense],
+        shapes={canon(n): s for n, s in plan.shapes.items()},
     )
 
 
