@@ -35,23 +35,33 @@ def resolve_targets(
     targets: str | Sequence[str] | None,
     exclude: str | Sequence[str] | None,
     always: str | Sequence[str] | None,
+    granularity: str = "entry",
 ) -> tuple[dict[str, nn.Parameter], list[str]]:
     """Returns the targeted parameters (for entry selection) and the always-trained names.
 
     Entry targets are ``nn.Linear`` weights: target patterns pick among them (so ``"attention.*"``
-    means the attention projections' weights) and default to :func:`default_targets`. ``always``
-    parameters are removed from the targets. Each pattern must match something.
+    means the attention projections' weights) and default to :func:`default_targets`. At
+    ``granularity="row"`` a pattern may also name an ``nn.Embedding`` weight, whose rows are
+    token rows (a tied embedding by the name ``named_parameters()`` reports, e.g.
+    ``model.embed_tokens.weight``). ``always`` parameters are removed from the targets. Each
+    pattern must match something.
     """
     params = dict(model.named_parameters())
     linear_weights = default_targets(model)
     out_emb = getattr(model, "get_output_embeddings", lambda: None)()
     for mname, module in model.named_modules():  # an output head only when asked for by name
-        if module is out_emb and isinstance(module, nn.Linear) and f"{mname}.weight" in params:
-            linear_weights.append(f"{mname}.weight")
+        weight = f"{mname}.weight" if mname else "weight"
+        if weight not in params:
+            continue
+        if module is out_emb and isinstance(module, nn.Linear):
+            linear_weights.append(weight)
+        elif granularity == "row" and isinstance(module, nn.Embedding):  # token rows
+            linear_weights.append(weight)
     always_names = select_names(params, as_patterns(always), "always")
     target_pats = as_patterns(targets)
     if target_pats:
-        names = select_names(linear_weights, target_pats, "target", "nn.Linear weight")
+        noun = "nn.Linear or nn.Embedding weight" if granularity == "row" else "nn.Linear weight"
+        names = select_names(linear_weights, target_pats, "target", noun)
     else:
         names = default_targets(model)
     excl = set(select_names(names, as_patterns(exclude), "exclude")) if exclude else set()
@@ -145,7 +155,9 @@ def select(
             spend most of the budget there) or ``per_layer`` (the same share of every block).
         aggregate: A unit's score: ``sum`` (default) or ``mean`` of its entries' scores.
         targets: Patterns of parameters to select from (default: all Linear weights but the
-            output embedding).
+            output embedding). With ``granularity="row"`` they may name an ``nn.Embedding``
+            weight: its rows are token rows, scored like any row (a tied embedding trains as
+            one block for both the lookup and the LM head).
         exclude: Patterns removed from the targets.
         always: Patterns of parameters trained densely (heads, norms, biases); they are not
             part of the budget.
@@ -171,7 +183,7 @@ def select(
             f"criterion {method!r} scores whole tensors, so granularity {granularity!r} is impossible",
             "Use granularity='tensor' or 'layer'",
         )
-    params, always_names = resolve_targets(model, targets, exclude, always)
+    params, always_names = resolve_targets(model, targets, exclude, always, granularity)
     hd = None
     if granularity == "head":
         hd = head_dim(model)

@@ -6,7 +6,9 @@ new checkpoint or none: never a half-written one. Older checkpoints are removed 
 new one is in place.
 
 Trained values are stored by parameter name (``weight_sg_delta`` parameters included) together
-with the entry indices of every entry-sparse weight, since dynamic schedules may move them.
+with the entry indices of every entry-sparse weight, since dynamic schedules may move them, and
+the row or column indices of every block (tied embedding rows included), which must match on
+resume: a block's values mean nothing against other rows.
 """
 
 from __future__ import annotations
@@ -44,18 +46,20 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
 
 def _trainable_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Values of every parameter the optimizer owns (schedules may have frozen some for now),
-    the entry indices and base values (regrow moves them), and the requires_grad flags."""
+    the entry indices and base values (regrow moves them), the block row/column indices, and
+    the requires_grad flags."""
     owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
     values = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if id(p) in owned}
     buffers = {
         n: b.detach().cpu().clone()
         for n, b in model.named_buffers()
-        if n.endswith(("_sg_indices", "_sg_orig"))
+        if n.endswith(("_sg_indices", "_sg_orig", "_sg_sel"))
     }
     return {
         "values": values,
         "indices": {n: b for n, b in buffers.items() if n.endswith("_sg_indices")},
         "origs": {n: b for n, b in buffers.items() if n.endswith("_sg_orig")},
+        "selections": {n: b for n, b in buffers.items() if n.endswith("_sg_sel")},
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
     }
 
@@ -102,6 +106,9 @@ def load_checkpoint(path: str | Path, state: StepState, hooks: Sequence[TrainHoo
     buffers = dict(model.named_buffers())
     params = dict(model.named_parameters())
     fix = "Resume with the same model, plan and config, or delete the checkpoint directory"
+    for name, t in saved.get("selections", {}).items():  # absent from checkpoints of older versions
+        if name not in buffers or not torch.equal(buffers[name].cpu(), t):
+            raise SurgicalError(f"checkpoint {str(path)!r} trained other rows or columns at {name!r}", fix)
     for kind in ("indices", "origs"):
         for name, t in saved[kind].items():
             if name not in buffers:

@@ -4,7 +4,12 @@ After ``prepare(model, plan)``:
 - every parameter not in the plan has ``requires_grad=False`` (no gradient, no optimizer state);
 - each planned Linear weight is frozen and gets a ``weight_sg_delta`` parameter holding the k
   trainable values (see :mod:`surgical.train.sparse`);
+- planned rows/columns train as a dense block (:mod:`surgical.train.structured`); token rows of
+  an embedding tied to the LM head as one block read by both modules (:mod:`surgical.train.tied`);
 - the plan's dense parameters train as usual.
+
+A tied parameter may be named in the plan by any of its names; it trains under the one
+``named_parameters()`` reports.
 
 So ``[p for p in model.parameters() if p.requires_grad]`` is exactly what an optimizer needs,
 and the HF ``Trainer`` picks the same set by itself.
@@ -12,7 +17,7 @@ and the HF ``Trainer`` picks the same set by itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -21,6 +26,7 @@ from surgical.errors import SurgicalError
 from surgical.select.plan import Plan
 from surgical.train.sparse import EntryState, attach_entries, detach_entries, sync_entries
 from surgical.train.structured import attach_block
+from surgical.train.tied import attach_tied_rows, tied_row_owner, weight_users
 
 
 @dataclass
@@ -63,29 +69,74 @@ def check_plan(model: nn.Module, plan: Plan) -> None:
             raise SurgicalError(f"plan indices for {name!r} are out of range", "Re-run selection")
 
 
-def _check_untied(model: nn.Module, module: nn.Module, name: str) -> None:
-    """Embedding rows are trained through the lookup only: refuse a weight another module uses."""
-    users = [m for m in model.modules() if getattr(m, "weight", None) is module.weight]
-    if len(users) > 1:
+def canonical_names(model: nn.Module) -> dict[str, str]:
+    """Every name of a shared (tied) parameter -> the one ``named_parameters()`` reports."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        out[name] = first.setdefault(id(p), name)
+    return {n: c for n, c in out.items() if n != c}
+
+
+def canonical_plan(model: nn.Module, plan: Plan) -> Plan:
+    """``plan`` with any other name of a tied parameter (``lm_head.weight``) replaced by the one
+    ``named_parameters()`` reports (``model.embed_tokens.weight``), under which it is trained,
+    extracted and saved once.
+
+    Raises:
+        SurgicalError: if the plan names one tied parameter twice.
+    """
+    alias = canonical_names(model)
+    if not any(n in alias for n in [*plan.shapes, *plan.sparse_names, *plan.dense]):
+        return plan
+
+    def canon(name: str) -> str:
+        return alias.get(name, name)
+
+    named = [canon(n) for n in [*plan.sparse_names, *plan.dense]]  # one tied weight, one way to train
+    twice = sorted({n for n in named if named.count(n) > 1})
+    if twice:
         raise SurgicalError(
-            f"{name!r} is tied to another module (e.g. the LM head), so its rows cannot be trained "
-            "through the embedding alone",
-            "Train the tied weight densely (list it under 'always'), or untie the embeddings",
+            f"the plan names the tied parameter {twice[0]!r} twice (under both of its names)",
+            "Keep one of the names in the plan",
         )
+    return replace(
+        plan,
+        entries={canon(n): t for n, t in plan.entries.items()},
+        rows={canon(n): t for n, t in plan.rows.items()},
+        cols={canon(n): t for n, t in plan.cols.items()},
+        dense=[canon(n) for n in plan.dense],
+        shapes={canon(n): s for n, s in plan.shapes.items()},
+    )
 
 
-def _kind(model: nn.Module, plan: Plan, name: str) -> str:
-    """How a sparse plan entry trains ("entries", "rows", "cols"), or a SurgicalError."""
+def _plain_lookup(module: nn.Embedding, name: str) -> nn.Embedding:
+    """The embedding, or a SurgicalError if its lookup rescales gradients or renormalises rows
+    (the token-row gradient is the plain ``index_add`` of the output gradient)."""
+    if module.scale_grad_by_freq or module.max_norm is not None:
+        raise SurgicalError(
+            f"token rows of {name!r} cannot train: its embedding uses scale_grad_by_freq or max_norm",
+            "Train that weight densely (list it under 'always')",
+        )
+    return module
+
+
+def _kind(model: nn.Module, plan: Plan, name: str) -> tuple[str, nn.Module]:
+    """How a sparse plan entry trains ("entries", "rows", "cols", "tied_rows") and the module
+    that holds its state, or a SurgicalError."""
     module, pname = _module_of(model, name)
     kind = "rows" if name in plan.rows else "cols" if name in plan.cols else "entries"
+    users = weight_users(model, module.weight) if pname == "weight" else [module]
+    if len(users) > 1:  # a tied embedding and LM head: one weight, one block, two gradient paths
+        return "tied_rows", _plain_lookup(tied_row_owner(name, users, kind), name)
     if isinstance(module, nn.Embedding) and pname == "weight" and kind == "rows":
-        _check_untied(model, module, name)  # token rows
-    elif not isinstance(module, nn.Linear) or pname != "weight":
+        return kind, _plain_lookup(module, name)  # token rows
+    if not isinstance(module, nn.Linear) or pname != "weight":
         raise SurgicalError(
             f"entries, rows and columns train nn.Linear weights (and nn.Embedding rows), not {name!r}",
             "Train that parameter densely (list it under 'always')",
         )
-    return kind
+    return kind, module
 
 
 def prepare(model: nn.Module, plan: Plan) -> nn.Module:
@@ -96,14 +147,17 @@ def prepare(model: nn.Module, plan: Plan) -> nn.Module:
     """
     if getattr(model, "_sg_prepared", None) is not None:
         raise SurgicalError("this model is already prepared", "Call surgical.unprepare(model) first")
+    plan = canonical_plan(model, plan)
     check_plan(model, plan)
     kinds = {name: _kind(model, plan, name) for name in plan.sparse_names}  # validate all first
     for p in model.parameters():
         p.requires_grad_(False)
     entry_modules: dict[str, nn.Module] = {}
-    for name, kind in kinds.items():
-        module, _ = _module_of(model, name)
-        if kind == "rows":  # dense sub-blocks: one small matmul (or index_add) for the gradient
+    for name, (kind, module) in kinds.items():
+        if kind == "tied_rows":
+            heads = [m for m in weight_users(model, module.weight) if m is not module]
+            attach_tied_rows(module, heads, plan.rows[name])
+        elif kind == "rows":  # dense sub-blocks: one small matmul (or index_add) for the gradient
             attach_block(module, plan.rows[name], axis=0)
         elif kind == "cols":
             attach_block(module, plan.cols[name], axis=1)

@@ -13,7 +13,7 @@ For :func:`surgical.extract` the block presents itself as sorted flat entries (`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,8 @@ class BlockState:
 
     Module attributes: parameter ``weight_sg_delta`` (the block), non-persistent buffers
     ``weight_sg_sel`` (sorted row or column indices) and ``weight_sg_base`` (base block).
+    ``tied`` lists the other modules that use the same weight and read this block (the LM head
+    of a tied embedding, see :mod:`surgical.train.tied`); they are detached together.
     """
 
     param_name: str
@@ -33,6 +35,7 @@ class BlockState:
     axis: int  # 0: rows, 1: columns
     synced_version: int = -1
     dirty: bool = False
+    tied: list[nn.Module] = field(default_factory=list)
 
     def block(self, module: nn.Module) -> nn.Parameter:
         return getattr(module, f"{self.param_name}_sg_delta")
@@ -97,13 +100,20 @@ class _BlockLinearFn(torch.autograd.Function):
         return gx, None, gb, gblock, None, None
 
 
-def _block_linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    state: BlockState = module._sg_entries
-    state.sync(module)
-    block = state.block(module)
+def block_linear(module: nn.Linear, x: torch.Tensor, state: BlockState, holder: nn.Module) -> torch.Tensor:
+    """``module(x)`` with the gradient of the block that ``holder`` carries for ``module.weight``.
+
+    ``holder`` is ``module`` itself, or the embedding whose weight ``module`` (an LM head) shares.
+    """
+    state.sync(holder)
+    block = state.block(holder)
     if not (torch.is_grad_enabled() and block.requires_grad):
         return F.linear(x, module.weight, module.bias)
-    return _BlockLinearFn.apply(x, module.weight, module.bias, block, state.sel(module), state.axis)
+    return _BlockLinearFn.apply(x, module.weight, module.bias, block, state.sel(holder), state.axis)
+
+
+def _block_linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return block_linear(module, x, module._sg_entries, module)
 
 
 class _BlockEmbeddingFn(torch.autograd.Function):
@@ -113,6 +123,7 @@ class _BlockEmbeddingFn(torch.autograd.Function):
     def forward(ctx, ids, weight, block, lookup, module):  # noqa: D102
         ctx.save_for_backward(ids, lookup)
         ctx.rows = block.shape[0]
+        ctx.padding_idx = module.padding_idx
         return F.embedding(
             ids, weight, module.padding_idx, module.max_norm, module.norm_type, module.scale_grad_by_freq,
             module.sparse,
@@ -123,6 +134,8 @@ class _BlockEmbeddingFn(torch.autograd.Function):
         ids, lookup = ctx.saved_tensors
         pos = lookup[ids.reshape(-1)]
         hit = pos >= 0  # tokens whose row is trained
+        if ctx.padding_idx is not None:  # as F.embedding: padding positions give no gradient
+            hit &= ids.reshape(-1) != ctx.padding_idx
         gy2 = gy.reshape(-1, gy.shape[-1])
         gblock = torch.zeros(ctx.rows, gy.shape[-1], dtype=torch.float32, device=gy.device)
         gblock.index_add_(0, pos[hit], gy2[hit].to(torch.float32))
@@ -171,4 +184,7 @@ def detach_block(module: nn.Linear) -> None:
 
     state: BlockState = module._sg_entries
     state.sync(module)
+    for other in state.tied:  # they hold no tensors of their own: only their routed forward
+        uninstall(other, ())
+    state.tied.clear()
     uninstall(module, ("sg_delta", "sg_sel", "sg_base", "sg_lookup"))
