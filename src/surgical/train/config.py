@@ -37,9 +37,12 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Training data: a .csv or .jsonl file with named columns."""
+    """Training data: a file or a ``datasets`` save_to_disk directory with named columns."""
 
-    path: str = _f("", "Path of a .csv or .jsonl file.")
+    path: str = _f(
+        "", "A .csv, .jsonl, .parquet or .arrow file, or a directory written by datasets' save_to_disk."
+    )
+    split: str = _f("train", "Split to read when data.path holds a DatasetDict.")
     text_column: str = _f("text", "Classification: column holding the text.")
     label_column: str = _f("label", "Classification: column holding the integer label.")
     prompt_column: str = _f("prompt", "Causal LM: column holding the prompt (no loss on it).")

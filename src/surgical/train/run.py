@@ -46,34 +46,23 @@ def load_model(cfg: RunConfig):
 
 
 def load_batches(cfg: RunConfig, tokenizer) -> list[dict[str, torch.Tensor]]:
-    """Reads the data file and builds training batches for the configured task."""
-    from surgical.data.instruct import instruction_batches
-    from surgical.data.text import TextExamples, load_table, text_batches
+    """Reads the data (a file, or a ``save_to_disk`` directory's ``data.split``) into batches."""
+    from surgical.data.instruct import instruction_batches, load_instructions
+    from surgical.data.text import TextExamples, text_batches
 
     d = cfg.data
     if cfg.model.task == "classification":
-        rows = load_table(d.path, [d.text_column, d.label_column])[: d.limit]
-        try:
-            labels = [int(r[d.label_column]) for r in rows]
-        except (TypeError, ValueError):
-            raise SurgicalError(
-                f"column {d.label_column!r} of {d.path!r} must hold integer labels", "Map labels to 0..N-1"
-            ) from None
-        bad = [x for x in labels if not 0 <= x < cfg.model.num_labels]
+        ex = TextExamples.load(d.path, d.text_column, d.label_column, split=d.split, limit=d.limit)
+        bad = [x for x in ex.labels if not 0 <= x < cfg.model.num_labels]
         if bad:
             raise SurgicalError(
                 f"label {bad[0]} is outside 0..{cfg.model.num_labels - 1}", "Set model.num_labels"
             )
-        ex = TextExamples([str(r[d.text_column]) for r in rows], labels)
         return text_batches(tokenizer, ex, d.batch_size, d.max_length)
-    rows = load_table(d.path, [d.prompt_column, d.response_column])[: d.limit]
-    return instruction_batches(
-        tokenizer,
-        [str(r[d.prompt_column]) for r in rows],
-        [str(r[d.response_column]) for r in rows],
-        d.batch_size,
-        d.max_length,
+    prompts, responses = load_instructions(
+        d.path, d.prompt_column, d.response_column, split=d.split, limit=d.limit
     )
+    return instruction_batches(tokenizer, prompts, responses, d.batch_size, d.max_length)
 
 
 def make_plan(cfg: RunConfig, model, batches):
