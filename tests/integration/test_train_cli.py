@@ -190,6 +190,24 @@ def test_kill_9_then_resume_ends_with_the_same_delta(tmp_path, files):
         assert torch.equal(t, b.full[name]), name
 
 
+def test_resume_refuses_changed_settings_and_allows_harmless_ones(tmp_path, files, monkeypatch, capsys):
+    cfg = _config(tmp_path, files, training={"max_steps": 3, "lr": 0.01, "checkpoint_every": 1})
+    code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(cfg))
+    assert code == 0, err
+    code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(cfg), "--resume", "--lr", "0.02",
+                            "--density", "0.1")  # fmt: skip
+    err = " ".join(err.split())
+    assert code == 2 and "Traceback" not in err
+    assert "training.lr was 0.01, now 0.02" in err and "selection.density was 0.05, now 0.1" in err
+    assert "start a fresh run in another directory" in err
+    # how often to checkpoint and the resume flag cannot change the result
+    code, out, err = run_main(monkeypatch, capsys, "train", "-c", str(cfg), "--resume", "--set",
+                              "training.checkpoint_every=2")  # fmt: skip
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["resumed_from"] == 3 and summary["steps"] == 3 and "3 steps" in out
+
+
 def test_keys_lists_every_config_key_with_help(monkeypatch, capsys):
     code, out, _ = run_main(monkeypatch, capsys, "train", "--keys")
     assert code == 0

@@ -3,7 +3,8 @@
 Run directory layout (``cfg.out``)::
 
     plan/          the plan trained (reused by --resume, so a resumed run trains the same entries)
-    checkpoints/   step-N checkpoints (atomic; the newest is kept)
+    checkpoints/   step-N checkpoints (atomic; the newest is kept), each with the run config that
+                   --resume must match (RunConfig.trajectory)
     delta/         the delta (written at the end)
     summary.json   config, counts, losses, timings, status
 """
@@ -132,6 +133,7 @@ def run_train(cfg: RunConfig, console: Console | None = None, show: bool = True)
         checkpoint_dir=out / "checkpoints",
         checkpoint_every=t.checkpoint_every,
         resume=t.resume,
+        run_config=cfg.trajectory(),  # a resume with other settings is refused, naming them
         on_nan="stop",
         show=show,
     )
@@ -159,14 +161,17 @@ def run_train(cfg: RunConfig, console: Console | None = None, show: bool = True)
         kept = f"kept the last good checkpoint {ckpt}" if ckpt else "no checkpoint had been written yet"
         raise SurgicalError(
             f"the loss became NaN/inf at step {result.steps + 1}; training stopped, {kept}, no delta written",
-            "Lower training.lr or set training.max_grad_norm, then rerun with --resume",
+            "Lower training.lr or set training.max_grad_norm and rerun in a fresh out directory "
+            "(--resume refuses changed settings)",
         )
     delta = extract(model, training={k: v for k, v in summary.items() if k != "losses"})
     delta.save(out / "delta")
     summary["delta"] = str(out / "delta")
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    # a resume of a finished run takes no step and has no loss to report
+    loss = "" if summary["final_loss"] is None else f", final loss {summary['final_loss']:.4f}"
     console.print(
-        f"{result.steps} steps, final loss {summary['final_loss']:.4f}, "
+        f"{result.steps} steps{loss}, "
         f"{summary['seconds_per_step']:.3f} s/step; wrote {out / 'delta'} and {out / 'summary.json'}"
     )
     return summary
