@@ -46,6 +46,17 @@ def write_cls_csv(path: Path, n: int = 48, seed: int = 0) -> Path:
     return path
 
 
+def write_cls_dataset_dict(path: Path, n: int = 48, seed: int = 0) -> Path:
+    """The rows of :func:`write_cls_csv` as a ``DatasetDict`` (train: all, test: the first 8) on disk."""
+    import datasets
+
+    with open(write_cls_csv(path.with_suffix(".csv"), n, seed), newline="") as fh:
+        rows = [{"text": r["text"], "label": int(r["label"])} for r in csv.DictReader(fh)]
+    train = datasets.Dataset.from_list(rows)
+    datasets.DatasetDict(train=train, test=train.select(range(8))).save_to_disk(str(path))
+    return path
+
+
 def write_instruct_jsonl(path: Path, n: int = 24, seed: int = 0) -> Path:
     rng = random.Random(seed)
     with open(path, "w") as fh:

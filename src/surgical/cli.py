@@ -288,7 +288,12 @@ def _parse_options(items: list[str] | None) -> dict:
 @app.command("select")
 def select_cmd(
     model: Annotated[str, typer.Argument(help="Model directory (Hugging Face, local).")],
-    data: Annotated[str, typer.Option(help="Calibration data: CSV or JSON-lines with a text column.")],
+    data: Annotated[
+        str,
+        typer.Option(
+            help="Calibration data with a text column: .csv, .jsonl, .parquet, .arrow or a save_to_disk dir."
+        ),
+    ],
     out: Annotated[str, typer.Option(help="Directory for the plan.")] = "surgical-plan",
     method: Annotated[str, typer.Option(help="Criterion (gradient, fisher, lottery ...).")] = "gradient",
     density: Annotated[float | None, typer.Option(help="Fraction of the targeted parameters.")] = None,
@@ -316,6 +321,7 @@ def select_cmd(
     task: Annotated[str, typer.Option(help="auto, classification or causal-lm.")] = "auto",
     text_column: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
     label_column: Annotated[str, typer.Option(help="Integer label column (classification).")] = "label",
+    split: Annotated[str, typer.Option(help="Split of a DatasetDict directory.")] = "train",
     batches: Annotated[int, typer.Option(help="Calibration batches.")] = 16,
     batch_size: Annotated[int, typer.Option(help="Examples per calibration batch.")] = 16,
     max_length: Annotated[int, typer.Option(help="Tokens per example.")] = 128,
@@ -336,6 +342,7 @@ def select_cmd(
         model,
         data,
         task=task,
+        split=split,
         text_column=text_column,
         label_column=label_column,
         batches=batches,

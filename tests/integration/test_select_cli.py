@@ -100,6 +100,20 @@ def test_select_causal_lm_heads(dirs, monkeypatch, capsys):
     assert "q_proj" in stdout and "o_proj" in stdout
 
 
+def test_select_reads_a_dataset_dict_split(dirs, tmp_path, monkeypatch, capsys):
+    datasets = pytest.importorskip("datasets")
+    rows = {"text": [f"a {'fine' if i % 2 else 'dull'} film {i}" for i in range(16)], "label": [0, 1] * 8}
+    ds = datasets.Dataset.from_dict(rows)
+    datasets.DatasetDict(calib=ds).save_to_disk(str(tmp_path / "ds"))
+    common = ["select", str(dirs["bert"]), "--data", str(tmp_path / "ds"), "--density", "0.1",
+              "--batches", "2", "--batch-size", "8"]  # fmt: skip
+    code, _, err = run_main(monkeypatch, capsys, *common, "--split", "calib", "--out", str(tmp_path / "p"))
+    assert code == 0, err
+    assert sg.Plan.load(tmp_path / "p").meta["calibration_batches"] == 2
+    code, _, err = run_main(monkeypatch, capsys, *common, "--out", str(tmp_path / "q"))
+    assert code == 2 and "has no split 'train' (it has calib)" in " ".join(err.split())
+
+
 def test_inspect_known_plan_prints_shares_and_writes_png(tmp_path, monkeypatch, capsys):
     shapes = {
         "model.layers.0.self_attn.q_proj.weight": [8, 4],

@@ -17,7 +17,7 @@ import yaml
 import surgical as sg
 from conftest import run_main
 from surgical.train.checkpoint import latest_checkpoint
-from train_fixtures import save_tiny_model, write_cls_csv, write_instruct_jsonl
+from train_fixtures import save_tiny_model, write_cls_csv, write_cls_dataset_dict, write_instruct_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, COLUMNS="120", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
@@ -79,12 +79,26 @@ def test_train_causal_lm_instruction_data(tmp_path, files, monkeypatch, capsys):
     assert summary["steps"] == 4 and all(torch.isfinite(torch.tensor(summary["losses"])))
 
 
+def test_train_on_a_save_to_disk_dataset_dict_split(tmp_path, files, monkeypatch, capsys):
+    pytest.importorskip("datasets")
+    disk = write_cls_dataset_dict(tmp_path / "cls-dataset")
+    cfg = _config(tmp_path, files, data={"path": str(disk), "split": "test"}, training={"max_steps": 2})
+    code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(cfg))
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["config"]["data"]["split"] == "test"
+    code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(cfg), "--set", "data.split=valid")
+    err = " ".join(err.split())
+    assert code == 2 and "has no split 'valid' (it has train, test)" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     ("sections", "needle"),
     [
         ({"data": {"text_column": "sentence"}}, "lacks column(s) sentence"),
         ({"training": {"lr_max": 1}}, "unknown config key 'training.lr_max'"),
         ({"model": {"task": "translation"}}, "unknown model.task 'translation'"),
+        ({"data": {"path": "imdb"}}, "data path 'imdb' does not exist. Pass a .csv, .jsonl/.json, .parquet"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, files, monkeypatch, capsys, sections, needle):
@@ -174,6 +188,24 @@ def test_kill_9_then_resume_ends_with_the_same_delta(tmp_path, files):
         assert torch.equal(idx, b.entries[name][0]) and torch.equal(vals, b.entries[name][1]), name
     for name, t in a.full.items():
         assert torch.equal(t, b.full[name]), name
+
+
+def test_resume_refuses_changed_settings_and_allows_harmless_ones(tmp_path, files, monkeypatch, capsys):
+    cfg = _config(tmp_path, files, training={"max_steps": 3, "lr": 0.01, "checkpoint_every": 1})
+    code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(cfg))
+    assert code == 0, err
+    code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(cfg), "--resume", "--lr", "0.02",
+                            "--density", "0.1")  # fmt: skip
+    err = " ".join(err.split())
+    assert code == 2 and "Traceback" not in err
+    assert "training.lr was 0.01, now 0.02" in err and "selection.density was 0.05, now 0.1" in err
+    assert "start a fresh run in another directory" in err
+    # how often to checkpoint and the resume flag cannot change the result
+    code, out, err = run_main(monkeypatch, capsys, "train", "-c", str(cfg), "--resume", "--set",
+                              "training.checkpoint_every=2")  # fmt: skip
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["resumed_from"] == 3 and summary["steps"] == 3 and "3 steps" in out
 
 
 def test_keys_lists_every_config_key_with_help(monkeypatch, capsys):

@@ -1,5 +1,7 @@
 """Data loading and batching."""
 
-from surgical.data.text import TextExamples, load_table, text_batches
+from surgical.data.instruct import instruction_batches, load_instructions
+from surgical.data.table import load_table
+from surgical.data.text import TextExamples, text_batches
 
-__all__ = ["TextExamples", "load_table", "text_batches"]
+__all__ = ["TextExamples", "instruction_batches", "load_instructions", "load_table", "text_batches"]

@@ -3,12 +3,40 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
+from surgical.data.table import load_table
 from surgical.errors import SurgicalError
 
 IGNORE_INDEX = -100  # the label value Hugging Face losses skip
+
+
+def load_instructions(
+    source: Any,
+    prompt_column: str = "prompt",
+    response_column: str = "response",
+    *,
+    split: str = "train",
+    limit: int | None = None,
+) -> tuple[list[str], list[str]]:
+    """(prompts, responses) from any source :func:`surgical.data.load_table` reads.
+
+    Use with :func:`instruction_batches`:
+    ``instruction_batches(tok, *load_instructions(ds), batch_size=8, max_length=256)``.
+
+    Args:
+        source: A file or ``save_to_disk`` directory path, or a ``datasets.Dataset`` /
+            ``DatasetDict``.
+        split: Split of a ``DatasetDict``.
+        limit: Read only the first ``limit`` examples.
+
+    Raises:
+        SurgicalError: for what :func:`load_table` refuses (missing columns, no rows, ...).
+    """
+    rows = load_table(source, [prompt_column, response_column], split=split, limit=limit)
+    return [str(r[prompt_column]) for r in rows], [str(r[response_column]) for r in rows]
 
 
 def instruction_batches(

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import torch
 
+from surgical.data.table import describe, load_table
 from surgical.errors import SurgicalError
 
 
@@ -27,48 +26,66 @@ class TextExamples:
         """The examples at positions ``idx``, in that order."""
         return TextExamples([self.texts[i] for i in idx], [self.labels[i] for i in idx])
 
+    @classmethod
+    def load(
+        cls,
+        source: Any,
+        text_column: str = "text",
+        label_column: str | None = "label",
+        *,
+        split: str = "train",
+        limit: int | None = None,
+    ) -> TextExamples:
+        """Texts and integer labels from any source :func:`surgical.data.load_table` reads.
 
-def load_table(path: str | Path, columns: Sequence[str]) -> list[dict[str, str]]:
-    """Reads a CSV or JSON-lines file and checks that ``columns`` are present.
+        Args:
+            source: A file or ``save_to_disk`` directory path, or a ``datasets.Dataset`` /
+                ``DatasetDict``.
+            text_column: Column holding the text.
+            label_column: Column holding integer labels; None: no labels (all 0).
+            split: Split of a ``DatasetDict``.
+            limit: Read only the first ``limit`` examples.
 
-    Raises:
-        SurgicalError: if the file is missing or unreadable, lacks a column, or has no rows.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise SurgicalError(
-            f"data file {str(path)!r} does not exist", "Pass the path of a .csv or .jsonl file"
-        )
-    try:
-        if path.suffix in (".jsonl", ".json"):
-            with open(path) as fh:
-                rows = [json.loads(line) for line in fh if line.strip()]
-        else:
-            with open(path, newline="") as fh:
-                rows = list(csv.DictReader(fh))
-    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as e:
-        raise SurgicalError(f"cannot parse {str(path)!r}: {e}", "Check the file's format") from None
-    if not rows:
-        raise SurgicalError(f"data file {str(path)!r} has no rows", "Pass a non-empty dataset")
-    missing = [c for c in columns if c not in rows[0]]
-    if missing:
-        raise SurgicalError(
-            f"data file {str(path)!r} lacks column(s) {', '.join(missing)} (it has {', '.join(rows[0])})",
-            "Rename the columns or pass the right column names",
-        )
-    return rows
+        Raises:
+            SurgicalError: for what :func:`load_table` refuses, and a label that is not an integer.
+        """
+        columns = [text_column] + ([label_column] if label_column else [])
+        rows = load_table(source, columns, split=split, limit=limit)
+        labels = [0] * len(rows)
+        if label_column:
+            try:
+                labels = [int(r[label_column]) for r in rows]
+            except (TypeError, ValueError) as e:
+                raise SurgicalError(
+                    f"column {label_column!r} of {describe(source, split)} must hold integer labels ({e})",
+                    "Map the labels to 0..C-1",
+                ) from None
+        return cls([str(r[text_column]) for r in rows], labels)
 
 
 def text_batches(
     tokenizer,
-    data: TextExamples,
+    data: Any,
     batch_size: int,
     max_length: int,
     *,
     shuffle: bool = False,
     seed: int = 0,
+    text_column: str = "text",
+    label_column: str = "label",
 ) -> list[dict[str, torch.Tensor]]:
-    """Tokenizes ``data`` into batches with labels, padded to the longest text of each batch."""
+    """Tokenizes ``data`` into batches with labels, padded to the longest text of each batch.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer.
+        data: :class:`TextExamples`, or anything :meth:`TextExamples.load` reads (a
+            ``datasets.Dataset``, a file path), read with ``text_column`` and ``label_column``.
+        batch_size: Examples per batch (the last batch may be smaller).
+        max_length: Tokens per text; longer texts are truncated.
+        shuffle: Shuffle the examples first, with ``seed``.
+    """
+    if not isinstance(data, TextExamples):
+        data = TextExamples.load(data, text_column, label_column)
     if len(data) == 0:
         raise SurgicalError("the dataset is empty", "Pass a dataset with at least one example")
     order = list(range(len(data)))

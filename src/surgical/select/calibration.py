@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from surgical.data.text import TextExamples, load_table, text_batches
+from surgical.data.text import TextExamples, text_batches
 from surgical.errors import SurgicalError
 from surgical.utils import quiet_transformers
 
@@ -29,28 +30,21 @@ def detect_task(model_dir: Path) -> str:
     return "causal-lm" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else "classification"
 
 
-def read_examples(path: str | Path, text_column: str, label_column: str | None) -> TextExamples:
-    """Texts (and integer labels when ``label_column`` is given) from a CSV or JSON-lines file."""
-    columns = [text_column] + ([label_column] if label_column else [])
-    rows = load_table(path, columns)
-    labels = []
-    if label_column:
-        try:
-            labels = [int(r[label_column]) for r in rows]
-        except (TypeError, ValueError) as e:
-            raise SurgicalError(
-                f"a {label_column!r} value in {str(path)!r} is not an integer ({e})", "Use 0..C-1 labels"
-            ) from None
-    else:
-        labels = [0] * len(rows)
-    return TextExamples([str(r[text_column]).replace("<br />", " ") for r in rows], labels)
+def read_examples(
+    source: Any, text_column: str, label_column: str | None, split: str = "train"
+) -> TextExamples:
+    """Texts (and integer labels when ``label_column`` is given) from any source
+    :func:`surgical.data.load_table` reads; IMDB's ``<br />`` line breaks become spaces."""
+    ex = TextExamples.load(source, text_column, label_column, split=split)
+    return TextExamples([t.replace("<br />", " ") for t in ex.texts], ex.labels)
 
 
 def load_for_selection(
     model_dir: str | Path,
-    data: str | Path,
+    data: Any,
     *,
     task: str = "auto",
+    split: str = "train",
     text_column: str = "text",
     label_column: str = "label",
     batches: int = 16,
@@ -58,7 +52,11 @@ def load_for_selection(
     max_length: int = 128,
     seed: int = 0,
 ):
-    """Loads the model and up to ``batches`` shuffled calibration batches; returns (model, batches, task)."""
+    """Loads the model and up to ``batches`` shuffled calibration batches; returns (model, batches, task).
+
+    ``data`` is a file or ``save_to_disk`` directory path (``split`` picks a DatasetDict's
+    split) or a ``datasets.Dataset``.
+    """
     from surgical.hf import check_model_dir, load_model
 
     quiet_transformers()
@@ -71,7 +69,7 @@ def load_for_selection(
         )
     model_dir = check_model_dir(model_dir)
     task = detect_task(model_dir) if task == "auto" else task
-    examples = read_examples(data, text_column, label_column if task == "classification" else None)
+    examples = read_examples(data, text_column, label_column if task == "classification" else None, split)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))
     examples = examples.subset(order[: batches * batch_size].tolist())
     num_labels = max(2, max(examples.labels) + 1) if task == "classification" else 2

@@ -8,7 +8,8 @@ new one is in place.
 Trained values are stored by parameter name (``weight_sg_delta`` parameters included) together
 with the entry indices of every entry-sparse weight, since dynamic schedules may move them, and
 the row or column indices of every block (tied embedding rows included), which must match on
-resume: a block's values mean nothing against other rows.
+resume: a block's values mean nothing against other rows. Each checkpoint also stores the run's
+identity (:mod:`surgical.train.identity`), and loading compares it before restoring anything.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from __future__ import annotations
 import random
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from surgical.errors import SurgicalError
 from surgical.train.hooks import StepState, TrainHook
+from surgical.train.identity import check_identity
 from surgical.utils import atomic_dir
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -65,11 +68,20 @@ def _trainable_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
 
 
 def save_checkpoint(
-    checkpoint_dir: str | Path, state: StepState, hooks: Sequence[TrainHook] = (), keep: int = 1
+    checkpoint_dir: str | Path,
+    state: StepState,
+    hooks: Sequence[TrainHook] = (),
+    keep: int = 1,
+    identity: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Writes ``step-<state.step>`` atomically and keeps only the newest ``keep`` checkpoints."""
+    """Writes ``step-<state.step>`` atomically and keeps only the newest ``keep`` checkpoints.
+
+    ``identity`` (what defines the run, see :func:`surgical.train.identity.run_identity`) is
+    stored so that :func:`load_checkpoint` can refuse a resume with other settings.
+    """
     payload = {
         "step": state.step,
+        "identity": dict(identity) if identity is not None else None,
         "model": _trainable_state(state.model, state.optimizer),
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
@@ -88,11 +100,22 @@ def save_checkpoint(
     return target
 
 
-def load_checkpoint(path: str | Path, state: StepState, hooks: Sequence[TrainHook] = ()) -> None:
+def load_checkpoint(
+    path: str | Path,
+    state: StepState,
+    hooks: Sequence[TrainHook] = (),
+    identity: Mapping[str, Any] | None = None,
+) -> None:
     """Restores a checkpoint into a model prepared with the same plan, and its optimizer.
 
+    Args:
+        identity: The resuming run's identity; if given, it must equal the stored one (a
+            checkpoint that stores none, written before identities existed, loads with a
+            warning). None: no check.
+
     Raises:
-        SurgicalError: if the checkpoint is unreadable or does not fit the model.
+        SurgicalError: if the checkpoint is unreadable, belongs to a run with other settings
+            (nothing is restored then), or does not fit the model.
     """
     path = Path(path)
     try:
@@ -101,6 +124,8 @@ def load_checkpoint(path: str | Path, state: StepState, hooks: Sequence[TrainHoo
         raise SurgicalError(
             f"checkpoint {str(path)!r} is unreadable ({e})", "Delete it to start over"
         ) from None
+    if identity is not None:
+        check_identity(payload.get("identity"), identity, repr(str(path)))
     model = state.model
     saved = payload["model"]
     buffers = dict(model.named_buffers())

@@ -37,9 +37,12 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Training data: a .csv or .jsonl file with named columns."""
+    """Training data: a file or a ``datasets`` save_to_disk directory with named columns."""
 
-    path: str = _f("", "Path of a .csv or .jsonl file.")
+    path: str = _f(
+        "", "A .csv, .jsonl, .parquet or .arrow file, or a directory written by datasets' save_to_disk."
+    )
+    split: str = _f("train", "Split to read when data.path holds a DatasetDict.")
     text_column: str = _f("text", "Classification: column holding the text.")
     label_column: str = _f("label", "Classification: column holding the integer label.")
     prompt_column: str = _f("prompt", "Causal LM: column holding the prompt (no loss on it).")
@@ -91,6 +94,16 @@ class TrainingConfig:
     resume: bool = _f(False, "Continue from the newest checkpoint in the output directory.")
 
 
+# Keys that cannot change what a run computes, so ``--resume`` accepts a change to them: where
+# the run lives (a moved run directory resumes), how often it checkpoints (saving touches no
+# value or RNG state), the resume flag itself, and gradient checkpointing (it recomputes the
+# same forward with the same RNG state; switching it on after running out of memory is a
+# reason to resume). Every other key is part of the run's identity.
+RESUMABLE_CHANGES = frozenset(
+    {"out", "training.checkpoint_every", "training.resume", "model.gradient_checkpointing"}
+)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """A whole ``surgical train`` run."""
@@ -105,6 +118,19 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable form (tuples become lists)."""
         return dataclasses.asdict(self)
+
+    def trajectory(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the checkpoint's: every key as a dotted
+        path, minus :data:`RESUMABLE_CHANGES` (and ``training.epochs`` when max_steps is set)."""
+        flat: dict[str, Any] = {}
+        for section, value in self.to_dict().items():
+            if isinstance(value, dict):
+                flat.update({f"{section}.{k}": v for k, v in value.items()})
+            else:
+                flat[section] = value
+        if self.training.max_steps is not None:
+            flat.pop("training.epochs")
+        return {k: v for k, v in flat.items() if k not in RESUMABLE_CHANGES}
 
 
 def _check_type(path: str, value: Any, tp: Any) -> Any:

@@ -52,6 +52,15 @@ class TrainHook:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores what :meth:`state_dict` returned."""
 
+    def config(self) -> dict[str, Any] | None:
+        """The settings that change the training trajectory (JSON values), or None if none do.
+
+        Checkpoints store the configs of the hooks that return one (with the class name); a
+        resume with other hooks or other settings is refused. Hooks returning None (the
+        default: loggers, probes) are not checked and may differ between runs.
+        """
+        return None
+
 
 class SurgicalCallback(TrainerCallback):
     """Runs surgical hooks (dynamic schedules) inside ``transformers.Trainer``.

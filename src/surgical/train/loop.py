@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,6 +80,7 @@ def fit(
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
+    run_config: Mapping[str, Any] | None = None,
     on_nan: str = "raise",
     show: bool = True,
 ) -> FitResult:
@@ -97,7 +99,14 @@ def fit(
             :class:`surgical.train.hooks.TrainHook`).
         checkpoint_dir: Where checkpoints go (``step-N`` directories, written atomically).
         checkpoint_every: Write a checkpoint every this many optimizer steps (0: only at the end).
-        resume: Continue from the latest checkpoint in ``checkpoint_dir`` if there is one.
+        resume: Continue from the latest checkpoint in ``checkpoint_dir`` if there is one, into
+            a freshly prepared model. Refused (a SurgicalError naming each difference) unless
+            the settings, the batches and the selection are those the checkpoint was written
+            with (see :mod:`surgical.train.identity`); the model is left untouched then.
+        run_config: The settings that define the run, stored in checkpoints and compared on
+            resume instead of this function's own arguments (lr, max_steps or epochs,
+            weight_decay, warmup, grad_accum, max_grad_norm, bf16, seed and the configs of
+            hooks that declare one). ``surgical train`` passes its config here.
         on_nan: What a non-finite loss does: ``"raise"`` a SurgicalError, or ``"stop"`` and
             return with ``stopped="nan"``. Either way the bad step is not applied and the last
             checkpoint written is left as it was.
@@ -106,6 +115,7 @@ def fit(
         A :class:`FitResult`.
     """
     from surgical.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from surgical.train.identity import fit_settings, run_identity
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -124,11 +134,21 @@ def fit(
     total = max_steps if max_steps is not None else epochs * per_epoch
     sched = get_linear_schedule_with_warmup(opt, int(warmup * total), total)
     state = StepState(model=model, optimizer=opt, scheduler=sched, step=0, total_steps=total)
+    identity = None
+    if checkpoint_dir is not None:  # computed before a checkpoint moves any entry
+        settings = run_config
+        if settings is None:
+            args = dict(lr=lr, max_steps=max_steps, weight_decay=weight_decay, warmup=warmup,
+                        grad_accum=grad_accum, max_grad_norm=max_grad_norm, bf16=bf16, seed=seed)  # fmt: skip
+            if max_steps is None:  # epochs are ignored when max_steps is set
+                args["epochs"] = epochs
+            settings = fit_settings(args, hooks)
+        identity = run_identity(model, batches, settings)
     resumed_from = None
     if resume and checkpoint_dir is not None:
         ckpt = latest_checkpoint(checkpoint_dir)
         if ckpt is not None:
-            load_checkpoint(ckpt, state, hooks)
+            load_checkpoint(ckpt, state, hooks, identity=identity)
             resumed_from = state.step
     for h in hooks:
         h.on_train_begin(state)
@@ -175,7 +195,7 @@ def fit(
             for h in hooks:
                 h.on_step_end(state)
             if checkpoint_dir is not None and checkpoint_every and state.step % checkpoint_every == 0:
-                save_checkpoint(checkpoint_dir, state, hooks)
+                save_checkpoint(checkpoint_dir, state, hooks, identity=identity)
             elapsed = time.perf_counter() - start
             recent = sum(losses[-20:]) / len(losses[-20:])
             bar.update(
@@ -189,7 +209,7 @@ def fit(
         and checkpoint_dir is not None
         and not (checkpoint_every and state.step % checkpoint_every == 0)
     ):
-        save_checkpoint(checkpoint_dir, state, hooks)
+        save_checkpoint(checkpoint_dir, state, hooks, identity=identity)
     return FitResult(
         steps=state.step,
         seconds=time.perf_counter() - start,

@@ -3,7 +3,8 @@
 Run directory layout (``cfg.out``)::
 
     plan/          the plan trained (reused by --resume, so a resumed run trains the same entries)
-    checkpoints/   step-N checkpoints (atomic; the newest is kept)
+    checkpoints/   step-N checkpoints (atomic; the newest is kept), each with the run config that
+                   --resume must match (RunConfig.trajectory)
     delta/         the delta (written at the end)
     summary.json   config, counts, losses, timings, status
 """
@@ -46,34 +47,23 @@ def load_model(cfg: RunConfig):
 
 
 def load_batches(cfg: RunConfig, tokenizer) -> list[dict[str, torch.Tensor]]:
-    """Reads the data file and builds training batches for the configured task."""
-    from surgical.data.instruct import instruction_batches
-    from surgical.data.text import TextExamples, load_table, text_batches
+    """Reads the data (a file, or a ``save_to_disk`` directory's ``data.split``) into batches."""
+    from surgical.data.instruct import instruction_batches, load_instructions
+    from surgical.data.text import TextExamples, text_batches
 
     d = cfg.data
     if cfg.model.task == "classification":
-        rows = load_table(d.path, [d.text_column, d.label_column])[: d.limit]
-        try:
-            labels = [int(r[d.label_column]) for r in rows]
-        except (TypeError, ValueError):
-            raise SurgicalError(
-                f"column {d.label_column!r} of {d.path!r} must hold integer labels", "Map labels to 0..N-1"
-            ) from None
-        bad = [x for x in labels if not 0 <= x < cfg.model.num_labels]
+        ex = TextExamples.load(d.path, d.text_column, d.label_column, split=d.split, limit=d.limit)
+        bad = [x for x in ex.labels if not 0 <= x < cfg.model.num_labels]
         if bad:
             raise SurgicalError(
                 f"label {bad[0]} is outside 0..{cfg.model.num_labels - 1}", "Set model.num_labels"
             )
-        ex = TextExamples([str(r[d.text_column]) for r in rows], labels)
         return text_batches(tokenizer, ex, d.batch_size, d.max_length)
-    rows = load_table(d.path, [d.prompt_column, d.response_column])[: d.limit]
-    return instruction_batches(
-        tokenizer,
-        [str(r[d.prompt_column]) for r in rows],
-        [str(r[d.response_column]) for r in rows],
-        d.batch_size,
-        d.max_length,
+    prompts, responses = load_instructions(
+        d.path, d.prompt_column, d.response_column, split=d.split, limit=d.limit
     )
+    return instruction_batches(tokenizer, prompts, responses, d.batch_size, d.max_length)
 
 
 def make_plan(cfg: RunConfig, model, batches):
@@ -143,6 +133,7 @@ def run_train(cfg: RunConfig, console: Console | None = None, show: bool = True)
         checkpoint_dir=out / "checkpoints",
         checkpoint_every=t.checkpoint_every,
         resume=t.resume,
+        run_config=cfg.trajectory(),  # a resume with other settings is refused, naming them
         on_nan="stop",
         show=show,
     )
@@ -170,14 +161,17 @@ def run_train(cfg: RunConfig, console: Console | None = None, show: bool = True)
         kept = f"kept the last good checkpoint {ckpt}" if ckpt else "no checkpoint had been written yet"
         raise SurgicalError(
             f"the loss became NaN/inf at step {result.steps + 1}; training stopped, {kept}, no delta written",
-            "Lower training.lr or set training.max_grad_norm, then rerun with --resume",
+            "Lower training.lr or set training.max_grad_norm and rerun in a fresh out directory "
+            "(--resume refuses changed settings)",
         )
     delta = extract(model, training={k: v for k, v in summary.items() if k != "losses"})
     delta.save(out / "delta")
     summary["delta"] = str(out / "delta")
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    # a resume of a finished run takes no step and has no loss to report
+    loss = "" if summary["final_loss"] is None else f", final loss {summary['final_loss']:.4f}"
     console.print(
-        f"{result.steps} steps, final loss {summary['final_loss']:.4f}, "
+        f"{result.steps} steps{loss}, "
         f"{summary['seconds_per_step']:.3f} s/step; wrote {out / 'delta'} and {out / 'summary.json'}"
     )
     return summary

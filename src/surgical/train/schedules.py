@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,6 +74,9 @@ class _Freezer(TrainHook):
             active.update(units[u])
         set_active(state.optimizer, params, active)
 
+    def config(self) -> dict[str, Any]:
+        return {"every": self.every, "seed": self.seed}
+
     def on_train_begin(self, state: StepState) -> None:
         self._apply(state)
 
@@ -95,6 +99,9 @@ class LISA(_Freezer):
         if gamma < 1:
             raise SurgicalError(f"schedule.gamma must be at least 1, got {gamma}", "Pass a positive count")
         self.gamma = gamma
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "gamma": self.gamma}
 
     def units(self, params):
         layers: dict[str, list[str]] = defaultdict(list)
@@ -164,6 +171,9 @@ class Regrow(TrainHook):
             for m in self._modules(state):
                 self.changes += regrow_module(m, state.optimizer, self.fraction)
         self._arm(state)
+
+    def config(self) -> dict[str, Any]:
+        return {"every": self.every, "fraction": self.fraction, "seed": self.seed}
 
     def state_dict(self):
         return {"changes": self.changes}

@@ -1,0 +1,186 @@
+"""Reading tabular data from files, ``save_to_disk`` directories and Hugging Face datasets objects.
+
+Accepted sources (:data:`FORMS`): a ``.csv`` file, a JSON-lines file (``.jsonl``/``.json``), a
+``.parquet`` or ``.arrow`` file, a directory written by ``Dataset.save_to_disk`` or
+``DatasetDict.save_to_disk`` (a split is picked from a ``DatasetDict``), or an in-memory
+``datasets.Dataset``/``DatasetDict``. Every source is read into rows first and then goes through
+the same checks (:func:`_checked`), so the errors for an empty table or a missing column read
+the same whatever the format.
+
+Nothing here touches the network: a string that is not an existing path is an error, never a
+Hub dataset name. ``HF_DATASETS_OFFLINE`` is set (unless the user set it) before ``datasets`` is
+imported, and only its local readers are used. ``datasets`` is imported only for the formats
+that need it, so CSV and JSON-lines readers do not pay its import time.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from surgical.errors import SurgicalError
+
+FORMS = (
+    "a .csv, .jsonl/.json, .parquet or .arrow file, or a directory written by "
+    "datasets' save_to_disk"
+)
+
+
+def load_table(
+    source: Any, columns: Sequence[str], *, split: str = "train", limit: int | None = None
+) -> list[dict[str, Any]]:
+    """Reads ``source`` into rows (dicts keyed by column) and checks that ``columns`` are present.
+
+    Args:
+        source: A path (str or Path) of one of :data:`FORMS`, or a ``datasets.Dataset`` /
+            ``datasets.DatasetDict``.
+        columns: Columns every row must have. Datasets sources are read with only these
+            columns, so unused wide columns cost nothing.
+        split: The split to read when the source is a ``DatasetDict`` (ignored otherwise).
+        limit: Read only the first ``limit`` rows (None: all).
+
+    Returns:
+        At most ``limit`` rows, in the source's order, each with at least ``columns``.
+
+    Raises:
+        SurgicalError: if the source does not exist or cannot be read, the split is missing
+            (naming the available ones), the table has no rows, or a column is missing.
+    """
+    where = describe(source, split)
+    names, rows = _read(source, columns, split, limit)
+    return _checked(where, names, rows, columns)
+
+
+def describe(source: Any, split: str = "train") -> str:
+    """How errors name ``source``: ``data file 'x.csv'``, ``dataset 'dir'`` or ``the dataset``."""
+    if isinstance(source, (str, Path)):
+        return f"{'dataset' if Path(source).is_dir() else 'data file'} {str(source)!r}"
+    return "the dataset"
+
+
+def _checked(
+    where: str, names: Sequence[str], rows: list[dict[str, Any]], columns: Sequence[str]
+) -> list[dict[str, Any]]:
+    """The checks every format ends in: at least one row, and every row has every column."""
+    if not rows:
+        raise SurgicalError(f"{where} has no rows", "Pass a non-empty dataset")
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise SurgicalError(
+            f"{where} lacks column(s) {', '.join(missing)} (it has {', '.join(names)})",
+            "Rename the columns or pass the right column names",
+        )
+    # JSON lines may differ from row to row; a later row without a column would fail far away
+    bad = next((i for i, r in enumerate(rows) if any(c not in r for c in columns)), None)
+    if bad is not None:
+        lacking = ", ".join(c for c in columns if c not in rows[bad])
+        raise SurgicalError(f"row {bad + 1} of {where} lacks column(s) {lacking}", "Fix that row")
+    return rows
+
+
+def _read(
+    source: Any, columns: Sequence[str], split: str, limit: int | None
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """(column names, rows) of any accepted source, before any check."""
+    if not isinstance(source, (str, Path)):
+        return _from_dataset(_pick_split(source, split, "the dataset"), columns, limit)
+    path = Path(source)
+    if not str(source) or not path.exists():
+        raise SurgicalError(f"data path {str(source)!r} does not exist", f"Pass {FORMS}")
+    if path.is_dir():
+        return _from_dataset(_load_from_disk(path, split), columns, limit)
+    if path.suffix in (".parquet", ".arrow"):
+        return _from_dataset(_load_file(path), columns, limit)
+    try:
+        if path.suffix in (".jsonl", ".json"):
+            with open(path) as fh:
+                rows = [json.loads(line) for line in fh if line.strip()]
+            if not all(isinstance(r, dict) for r in rows):
+                raise ValueError("every line must be a JSON object")
+        else:
+            with open(path, newline="") as fh:
+                rows = list(csv.DictReader(fh))
+    except (ValueError, csv.Error, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise SurgicalError(f"cannot parse {str(path)!r}: {e}", "Check the file's format") from None
+    rows = rows[:limit]
+    return (list(rows[0]) if rows else []), rows
+
+
+def _datasets():
+    """The ``datasets`` module, imported offline."""
+    # read at import time by datasets; only local readers are used below either way
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    try:
+        import datasets
+    except ImportError:
+        raise SurgicalError(
+            "reading Parquet, Arrow or save_to_disk data needs the `datasets` package",
+            "Run `pip install datasets`",
+        ) from None
+    return datasets
+
+
+def _load_from_disk(path: Path, split: str):
+    ds = _datasets()
+    try:
+        loaded = ds.load_from_disk(str(path))
+    except (OSError, ValueError) as e:  # FileNotFoundError: not a save_to_disk directory
+        raise SurgicalError(
+            f"cannot read dataset directory {str(path)!r}: {str(e).splitlines()[0]}", f"Pass {FORMS}"
+        ) from None
+    except IndexError:  # datasets (5.x) cannot load a dataset saved with no rows (no shards)
+        raise SurgicalError(
+            f"dataset {str(path)!r} has no rows (in some split)", "Pass a non-empty dataset"
+        ) from None
+    return _pick_split(loaded, split, f"dataset {str(path)!r}")
+
+
+def _load_file(path: Path):
+    """A ``datasets.Dataset`` over a Parquet file or an Arrow file (stream or IPC file format)."""
+    ds = _datasets()
+    import pyarrow as pa
+    import pyarrow.ipc
+    import pyarrow.parquet
+
+    try:
+        if path.suffix == ".parquet":
+            # read directly: Dataset.from_parquet would write a cache copy under ~/.cache
+            return ds.Dataset(pyarrow.parquet.read_table(str(path)))
+        try:
+            return ds.Dataset.from_file(str(path))  # the stream format save_to_disk writes
+        except pa.ArrowInvalid:
+            with pa.memory_map(str(path)) as fh:
+                return ds.Dataset(pyarrow.ipc.open_file(fh).read_all())
+    except (OSError, pa.ArrowException) as e:
+        raise SurgicalError(f"cannot parse {str(path)!r}: {e}", "Check the file's format") from None
+
+
+def _pick_split(data: Any, split: str, where: str):
+    """``data[split]`` for a DatasetDict (an error listing the splits if absent), else ``data``."""
+    ds = _datasets()
+    if isinstance(data, ds.DatasetDict):
+        if split not in data:
+            raise SurgicalError(
+                f"{where} has no split {split!r} (it has {', '.join(data) or 'none'})",
+                "Pass one of them as the split (data.split in a train config, --split for select)",
+            )
+        return data[split]
+    if not isinstance(data, ds.Dataset):
+        raise SurgicalError(
+            f"cannot read data of type {type(data).__name__}", f"Pass a datasets.Dataset or {FORMS}"
+        )
+    return data
+
+
+def _from_dataset(data: Any, columns: Sequence[str], limit: int | None) -> tuple[list[str], list[dict]]:
+    """(column names, rows) of a ``datasets.Dataset``, reading only ``columns`` and ``limit`` rows."""
+    names = list(data.column_names)
+    if limit is not None:
+        data = data.select(range(min(max(limit, 0), len(data))))
+    # keep one column even when none asked for exists, so an empty table still reads as empty
+    keep = [c for c in columns if c in names] or names[:1]
+    return names, data.select_columns(keep).to_list()
