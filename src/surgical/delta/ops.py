@@ -70,10 +70,10 @@ def extract(model: nn.Module, **meta) -> Delta:
         idx = state.indices(module).detach().to("cpu", torch.int64, copy=True)  # a Delta holds int64
         delta.entries[name] = (idx, state.delta(module).detach().float().cpu().clone())
     params = dict(model.named_parameters())
-    for name in info.plan.dense:
+    for name in info.dense:
         delta.full[name] = params[name].detach().float().cpu().clone()
         delta.shapes[name] = tuple(params[name].shape)
-    delta.meta = {"base": base_identity(model, exclude=delta.full), "plan": info.plan.meta, **meta}
+    delta.meta = {"base": base_identity(model, exclude=delta.full), "plan": info.meta, **meta}
     return delta
 
 

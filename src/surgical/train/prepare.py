@@ -31,9 +31,14 @@ from surgical.train.tied import attach_tied_rows, tied_row_owner, weight_users
 
 @dataclass
 class Prepared:
-    """What ``prepare`` recorded on the model (``model._sg_prepared``)."""
+    """What ``prepare`` recorded on the model (``model._sg_prepared``).
 
-    plan: Plan
+    Not the plan itself: its int64 entry indices would stay resident for the whole run (8 bytes
+    per entry beside the 4-byte copy the module keeps), so only what later steps read is kept.
+    """
+
+    dense: list[str]  # parameters trained densely (extract stores them whole)
+    meta: dict  # the plan's provenance (method, budget, ...), recorded in the delta
     entry_modules: dict[str, nn.Module]  # parameter name -> module holding it
 
 
@@ -167,7 +172,7 @@ def prepare(model: nn.Module, plan: Plan) -> nn.Module:
     params = dict(model.named_parameters())
     for name in plan.dense:
         params[name].requires_grad_(True)
-    model._sg_prepared = Prepared(plan=plan, entry_modules=entry_modules)
+    model._sg_prepared = Prepared(dense=list(plan.dense), meta=dict(plan.meta), entry_modules=entry_modules)
     return model
 
 

@@ -116,7 +116,9 @@ def run_train(cfg: RunConfig, console: Console | None = None, show: bool = True)
         plan.save(out / "plan")
     hooks = make_schedule(cfg.schedule, seed=cfg.training.seed)
     t = cfg.training
-    console.print(f"training {trainable_count(model):,} values: {plan.summary()}")
+    plan_summary = plan.summary()
+    del plan  # its int64 indices (8 bytes per entry) are not needed while training
+    console.print(f"training {trainable_count(model):,} values: {plan_summary}")
     result = fit(
         model,
         batches,
@@ -142,7 +144,7 @@ def run_train(cfg: RunConfig, console: Console | None = None, show: bool = True)
         "steps": result.steps,
         "resumed_from": result.resumed_from,
         "trainable": trainable_count(model),
-        "plan": plan.summary(),
+        "plan": plan_summary,
         "final_loss": result.losses[-1] if result.losses else None,
         "losses": result.losses,
         "seconds": round(result.seconds, 3),
