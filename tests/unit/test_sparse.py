@@ -134,26 +134,3 @@ def test_resident_state_is_at_most_28_bytes_per_entry_under_adam():
     tensors += [t for t in opt.state[delta].values() if t.numel() == k]
     per_entry = sum(t.numel() * t.element_size() for t in tensors) / k
     assert per_entry == 28.0
-
-
-def test_sibling_linears_sharing_an_input_get_their_own_exact_gradients():
-    """q/k/v-style siblings read one input; its transpose is shared, never confused with another."""
-    torch.manual_seed(0)
-    layers = [nn.Linear(16, 24) for _ in range(3)]
-    ref = copy.deepcopy(layers)
-    g = torch.Generator().manual_seed(1)
-    idx = [torch.randperm(24 * 16, generator=g)[:40].sort().values for _ in layers]
-    for layer, i in zip(layers, idx, strict=True):
-        attach_entries(layer, i)
-    x1 = torch.randn(2, 5, 16, requires_grad=True)
-    x2 = torch.randn(2, 5, 16)  # same shape, other values: a second input in the same backward
-
-    def loss_of(ls):
-        h = sum(layer(x1).square().sum() for layer in ls)  # three siblings on x1
-        return h + sum(layer(x2).sin().sum() for layer in ls)  # and the same three on x2
-
-    loss_of(layers).backward()
-    loss_of(ref).backward()
-    for layer, r, i in zip(layers, ref, idx, strict=True):
-        torch.testing.assert_close(layer.weight_sg_delta.grad, r.weight.grad.reshape(-1)[i])
-    assert sparse._INPUT_T.slot is None  # emptied when the backward pass ended

@@ -15,7 +15,6 @@ selected entries, computed with a sampled dense-dense matmul: no dense weight gr
 
 from __future__ import annotations
 
-import threading
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -106,53 +105,9 @@ def sampled_weight_grad(
     out_f, in_f = pattern.shape
     if indices.numel() > DENSE_GATHER_DENSITY * out_f * in_f:
         return (gy.t() @ x).view(-1).index_select(0, indices)
-    mat1, mat2 = gy.t(), x
-    if gy.device.type == "cpu":
-        # The CPU kernel takes dot products along the token axis, so it copies gy^T and x^T to
-        # token-contiguous layouts on every call. Doing that here is cheaper, and x^T is shared
-        # by the sibling Linears that read the same input (q/k/v, gate/up): one copy, not three.
-        mat1, mat2 = mat1.contiguous(), _INPUT_T.get(x).t()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse.sampled_addmm(pattern, mat1, mat2, beta=0.0).values()
-
-
-class _TransposedInput(threading.local):
-    """A one-slot cache of a layer input's contiguous transpose, for one backward pass.
-
-    Siblings reading one input run their backward back to back, so one slot catches them. The
-    slot holds a reference to the input itself, so its storage cannot be freed and reused by
-    another tensor while cached: equal storage pointer, offset, shape, strides and version
-    then mean the same values. The slot is emptied when the backward pass ends, so no
-    activation outlives it.
-    """
-
-    def __init__(self) -> None:
-        self.slot: tuple[torch.Tensor, tuple, torch.Tensor] | None = None
-        self.task: int | None = None  # the backward pass whose end empties the slot
-
-    def get(self, x: torch.Tensor) -> torch.Tensor:
-        """``x.t().contiguous()``, computed once per input and backward pass."""
-        task = torch._C._current_graph_task_id()
-        if task == -1:  # not inside a backward pass: nothing to share
-            return x.t().contiguous()
-        key = (x.untyped_storage().data_ptr(), x.storage_offset(), x.shape, x.stride(), x._version, x.dtype)
-        if self.slot is not None and self.slot[1] == key:
-            return self.slot[2]
-        if self.task != task:
-            torch.autograd.Variable._execution_engine.queue_callback(self.clear)
-            self.task = task
-        xt = x.t().contiguous()
-        self.slot = (x, key, xt)
-        return xt
-
-    def clear(self) -> None:
-        """Drops the cached tensors (queued to run when the backward pass ends)."""
-        self.slot = None
-        self.task = None
-
-
-_INPUT_T = _TransposedInput()
+        return torch.sparse.sampled_addmm(pattern, gy.t(), x, beta=0.0).values()
 
 
 class _EntryLinearFn(torch.autograd.Function):
