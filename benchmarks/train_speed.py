@@ -141,7 +141,42 @@ def worker(name: str, steps: int, warmup: int, quick: bool) -> dict:
             opt.zero_grad(set_to_none=True)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return {"config": name, "step_times": times, "peak_rss_bytes": peak_rss_bytes(), "trainable": trainable}
+    return {"config": name, "step_times": times, "peak_rss_bytes": peak_rss_bytes(), "trainable": trainable,
+            "state_bytes": entry_state_bytes(model, opt)}  # fmt: skip
+
+
+def entry_state_bytes(model, opt) -> int:
+    """Bytes held for entry-sparse weights after training: exact, unlike the RSS slope.
+
+    Per selected entry: the value, its gradient (freed by ``zero_grad`` between steps, so
+    counted from the value's size) and the optimizer's state, the index, the base
+    value, and the cached CSR pattern's row pointers and column indices (its values alias the
+    delta). Peak RSS also moves with allocator caching, which makes its slope noisy.
+    """
+    from surgical.train.sparse import EntryState
+
+    total, seen = 0, set()
+
+    def add(t):
+        nonlocal total
+        if t is not None and t.data_ptr() not in seen:  # by storage: the CSR getters make new objects
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+
+    for module in model.modules():
+        state = getattr(module, "_sg_entries", None)
+        if not isinstance(state, EntryState):
+            continue
+        delta = state.delta(module)
+        for t in (delta, state.indices(module), state.orig(module)):
+            add(t)
+        total += delta.numel() * delta.element_size()  # its gradient, alive from backward to the step
+        for t in (opt.state.get(delta, {}) if opt is not None else {}).values():
+            add(t if t.dim() else None)  # the step counter is one scalar per tensor
+        if state.pattern is not None:
+            add(state.pattern.crow_indices())
+            add(state.pattern.col_indices())
+    return total
 
 
 def run(args, partial: Path | None = None) -> dict:
@@ -163,6 +198,7 @@ def run(args, partial: Path | None = None) -> dict:
             results[c]["step_times"] += out["step_times"]
             results[c]["peak_rss"].append(out["peak_rss_bytes"])
             results[c]["trainable"] = out["trainable"]
+            results[c]["state_bytes"] = out["state_bytes"]
             med, gib = statistics.median(out["step_times"]), out["peak_rss_bytes"] / 2**30
             n = out["trainable"]
             print(f"round {r + 1}/{rounds} {c:>14}: {med:.3f} s/step, {gib:.2f} GiB, {n:,} trainable")
@@ -193,6 +229,7 @@ def report(results: dict, quick: bool, show: bool = True) -> dict:
         if "floor" in results and c.startswith("entries_") and v["trainable"]:
             above = (v["peak_rss_gib"] - results["floor"]["peak_rss_gib"]) * 2**30
             row["bytes_above_floor_per_entry"] = round(above / v["trainable"], 1)
+            row["state_bytes_per_entry"] = round(v["state_bytes"] / v["trainable"], 2)
         rows[c] = row
     if show:
         print_table(rows)
@@ -201,6 +238,9 @@ def report(results: dict, quick: bool, show: bool = True) -> dict:
     slope = entry_slope(results)
     if show and slope is not None:
         print(f"memory per selected entry (slope from 0.5% to the LoRA-equivalent count): {slope:.1f} bytes")
+    for c, r in rows.items():
+        if show and "state_bytes_per_entry" in r:
+            print(f"{c}: {r['state_bytes_per_entry']:.2f} bytes of state per entry (counted tensor by tensor)")
     return {
         "bytes_per_entry_slope": slope,
         "benchmark": "train_speed",
