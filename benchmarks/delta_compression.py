@@ -87,8 +87,11 @@ def main() -> None:
     for r in rows:
         r["id_change"] = r["id_accuracy"] - ref["id_accuracy"]
         r["ood_change"] = r["ood_accuracy"] - ref["ood_accuracy"]
-    export_shira(delta, model, work / "shira")
-    shira_bytes = dir_size(work / "shira")
+    try:
+        export_shira(delta, model, work / "shira")
+        shira_bytes, shira_note = dir_size(work / "shira"), None
+    except sg.SurgicalError as e:  # e.g. the demo's dense biases share modules with the entries
+        shira_bytes, shira_note = None, str(e)
     t = Table(title="delta compression on the demo task (accuracy change vs float32)")
     for col in ("variant", "entries", "KiB", "B/entry", "ID", "dID", "OOD", "dOOD"):
         t.add_column(col, justify="left" if col == "variant" else "right")
@@ -104,11 +107,14 @@ def main() -> None:
             f"{r['ood_change'] * 100:+.1f}",
         )
     console.print(t)
-    console.print(
-        f"PEFT SHiRA export of the float32 delta: {shira_bytes / 1024:.0f} KiB "
-        f"({shira_bytes / ref['bytes']:.1f}x our float32 file, "
-        f"{shira_bytes / rows[1]['bytes']:.1f}x our bf16 file)"
-    )
+    if shira_bytes is None:
+        console.print(f"PEFT SHiRA export not possible: {shira_note}")
+    else:
+        console.print(
+            f"PEFT SHiRA export of the float32 delta: {shira_bytes / 1024:.0f} KiB "
+            f"({shira_bytes / ref['bytes']:.1f}x our float32 file, "
+            f"{shira_bytes / rows[1]['bytes']:.1f}x our bf16 file)"
+        )
     result = {
         "task": "demo: MiniLM, RT train -> RT held-out (ID) / IMDB (OOD)"
         + (" (quick configuration)" if args.quick else " (default demo configuration)"),
@@ -118,6 +124,7 @@ def main() -> None:
         },
         "variants": rows,
         "shira_bytes": shira_bytes,
+        "shira_note": shira_note,
         "note": "bytes_per_entry excludes the tensors stored in full (head, pooler, biases, norms; "
         "float32, else bf16); only the sparse entries are compressed; one seed",
     }

@@ -64,3 +64,11 @@ def test_shira_export_refuses_wrong_base(tmp_path):
     with pytest.raises(sg.SurgicalError, match="not the base"):
         export_shira(delta, tiny_bert(seed=3), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_shira_export_of_a_delta_whose_linears_all_have_dense_biases_is_a_clear_error(tmp_path):
+    """As in the demo: every Linear's bias trains densely, so PEFT would save every module whole."""
+    delta = _trained_delta(tiny_bert(), cls_batches(2), always=["classifier", "bias"])
+    with pytest.raises(sg.SurgicalError, match="no Linear weight of this delta can become SHiRA"):
+        export_shira(delta, tiny_bert(), tmp_path / "x")
+    assert not (tmp_path / "x").exists()

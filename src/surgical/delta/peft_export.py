@@ -63,6 +63,12 @@ def export_shira(delta: Delta, base: nn.Module, out: str | Path, *, force: bool 
         raise SurgicalError("exporting to PEFT needs the peft package", "pip install 'peft>=0.17'") from None
     check_base(base, Delta(shapes=delta.shapes) if force else delta)
     linear, whole = _shira_layers(base, delta)
+    if not linear:  # PEFT refuses an adapter that targets no module
+        raise SurgicalError(
+            "no Linear weight of this delta can become SHiRA: each one's module also has another "
+            "changed tensor (e.g. a densely trained bias), and PEFT saves such modules whole",
+            "Export a delta trained without dense biases, or write a full model with `surgical apply`",
+        )
     entries = {name: entries_of(delta, f"{name}.weight") for name in linear}
     r = 1
     for module_name, m in linear.items():
