@@ -240,7 +240,7 @@ def report(results: dict, quick: bool, show: bool = True) -> dict:
         print(f"memory per selected entry (slope from 0.5% to the LoRA-equivalent count): {slope:.1f} bytes")
     for c, r in rows.items():
         if show and "state_bytes_per_entry" in r:
-            print(f"{c}: {r['state_bytes_per_entry']:.2f} bytes of state per entry (counted tensor by tensor)")
+            print(f"{c}: {r['state_bytes_per_entry']:.2f} bytes of state per entry (counted)")
     return {
         "bytes_per_entry_slope": slope,
         "benchmark": "train_speed",
