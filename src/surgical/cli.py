@@ -244,6 +244,14 @@ def train(
     lr: Annotated[float | None, typer.Option(help="Override training.lr.")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Override training.max_steps.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint.")] = False,
+    allow_change: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-change",
+            help="With --resume: accept a changed training.lr, training.max_grad_norm, "
+            "training.max_steps or training.epochs (repeatable).",
+        ),
+    ] = None,
     keys: Annotated[
         bool, typer.Option("--keys", help="List every config key with its help, then exit.")
     ] = False,
@@ -268,7 +276,9 @@ def train(
     overrides.update({k: v for k, v in flags.items() if v is not None})
     if resume:
         overrides["training.resume"] = True
-    run_train(load_config(config, overrides), console)
+    if allow_change and not resume:
+        raise SurgicalError("--allow-change only applies to a resumed run", "Add --resume")
+    run_train(load_config(config, overrides), console, allow_changes=allow_change or ())
 
 
 def _parse_options(items: list[str] | None) -> dict:

@@ -140,6 +140,29 @@ def test_nan_loss_stops_keeps_checkpoint_and_says_so(tmp_path, files, monkeypatc
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "nan" and summary["last_good_checkpoint"].endswith(f"step-{summary['steps']}")
     assert not (tmp_path / "run" / "delta").exists()
+    assert "--resume --allow-change training.lr" in err
+
+
+def test_a_resume_may_change_lr_and_length_when_allowed(tmp_path, files, monkeypatch, capsys):
+    """The remedy the NaN message names (a lower lr from the last checkpoint), here on a sane run
+    that is continued for two more steps at half the learning rate."""
+    cfg = _config(tmp_path, files, training={"lr": 1e-2, "max_steps": 2, "checkpoint_every": 1})
+    assert run_main(monkeypatch, capsys, "train", "-c", str(cfg))[0] == 0
+    more = ("--lr", "5e-3", "--max-steps", "4")
+    code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(cfg), "--resume", *more)
+    err = " ".join(err.split())
+    assert code == 2 and "training.lr was 0.01, now 0.005; training.max_steps was 2, now 4" in err
+    train = ("train", "-c", str(cfg))
+    code, _, err = run_main(monkeypatch, capsys, *train, *more, "--allow-change", "training.lr")
+    assert code == 2 and "--allow-change only applies to a resumed run" in err
+    code, _, err = run_main(monkeypatch, capsys, *train, "--resume", "--allow-change", "training.seed")
+    assert code == 2 and "cannot be allowed to change 'training.seed'" in err
+    allow = ("--allow-change", "training.lr", "--allow-change", "training.max_steps")
+    code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(cfg), "--resume", *more, *allow)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["resumed_from"] == 2 and summary["steps"] == 4
+    assert len(summary["losses"]) == 2 and (tmp_path / "run" / "delta" / "delta_config.json").is_file()
 
 
 def _train_proc(cfg: Path, *extra: str) -> subprocess.Popen:

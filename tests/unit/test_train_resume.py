@@ -111,3 +111,29 @@ def test_gradient_checkpointing_does_not_change_the_result():
 
     a, b = trained(False), trained(True)
     assert all(torch.equal(v, b.entries[n][1]) for n, (_, v) in a.entries.items())
+
+
+class _LrProbe(sg.train.hooks.TrainHook):
+    """Records the optimizer's learning rate once the run (and any resume) has begun."""
+
+    def on_train_begin(self, state):
+        self.lr = state.optimizer.param_groups[0]["lr"]
+        self.initial = state.optimizer.param_groups[0]["initial_lr"]
+
+
+def test_an_allowed_change_of_lr_and_length_resumes_with_the_new_schedule(ckpt):
+    """After a NaN, continue from the last good checkpoint with a lower lr (and run longer)."""
+    probe = _LrProbe()
+    hooks = [Regrow(every=2), probe]
+    res = _resume(ckpt, hooks=hooks, lr=5e-3, max_steps=8, allow_changes=["lr", "max_steps"])
+    assert res.resumed_from == 4 and res.steps == 8
+    # linear decay over the new 8 steps (no warm-up), continued at step 4 with the new base lr
+    assert probe.initial == 5e-3 and probe.lr == pytest.approx(5e-3 * (8 - 4) / 8)
+
+
+def test_allowing_a_change_outside_the_remedies_or_an_unknown_key_is_refused(ckpt):
+    for key in ("seed", "learning_rate"):
+        with pytest.raises(SurgicalError, match=f"cannot be allowed to change '{key}'.*lr, max_grad_norm"):
+            _resume(ckpt, allow_changes=[key])
+    with pytest.raises(SurgicalError, match="lr was 0.01, now 0.02"):  # allowed: max_steps, not lr
+        _resume(ckpt, lr=2e-2, allow_changes=["max_steps"])

@@ -105,13 +105,14 @@ def load_checkpoint(
     state: StepState,
     hooks: Sequence[TrainHook] = (),
     identity: Mapping[str, Any] | None = None,
+    allow_changes: Sequence[str] = (),
 ) -> None:
     """Restores a checkpoint into a model prepared with the same plan, and its optimizer.
 
     Args:
         identity: The resuming run's identity; if given, it must equal the stored one (a
             checkpoint that stores none, written before identities existed, loads with a
-            warning). None: no check.
+            warning) except at the keys in ``allow_changes``. None: no check.
 
     Raises:
         SurgicalError: if the checkpoint is unreadable, belongs to a run with other settings
@@ -125,7 +126,7 @@ def load_checkpoint(
             f"checkpoint {str(path)!r} is unreadable ({e})", "Delete it to start over"
         ) from None
     if identity is not None:
-        check_identity(payload.get("identity"), identity, repr(str(path)))
+        check_identity(payload.get("identity"), identity, repr(str(path)), allow_changes)
     model = state.model
     saved = payload["model"]
     buffers = dict(model.named_buffers())

@@ -73,11 +73,32 @@ def run_identity(
 _ABSENT = object()
 
 
-def check_identity(saved: Mapping[str, Any] | None, current: Mapping[str, Any], where: str) -> None:
+#: Settings a resume may change when the caller names them (``allow_changes``): the remedies for
+#: a diverged run (a lower learning rate, gradient clipping) and running it longer. The data,
+#: the selection and everything else stay fixed. Keys as :func:`surgical.fit` names them; for
+#: ``surgical train`` the same under ``training.``.
+OVERRIDABLE = ("lr", "max_grad_norm", "max_steps", "epochs")
+
+
+def check_allowed(allow: Sequence[str], current: Mapping[str, Any]) -> None:
+    """Refuses an ``allow_changes`` key that is not a setting of this run or may not change."""
+    for key in allow:
+        if key not in current or key.rpartition(".")[2] not in OVERRIDABLE:
+            names = [k for k in current if k.rpartition(".")[2] in OVERRIDABLE]
+            raise SurgicalError(
+                f"a resume cannot be allowed to change {key!r}",
+                f"Allow only some of: {', '.join(names)}",
+            )
+
+
+def check_identity(
+    saved: Mapping[str, Any] | None, current: Mapping[str, Any], where: str, allow: Sequence[str] = ()
+) -> None:
     """Refuses a resume whose identity differs from the checkpoint's, naming every difference.
 
     A checkpoint written before identities were stored (``saved`` is None) is resumed with a
-    warning, since nothing can be compared.
+    warning, since nothing can be compared. Keys in ``allow`` (see :func:`check_allowed`) may
+    differ.
 
     Raises:
         SurgicalError: one line listing each differing key with its old and new value.
@@ -92,12 +113,13 @@ def check_identity(saved: Mapping[str, Any] | None, current: Mapping[str, Any], 
     diffs = []
     for key in sorted(set(saved) | set(current)):
         old, new = saved.get(key, _ABSENT), current.get(key, _ABSENT)
-        if old != new:
+        if old != new and key not in allow:
             diffs.append(f"{key} was {_show(old)}, now {_show(new)}")
     if diffs:
         raise SurgicalError(
             f"checkpoint {where} belongs to a run with other settings: {'; '.join(diffs)}",
-            "Resume with the original values, or start a fresh run in another directory "
+            "Resume with the original values (or allow a change of lr, max_grad_norm, max_steps "
+            "or epochs: allow_changes / --allow-change), or start a fresh run in another directory "
             "(`out` for surgical train, checkpoint_dir for sg.fit)",
         )
 

@@ -80,6 +80,7 @@ def fit(
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
+    allow_changes: Sequence[str] = (),
     run_config: Mapping[str, Any] | None = None,
     on_nan: str = "raise",
     show: bool = True,
@@ -103,6 +104,11 @@ def fit(
             a freshly prepared model. Refused (a SurgicalError naming each difference) unless
             the settings, the batches and the selection are those the checkpoint was written
             with (see :mod:`surgical.train.identity`); the model is left untouched then.
+        allow_changes: Settings a resume may change (some of ``lr``, ``max_grad_norm``,
+            ``max_steps``, ``epochs``; with ``run_config``, its keys such as ``training.lr``),
+            e.g. to continue a run that stopped on a NaN loss from its last checkpoint with a
+            lower learning rate. The schedule then continues from the checkpoint's step with the
+            new learning rate and length.
         run_config: The settings that define the run, stored in checkpoints and compared on
             resume instead of this function's own arguments (lr, max_steps or epochs,
             weight_decay, warmup, grad_accum, max_grad_norm, bf16, seed and the configs of
@@ -115,7 +121,7 @@ def fit(
         A :class:`FitResult`.
     """
     from surgical.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-    from surgical.train.identity import fit_settings, run_identity
+    from surgical.train.identity import check_allowed, fit_settings, run_identity
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -144,12 +150,18 @@ def fit(
                 args["epochs"] = epochs
             settings = fit_settings(args, hooks)
         identity = run_identity(model, batches, settings)
+        check_allowed(allow_changes, identity)
     resumed_from = None
     if resume and checkpoint_dir is not None:
         ckpt = latest_checkpoint(checkpoint_dir)
         if ckpt is not None:
-            load_checkpoint(ckpt, state, hooks, identity=identity)
+            load_checkpoint(ckpt, state, hooks, identity=identity, allow_changes=allow_changes)
             resumed_from = state.step
+            if allow_changes:  # the checkpoint's learning rates follow the old lr and length
+                sched.base_lrs = [lr] * len(opt.param_groups)
+                for group, factor in zip(opt.param_groups, sched.lr_lambdas, strict=True):
+                    group["initial_lr"] = lr
+                    group["lr"] = lr * factor(sched.last_epoch)
     for h in hooks:
         h.on_train_begin(state)
     model.train()

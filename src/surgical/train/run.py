@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +94,13 @@ def make_plan(cfg: RunConfig, model, batches):
     )
 
 
-def run_train(cfg: RunConfig, console: Console | None = None, show: bool = True) -> dict[str, Any]:
+def run_train(
+    cfg: RunConfig, console: Console | None = None, show: bool = True, allow_changes: Sequence[str] = ()
+) -> dict[str, Any]:
     """Runs a whole training job; returns the summary also written to ``summary.json``.
+
+    ``allow_changes``: config keys a resume may change (``training.lr``, ``training.max_grad_norm``,
+    ``training.max_steps``, ``training.epochs``; see :func:`surgical.fit`).
 
     Raises:
         SurgicalError: for bad input, and when the loss became non-finite (after the summary is
@@ -135,6 +141,7 @@ def run_train(cfg: RunConfig, console: Console | None = None, show: bool = True)
         checkpoint_dir=out / "checkpoints",
         checkpoint_every=t.checkpoint_every,
         resume=t.resume,
+        allow_changes=allow_changes,
         run_config=cfg.trajectory(),  # a resume with other settings is refused, naming them
         on_nan="stop",
         show=show,
@@ -163,8 +170,8 @@ def run_train(cfg: RunConfig, console: Console | None = None, show: bool = True)
         kept = f"kept the last good checkpoint {ckpt}" if ckpt else "no checkpoint had been written yet"
         raise SurgicalError(
             f"the loss became NaN/inf at step {result.steps + 1}; training stopped, {kept}, no delta written",
-            "Lower training.lr or set training.max_grad_norm and rerun in a fresh out directory "
-            "(--resume refuses changed settings)",
+            "Lower training.lr or set training.max_grad_norm, then continue from that checkpoint "
+            "with --resume --allow-change training.lr (or training.max_grad_norm)",
         )
     delta = extract(model, training={k: v for k, v in summary.items() if k != "losses"})
     delta.save(out / "delta")
