@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -119,7 +120,8 @@ def main() -> None:
         "load_state_dict_over_forward": med["reload"] / fwd,
         "repetitions": reps,
         "threads": torch.get_num_threads(),
-        "note": "median of interleaved repetitions; machine shared with other jobs (2 CPU cores)",
+        "note": "median of interleaved repetitions; 1-minute load average "
+        f"{os.getloadavg()[0]:.2f} at the end ({os.cpu_count()} CPU cores)",
     }
     print(json.dumps(result, indent=2))
     print(
