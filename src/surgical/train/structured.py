@@ -7,8 +7,10 @@ block of selected columns, and its gradient is one small dense matmul:
 ``gy[:, rows]^T @ x`` for rows, ``gy^T @ x[:, cols]`` for columns. No index lists per entry, no
 sparse kernels: the cheapest structured path there is.
 
-For :func:`surgical.extract` the block presents itself as sorted flat entries (``indices``,
-``delta``, ``orig`` flattened in row-major order), so deltas keep one on-disk format.
+:func:`surgical.extract` stores the block as it is (a ``rows`` or ``cols`` delta: one index per
+row or column). For code that reads entries (the base fingerprint of a prepared model), the
+block also presents itself as sorted flat entries (``indices``, ``delta``, ``orig``, flattened in
+row-major order).
 """
 
 from __future__ import annotations
