@@ -37,11 +37,18 @@ def base_samples(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, tup
     """
     excluded = set(exclude)
     prepared = getattr(model, "_sg_prepared", None)
-    orig_of: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    from surgical.train.structured import BlockState
+
+    # per trained tensor: (indices, base values, axis) as apply records them (axis None: entries)
+    orig_of: dict[str, tuple[torch.Tensor, torch.Tensor, int | None]] = {}
     if prepared is not None:
         for name, module in prepared.entry_modules.items():
             state = module._sg_entries
-            orig_of[name] = (state.indices(module).detach(), state.orig(module).detach())
+            if isinstance(state, BlockState):
+                base = getattr(module, f"{state.param_name}_sg_base")
+                orig_of[name] = (state.sel(module).detach(), base.detach(), state.axis)
+            else:
+                orig_of[name] = (state.indices(module).detach(), state.orig(module).detach(), None)
     stack = list(getattr(model, "_sg_applied", []))
     out = {}
     for name, p in model.named_parameters(remove_duplicate=True):
@@ -50,13 +57,10 @@ def base_samples(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, tup
         flat = p.detach().reshape(-1)
         pos = sample_positions(flat.numel()).to(flat.device)
         vals = flat.index_select(0, pos).float().clone()
-        if name in orig_of:
-            _override(vals, pos, *orig_of[name])
-        for record in reversed(stack):  # the bottom-most application saved the true base
-            saved = record.saved.get(name)
-            if saved is None:
-                continue
-            idx, old, axis = saved
+        saved = [orig_of[name]] if name in orig_of else []
+        # the bottom-most application saved the true base
+        saved += [r.saved[name] for r in reversed(stack) if name in r.saved]
+        for idx, old, axis in saved:
             if axis is not None:  # a row or column block: locate the sampled positions in it
                 idx, old = _block_positions(tuple(p.shape), pos, idx, old, axis)
             _override(vals, pos, idx, old)

@@ -8,9 +8,8 @@ block of selected columns, and its gradient is one small dense matmul:
 sparse kernels: the cheapest structured path there is.
 
 :func:`surgical.extract` stores the block as it is (a ``rows`` or ``cols`` delta: one index per
-row or column). For code that reads entries (the base fingerprint of a prepared model), the
-block also presents itself as sorted flat entries (``indices``, ``delta``, ``orig``, flattened in
-row-major order).
+row or column), and the base fingerprint reads the saved base block the way it reads an
+applied block, so no flat index list is ever formed.
 """
 
 from __future__ import annotations
@@ -44,21 +43,6 @@ class BlockState:
 
     def sel(self, module: nn.Module) -> torch.Tensor:
         return getattr(module, f"{self.param_name}_sg_sel")
-
-    def delta(self, module: nn.Module) -> torch.Tensor:
-        """The block's values flattened in the order of :meth:`indices`."""
-        return self.block(module).reshape(-1)
-
-    def orig(self, module: nn.Module) -> torch.Tensor:
-        return getattr(module, f"{self.param_name}_sg_base").reshape(-1)
-
-    def indices(self, module: nn.Module) -> torch.Tensor:
-        """Sorted flat indices of the block's entries in the (out, in) weight."""
-        sel = self.sel(module)
-        out_f, in_f = self.shape
-        if self.axis == 0:
-            return (sel[:, None] * in_f + torch.arange(in_f, device=sel.device)[None, :]).reshape(-1)
-        return (torch.arange(out_f, device=sel.device)[:, None] * in_f + sel[None, :]).reshape(-1)
 
     def sync(self, module: nn.Module) -> None:
         """Writes ``base + block`` into the frozen weight if the block changed."""
