@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from surgical.train import sparse
+from surgical.train import cpu_kernel, sparse
 from surgical.train.sparse import attach_entries, csr_pattern, sampled_weight_grad
 
 
@@ -50,12 +50,15 @@ def test_no_dense_weight_gradient_is_formed(monkeypatch):
     sp = _layer(out_f=64, in_f=64)
     attach_entries(sp, torch.arange(0, 64 * 64, 97))
     calls = []
-    real_sampled = torch.sparse.sampled_addmm
+    real_sampled, real_kernel = torch.sparse.sampled_addmm, cpu_kernel.sampled_grad
     monkeypatch.setattr(
-        torch.sparse, "sampled_addmm", lambda *a, **k: calls.append(1) or real_sampled(*a, **k)
+        torch.sparse, "sampled_addmm", lambda *a, **k: calls.append("addmm") or real_sampled(*a, **k)
     )
+    monkeypatch.setattr(cpu_kernel, "sampled_grad", lambda *a, **k: calls.append("kernel") or real_kernel(*a, **k))
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda *a: calls.append("dense"))  # gy^T @ x
     sp(torch.randn(8, 64)).sum().backward()
-    assert calls == [1]
+    # surgical's CPU kernel where it could be built, else torch's sampled product
+    assert calls == (["kernel"] if cpu_kernel.library() else ["kernel", "addmm"])
 
 
 def test_full_density_sparse_training_matches_dense_training():

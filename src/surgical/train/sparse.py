@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from surgical.train import cpu_kernel
+
 #: Above this density the dense product followed by a gather is faster than a sampled matmul.
 DENSE_GATHER_DENSITY = 0.25
 
@@ -96,6 +98,9 @@ def sampled_weight_grad(
 ) -> torch.Tensor:
     """``(gy^T @ x).flatten()[indices]``, without the dense product when sparse enough.
 
+    On CPU the product at the entries is :mod:`surgical.train.cpu_kernel`'s when it could be
+    built, else ``torch.sparse.sampled_addmm`` (cuSPARSE's SDDMM on CUDA).
+
     Args:
         gy: Output gradient, (tokens, out).
         x: Layer input, (tokens, in).
@@ -105,6 +110,10 @@ def sampled_weight_grad(
     out_f, in_f = pattern.shape
     if indices.numel() > DENSE_GATHER_DENSITY * out_f * in_f:
         return (gy.t() @ x).view(-1).index_select(0, indices)
+    if gy.device.type == "cpu":
+        grad = cpu_kernel.sampled_grad(gy, x, pattern)
+        if grad is not None:
+            return grad
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse.sampled_addmm(pattern, gy.t(), x, beta=0.0).values()

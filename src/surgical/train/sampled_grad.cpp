@@ -1,0 +1,161 @@
+// Gradient of a weight at selected entries, on CPU, for surgical's entry-sparse Linear layers.
+//
+//   out[e] = sum_t gy[t, row(e)] * x[t, col[e]]      for the k entries of a CSR pattern
+//
+// gy (T, n_out) and x (T, n_in) arrive row-major, as autograd hands them over. A dot product
+// per entry needs both operands contiguous along the token axis, so the tokens are processed in
+// chunks of TC: each chunk of gy and x is transposed (16 x 16 register tiles) into buffers that
+// stay in cache, and the entries of a row read that row's gradient once while four entries share
+// one pass over it. Partial sums of four entries are reduced together, then added into out.
+//
+// Built on first use by surgical.train.cpu_kernel with the machine's C++ compiler and
+// -march=native; OpenMP threads are torch's own (the process already holds libgomp).
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#include <immintrin.h>
+#define SG_AVX512 1
+#endif
+
+namespace {
+
+constexpr int64_t TC = 64;  // tokens per chunk: a chunk of the widest input (n_in x TC floats) stays in L2
+
+#ifdef SG_AVX512
+// dst[c * dstride + r] = src[r * sstride + c] for a 16 x 16 tile
+inline void transpose16(const float* src, int64_t sstride, float* dst, int64_t dstride) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * sstride);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    for (int j = 0; j < 2; ++j) {
+      __m512d a = _mm512_castps_pd(t[4 * i + j]), b = _mm512_castps_pd(t[4 * i + 2 + j]);
+      r[4 * i + j] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+      r[4 * i + 2 + j] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    }
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+  }
+  // the shuffles leave columns 1<->2 (mod 4) swapped
+  static const int column[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
+  for (int k = 0; k < 16; ++k) _mm512_storeu_ps(dst + column[k] * dstride, r[k]);
+}
+
+// the four horizontal sums of a, b, c, d
+inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
+  __m512 s = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
+                           _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));
+  __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+#endif
+
+// dst[i * ld + t] = src[t * n + i] for the columns [i0, i1) of a (tl, n) chunk
+void transpose_cols(const float* src, int64_t n, int64_t tl, int64_t i0, int64_t i1, float* dst, int64_t ld) {
+  int64_t t16 = 0;
+#ifdef SG_AVX512
+  t16 = tl & ~int64_t(15);
+  if (i1 - i0 == 16) {
+    for (int64_t t = 0; t < t16; t += 16) transpose16(src + t * n + i0, n, dst + i0 * ld + t, ld);
+  } else {
+    t16 = 0;
+  }
+#endif
+  for (int64_t i = i0; i < i1; ++i)
+    for (int64_t t = t16; t < tl; ++t) dst[i * ld + t] = src[t * n + i];
+}
+
+// out[e] += <g, xT[col[e]]> over tv tokens for the entries [e0, e1) of one row
+void dot_row(const float* g, const float* xT, int64_t ld, int64_t tv, const int32_t* col, int64_t e0, int64_t e1,
+             float* out) {
+  int64_t e = e0;
+#ifdef SG_AVX512
+  for (; e + 4 <= e1; e += 4) {
+    const float* a = xT + int64_t(col[e]) * ld;
+    const float* b = xT + int64_t(col[e + 1]) * ld;
+    const float* c = xT + int64_t(col[e + 2]) * ld;
+    const float* d = xT + int64_t(col[e + 3]) * ld;
+    __m512 sa = _mm512_setzero_ps(), sb = sa, sc = sa, sd = sa;
+    for (int64_t t = 0; t < tv; t += 16) {
+      __m512 gv = _mm512_loadu_ps(g + t);
+      sa = _mm512_fmadd_ps(gv, _mm512_loadu_ps(a + t), sa);
+      sb = _mm512_fmadd_ps(gv, _mm512_loadu_ps(b + t), sb);
+      sc = _mm512_fmadd_ps(gv, _mm512_loadu_ps(c + t), sc);
+      sd = _mm512_fmadd_ps(gv, _mm512_loadu_ps(d + t), sd);
+    }
+    _mm_storeu_ps(out + e, _mm_add_ps(_mm_loadu_ps(out + e), sum4(sa, sb, sc, sd)));
+  }
+#endif
+  for (; e < e1; ++e) {
+    const float* a = xT + int64_t(col[e]) * ld;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t t = 0; t < tv; ++t) s += g[t] * a[t];
+    out[e] += s;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// 1 when this build uses the AVX-512 path (reported by surgical's benchmarks)
+int sg_sampled_grad_avx512() {
+#ifdef SG_AVX512
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+void sg_sampled_grad_f32(const float* gy, const float* x, int64_t T, int64_t n_out, int64_t n_in,
+                         const int32_t* crow, const int32_t* col, float* out, int nthreads) {
+  const int64_t nnz = crow[n_out];
+  std::memset(out, 0, sizeof(float) * nnz);
+  if (T == 0 || nnz == 0) return;
+  const int64_t ld = TC;
+  // chunk buffers reused across calls (a few hundred KiB): no allocation per layer and step
+  // (per calling thread; the OpenMP workers below see them through the pointers)
+  static thread_local std::vector<float> gbuf, xbuf;
+  if (gbuf.size() < size_t(n_out * ld)) gbuf.resize(n_out * ld);
+  if (xbuf.size() < size_t(n_in * ld)) xbuf.resize(n_in * ld);
+  float* const gT = gbuf.data();
+  float* const xT = xbuf.data();
+  const int64_t gblocks = (n_out + 15) / 16, xblocks = (n_in + 15) / 16;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+  for (int64_t t0 = 0; t0 < T; t0 += TC) {
+    const int64_t tl = std::min(TC, T - t0);
+    const int64_t tv = (tl + 15) & ~int64_t(15);  // the dots run over whole vectors: zero the rest
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < gblocks + xblocks; ++b) {
+      const bool is_g = b < gblocks;
+      const int64_t n = is_g ? n_out : n_in, i0 = (is_g ? b : b - gblocks) * 16, i1 = std::min(i0 + 16, n);
+      float* dst = is_g ? gT : xT;
+      transpose_cols((is_g ? gy + t0 * n_out : x + t0 * n_in), n, tl, i0, i1, dst, ld);
+      if (tv > tl)
+        for (int64_t i = i0; i < i1; ++i) std::memset(dst + i * ld + tl, 0, sizeof(float) * (tv - tl));
+    }
+#pragma omp for schedule(dynamic, 32)
+    for (int64_t i = 0; i < n_out; ++i)
+      dot_row(gT + i * ld, xT, ld, tv, col, crow[i], crow[i + 1], out);
+  }
+}
+
+}  // extern "C"

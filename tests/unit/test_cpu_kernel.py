@@ -1,0 +1,128 @@
+"""The CPU kernel for entry gradients: exact against the dense gradient, on every code path."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from surgical.train import cpu_kernel
+from surgical.train.sparse import csr_pattern, sampled_weight_grad
+
+
+def _case(tokens: int, out_f: int, in_f: int, k: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(out_f * in_f, generator=g)[:k].sort().values.to(torch.int32)
+    gy = torch.randn(tokens, out_f, generator=g)
+    x = torch.randn(tokens, in_f, generator=g)
+    return gy, x, idx, csr_pattern(idx, (out_f, in_f), torch.float32)
+
+
+def _reference(gy, x, idx):
+    return (gy.double().t() @ x.double()).view(-1)[idx.long()].float()
+
+
+# tokens off the 16- and 64-token tiles, widths off the 16-wide tiles, rows holding 0..9 entries
+SHAPES = [
+    (512, 64, 48, 300), (100, 33, 50, 200), (7, 16, 16, 40), (64, 5, 3, 15), (130, 40, 17, 1), (3, 9, 9, 0)
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = cpu_kernel.library()
+    if lib is None:
+        pytest.skip("no C++ compiler here: the fallback is tested below")
+    return lib
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_matches_dense_gradient(lib, shape):
+    gy, x, idx, pat = _case(*shape)
+    got = cpu_kernel.sampled_grad(gy, x, pat, lib)
+    assert got.shape == (shape[3],)
+    torch.testing.assert_close(got, _reference(gy, x, idx), rtol=1e-5, atol=1e-5)
+
+
+def test_portable_build_matches_dense_gradient(tmp_path):
+    """The path for CPUs without AVX-512, forced here by turning it off at compile time."""
+    try:
+        lib = cpu_kernel.load(cpu_kernel.build(("-mno-avx512f",), directory=tmp_path))
+    except cpu_kernel.KernelBuildError as e:
+        pytest.skip(f"no portable build here: {e}")
+    assert lib.sg_sampled_grad_avx512() == 0
+    for shape in SHAPES[:3]:
+        gy, x, idx, pat = _case(*shape)
+        torch.testing.assert_close(cpu_kernel.sampled_grad(gy, x, pat, lib), _reference(gy, x, idx))
+
+
+def test_threads_give_the_same_values(lib):
+    gy, x, idx, pat = _case(300, 96, 80, 2000, seed=3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernel.sampled_grad(gy, x, pat, lib)
+        torch.set_num_threads(2)
+        two = cpu_kernel.sampled_grad(gy, x, pat, lib)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)  # each entry is summed by one thread in the same order
+
+
+def test_sampled_weight_grad_uses_it_and_agrees_with_sampled_addmm(lib):
+    gy, x, idx, pat = _case(256, 64, 64, 400)
+    ours = sampled_weight_grad(gy, x, idx, pat)
+    torch.testing.assert_close(ours, cpu_kernel.sampled_grad(gy, x, pat, lib), rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = torch.sparse.sampled_addmm(pat, gy.t(), x, beta=0.0).values()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_what_it_does_not_take_goes_to_sampled_addmm(lib):
+    gy, x, idx, pat = _case(32, 8, 8, 10)
+    assert cpu_kernel.sampled_grad(gy.double(), x.double(), pat.to(torch.float64), lib) is None
+    crow, col = pat.crow_indices().long(), pat.col_indices().long()
+    wide = torch.sparse_csr_tensor(crow, col, pat.values(), size=(8, 8), check_invariants=True)
+    assert cpu_kernel.sampled_grad(gy, x, wide, lib) is None
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_kernel.sampled_grad(gy[:, :4], x, pat, lib)
+
+
+def test_build_is_cached(tmp_path):
+    try:
+        first = cpu_kernel.build(directory=tmp_path)
+    except cpu_kernel.KernelBuildError as e:
+        pytest.skip(str(e))
+    stamp = first.stat().st_mtime_ns
+    assert cpu_kernel.build(directory=tmp_path) == first
+    assert first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temp files left behind
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """The module as in a new process, with an empty kernel cache."""
+    monkeypatch.setattr(cpu_kernel, "_LIB", None)
+    monkeypatch.setattr(cpu_kernel, "_TRIED", False)
+    monkeypatch.setenv("SURGICAL_CACHE", str(tmp_path))
+
+
+def test_no_compiler_warns_once_and_falls_back(fresh, monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    with pytest.warns(RuntimeWarning, match="sampled_addmm"):
+        assert cpu_kernel.library() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call is silent
+        assert cpu_kernel.library() is None
+        gy, x, idx, pat = _case(64, 16, 16, 30)
+        torch.testing.assert_close(sampled_weight_grad(gy, x, idx, pat), _reference(gy, x, idx))
+
+
+def test_switched_off_builds_nothing(fresh, monkeypatch, tmp_path):
+    monkeypatch.setenv("SURGICAL_CPU_KERNEL", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_kernel.library() is None
+    assert not (tmp_path / "kernels").exists()
