@@ -25,7 +25,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # most important comparisons first, so that a run cut short still has them
-CONFIGS = ["floor", "entries_lora", "lora", "full", "rows_lora", "entries_1", "entries_0.5", "lisa", "shira"]
+CONFIGS = ["floor", "entries_lora", "lora", "full", "rows_lora", "entries_1", "entries_0.5", "lisa", "shira",
+           "entries_lora_addmm"]  # fmt: skip
+# entries_lora_addmm: entries_lora with torch.sparse.sampled_addmm instead of surgical's CPU kernel
 
 
 def load_model(quick: bool):
@@ -114,10 +116,12 @@ def setup(name: str, model):
 
 def worker(name: str, steps: int, warmup: int, quick: bool) -> dict:
     """Runs one configuration in this process and returns its measurements."""
+    if name.endswith("_addmm"):
+        os.environ["SURGICAL_CPU_KERNEL"] = "0"
     import torch
 
     from surgical.train.hooks import StepState
-    from surgical.utils import peak_rss_bytes
+    from surgical.utils import peak_rss_bytes, reset_peak_rss
 
     model = load_model(quick)
     model, hooks = setup(name, model)
@@ -132,6 +136,9 @@ def worker(name: str, steps: int, warmup: int, quick: bool) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
     model.train()
     times = []
+    # the peak of loading (GGUF dequantization) is not training memory, and its size varied
+    # by ~0.2 GiB from process to process: measure from here on
+    reset = reset_peak_rss()
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
@@ -142,7 +149,20 @@ def worker(name: str, steps: int, warmup: int, quick: bool) -> dict:
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return {"config": name, "step_times": times, "peak_rss_bytes": peak_rss_bytes(), "trainable": trainable,
-            "state_bytes": entry_state_bytes(model, opt)}  # fmt: skip
+            "state_bytes": entry_state_bytes(model, opt), "peak_from_training": reset,
+            "cpu_kernel": kernel_info()}  # fmt: skip
+
+
+def kernel_info() -> str:
+    """Which code computed the entry gradients in this process."""
+    from surgical.train import cpu_kernel
+
+    lib = cpu_kernel._LIB
+    if not cpu_kernel.enabled() or cpu_kernel._TRIED and lib is None:
+        return "torch.sparse.sampled_addmm"
+    if lib is None:  # never asked for: every layer was dense enough for a dense product + gather
+        return "dense product + gather"
+    return "surgical CPU kernel" + (" (AVX-512)" if lib.sg_sampled_grad_avx512() else " (portable)")
 
 
 def entry_state_bytes(model, opt) -> int:
@@ -199,6 +219,8 @@ def run(args, partial: Path | None = None) -> dict:
             results[c]["peak_rss"].append(out["peak_rss_bytes"])
             results[c]["trainable"] = out["trainable"]
             results[c]["state_bytes"] = out["state_bytes"]
+            results[c]["cpu_kernel"] = out["cpu_kernel"]
+            results[c]["peak_from_training"] = out["peak_from_training"]
             med, gib = statistics.median(out["step_times"]), out["peak_rss_bytes"] / 2**30
             n = out["trainable"]
             print(f"round {r + 1}/{rounds} {c:>14}: {med:.3f} s/step, {gib:.2f} GiB, {n:,} trainable")
@@ -223,6 +245,8 @@ def report(results: dict, quick: bool, show: bool = True) -> dict:
     for c, v in results.items():
         row = {"step_s": round(v["step_s"], 4), "peak_rss_gib": round(v["peak_rss_gib"], 3),
                "trainable": v["trainable"]}  # fmt: skip
+        if c.startswith("entries_"):
+            row["entry_gradients"] = v.get("cpu_kernel")
         for k, rv in ref.items():
             row[f"time_vs_{k}"] = round(v["step_s"] / rv["step_s"], 3)
             row[f"mem_vs_{k}"] = round(v["peak_rss_gib"] / rv["peak_rss_gib"], 3)
@@ -247,8 +271,11 @@ def report(results: dict, quick: bool, show: bool = True) -> dict:
         "model": "tiny random Llama (quick)" if quick else "SmolLM2-135M-Instruct fp32, batch 4 x 128 tokens",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"{os.environ.get('OMP_NUM_THREADS', '?')} thread(s) per worker process",
-        "note": "peak RSS includes the loaded model and Python/torch (about the same in every "
-        "configuration); entries_lora trains as many values as LoRA r=16" + share_note(results),
+        "note": "peak RSS is the high-water mark over the training steps (reset after loading and "
+        "setup where Linux allows it), so it includes the loaded model and Python/torch (about the "
+        "same in every configuration) but not the transient peak of loading; entries_lora trains as "
+        "many values as LoRA r=16" + share_note(results) + "; entries_lora_addmm is entries_lora with "
+        "torch.sparse.sampled_addmm computing the entry gradients instead of surgical's CPU kernel",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "results": rows,
     }
@@ -279,7 +306,11 @@ def entry_slope(results: dict) -> float | None:
     inputs every trained Linear needs for its weight gradient); the slope isolates the part
     that grows with the number of entries.
     """
-    pts = sorted((v["trainable"], v["peak_rss_gib"]) for c, v in results.items() if c.startswith("entries_"))
+    pts = sorted(
+        (v["trainable"], v["peak_rss_gib"])
+        for c, v in results.items()
+        if c.startswith("entries_") and not c.endswith("_addmm")
+    )
     if len(pts) < 2 or pts[-1][0] == pts[0][0]:
         return None
     return round((pts[-1][1] - pts[0][1]) * 2**30 / (pts[-1][0] - pts[0][0]), 1)
@@ -287,12 +318,12 @@ def entry_slope(results: dict) -> float | None:
 
 def print_table(rows: dict) -> None:
     """Prints the results as a table of step times, memory and ratios."""
-    print(f"{'config':>14} {'s/step':>7} {'GiB':>6} {'trainable':>11} {'t/full':>6} {'t/lora':>6} "
+    print(f"{'config':>18} {'s/step':>7} {'GiB':>6} {'trainable':>11} {'t/full':>6} {'t/lora':>6} "
           f"{'t/floor':>7} {'m/lora':>6} {'m/floor':>7}")  # fmt: skip
     keys = ("time_vs_full", "time_vs_lora", "time_vs_floor", "mem_vs_lora", "mem_vs_floor")
     for c, r in rows.items():
         ratios = [r.get(k, 0) for k in keys]
-        print(f"{c:>14} {r['step_s']:7.3f} {r['peak_rss_gib']:6.2f} {r['trainable']:11,} "
+        print(f"{c:>18} {r['step_s']:7.3f} {r['peak_rss_gib']:6.2f} {r['trainable']:11,} "
               + " ".join(f"{x:6.2f}" for x in ratios))  # fmt: skip
 
 

@@ -74,9 +74,29 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far, in bytes."""
+    """Peak resident set size of this process, in bytes: since the start, or since the last
+    successful :func:`reset_peak_rss`."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Starts :func:`peak_rss_bytes` afresh from the current resident size (Linux only).
+
+    Lets a measurement leave out a transient peak that came before it, such as the one of
+    loading a model. Returns False where the kernel offers no way to do it.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def dir_size(path: str | os.PathLike) -> int:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from surgical.train import cpu_kernel
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -33,5 +35,9 @@ def test_train_speed_quick(tmp_path):
     # counted state: value, gradient, two Adam moments, int32 index, base value = 28 bytes per
     # entry, plus the CSR row pointers, which weigh a lot on this tiny model's short rows
     assert 28 <= res["entries_1"]["state_bytes_per_entry"] < 40
+    # the JSON says which code computed the entry gradients
+    kernel = "surgical CPU kernel" if cpu_kernel.compiler() else "torch.sparse.sampled_addmm"
+    assert res["entries_1"]["entry_gradients"].startswith(kernel)
+    assert "high-water mark over the training steps" in data["note"]
     for r in res.values():
         assert r["step_s"] > 0 and r["peak_rss_gib"] > 0
