@@ -54,7 +54,9 @@ def test_no_dense_weight_gradient_is_formed(monkeypatch):
     monkeypatch.setattr(
         torch.sparse, "sampled_addmm", lambda *a, **k: calls.append("addmm") or real_sampled(*a, **k)
     )
-    monkeypatch.setattr(cpu_kernel, "sampled_grad", lambda *a, **k: calls.append("kernel") or real_kernel(*a, **k))
+    monkeypatch.setattr(
+        cpu_kernel, "sampled_grad", lambda *a, **k: calls.append("kernel") or real_kernel(*a, **k)
+    )
     monkeypatch.setattr(torch.Tensor, "__matmul__", lambda *a: calls.append("dense"))  # gy^T @ x
     sp(torch.randn(8, 64)).sum().backward()
     # surgical's CPU kernel where it could be built, else torch's sampled product
