@@ -1,9 +1,9 @@
 """The training engine, selection and deltas on a CUDA device (skipped without one).
 
 Everything else in the suite runs on CPU; these tests check that the same numbers come out on a
-GPU: entry gradients through cuSPARSE's sampled matmul, row/column and tied-embedding blocks,
-bf16 autocast, ``sg.fit`` followed by a delta applied to a CPU model, selection scores, and
-delta apply/revert. Tiny models: seconds on one GPU.
+GPU: entry gradients (the dense product gathered, and cuSPARSE's SDDMM when forced), row/column
+and tied-embedding blocks, bf16 autocast, ``sg.fit`` followed by a delta applied to a CPU model,
+selection scores, and delta apply/revert. Tiny models: seconds on one GPU.
 """
 
 from __future__ import annotations
@@ -58,9 +58,14 @@ def _close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5) -> None:
     torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * float(want.detach().abs().max()) + 1e-12)
 
 
+@pytest.mark.parametrize("force_sampled", [False, True])
 @pytest.mark.parametrize(("shape", "tokens", "density"), [((24, 16), 40, 0.05), ((256, 512), 1024, 0.01),
                                                           ((256, 512), 1024, 0.2)])  # fmt: skip
-def test_sampled_matmul_on_cuda_is_the_dense_gradient_gathered(shape, tokens, density):
+def test_sampled_matmul_on_cuda_is_the_dense_gradient_gathered(
+    shape, tokens, density, force_sampled, monkeypatch
+):
+    if force_sampled:  # cuSPARSE's SDDMM, which surgical does not use by default
+        monkeypatch.setattr(sparse, "CUDA_DENSE_GATHER_DENSITY", 2.0)
     g = torch.Generator().manual_seed(0)
     gy, x = torch.randn(tokens, shape[0], generator=g), torch.randn(tokens, shape[1], generator=g)
     k = max(1, int(shape[0] * shape[1] * density))
@@ -75,9 +80,9 @@ def test_sampled_matmul_on_cuda_is_the_dense_gradient_gathered(shape, tokens, de
 
 @pytest.mark.parametrize(("density", "force_sampled"), [(0.05, False), (0.5, False), (0.5, True)])
 def test_entry_grads_on_cuda_equal_the_dense_grads_gathered(density, force_sampled, monkeypatch):
-    """Below DENSE_GATHER_DENSITY (or when forced) through cuSPARSE's SDDMM, above it by a gather."""
+    """By the dense product gathered (CUDA_DENSE_GATHER_DENSITY), or forced through cuSPARSE's SDDMM."""
     if force_sampled:
-        monkeypatch.setattr(sparse, "DENSE_GATHER_DENSITY", 2.0)
+        monkeypatch.setattr(sparse, "CUDA_DENSE_GATHER_DENSITY", 2.0)
     calls = []
     real = torch.sparse.sampled_addmm
     monkeypatch.setattr(
@@ -97,7 +102,7 @@ def test_entry_grads_on_cuda_equal_the_dense_grads_gathered(density, force_sampl
         got = _delta_of(model, name).grad
         assert got.is_cuda and model.get_parameter(name).grad is None
         _close(got, dense.get_parameter(name).grad.reshape(-1)[idx.to(CUDA)])
-    sampled = density < sparse.DENSE_GATHER_DENSITY or force_sampled
+    sampled = density < sparse.CUDA_DENSE_GATHER_DENSITY or force_sampled
     assert calls == ([True] * len(plan.entries) if sampled else [])  # on the GPU, once per trained Linear
 
 
@@ -131,7 +136,7 @@ def test_frozen_entries_stay_bit_identical_after_optimizer_steps_on_cuda(fused):
 def test_full_density_entries_train_like_dense_on_cuda(force_sampled, monkeypatch):
     """Every entry of every Linear through the sparse path: the loss curve of dense training."""
     if force_sampled:
-        monkeypatch.setattr(sparse, "DENSE_GATHER_DENSITY", 2.0)
+        monkeypatch.setattr(sparse, "CUDA_DENSE_GATHER_DENSITY", 2.0)
     model = tiny_llama().to(CUDA).train()
     targets = default_targets(model)
     dense = _dense_twin(model, set(targets))
