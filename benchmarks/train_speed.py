@@ -377,6 +377,54 @@ def run(args, partial: Path | None = None) -> dict:
     return {k: _summarise(v) for k, v in results.items()}
 
 
+#: glibc's mmap threshold for the live-memory pass: allocations from 64 KiB up get their own
+#: mapping and go back to the system when freed, so peak RSS follows the live tensors instead of
+#: the heap's fragmentation (which moved one configuration's peak by up to 0.25 GiB between runs)
+LIVE_MMAP_THRESHOLD = 65536
+LIVE_CONFIGS = ("floor", "entries_0.5", "entries_1", "entries_lora", "lora", "shira")
+
+
+def live_memory(args) -> dict | None:
+    """Peak RSS of the entry configurations (and floor, LoRA, SHiRA) with a fixed mmap threshold.
+
+    A separate pass of ``args.memory_rounds`` interleaved rounds (two warm-up steps, so that the
+    optimizer state exists, and one measured step): its step times are not reported, since
+    mapping every large allocation afresh slows every configuration. Returns None on CUDA (the
+    CUDA figures already count live tensors) or when there are no rounds.
+    """
+    if args.device == "cuda" or args.memory_rounds <= 0:
+        return None
+    configs = [c for c in LIVE_CONFIGS if c in args.configs]
+    rounds = 1 if args.quick else args.memory_rounds
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent / "src"))
+    env["MALLOC_MMAP_THRESHOLD_"] = str(LIVE_MMAP_THRESHOLD)
+    peaks: dict[str, list[int]] = {c: [] for c in configs}
+    trainable = {}
+    for r in range(rounds):
+        for c in configs:
+            cmd = [sys.executable, __file__, "--worker", c, "--steps", "1", "--warmup", "2"]
+            cmd += ["--quick"] if args.quick else []
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if p.returncode != 0:
+                raise SystemExit(f"{c} (live-memory pass) failed:\n{p.stderr[-3000:]}")
+            out = json.loads(p.stdout.strip().splitlines()[-1])
+            peaks[c].append(out["peak_bytes"])
+            trainable[c] = out["trainable"]
+            print(f"live memory {r + 1}/{rounds} {c:>14}: {out['peak_bytes'] / 2**30:.3f} GiB")
+            sys.stdout.flush()
+    gib = {c: statistics.median(v) / 2**30 for c, v in peaks.items()}
+    live = {"peak_rss_gib": {c: round(v, 3) for c, v in gib.items()}, "rounds": rounds,
+            "malloc_mmap_threshold": LIVE_MMAP_THRESHOLD}  # fmt: skip
+    for ref in ("lora", "shira", "floor"):
+        if ref in gib:
+            live[f"vs_{ref}"] = {c: round(v / gib[ref], 3) for c, v in gib.items()}
+    pts = sorted((trainable[c], gib[c]) for c in gib if c.startswith("entries_"))
+    if len(pts) >= 2 and pts[-1][0] != pts[0][0]:
+        live["bytes_per_entry_slope"] = round((pts[-1][1] - pts[0][1]) * 2**30 / (pts[-1][0] - pts[0][0]), 1)
+        print(f"live memory per selected entry (slope): {live['bytes_per_entry_slope']:.1f} bytes")
+    return live
+
+
 def _summarise(v: dict) -> dict:
     return {
         **v,
@@ -537,6 +585,11 @@ def main() -> None:
         help="Entry gradients by the dense product gathered at the entries instead of the sampled matmul "
         "(an experiment: surgical switches to it only above DENSE_GATHER_DENSITY).",
     )  # fmt: skip
+    ap.add_argument(
+        "--memory-rounds", type=int, default=2,
+        help="Rounds of the live-memory pass after the timed rounds (CPU; 0 skips it): peak RSS with "
+        f"glibc's mmap threshold fixed at {LIVE_MMAP_THRESHOLD} bytes, for the per-entry slope.",
+    )  # fmt: skip
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.device == "cuda":
@@ -555,6 +608,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     # on a lent GPU machine a run may be cut short: keep each finished configuration
     data = report(run(args, partial=out if args.device == "cuda" else None), args)
+    live = live_memory(args)
+    if live is not None:
+        data["live_memory"] = live
     data["protocol"] = protocol(args, load_before, os.getloadavg())
     out.write_text(json.dumps(data, indent=2) + "\n")
     print(f"wrote {out}")

@@ -39,5 +39,9 @@ def test_train_speed_quick(tmp_path):
     kernel = "surgical CPU kernel" if cpu_kernel.compiler() else "torch.sparse.sampled_addmm"
     assert res["entries_1"]["entry_gradients"].startswith(kernel)
     assert "high-water mark over the training steps" in data["note"]
+    # the live-memory pass (fixed mmap threshold) runs the entry configurations, floor and LoRA again
+    live = data["live_memory"]
+    assert set(live["peak_rss_gib"]) == {"floor", "entries_1", "lora"} and live["vs_lora"]["lora"] == 1.0
+    assert live["malloc_mmap_threshold"] == 65536 and live["rounds"] == 1
     for r in res.values():
         assert r["step_s"] > 0 and r["peak_rss_gib"] > 0
