@@ -45,6 +45,21 @@ def test_delta_grad_equals_dense_weight_grad_at_entries(force_sampled, monkeypat
     assert sp.weight.grad is None and not sp.weight.requires_grad
 
 
+def test_dense_product_path_builds_no_pattern(monkeypatch):
+    """The CSR pattern (4 B per entry) is built only for the sampled product: never on the
+    dense-product path, which CUDA takes at every density."""
+    monkeypatch.setattr(sparse, "DENSE_GATHER_DENSITY", 0.0)
+    dense = _layer()
+    sp = copy.deepcopy(dense)
+    idx = torch.tensor([0, 3, 17, 100, 383])
+    delta = attach_entries(sp, idx)
+    x = torch.randn(2, 5, 16)
+    dense(x).sin().sum().backward()
+    sp(x).sin().sum().backward()
+    torch.testing.assert_close(delta.grad, dense.weight.grad.reshape(-1)[idx])
+    assert sp._sg_entries.pattern is None
+
+
 def test_no_dense_weight_gradient_is_formed(monkeypatch):
     """At low density the backward pass never computes the full gy^T @ x product."""
     sp = _layer(out_f=64, in_f=64)

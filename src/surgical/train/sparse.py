@@ -15,8 +15,10 @@ selected entries, computed with a sampled dense-dense matmul: no dense weight gr
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -98,7 +100,10 @@ def csr_pattern(
 
 
 def sampled_weight_grad(
-    gy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, pattern: torch.Tensor
+    gy: torch.Tensor,
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    pattern: torch.Tensor | Callable[[], torch.Tensor],
 ) -> torch.Tensor:
     """``(gy^T @ x).flatten()[indices]``, without the dense product when sparse enough.
 
@@ -110,12 +115,16 @@ def sampled_weight_grad(
         gy: Output gradient, (tokens, out).
         x: Layer input, (tokens, in).
         indices: Sorted flat indices into the (out, in) weight.
-        pattern: CSR tensor of shape (out, in) with non-zeros at ``indices`` and dtype of ``gy``.
+        pattern: CSR tensor of shape (out, in) with non-zeros at ``indices`` and dtype of ``gy``,
+            or a function returning it, called only when the sampled product needs it (so that
+            the dense-product path, CUDA's default, never builds it: 4 bytes per entry).
     """
-    out_f, in_f = pattern.shape
+    out_f, in_f = gy.shape[-1], x.shape[-1]
     threshold = CUDA_DENSE_GATHER_DENSITY if gy.is_cuda else DENSE_GATHER_DENSITY
     if indices.numel() > threshold * out_f * in_f:
         return (gy.t() @ x).view(-1).index_select(0, indices)
+    if callable(pattern):
+        pattern = pattern()
     if gy.device.type == "cpu":
         grad = cpu_kernel.sampled_grad(gy, x, pattern)
         if grad is not None:
@@ -155,9 +164,8 @@ class _EntryLinearFn(torch.autograd.Function):
             if state.accumulate:  # a prune-and-regrow schedule asked for one dense gradient
                 dense = gy2.t() @ x2
                 state.grad_acc = dense if state.grad_acc is None else state.grad_acc.add_(dense)
-            gd = sampled_weight_grad(gy2, x2, state.indices(module), state.csr(module, gy2.dtype)).to(
-                state.delta(module).dtype
-            )
+            pattern = functools.partial(state.csr, module, gy2.dtype)
+            gd = sampled_weight_grad(gy2, x2, state.indices(module), pattern).to(state.delta(module).dtype)
         return gx, None, gb, gd, None
 
 
