@@ -154,3 +154,27 @@ def test_resident_state_is_at_most_28_bytes_per_entry_under_adam():
     tensors += [t for t in opt.state[delta].values() if t.numel() == k]
     per_entry = sum(t.numel() * t.element_size() for t in tensors) / k
     assert per_entry == 28.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("force_sampled", [False, True])
+def test_half_precision_model_trains_entries_on_cpu(dtype, force_sampled, monkeypatch):
+    """A model loaded in bf16/fp16: the entry gradient is computed in fp32 and returned in the
+    delta's dtype (neither the CPU kernel nor sampled_addmm takes half precision on CPU)."""
+    if force_sampled:  # the kernel off: sampled_addmm's path
+        monkeypatch.setenv("SURGICAL_CPU_KERNEL", "0")
+        monkeypatch.setattr(cpu_kernel, "_LIB", None)
+    layer = nn.Linear(64, 32).to(dtype)
+    idx = torch.arange(0, 64 * 32, 37)
+    delta = attach_entries(layer, idx)
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 10, 64, generator=g).to(dtype), torch.randn(3, 10, 32, generator=g)
+    (layer(x).float() * w).sum().backward()
+    gy = w.to(dtype).float().reshape(-1, 32)  # the output gradient as the layer saw it
+    want = (gy.t() @ x.float().reshape(-1, 64)).reshape(-1)[idx]
+    assert delta.grad.dtype == dtype
+    torch.testing.assert_close(delta.grad.float(), want.to(dtype).float(), rtol=0, atol=0)
+    opt = torch.optim.AdamW([delta], lr=1e-2)
+    opt.step()
+    w_now = layer.state_dict()["weight"].reshape(-1)  # synced lazily: before a forward or a state_dict
+    assert torch.equal(w_now[idx], (layer.weight_sg_orig + delta.detach()).to(dtype))

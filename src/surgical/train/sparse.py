@@ -156,9 +156,13 @@ class _EntryLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             module = ctx.module
             state: EntryState = module._sg_entries
-            # the delta's gradient is computed in the delta's dtype: sampled_addmm has no bf16
-            # kernel on CPU, and fp32 accumulation keeps bf16-autocast gradients accurate
+            # the delta's gradient is computed in the delta's dtype, which keeps bf16-autocast
+            # gradients of fp32 deltas accurate; on CPU a half-precision delta (a model loaded in
+            # bf16/fp16) is computed in fp32, since neither the CPU kernel nor sampled_addmm
+            # takes half precision there
             gdt = state.delta(module).dtype
+            if not gy.is_cuda and gdt not in (torch.float32, torch.float64):
+                gdt = torch.float32
             gy2 = gy2.to(gdt)
             x2 = x.reshape(-1, x.shape[-1]).to(gdt)
             if state.accumulate:  # a prune-and-regrow schedule asked for one dense gradient
