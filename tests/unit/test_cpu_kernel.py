@@ -104,6 +104,22 @@ def test_build_is_cached(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temp files left behind
 
 
+def test_write_entries_sets_base_plus_delta_at_the_indices(lib):
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(40, 30, generator=g)
+    idx = torch.randperm(1200, generator=g)[:300].sort().values.to(torch.int32)
+    orig, delta = torch.randn(300, generator=g), torch.randn(300, generator=g)
+    want = weight.clone()
+    want.view(-1)[idx.long()] = orig + delta
+    assert cpu_kernel.write_entries(weight, idx, orig, delta)
+    assert torch.equal(weight, want)
+    # what it does not take is left to torch: other dtypes, int64 indices, a strided weight
+    assert not cpu_kernel.write_entries(weight.double(), idx, orig.double(), delta.double())
+    assert not cpu_kernel.write_entries(weight, idx.long(), orig, delta)
+    assert not cpu_kernel.write_entries(weight.t(), idx, orig, delta)
+    assert not cpu_kernel.write_entries(weight, idx, orig[:10], delta)
+
+
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
     """The module as in a new process, with an empty kernel cache."""

@@ -122,6 +122,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.sg_sampled_grad_f32.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int]
     lib.sg_sampled_grad_f32.restype = None
     lib.sg_sampled_grad_avx512.restype = ctypes.c_int
+    lib.sg_write_entries_f32.argtypes = [ptr, ptr, ptr, ptr, i64, ctypes.c_int]
+    lib.sg_write_entries_f32.restype = None
     return lib
 
 
@@ -173,3 +175,28 @@ def sampled_grad(gy: torch.Tensor, x: torch.Tensor, pattern: torch.Tensor, lib: 
         crow.data_ptr(), col.data_ptr(), out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return out
+
+
+def write_entries(
+    weight: torch.Tensor, indices: torch.Tensor, orig: torch.Tensor, delta: torch.Tensor
+) -> bool:
+    """``weight.flatten()[indices] = orig + delta`` in one pass; False when the kernel can't do it.
+
+    Takes float32 CPU tensors (``weight`` contiguous) and int32 indices; anything else is left to
+    the caller's torch fallback.
+    """
+    if indices.dtype != torch.int32:
+        return False
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (weight, orig, delta)):
+        return False
+    if not weight.is_contiguous() or not (indices.numel() == orig.numel() == delta.numel()):
+        return False
+    lib = library()
+    if lib is None:
+        return False
+    indices, orig, delta = indices.contiguous(), orig.contiguous(), delta.contiguous()
+    lib.sg_write_entries_f32(
+        weight.data_ptr(), indices.data_ptr(), orig.data_ptr(), delta.data_ptr(), indices.numel(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return True

@@ -198,4 +198,12 @@ void sg_sampled_grad_f32(const float* gy, const float* x, int64_t T, int64_t n_o
   }
 }
 
+// w[idx[i]] = orig[i] + delta[i]: writes the trained values of an entry-sparse weight into it in
+// one pass (torch needs an add, an int64 copy of the indices and an index_copy_)
+void sg_write_entries_f32(float* w, const int32_t* idx, const float* orig, const float* delta, int64_t k,
+                          int nthreads) {
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && k > 65536) schedule(static)
+  for (int64_t i = 0; i < k; ++i) w[idx[i]] = orig[i] + delta[i];
+}
+
 }  // extern "C"

@@ -193,9 +193,11 @@ def sync_entries(module: nn.Module, state: EntryState) -> None:
         return
     weight = getattr(module, state.param_name)
     with torch.no_grad():
-        new = torch.add(state.orig(module), delta.detach())
-        # index_copy_ wants int64: a per-layer transient is cheaper than keeping int64 resident
-        weight.view(-1).index_copy_(0, state.indices(module).long(), new.to(weight.dtype))
+        idx, orig = state.indices(module), state.orig(module)
+        if not cpu_kernel.write_entries(weight, idx, orig, delta.detach()):
+            new = torch.add(orig, delta.detach())
+            # index_copy_ wants int64: a per-layer transient is cheaper than keeping int64 resident
+            weight.view(-1).index_copy_(0, idx.long(), new.to(weight.dtype))
     state.synced_version = delta._version
     state.dirty = False
 
