@@ -11,6 +11,9 @@ It is compiled once per machine with the C++ compiler found (``$CXX``, ``c++``, 
 moves it), and loaded with :mod:`ctypes`: no torch headers, about a second to build. When no
 compiler works the caller falls back to ``sampled_addmm`` after one warning.
 ``SURGICAL_CPU_KERNEL=0`` turns the kernel off.
+
+The same library writes ``orig + delta`` into an entry-sparse weight in one pass
+(:func:`write_entries`, used by the weight sync).
 """
 
 from __future__ import annotations

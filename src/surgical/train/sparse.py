@@ -10,7 +10,10 @@ Trainer's default, does this) are covered by a global optimizer step post-hook t
 entry-sparse weight dirty after any ``optimizer.step()``.
 
 The backward pass returns the input gradient ``gy @ W`` and the gradient of ``delta`` only at the
-selected entries, computed with a sampled dense-dense matmul: no dense weight gradient is formed.
+selected entries. On CPU that is a sampled dense-dense product (:mod:`surgical.train.cpu_kernel`,
+else ``torch.sparse.sampled_addmm``): no dense weight gradient is formed. On CUDA, and on CPU
+above ``DENSE_GATHER_DENSITY``, the layer's dense product is gathered at the entries and freed
+at once, which is faster there.
 """
 
 from __future__ import annotations
