@@ -15,16 +15,32 @@ from accelerate import Accelerator
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for the tiny model configs
 
 import surgical as sg  # noqa: E402
-from conftest import cls_batches, tiny_bert  # noqa: E402
+from conftest import cls_batches, lm_batches, tiny_bert, tiny_llama  # noqa: E402
+from surgical.select.plan import Plan  # noqa: E402
 
 
-def main(out: str) -> None:
+def _tied_llama_and_plan():
+    """A Llama whose embedding is tied to its head: entries on every Linear, plus token rows of
+    the shared embedding (one block that both the lookup and the head feed)."""
+    model = tiny_llama()
+    plan = sg.select(model, method="random", density=0.05, seed=0, progress=False)
+    emb = "model.embed_tokens.weight"
+    rows = torch.arange(1, 100, 7)  # tokens the batches use, and (by chance) some they don't
+    plan = Plan(entries=plan.entries, rows={emb: rows}, shapes={**plan.shapes, emb: (100, 32)},
+                meta={"method": "random+rows"})  # fmt: skip
+    return model, lm_batches(n=8), plan
+
+
+def main(out: str, kind: str = "entries") -> None:
     acc = Accelerator(cpu=True)
-    model = tiny_bert()
-    batches = cls_batches(n=8)
-    plan = sg.select(
-        model, batches, method="random", density=0.05, always=["classifier"], seed=0, progress=False
-    )
+    if kind == "tied":
+        model, batches, plan = _tied_llama_and_plan()
+    else:
+        model = tiny_bert()
+        batches = cls_batches(n=8)
+        plan = sg.select(
+            model, batches, method="random", density=0.05, always=["classifier"], seed=0, progress=False
+        )
     sg.prepare(model, plan)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ddp_model, opt = acc.prepare(model, opt)
@@ -43,4 +59,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

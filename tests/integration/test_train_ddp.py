@@ -54,3 +54,32 @@ def test_two_process_ddp_ranks_end_with_identical_deltas(tmp_path, launcher):
     assert changed > 0.9 * d0.num_entries  # training happened
     for name, t in d0.full.items():
         assert torch.equal(t, d1.full[name]), name
+
+
+def test_two_process_ddp_with_a_tied_embedding_row_block(tmp_path):
+    """The shared (r, dim) block of a tied embedding gets its gradient from the lookup and the
+    head on each rank; DDP must still end with the same block (and entries) on both."""
+    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip("no torchrun next to the interpreter")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+    p = subprocess.Popen(
+        [exe, *LAUNCHERS["torchrun"][1:], str(SCRIPT), str(tmp_path), "tied"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _, err = p.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        pytest.fail("the two-process run did not finish in 240 s")
+    assert p.returncode == 0, err[-3000:]
+    d0, d1 = sg.Delta.load(tmp_path / "rank0"), sg.Delta.load(tmp_path / "rank1")
+    assert d0.meta["world_size"] == 2
+    emb = "model.embed_tokens.weight"
+    (r0, b0), (r1, b1) = d0.rows[emb], d1.rows[emb]
+    assert torch.equal(r0, r1) and torch.equal(b0, b1)
+    assert (b0 != 0).any(dim=1).sum() >= len(r0) // 2  # rows of tokens the batches use were trained
+    assert d0.entries.keys() == d1.entries.keys() and d0.num_entries > 0
+    for name, (idx, vals) in d0.entries.items():
+        assert torch.equal(idx, d1.entries[name][0]) and torch.equal(vals, d1.entries[name][1]), name
