@@ -139,7 +139,7 @@ def library() -> ctypes.CDLL | None:
         if not _TRIED:
             try:
                 _LIB = load(build())
-            except (KernelBuildError, OSError) as e:
+            except (KernelBuildError, OSError, AttributeError) as e:  # AttributeError: a symbol missing
                 warnings.warn(
                     f"surgical: the CPU entry-gradient kernel is unavailable ({e}); using "
                     "torch.sparse.sampled_addmm, about 2x slower. SURGICAL_CPU_KERNEL=0 skips the build.",
