@@ -200,21 +200,26 @@ def worker(name: str, args) -> dict:
     peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
     out = {"config": name, "step_times": times, "peak_bytes": peak, "trainable": trainable,
            "state_bytes": entry_state_bytes(model, opt), "peak_from_training": cuda or reset,
-           "cpu_kernel": kernel_info()}  # fmt: skip
+           "cpu_kernel": kernel_info(model, args.device)}  # fmt: skip
     if args.profile:
         out["profile"] = profile_steps(step, sync, cuda, statistics.median(times))
     return out
 
 
-def kernel_info() -> str:
-    """Which code computed the entry gradients in this process."""
-    from surgical.train import cpu_kernel
+def kernel_info(model, device: str) -> str | None:
+    """Which code computed the entry gradients of ``model`` (None: it has no entry-sparse weight)."""
+    from surgical.train import cpu_kernel, sparse
 
-    lib = cpu_kernel._LIB
-    if not cpu_kernel.enabled() or cpu_kernel._TRIED and lib is None:
+    states = [getattr(m, "_sg_entries", None) for m in model.modules()]
+    states = [s for s in states if isinstance(s, sparse.EntryState)]
+    if not states:
+        return None
+    threshold = sparse.CUDA_DENSE_GATHER_DENSITY if device == "cuda" else sparse.DENSE_GATHER_DENSITY
+    if all(s.pattern is None for s in states):  # the pattern is built only for a sampled product
+        return f"dense product + gather (above {threshold:.0%} density)"
+    lib = cpu_kernel.library() if device == "cpu" else None
+    if lib is None:
         return "torch.sparse.sampled_addmm"
-    if lib is None:  # never asked for: every layer was dense enough for a dense product + gather
-        return "dense product + gather"
     return "surgical CPU kernel" + (" (AVX-512)" if lib.sg_sampled_grad_avx512() else " (portable)")
 
 
@@ -338,6 +343,15 @@ def entry_state_bytes(model, opt) -> int:
     return total
 
 
+def run_worker(config: str, steps: int, warmup: int, extra: list[str], env: dict, what: str = "") -> dict:
+    """Runs one configuration in a fresh process and returns the measurements it prints."""
+    cmd = [sys.executable, __file__, "--worker", config, "--steps", str(steps), "--warmup", str(warmup)]
+    p = subprocess.run(cmd + extra, env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"{config}{what} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def run(args, partial: Path | None = None) -> dict:
     steps, warmup, rounds = (2, 1, 1) if args.quick else (args.steps, args.warmup, args.rounds)
     results: dict[str, dict] = {c: {"step_times": [], "peak": []} for c in args.configs}
@@ -352,13 +366,7 @@ def run(args, partial: Path | None = None) -> dict:
     env = dict(os.environ, PYTHONPATH=str(HERE.parent / "src"))
     for r in range(rounds):
         for c in args.configs:  # interleaved: each round runs every configuration once
-            cmd = [sys.executable, __file__, "--worker", c, "--steps", str(steps), "--warmup", str(warmup)]
-            p = subprocess.run(
-                cmd + (["--quick"] if args.quick else []) + passed, env=env, capture_output=True, text=True
-            )
-            if p.returncode != 0:
-                raise SystemExit(f"{c} failed:\n{p.stderr[-3000:]}")
-            out = json.loads(p.stdout.strip().splitlines()[-1])
+            out = run_worker(c, steps, warmup, (["--quick"] if args.quick else []) + passed, env)
             results[c]["step_times"] += out["step_times"]
             results[c]["peak"].append(out["peak_bytes"])
             results[c]["trainable"] = out["trainable"]
@@ -399,15 +407,10 @@ def live_memory(args) -> dict | None:
     env = dict(os.environ, PYTHONPATH=str(HERE.parent / "src"))
     env["MALLOC_MMAP_THRESHOLD_"] = str(LIVE_MMAP_THRESHOLD)
     peaks: dict[str, list[int]] = {c: [] for c in configs}
-    trainable = {}
+    trainable: dict[str, int] = {}
     for r in range(rounds):
         for c in configs:
-            cmd = [sys.executable, __file__, "--worker", c, "--steps", "1", "--warmup", "2"]
-            cmd += ["--quick"] if args.quick else []
-            p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if p.returncode != 0:
-                raise SystemExit(f"{c} (live-memory pass) failed:\n{p.stderr[-3000:]}")
-            out = json.loads(p.stdout.strip().splitlines()[-1])
+            out = run_worker(c, 1, 2, ["--quick"] if args.quick else [], env, " (live-memory pass)")
             peaks[c].append(out["peak_bytes"])
             trainable[c] = out["trainable"]
             print(f"live memory {r + 1}/{rounds} {c:>14}: {out['peak_bytes'] / 2**30:.3f} GiB")
@@ -418,10 +421,10 @@ def live_memory(args) -> dict | None:
     for ref in ("lora", "shira", "floor"):
         if ref in gib:
             live[f"vs_{ref}"] = {c: round(v / gib[ref], 3) for c, v in gib.items()}
-    pts = sorted((trainable[c], gib[c]) for c in gib if c.startswith("entries_"))
-    if len(pts) >= 2 and pts[-1][0] != pts[0][0]:
-        live["bytes_per_entry_slope"] = round((pts[-1][1] - pts[0][1]) * 2**30 / (pts[-1][0] - pts[0][0]), 1)
-        print(f"live memory per selected entry (slope): {live['bytes_per_entry_slope']:.1f} bytes")
+    slope = entry_slope({c: {"trainable": trainable[c], "peak_gib": v} for c, v in gib.items()})
+    if slope is not None:
+        live["bytes_per_entry_slope"] = slope
+        print(f"live memory per selected entry (slope): {slope:.1f} bytes")
     return live
 
 

@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_train_speed_quick(tmp_path):
     out = tmp_path / "speed.json"
-    configs = ["lora", "entries_1", "rows_lora", "floor"]  # a subset: each one is a fresh process
+    # a subset: each one is a fresh process
+    configs = ["lora", "entries_1", "entries_lora", "rows_lora", "floor"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
     p = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "train_speed.py"), "--quick", "--out", str(out),
@@ -38,10 +39,13 @@ def test_train_speed_quick(tmp_path):
     # the JSON says which code computed the entry gradients
     kernel = "surgical CPU kernel" if cpu_kernel.compiler() else "torch.sparse.sampled_addmm"
     assert res["entries_1"]["entry_gradients"].startswith(kernel)
+    # LoRA's count is over a quarter of this tiny model's Linear weights: no sampled product ran
+    assert res["entries_lora"]["entry_gradients"].startswith("dense product + gather")
     assert "high-water mark over the training steps" in data["note"]
     # the live-memory pass (fixed mmap threshold) runs the entry configurations, floor and LoRA again
     live = data["live_memory"]
-    assert set(live["peak_rss_gib"]) == {"floor", "entries_1", "lora"} and live["vs_lora"]["lora"] == 1.0
+    assert set(live["peak_rss_gib"]) == {"floor", "entries_1", "entries_lora", "lora"}
+    assert live["vs_lora"]["lora"] == 1.0 and live["bytes_per_entry_slope"] is not None
     assert live["malloc_mmap_threshold"] == 65536 and live["rounds"] == 1
     for r in res.values():
         assert r["step_s"] > 0 and r["peak_rss_gib"] > 0
