@@ -21,11 +21,11 @@ from rich.console import Console
 from rich.table import Table
 
 import surgical as sg
+from surgical.core.io import dir_size
 from surgical.data.text import text_batches
-from surgical.delta.peft_export import export_shira
-from surgical.demo import DemoConfig, default_data_path, load_classifier, load_movie_reviews, run_demo
+from surgical.delta.export import export_shira
 from surgical.eval.accuracy import predict
-from surgical.utils import dir_size
+from surgical.recipes.demo import DemoConfig, default_data_path, load_classifier, load_movie_reviews, run_demo
 
 VARIANTS = [  # (label, keep density, stored dtype)
     ("float32", 1.0, "float32"),
@@ -134,7 +134,7 @@ def main() -> None:
 
 
 def default_model_path_of(cfg: DemoConfig) -> Path:
-    from surgical.demo import default_model_path
+    from surgical.recipes.demo import default_model_path
 
     return Path(cfg.model) if cfg.model else default_model_path()
 

@@ -25,6 +25,7 @@ import torch
 from train_speed import load_model  # the same SmolLM2 / tiny random Llama as the training benchmark
 
 import surgical as sg
+from surgical.core.fingerprint import base_identity
 
 HERE = Path(__file__).resolve().parent
 
@@ -45,7 +46,7 @@ def random_delta(model, density: float, seed: int, rows: bool = False) -> sg.Del
                 idx = torch.randperm(out_f * in_f, generator=g)[:k].sort().values
                 d.entries[f"{name}.weight"] = (idx, torch.randn(k, generator=g) * 1e-3)
             d.shapes[f"{name}.weight"] = (out_f, in_f)
-    d.meta["base"] = sg.delta.ops.base_identity(model)
+    d.meta["base"] = base_identity(model)
     return d
 
 

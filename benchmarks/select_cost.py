@@ -42,7 +42,7 @@ def load(name: str, n: int):
     """(model, batches) for a benchmark model; ``n + 1`` batches (one for the warm-up)."""
     import torch
 
-    from surgical.utils import quiet_transformers
+    from surgical.core.runtime import quiet_transformers
 
     quiet_transformers()
     bs, seq = MODELS[name]
@@ -54,18 +54,18 @@ def load(name: str, n: int):
             return tiny_bert(), cls_batches(n + 1, bs, seq)
         return tiny_llama(), lm_batches(n + 1, bs, seq)
     from surgical.data.text import TextExamples, text_batches
-    from surgical.demo import default_data_path, default_model_path, load_movie_reviews
+    from surgical.recipes.demo import default_data_path, default_model_path, load_movie_reviews
 
-    from_demo = __import__("surgical.demo", fromlist=["DemoConfig"]).DemoConfig
+    from_demo = __import__("surgical.recipes.demo", fromlist=["DemoConfig"]).DemoConfig
     train, _, ood = load_movie_reviews(default_data_path(), from_demo(held_out=100, ood_size=(n + 1) * bs))
     if name == "minilm":
-        from surgical.demo import load_classifier
+        from surgical.recipes.demo import load_classifier
 
         model, tok = load_classifier(default_model_path())
         return model, text_batches(tok, train.subset(range((n + 1) * bs)), bs, seq)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from surgical.models import smollm2_path
+    from surgical.recipes.smollm2 import smollm2_path
 
     path = smollm2_path()
     model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
@@ -85,7 +85,7 @@ def worker(config: str, name: str, n: int, threads: int) -> dict:
     import torch
 
     import surgical as sg
-    from surgical.utils import peak_rss_bytes
+    from surgical.core.runtime import peak_rss_bytes
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -173,7 +173,7 @@ def main() -> None:
     n = args.n or (2 if args.quick else 4)
     reps = args.reps or (1 if args.quick else 3)
     if "smollm2" in models:
-        from surgical.models import smollm2_path
+        from surgical.recipes.smollm2 import smollm2_path
 
         smollm2_path()  # convert once, outside the measurements
     configs = ["full_ft", *[f"score:{m}" for m in args.methods]]
@@ -211,7 +211,7 @@ def main() -> None:
         "medians of alternating runs measured side by side",
         "results": results,
     }
-    from surgical.utils import atomic_write_text
+    from surgical.core.io import atomic_write_text
 
     atomic_write_text(out, json.dumps(payload, indent=2) + "\n")
     print(f"wrote {out}")

@@ -54,8 +54,8 @@ def load_model(quick: bool, random_init: bool = False, device: str = "cpu"):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from surgical.models import smollm2_path
-    from surgical.utils import quiet_transformers
+    from surgical.core.runtime import quiet_transformers
+    from surgical.recipes.smollm2 import smollm2_path
 
     quiet_transformers()
     torch.manual_seed(0)
@@ -73,7 +73,7 @@ def load_model(quick: bool, random_init: bool = False, device: str = "cpu"):
 
 def lora_count(model, r: int = 16) -> int:
     """Trainable values of PEFT LoRA r on all linear layers but the head: r * (in + out) each."""
-    from surgical.select.core import default_targets
+    from surgical.select.api import default_targets
 
     return sum(r * sum(model.get_parameter(n).shape) for n in default_targets(model))
 
@@ -83,7 +83,8 @@ def setup(name: str, model):
     import torch
 
     import surgical as sg
-    from surgical.select.core import default_targets, proportional_counts
+    from surgical.select.allocate import proportional_counts
+    from surgical.select.api import default_targets
     from surgical.select.plan import Plan
     from surgical.train.schedules import LISA
 
@@ -150,8 +151,8 @@ def worker(name: str, args) -> dict:
         os.environ["SURGICAL_CPU_KERNEL"] = "0"
     import torch
 
+    from surgical.core.runtime import peak_rss_bytes, reset_peak_rss
     from surgical.train.hooks import StepState
-    from surgical.utils import peak_rss_bytes, reset_peak_rss
 
     cuda = args.device == "cuda"
     if args.dense_gather:  # every entry gradient as the dense product gathered at the entries

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from surgical.utils import quiet_transformers
+from surgical.core.runtime import quiet_transformers
 
 quiet_transformers()
 # Tiny models gain nothing from threads, and on a busy shared machine two spinning OpenMP

@@ -12,17 +12,25 @@ small exact delta::
     sg.apply(base_model, sg.Delta.load("my-delta"))
 """
 
-__version__ = "0.1.0"
-
-from surgical.delta import Delta, applied, apply, compose, extract, revert  # noqa: E402
-from surgical.errors import SurgicalError  # noqa: E402
-from surgical.select import CRITERIA, Plan, select  # noqa: E402
-from surgical.train import prepare, sync, trainable_count, unprepare  # noqa: E402
-from surgical.train.hooks import SurgicalCallback  # noqa: E402
-from surgical.train.loop import fit  # noqa: E402
+from surgical.core.errors import SurgicalError
+from surgical.core.version import __version__
+from surgical.delta import EXPORT_FORMATS, Delta, applied, apply, compose, revert
+from surgical.select import CRITERIA, Plan, select
+from surgical.train import (
+    SCHEDULES,
+    SurgicalCallback,
+    extract,
+    fit,
+    prepare,
+    sync,
+    trainable_count,
+    unprepare,
+)
 
 __all__ = [
     "CRITERIA",
+    "EXPORT_FORMATS",
+    "SCHEDULES",
     "Delta",
     "Plan",
     "SurgicalCallback",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import run_main
-from surgical.demo import DemoConfig, default_model_path, run_demo
+from surgical.recipes.demo import DemoConfig, default_model_path, run_demo
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -67,9 +67,10 @@ def test_inspect_and_apply(quick_delta, tmp_path, monkeypatch, capsys):
     assert code == 0, err
     merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "m")).eval()
     import surgical as sg
-    from surgical.hf import load_base_for
+    from surgical.recipes.models import load_base
 
-    base, tok = load_base_for(default_model_path(), sg.Delta.load(delta_dir))
+    meta = sg.Delta.load(delta_dir).meta["base"]
+    base, tok = load_base(default_model_path(), meta["architecture"], meta["num_labels"])
     sg.apply(base, sg.Delta.load(delta_dir))
     enc = tok(["a gripping, funny film", "dull and lifeless"], return_tensors="pt", padding=True)
     with torch.no_grad():

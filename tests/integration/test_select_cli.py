@@ -12,7 +12,7 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 
 import surgical as sg
 from conftest import run_main
-from surgical.demo import default_model_path
+from surgical.recipes.demo import default_model_path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
@@ -74,7 +74,7 @@ def test_select_classification_writes_plan_table_and_heatmap(dirs, monkeypatch, 
     out = dirs["root"] / "plan_cls"
     code, stdout, err = run_main(
         monkeypatch, capsys, "select", str(dirs["bert"]), "--data", str(dirs["data"]), "--out", str(out),
-        "--method", "fisher", "--density", "0.1", "--always", "classifier", "--batches", "2",
+        "--method", "fisher", "--density", "0.1", "--always", "classifier", "--max-batches", "2",
         "--batch-size", "8", "--allocation", "per_layer", "--option", "labels=sampled",
     )  # fmt: skip
     assert code == 0, err
@@ -91,11 +91,11 @@ def test_select_causal_lm_heads(dirs, monkeypatch, capsys):
     out = dirs["root"] / "plan_lm"
     code, stdout, err = run_main(
         monkeypatch, capsys, "select", str(dirs["llama"]), "--data", str(dirs["data"]), "--out", str(out),
-        "--granularity", "head", "--count", "1024", "--batches", "2", "--batch-size", "4",
+        "--granularity", "head", "--count", "1024", "--max-batches", "2", "--batch-size", "4",
     )  # fmt: skip
     assert code == 0, err
     plan = sg.Plan.load(out)
-    assert plan.meta["task"] == "causal-lm" and plan.meta["granularity"] == "head"
+    assert plan.meta["task"] == "causal_lm" and plan.meta["granularity"] == "head"
     assert plan.meta["selected"] == 1024 and (plan.rows or plan.cols) and not plan.entries
     assert "q_proj" in stdout and "o_proj" in stdout
 
@@ -106,7 +106,7 @@ def test_select_reads_a_dataset_dict_split(dirs, tmp_path, monkeypatch, capsys):
     ds = datasets.Dataset.from_dict(rows)
     datasets.DatasetDict(calib=ds).save_to_disk(str(tmp_path / "ds"))
     common = ["select", str(dirs["bert"]), "--data", str(tmp_path / "ds"), "--density", "0.1",
-              "--batches", "2", "--batch-size", "8"]  # fmt: skip
+              "--max-batches", "2", "--batch-size", "8"]  # fmt: skip
     code, _, err = run_main(monkeypatch, capsys, *common, "--split", "calib", "--out", str(tmp_path / "p"))
     assert code == 0, err
     assert sg.Plan.load(tmp_path / "p").meta["calibration_batches"] == 2
@@ -148,10 +148,16 @@ def test_inspect_known_plan_prints_shares_and_writes_png(tmp_path, monkeypatch, 
             "unknown selection criterion 'psychic'. Use one of: fim_layer",
         ),
         (["--count", "99999999"], "exceeds the"),
-        (["--density", "0.1", "--batches", "0"], "--batches and --batch-size must be at least 1"),
+        (["--density", "0.1", "--max-batches", "0"], "selection.max_batches' must be >= 1"),
         (["--density", "0.1", "--option", "nonsense"], "is not key=value"),
-        (["--density", "0.1", "--option", "rank=2"], "unknown option(s) rank for criterion 'gradient'"),
-        (["--density", "0.1", "--granularity", "blob"], "unknown granularity 'blob'"),
+        (
+            ["--density", "0.1", "--option", "rank=2"],
+            "unknown option(s) rank for selection criterion 'gradient'",
+        ),
+        (
+            ["--density", "0.1", "--granularity", "blob"],
+            "'selection.granularity' must be one of entry, row, column, head, tensor, layer, got 'blob'",
+        ),
         (["--density", "0.1", "--data", "{missing}"], "does not exist"),
         (["--density", "0.1", "--out", "{notplan}"], "exists and is not a plan directory"),
     ],
@@ -166,7 +172,7 @@ def test_select_bad_input_is_one_line(dirs, tmp_path, monkeypatch, capsys, extra
         str(dirs["data"]),
         "--out",
         str(tmp_path / "p"),
-        "--batches",
+        "--max-batches",
         "1",
     ]
     code, out, err = run_main(monkeypatch, capsys, *args, *[subs.get(a, a) for a in extra])

@@ -71,7 +71,7 @@ def test_train_causal_lm_instruction_data(tmp_path, files, monkeypatch, capsys):
     cfg = _config(
         tmp_path, files, model={"path": str(files["llama"]), "task": "causal_lm"},
         data={"path": str(files["jsonl"]), "batch_size": 4}, selection={"always": []},
-        schedule={"name": "regrow", "every": 2}, training={"max_steps": 4, "bf16": True},
+        schedule={"name": "regrow", "options": {"every": 2}}, training={"max_steps": 4, "bf16": True},
     )  # fmt: skip
     code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(cfg))
     assert code == 0, err
@@ -97,7 +97,10 @@ def test_train_on_a_save_to_disk_dataset_dict_split(tmp_path, files, monkeypatch
     [
         ({"data": {"text_column": "sentence"}}, "lacks column(s) sentence"),
         ({"training": {"lr_max": 1}}, "unknown config key 'training.lr_max'"),
-        ({"model": {"task": "translation"}}, "unknown model.task 'translation'"),
+        (
+            {"model": {"task": "translation"}},
+            "'model.task' must be one of auto, classification, causal_lm, got 'translation'",
+        ),
         ({"data": {"path": "imdb"}}, "data path 'imdb' does not exist. Pass a .csv, .jsonl/.json, .parquet"),
     ],
 )
@@ -234,4 +237,62 @@ def test_resume_refuses_changed_settings_and_allows_harmless_ones(tmp_path, file
 def test_keys_lists_every_config_key_with_help(monkeypatch, capsys):
     code, out, _ = run_main(monkeypatch, capsys, "train", "--keys")
     assert code == 0
-    assert "training.checkpoint_every: Checkpoint every N steps" in out and "schedule.gamma: LISA" in out
+    assert (
+        "training.checkpoint_every: Checkpoint every N steps" in out
+        and "gamma (int, default 2" in out
+        and "labels (str" in out
+    )
+
+
+SELECTIONS = [
+    {"method": "fisher", "density": 0.03, "granularity": "row", "aggregate": "mean",
+     "allocation": "per_layer", "options": {"labels": "sampled"}, "always": ["classifier"]},
+    {"method": "principal", "count": 300, "options": {"rank": 2}, "targets": ["attention.*"],
+     "exclude": ["key"], "max_batches": 2},
+    {"method": "fim_layer", "optimizer_bytes": 16 * 9000, "always": ["classifier", "LayerNorm"]},
+    {"method": "gradient", "density": 0.2, "granularity": "head", "allocation": "global"},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("selection", SELECTIONS, ids=[s["method"] for s in SELECTIONS])
+def test_train_expresses_every_plan_select_builds(tmp_path, files, monkeypatch, capsys, selection):
+    """The same selection section through `surgical train` and through sg.select gives the same plan."""
+    from surgical.recipes.config import DataConfig, SelectionConfig
+    from surgical.recipes.data import make_batches
+    from surgical.recipes.models import load_model
+
+    cfg = _config(tmp_path, files, training={"max_steps": 1})
+    raw = yaml.safe_load(cfg.read_text())
+    raw["selection"] = selection
+    cfg.write_text(yaml.safe_dump(raw))
+    code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(cfg))
+    assert code == 0, err
+    trained = sg.Plan.load(tmp_path / "run" / "plan")
+
+    model, tok = load_model(files["bert"], "classification", seed=0)
+    batches = make_batches(
+        DataConfig(path=str(files["csv"]), batch_size=8, max_length=16), "classification", tok
+    )
+    kwargs = dict(selection)
+    kwargs.update(kwargs.pop("options", {}))
+    direct = sg.select(model, batches, progress=False, seed=0, **kwargs)
+    assert SelectionConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in selection.items()})
+    for kind in ("entries", "rows", "cols"):
+        a, b = getattr(trained, kind), getattr(direct, kind)
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), kind
+    assert trained.dense == direct.dense and trained.num_trainable == direct.num_trainable > 0
+
+
+def test_train_keys_list_criterion_and_schedule_options(monkeypatch, capsys):
+    code, out, _ = run_main(monkeypatch, capsys, "train", "--keys")
+    assert code == 0
+    for line in (
+        "selection.granularity: ",
+        "selection.options: ",
+        "schedule.options: ",
+        "fisher: ",
+        "labels (str, default 'data', one of data/sampled)",
+        "lisa: ",
+        "gamma (int, default 2, >= 1)",
+    ):
+        assert line in out, line

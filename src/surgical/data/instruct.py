@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
+from surgical.core.errors import SurgicalError
 from surgical.data.table import load_table
-from surgical.errors import SurgicalError
 
 IGNORE_INDEX = -100  # the label value Hugging Face losses skip
 

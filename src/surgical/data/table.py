@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from surgical.errors import SurgicalError
+from surgical.core.errors import SurgicalError
 
 FORMS = (
     "a .csv, .jsonl/.json, .parquet or .arrow file, or a directory written by "

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
+from surgical.core.errors import SurgicalError
 from surgical.data.table import describe, load_table
-from surgical.errors import SurgicalError
 
 
 @dataclass

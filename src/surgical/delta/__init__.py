@@ -1,7 +1,12 @@
-"""Deltas: the on-disk result of training, applied to and extracted from models."""
+"""Deltas: the on-disk result of training, applied to models, composed, compressed and exported.
+
+This package never imports the training layer: a delta is made from a prepared model by
+:func:`surgical.train.extract`, which stands above it.
+"""
 
 from surgical.delta.algebra import compose
 from surgical.delta.delta import Delta
-from surgical.delta.ops import applied, apply, extract, revert
+from surgical.delta.export import EXPORT_FORMATS
+from surgical.delta.ops import applied, apply, revert
 
-__all__ = ["Delta", "applied", "apply", "compose", "extract", "revert"]
+__all__ = ["EXPORT_FORMATS", "Delta", "applied", "apply", "compose", "revert"]

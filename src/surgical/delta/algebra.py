@@ -15,13 +15,17 @@ dense.
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 
-from surgical.delta.blocks import BLOCK_KINDS, add_block_, merge_blocks, to_entries
-from surgical.delta.codec import VALUE_CODECS, decode_values, encode_values
-from surgical.delta.delta import Delta
-from surgical.errors import SurgicalError
+from surgical.core.blocks import BLOCK_KINDS, add_block_, merge_blocks, to_entries
+from surgical.core.codec import VALUE_CODECS, decode_values, encode_values
+from surgical.core.errors import SurgicalError
+from surgical.delta.base import base_checks
+
+if TYPE_CHECKING:
+    from surgical.delta.delta import Delta
 
 
 def _copy_meta(delta: Delta) -> dict:
@@ -31,7 +35,7 @@ def _copy_meta(delta: Delta) -> dict:
 def scale(delta: Delta, factor: float) -> Delta:
     """``factor`` times the added changes of ``delta``; replaced tensors are kept as they are."""
     factor = float(factor)
-    out = Delta(shapes=dict(delta.shapes), meta=_copy_meta(delta))
+    out = type(delta)(shapes=dict(delta.shapes), meta=_copy_meta(delta))
     out.entries = {n: (i.clone(), v * factor) for n, (i, v) in delta.entries.items()}
     out.rows = {n: (i.clone(), b * factor) for n, (i, b) in delta.rows.items()}
     out.cols = {n: (i.clone(), b * factor) for n, (i, b) in delta.cols.items()}
@@ -109,7 +113,7 @@ def add(a: Delta, b: Delta) -> Delta:
                 f"{tuple(b.shapes[name])} in the other",
                 "Compose deltas of the same base model",
             )
-    out = Delta(shapes={**a.shapes, **b.shapes}, meta=_compose_meta(a, b))
+    out = type(a)(shapes={**a.shapes, **b.shapes}, meta=_compose_meta(a, b))
     names_a, names_b = set(a.names()), set(b.names())
     for name in dict.fromkeys([*a.names(), *b.names()]):
         in_a, in_b = name in names_a, name in names_b
@@ -173,25 +177,15 @@ def _summary(d: Delta) -> dict:
     return {k: d.meta[k] for k in keep if k in d.meta}
 
 
-def base_checks(delta: Delta) -> list[tuple[str, tuple[str, ...]]]:
-    """The (fingerprint, excluded parameter names) pairs a base must match to receive ``delta``."""
-    base = delta.meta.get("base", {}) or {}
-    if "checks" in base:
-        return [(str(fp), tuple(ex)) for fp, ex in base["checks"]]
-    if base.get("fingerprint") and "fingerprint_excludes" in base:
-        return [(str(base["fingerprint"]), tuple(base["fingerprint_excludes"]))]
-    return []
-
-
 def to_dense(delta: Delta) -> Delta:
     """A copy with every added change (entries, rows, columns) turned into a dense added tensor."""
-    out = Delta(shapes=dict(delta.shapes), meta=_copy_meta(delta))
+    out = type(delta)(shapes=dict(delta.shapes), meta=_copy_meta(delta))
     out.dense = {n: _dense_of(delta, n) for n in delta.names() if n not in delta.full}
     out.full = {n: t.clone() for n, t in delta.full.items()}
     return out
 
 
-def _topk_entries(
+def topk_entries(
     t_idx: torch.Tensor | None, vals: torch.Tensor, density: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``density`` share of ``vals`` largest in |value| (at least one), as sorted entries."""
@@ -211,17 +205,17 @@ def prune(delta: Delta, density: float) -> Delta:
     """
     if not 0.0 < density <= 1.0:
         raise SurgicalError(f"density must be in (0, 1], got {density}", "Pass e.g. density=0.5")
-    out = Delta(shapes=dict(delta.shapes), meta=_copy_meta(delta))
+    out = type(delta)(shapes=dict(delta.shapes), meta=_copy_meta(delta))
     for name, (idx, vals) in delta.entries.items():
-        out.entries[name] = _topk_entries(idx, vals, density) if density < 1 else (idx.clone(), vals.clone())
+        out.entries[name] = topk_entries(idx, vals, density) if density < 1 else (idx.clone(), vals.clone())
     for kind in BLOCK_KINDS:
         for name, (idx, block) in delta.blocks(kind).items():
             if density < 1:
-                out.entries[name] = _topk_entries(*entries_of(delta, name), density)
+                out.entries[name] = topk_entries(*entries_of(delta, name), density)
             else:
                 out.blocks(kind)[name] = (idx.clone(), block.clone())
     for name, t in delta.dense.items():
-        out.entries[name] = _topk_entries(None, t, density)
+        out.entries[name] = topk_entries(None, t, density)
     out.full = {n: t.clone() for n, t in delta.full.items()}
     out.meta.setdefault("ops", []).append(f"prune({density:g})")
     return out

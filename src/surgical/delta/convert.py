@@ -9,21 +9,28 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from surgical.delta.algebra import _topk_entries
-from surgical.delta.delta import Delta
-from surgical.errors import SurgicalError
+from surgical.core.errors import SurgicalError
+from surgical.core.fingerprint import base_identity
+from surgical.delta.algebra import topk_entries
+from surgical.delta.base import check_base
+
+if TYPE_CHECKING:
+    from surgical.delta.delta import Delta
 
 _PREFIX = "base_model.model."
 
 
 @torch.no_grad()
-def from_models(base: nn.Module, finetuned: nn.Module, density: float | None = None) -> Delta:
+def from_models(
+    cls: type[Delta], base: nn.Module, finetuned: nn.Module, density: float | None = None
+) -> Delta:
     """The delta that turns ``base`` into ``finetuned``.
 
     A parameter that ``finetuned`` has in another shape (or that ``base`` lacks), such as a new
@@ -38,10 +45,8 @@ def from_models(base: nn.Module, finetuned: nn.Module, density: float | None = N
     """
     if density is not None and not 0.0 < density <= 1.0:
         raise SurgicalError(f"density must be in (0, 1], got {density}", "Pass e.g. density=0.01, or None")
-    from surgical.delta.ops import base_identity
-
     base_params = dict(base.named_parameters())
-    delta = Delta()
+    delta = cls()
     for name, p in finetuned.named_parameters():
         delta.shapes[name] = tuple(p.shape)
         b = base_params.get(name)
@@ -54,7 +59,7 @@ def from_models(base: nn.Module, finetuned: nn.Module, density: float | None = N
         elif density is None:
             delta.dense[name] = diff
         else:
-            delta.entries[name] = _topk_entries(None, diff, density)
+            delta.entries[name] = topk_entries(None, diff, density)
     delta.meta = {
         "base": base_identity(base, exclude=[n for n in delta.full if n in base_params]),
         "source": {
@@ -73,7 +78,7 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def from_peft_lora(directory: str | Path, base: nn.Module | None = None) -> Delta:
+def from_peft_lora(cls: type[Delta], directory: str | Path, base: nn.Module | None = None) -> Delta:
     """A delta from a PEFT LoRA adapter directory: ``B @ A * scaling`` per layer, as dense tensors.
 
     Reads only ``adapter_config.json`` and ``adapter_model.safetensors`` (no pickle, no code).
@@ -105,7 +110,7 @@ def from_peft_lora(directory: str | Path, base: nn.Module | None = None) -> Delt
             "Only plain LoRA adapters can be imported; merge others with PEFT and use Delta.from_models",
         )
     r0, alpha0 = cfg.get("r", 8), cfg.get("lora_alpha", 8)
-    delta = Delta()
+    delta = cls()
     modules = sorted({k[: k.index(".lora_")] for k in tensors if ".lora_" in k})
     for key in modules:
         module = key.removeprefix(_PREFIX)
@@ -136,9 +141,7 @@ def from_peft_lora(directory: str | Path, base: nn.Module | None = None) -> Delt
     delta.validate()
     source = {"peft_lora": str(directory), "r": r0, "lora_alpha": alpha0}
     if base is not None:
-        from surgical.delta.ops import base_identity, check_base
-
-        check_base(base, Delta(shapes=delta.shapes))
+        check_base(base, delta, force=True)
         delta.meta = {"base": base_identity(base, exclude=delta.full), "source": source}
     else:
         delta.meta = {"base": {"name_or_path": cfg.get("base_model_name_or_path") or ""}, "source": source}

@@ -4,7 +4,7 @@ Five kinds of tensor, one kind per parameter:
 - ``entries``: sorted flat indices and values *added* to the base at those indices;
 - ``rows`` / ``cols``: sorted row (column) indices and a dense block *added* to those rows
   (columns of a 2-D weight): what row/column training and Embedding token rows produce, stored
-  with one index per row instead of one per value (see :mod:`surgical.delta.blocks`);
+  with one index per row instead of one per value (see :mod:`surgical.core.blocks`);
 - ``dense``: a whole tensor *added* to the base (deltas built from two checkpoints, LoRA imports);
 - ``full``: a whole tensor that *replaces* the base's (densely trained heads, norms, biases; a
   freshly initialised classification head has no meaningful base value to add to).
@@ -21,6 +21,7 @@ Arithmetic (``scale``, ``+``, ``to_dense``, ``prune``, ``compress``) lives in
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +31,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from surgical.delta.blocks import BLOCK_KINDS, block_shape, check_block, check_sorted_indices
-from surgical.delta.codec import VALUE_CODECS, decode_indices, decode_values, encode_indices, encode_values
-from surgical.errors import SurgicalError
-from surgical.utils import atomic_dir
+import surgical.delta.algebra as algebra
+import surgical.delta.convert as convert
+from surgical.core.blocks import BLOCK_KINDS, block_shape, check_block, check_sorted_indices
+from surgical.core.codec import VALUE_CODECS, decode_indices, decode_values, encode_indices, encode_values
+from surgical.core.errors import SurgicalError
+from surgical.core.io import atomic_dir
+from surgical.core.version import __version__
 
 FORMAT_VERSION = 2  # the newest format written; format 1 (no rows/cols kinds) still loads
 _KINDS_OF_FORMAT = {1: ("entries", "dense", "full"), 2: ("entries", "rows", "cols", "dense", "full")}
@@ -42,7 +46,7 @@ TENSOR_FILE = "delta.safetensors"
 _RESERVED = {"format_version", "library_version", "dtype", "tensors"}
 
 
-@dataclass(eq=False)  # identity: revert() matches the object that was applied
+@dataclass(eq=False)  # tensors inside: compare deltas with digest()
 class Delta:
     """A sparse (and partly dense) change to a base model.
 
@@ -142,17 +146,30 @@ class Delta:
         for name, t in (*self.dense.items(), *self.full.items()):
             _check_finite(name, t)
 
+    def digest(self) -> str:
+        """A SHA-256 (hex) of the delta's content: names, kinds, shapes, indices and values.
+
+        Two deltas with the same digest change a model identically; :func:`surgical.revert`
+        matches the applied delta by it. Metadata is not part of it.
+        """
+        h = hashlib.sha256()
+        for name in sorted(self.names()):
+            kind = self.kind_of(name)
+            h.update(f"{name}|{kind}|{tuple(self.shapes[name])};".encode())
+            stored = getattr(self, kind)[name]
+            for t in stored if isinstance(stored, tuple) else (stored,):
+                t = t.detach().cpu().contiguous()
+                h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
     # arithmetic (see algebra.py)
     def scale(self, factor: float) -> Delta:
         """A copy with every added change multiplied by ``factor`` (replaced tensors are kept)."""
-        from surgical.delta.algebra import scale
-
-        return scale(self, factor)
+        return algebra.scale(self, factor)
 
     def __add__(self, other: Delta) -> Delta:
-        from surgical.delta.algebra import add
-
-        return add(self, other)
+        return algebra.add(self, other)
 
     def __mul__(self, factor: float) -> Delta:
         return self.scale(factor)
@@ -161,35 +178,25 @@ class Delta:
 
     def to_dense(self) -> Delta:
         """A copy whose entries are dense added tensors (zeros elsewhere)."""
-        from surgical.delta.algebra import to_dense
-
-        return to_dense(self)
+        return algebra.to_dense(self)
 
     def prune(self, density: float) -> Delta:
         """A copy keeping, per tensor, the ``density`` fraction of added values largest in magnitude."""
-        from surgical.delta.algebra import prune
-
-        return prune(self, density)
+        return algebra.prune(self, density)
 
     def compress(self, density: float = 1.0, values: str = "sign") -> Delta:
         """ComPEFT-style compression: ``prune(density)`` then values as stored by codec ``values``."""
-        from surgical.delta.algebra import compress
-
-        return compress(self, density, values)
+        return algebra.compress(self, density, values)
 
     @classmethod
     def from_models(cls, base, finetuned, density: float | None = None) -> Delta:
         """The delta turning ``base`` into ``finetuned`` (see :func:`surgical.delta.convert.from_models`)."""
-        from surgical.delta.convert import from_models
-
-        return from_models(base, finetuned, density=density)
+        return convert.from_models(cls, base, finetuned, density=density)
 
     @classmethod
     def from_peft_lora(cls, directory: str | Path, base=None) -> Delta:
         """A dense delta from a PEFT LoRA adapter directory (see :mod:`surgical.delta.convert`)."""
-        from surgical.delta.convert import from_peft_lora
-
-        return from_peft_lora(directory, base=base)
+        return convert.from_peft_lora(cls, directory, base=base)
 
     def save(self, directory: str | Path, dtype: str = "float32") -> Path:
         """Writes ``delta.safetensors`` and ``delta_config.json`` atomically.
@@ -224,7 +231,7 @@ class Delta:
         config = {
             # the oldest format that holds every kind used, so older readers load what they can
             "format_version": FORMAT_VERSION if self.rows or self.cols else 1,
-            "library_version": _version(),
+            "library_version": __version__,
             "dtype": dtype,
             "tensors": kinds,
             **self.meta,
@@ -349,7 +356,3 @@ def _check_finite(name: str, t: torch.Tensor, where: Path | None = None) -> None
         raise SurgicalError(f"delta values of {name!r}{place} contain NaN or Inf", "Check the training run")
 
 
-def _version() -> str:
-    from surgical import __version__
-
-    return __version__

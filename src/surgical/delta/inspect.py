@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from surgical.core.io import atomic_save_figure
+from surgical.core.names import layer_index, split_layer
+from surgical.core.plotting import colour_norm
 from surgical.delta.delta import Delta
-
-_LAYER = re.compile(r"^(.*?\.(?:layers?|h|blocks?)\.)(\d+)\.(.*)$")
 
 
 def tensor_rows(delta: Delta) -> list[dict[str, Any]]:
@@ -53,9 +51,9 @@ def layer_grid(delta: Delta) -> tuple[list[int], list[str], torch.Tensor]:
     """
     cells: dict[tuple[int, str], float] = {}
     for row in tensor_rows(delta):
-        m = _LAYER.match(row["name"])
-        if m:
-            cells[(int(m.group(2)), m.group(3).removesuffix(".weight"))] = row["share"]
+        prefix, module = split_layer(row["name"])
+        if prefix is not None:
+            cells[(layer_index(prefix), module)] = row["share"]
     layers = sorted({k[0] for k in cells})
     modules = sorted({k[1] for k in cells})
     grid = torch.full((len(layers), len(modules)), float("nan"))
@@ -78,8 +76,6 @@ def plot_delta(delta: Delta, path: str | Path, title: str = "where the delta liv
     if layers:
         from matplotlib.colors import LogNorm
 
-        from surgical.select.report import colour_norm
-
         norm, shown = colour_norm((grid * 100).numpy())
         cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd", under="#f4f1e8")
         im = ax.imshow(shown, aspect="auto", cmap=cmap, norm=norm)
@@ -91,18 +87,12 @@ def plot_delta(delta: Delta, path: str | Path, title: str = "where the delta liv
     else:
         ax.text(0.5, 0.5, "no tensor inside numbered layers", ha="center", va="center")
         ax.set_axis_off()
-    others = [r["name"] for r in tensor_rows(delta) if not _LAYER.match(r["name"])]
+    others = [r["name"] for r in tensor_rows(delta) if split_layer(r["name"])[0] is None]
     note = f"\n(+ {len(others)} tensor(s) outside numbered layers)" if others else ""
     ax.set_title(title + note, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        atomic_save_figure(fig, path)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from surgical.utils import progress
+from surgical.core.runtime import progress
 
 
 @torch.no_grad()

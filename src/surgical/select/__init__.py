@@ -11,7 +11,7 @@ from surgical.select import (  # noqa: F401  (register the criteria)
     rgn,
     salience,
 )
-from surgical.select.core import select
+from surgical.select.api import select
 from surgical.select.criteria import CRITERIA, ScoreContext
 from surgical.select.plan import Plan
 

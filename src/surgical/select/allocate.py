@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from surgical.errors import SurgicalError
+from surgical.core.errors import SurgicalError
 from surgical.select.topk import topk_masks
 from surgical.select.units import Units
 

@@ -4,8 +4,9 @@ A criterion is a function ``(ctx: ScoreContext) -> dict[name, scores]`` returnin
 tensor per targeted parameter, the same shape as the parameter, where a higher score means
 "more worth training". Criteria know nothing of budgets: allocation happens afterwards.
 
-A criterion that scores whole tensors (``rgn``, ``fim_layer``) returns 0-d tensors instead and
-sets ``default_granularity`` on the function (``"tensor"`` or ``"layer"``); per-entry criteria
+Each criterion is registered with its options declared (``ctx.options`` arrives checked and
+completed with defaults). A criterion that scores whole tensors (``rgn``, ``fim_layer``) returns
+0-d tensors instead and registers ``granularity="tensor"`` or ``"layer"``; per-entry criteria
 default to ``"entry"``.
 """
 
@@ -18,8 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgical.errors import SurgicalError
-from surgical.registry import Registry
+from surgical.core.registry import Registry
 
 
 @dataclass
@@ -34,7 +34,7 @@ class ScoreContext:
         max_batches: How many batches to use from ``data``.
         seed: Seed for any randomness.
         progress: Whether to show a progress bar.
-        options: Criterion-specific settings.
+        options: The criterion's declared options, checked and completed with defaults.
         used: Calibration batches actually used (set by the criterion, for provenance).
     """
 
@@ -47,23 +47,12 @@ class ScoreContext:
     options: dict[str, Any]
     used: int = 0
 
-    def take_options(self, method: str, **defaults: Any) -> dict[str, Any]:
-        """The criterion's options with defaults filled in; an unknown option is a SurgicalError."""
-        unknown = sorted(set(self.options) - set(defaults))
-        if unknown:
-            known = ", ".join(sorted(defaults)) or "none"
-            raise SurgicalError(
-                f"unknown option(s) {', '.join(unknown)} for criterion {method!r}",
-                f"Its options are: {known}",
-            )
-        return {**defaults, **self.options}
-
 
 Criterion = Callable[[ScoreContext], dict[str, torch.Tensor]]
 
 CRITERIA: Registry[Criterion] = Registry("selection criterion")
 
 
-def default_granularity(criterion: Criterion) -> str:
-    """The granularity a criterion's scores are meant for (``"entry"`` unless it says otherwise)."""
-    return getattr(criterion, "default_granularity", "entry")
+def default_granularity(method: str) -> str:
+    """The granularity a criterion's scores are meant for (``"entry"`` unless it registered another)."""
+    return CRITERIA.entry(method).extra.get("granularity", "entry")

@@ -11,19 +11,22 @@ from __future__ import annotations
 import torch
 
 from surgical.select.criteria import CRITERIA, ScoreContext
-from surgical.select.fisher import fisher_loss
-from surgical.select.gradient import accumulate_gradients
+from surgical.select.fisher import LABELS, fisher_loss
+from surgical.select.scoring import accumulate_gradients
 
 
 def _squared_norm(grad: torch.Tensor) -> torch.Tensor:
     return grad.square().sum()
 
 
-@CRITERIA.register("fim_layer")
+@CRITERIA.register(
+    "fim_layer",
+    help="rank whole layers by the trace of their Fisher (surgical fine-tuning's FIM score)",
+    options=[LABELS],
+    granularity="layer",
+)
 def fim_layer_scores(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """Per tensor, sum over calibration batches of ||dL/dW||_F^2 (0-d tensors)."""
-    sums, _ = accumulate_gradients(ctx, _squared_norm, fisher_loss(ctx, "fim_layer"))
+    sums, _ = accumulate_gradients(ctx, _squared_norm, fisher_loss(ctx))
     return sums
 
-
-fim_layer_scores.default_granularity = "layer"

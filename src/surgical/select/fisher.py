@@ -20,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgical.errors import SurgicalError
+from surgical.core.errors import SurgicalError
+from surgical.core.loss import LossFn, model_loss
+from surgical.core.registry import Option
 from surgical.select.criteria import CRITERIA, ScoreContext
-from surgical.select.gradient import LossFn, accumulate_gradients, model_loss
+from surgical.select.scoring import accumulate_gradients
 
 
 def sampled_label_loss(generator: torch.Generator) -> LossFn:
@@ -52,19 +54,25 @@ def sampled_label_loss(generator: torch.Generator) -> LossFn:
     return loss_fn
 
 
-def fisher_loss(ctx: ScoreContext, method: str) -> LossFn:
+LABELS = Option(
+    "labels",
+    str,
+    "data",
+    "'data': the empirical Fisher on the batches' labels; 'sampled': labels drawn from the model",
+    choices=("data", "sampled"),
+)
+
+
+def fisher_loss(ctx: ScoreContext) -> LossFn:
     """The loss the Fisher is taken of, from the ``labels`` option (``data`` or ``sampled``)."""
-    opts = ctx.take_options(method, labels="data")
-    if opts["labels"] == "data":
+    if ctx.options["labels"] == "data":
         return model_loss
-    if opts["labels"] == "sampled":
-        device = next(iter(ctx.params.values())).device
-        return sampled_label_loss(torch.Generator(device=device).manual_seed(ctx.seed))
-    raise SurgicalError(f"labels must be 'data' or 'sampled', got {opts['labels']!r}", "Pass labels='data'")
+    device = next(iter(ctx.params.values())).device
+    return sampled_label_loss(torch.Generator(device=device).manual_seed(ctx.seed))
 
 
-@CRITERIA.register("fisher")
+@CRITERIA.register("fisher", help="sum over batches of (dL/dw)^2 (diagonal Fisher)", options=[LABELS])
 def fisher_scores(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """Sum over calibration batches of (dL/dw)^2 for every targeted entry."""
-    sums, _ = accumulate_gradients(ctx, torch.square, fisher_loss(ctx, "fisher"))
+    sums, _ = accumulate_gradients(ctx, torch.square, fisher_loss(ctx))
     return sums

@@ -13,24 +13,32 @@ from __future__ import annotations
 
 import torch
 
-from surgical.errors import SurgicalError
+from surgical.core.errors import SurgicalError
+from surgical.core.loss import batch_to, model_loss
+from surgical.core.registry import Option
+from surgical.core.runtime import progress
 from surgical.select.criteria import CRITERIA, ScoreContext
-from surgical.select.gradient import batch_to, calibration_batches, model_loss
-from surgical.utils import progress
+from surgical.select.scoring import calibration_batches
 
 
 def _optimizer(name: str, params: list[torch.nn.Parameter], lr: float, wd: float) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd, foreach=False)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=wd, foreach=False)
-    raise SurgicalError(f"lottery optimizer must be 'adamw' or 'sgd', got {name!r}", "Pass optimizer='adamw'")
+    return torch.optim.SGD(params, lr=lr, weight_decay=wd, foreach=False)
 
 
-@CRITERIA.register("lottery")
+@CRITERIA.register(
+    "lottery",
+    help="|change| after a short dense warm-up, then an exact rewind (LT-SFT)",
+    options=[
+        Option("lr", float, 1e-4, "learning rate of the warm-up", low=0, low_open=True),
+        Option("optimizer", str, "adamw", "warm-up optimizer", choices=("adamw", "sgd")),
+        Option("weight_decay", float, 0.0, "weight decay of the warm-up", low=0),
+    ],
+)
 def lottery_scores(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """|w after a dense warm-up - w before| per targeted entry; the model is rewound exactly."""
-    opts = ctx.take_options("lottery", lr=1e-4, optimizer="adamw", weight_decay=0.0)
+    opts = ctx.options
     model, params = ctx.model, ctx.params
     batches = calibration_batches(ctx)
     device = next(iter(params.values())).device

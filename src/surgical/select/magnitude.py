@@ -7,8 +7,7 @@ import torch
 from surgical.select.criteria import CRITERIA, ScoreContext
 
 
-@CRITERIA.register("magnitude")
+@CRITERIA.register("magnitude", help="|w|: the data-free baseline")
 def magnitude_scores(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """|w| for every targeted entry; needs no data and leaves the model untouched."""
-    ctx.take_options("magnitude")
     return {name: p.detach().float().abs() for name, p in ctx.params.items()}

@@ -11,9 +11,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from surgical.delta.codec import decode_indices, encode_indices
-from surgical.errors import SurgicalError
-from surgical.utils import atomic_dir
+from surgical.core.codec import decode_indices, encode_indices
+from surgical.core.errors import SurgicalError
+from surgical.core.io import atomic_dir
 
 PLAN_FORMAT = 1
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from surgical.errors import SurgicalError
+from surgical.core.registry import Option
 from surgical.select.criteria import CRITERIA, ScoreContext
 
 
@@ -20,13 +20,14 @@ def low_rank(weight: torch.Tensor, rank: int) -> torch.Tensor:
     return (u[:, :r] * s[:r]) @ vh[:r]
 
 
-@CRITERIA.register("principal")
+@CRITERIA.register(
+    "principal",
+    help="|entries| of the best rank-r approximation of each weight (LIFT)",
+    options=[Option("rank", int, 8, "rank of the approximation (capped at the smaller dimension)", low=1)],
+)
 def principal_scores(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """|(U_r S_r V_r^T)_ij| per entry; option ``rank`` (default 8, capped at the smaller dimension)."""
-    opts = ctx.take_options("principal", rank=8)
-    rank = opts["rank"]
-    if not isinstance(rank, int) or rank < 1:
-        raise SurgicalError(f"principal rank must be a positive integer, got {rank!r}", "Pass rank=8")
+    rank = ctx.options["rank"]
     out = {}
     for name, p in ctx.params.items():
         out[name] = low_rank(p, rank).abs() if p.dim() == 2 else p.detach().float().abs()

@@ -7,7 +7,7 @@ import torch
 from surgical.select.criteria import CRITERIA, ScoreContext
 
 
-@CRITERIA.register("random")
+@CRITERIA.register("random", help="uniform random scores from a seeded generator (Random Masking)")
 def random_scores(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """One uniform score per entry, drawn in parameter-name order from ``torch.Generator(seed)``."""
     gen = torch.Generator().manual_seed(ctx.seed)

@@ -11,17 +11,18 @@ from __future__ import annotations
 import torch
 
 from surgical.select.criteria import CRITERIA, ScoreContext
-from surgical.select.gradient import accumulate_gradients
+from surgical.select.scoring import accumulate_gradients
 
 
 def _norm(grad: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(grad)
 
 
-@CRITERIA.register("rgn")
+@CRITERIA.register(
+    "rgn", help="relative gradient norm ||g|| / ||W|| per tensor (Auto-RGN)", granularity="tensor"
+)
 def rgn_scores(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """Per tensor, sum over batches of ||dL/dW||_F / ||W||_F (0-d tensors; a zero weight scores 0)."""
-    ctx.take_options("rgn")
     sums, _ = accumulate_gradients(ctx, _norm)
     out = {}
     for n, p in ctx.params.items():
@@ -29,5 +30,3 @@ def rgn_scores(ctx: ScoreContext) -> dict[str, torch.Tensor]:
         out[n] = sums[n] / w if w > 0 else torch.zeros_like(sums[n])
     return out
 
-
-rgn_scores.default_granularity = "tensor"

@@ -9,12 +9,11 @@ from __future__ import annotations
 import torch
 
 from surgical.select.criteria import CRITERIA, ScoreContext
-from surgical.select.gradient import accumulate_gradients
+from surgical.select.scoring import accumulate_gradients
 
 
-@CRITERIA.register("salience")
+@CRITERIA.register("salience", help="sum over batches of |w * dL/dw| (SNIP)")
 def salience_scores(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """Sum over calibration batches of |w * dL/dw| for every targeted entry."""
-    ctx.take_options("salience")
     sums, _ = accumulate_gradients(ctx, torch.abs)
     return {n: sums[n].mul_(p.detach().float().abs()) for n, p in ctx.params.items()}

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from surgical.errors import SurgicalError
-from surgical.select.layers import head_kind, split_layer
+from surgical.core.errors import SurgicalError
+from surgical.core.names import head_kind, split_layer
 
 GRANULARITIES = ("entry", "row", "column", "head", "tensor", "layer")
 OUTSIDE_LAYERS = "(outside layers)"

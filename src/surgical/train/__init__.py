@@ -1,19 +1,22 @@
-"""Training only what was selected: sparse autograd, prepare/unprepare, the fit loop, schedules,
-checkpoints and HF Trainer glue."""
+"""Training only what was selected: the trainable-state protocol and its kinds (entries, blocks,
+tied rows), prepare/extract, the fit loop with hooks, schedules, checkpoints and HF Trainer glue."""
 
+from surgical.train.extract import extract
 from surgical.train.hooks import StepState, SurgicalCallback, TrainHook
 from surgical.train.loop import FitResult, fit
 from surgical.train.prepare import prepare, prepared, sync, trainable_count, unprepare
-from surgical.train.schedules import HFT, LISA, Regrow
+from surgical.train.schedules import HFT, LISA, SCHEDULES, Regrow
 
 __all__ = [
     "HFT",
     "LISA",
+    "SCHEDULES",
     "FitResult",
     "Regrow",
     "StepState",
     "SurgicalCallback",
     "TrainHook",
+    "extract",
     "fit",
     "prepare",
     "prepared",

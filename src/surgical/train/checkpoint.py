@@ -1,7 +1,7 @@
 """Atomic training checkpoints: trained values, optimizer, scheduler, RNG states, step, hooks.
 
 A checkpoint is a directory ``<checkpoint_dir>/step-<N>`` written through
-:func:`surgical.utils.atomic_dir`, so a process killed at any moment leaves either the complete
+:func:`surgical.core.io.atomic_dir`, so a process killed at any moment leaves either the complete
 new checkpoint or none: never a half-written one. Older checkpoints are removed only after the
 new one is in place.
 
@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
-from surgical.errors import SurgicalError
+from surgical.core.errors import SurgicalError
+from surgical.core.io import atomic_dir
 from surgical.train.hooks import StepState, TrainHook
 from surgical.train.identity import check_identity
-from surgical.utils import atomic_dir
+from surgical.train.state import state_buffers, stateful_modules
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "state.pt"
@@ -53,16 +54,13 @@ def _trainable_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     the requires_grad flags."""
     owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
     values = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if id(p) in owned}
-    buffers = {
-        n: b.detach().cpu().clone()
-        for n, b in model.named_buffers()
-        if n.endswith(("_sg_indices", "_sg_orig", "_sg_sel"))
-    }
+    def copies(role: str) -> dict[str, torch.Tensor]:
+        return {n: b.detach().cpu().clone() for n, b in state_buffers(model, (role,)).items()}
+
     return {
         "values": values,
-        "indices": {n: b for n, b in buffers.items() if n.endswith("_sg_indices")},
-        "origs": {n: b for n, b in buffers.items() if n.endswith("_sg_orig")},
-        "selections": {n: b for n, b in buffers.items() if n.endswith("_sg_sel")},
+        "moving": copies("moves"),  # a schedule may have moved them: restored on resume
+        "fixed": copies("fixed"),  # never change: must match on resume
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
     }
 
@@ -132,17 +130,16 @@ def load_checkpoint(
     buffers = dict(model.named_buffers())
     params = dict(model.named_parameters())
     fix = "Resume with the same model, plan and config, or delete the checkpoint directory"
-    for name, t in saved.get("selections", {}).items():  # absent from checkpoints of older versions
+    for name, t in saved["fixed"].items():
         if name not in buffers or not torch.equal(buffers[name].cpu(), t):
             raise SurgicalError(f"checkpoint {str(path)!r} trained other rows or columns at {name!r}", fix)
-    for kind in ("indices", "origs"):
-        for name, t in saved[kind].items():
-            if name not in buffers:
-                raise SurgicalError(f"checkpoint {str(path)!r} has {name!r}, which this model lacks", fix)
-            if buffers[name].shape != t.shape:  # a schedule moved or resized the entries
-                _replace_buffer(model, name, t)
-            else:
-                buffers[name].copy_(t)
+    for name, t in saved["moving"].items():
+        if name not in buffers:
+            raise SurgicalError(f"checkpoint {str(path)!r} has {name!r}, which this model lacks", fix)
+        if buffers[name].shape != t.shape:  # a schedule moved or resized the entries
+            _replace_buffer(model, name, t)
+        else:
+            buffers[name].copy_(t)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, t in saved["values"].items():
@@ -174,8 +171,5 @@ def _replace_buffer(model: torch.nn.Module, name: str, t: torch.Tensor) -> None:
 
 def _invalidate_entry_caches(model: torch.nn.Module) -> None:
     """Forces every entry-sparse weight to be rebuilt from its restored indices and values."""
-    from surgical.train.sparse import rebuild_entries
-
-    for module in model.modules():
-        if getattr(module, "_sg_entries", None) is not None:
-            rebuild_entries(module)
+    for _, module, state in stateful_modules(model):
+        state.invalidate(module)

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from surgical.train.extract import extract
+
 
 @dataclass
 class StepState:
@@ -117,6 +119,4 @@ class SurgicalCallback(TrainerCallback):
 
     @staticmethod
     def _write(model: nn.Module, path: Path) -> None:
-        from surgical.delta import extract
-
         extract(model).save(path)

@@ -25,11 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgical.errors import SurgicalError
+from surgical.core.errors import SurgicalError
 from surgical.train.hooks import TrainHook
-
-# the buffers that pin down what is trained: entry indices and base values, row/column blocks
-_SELECTION_BUFFERS = ("_sg_indices", "_sg_orig", "_sg_sel", "_sg_base")
+from surgical.train.state import state_buffers
 
 
 def _digest(tensors: Sequence[tuple[str, torch.Tensor]]) -> str:
@@ -50,7 +48,8 @@ def fingerprint_batches(batches: Sequence[Mapping[str, torch.Tensor]]) -> str:
 def fingerprint_selection(model: nn.Module) -> str:
     """``"<n> trainable tensors, sha256 <hex>"`` over what is trained and where."""
     trained = [(n, torch.tensor(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
-    buffers = [(n, b) for n, b in model.named_buffers() if n.endswith(_SELECTION_BUFFERS)]
+    # what pins down what is trained: entry indices and base values, block rows and base blocks
+    buffers = list(state_buffers(model, ("moves", "fixed", "base")).items())
     return f"{len(trained)} trainable tensors, sha256 {_digest(trained + buffers)}"
 
 

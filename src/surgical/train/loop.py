@@ -22,9 +22,10 @@ import torch
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
-from surgical.errors import SurgicalError
+from surgical.core.errors import SurgicalError
+from surgical.core.loss import batch_to, model_loss
+from surgical.core.runtime import progress
 from surgical.train.hooks import StepState, TrainHook
-from surgical.utils import progress
 
 
 @dataclass
@@ -178,9 +179,9 @@ def fit(
             opt.zero_grad(set_to_none=True)
             step_loss = 0.0
             for i in micro:
-                batch = {k: v.to(device) for k, v in batches[i].items()}
+                batch = batch_to(batches[i], device)
                 with _autocast(bf16, device):
-                    loss = model(**batch).loss
+                    loss = model_loss(model, batch)
                 if not torch.isfinite(loss):
                     stopped = "nan"
                     break

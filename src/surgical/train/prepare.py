@@ -22,9 +22,12 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from surgical.errors import SurgicalError
+from surgical.core.errors import SurgicalError
+from surgical.core.fingerprint import BaseOverlay
+from surgical.core.marks import is_prepared, prepared_record, set_prepared
 from surgical.select.plan import Plan
-from surgical.train.sparse import EntryState, attach_entries, detach_entries, sync_entries
+from surgical.train.sparse import attach_entries
+from surgical.train.state import delta_attr, detach, state_of
 from surgical.train.structured import attach_block
 from surgical.train.tied import attach_tied_rows, tied_row_owner, weight_users
 
@@ -150,7 +153,7 @@ def prepare(model: nn.Module, plan: Plan) -> nn.Module:
     Raises:
         SurgicalError: if the model is already prepared or the plan does not fit it.
     """
-    if getattr(model, "_sg_prepared", None) is not None:
+    if is_prepared(model):
         raise SurgicalError("this model is already prepared", "Call surgical.unprepare(model) first")
     plan = canonical_plan(model, plan)
     check_plan(model, plan)
@@ -172,13 +175,13 @@ def prepare(model: nn.Module, plan: Plan) -> nn.Module:
     params = dict(model.named_parameters())
     for name in plan.dense:
         params[name].requires_grad_(True)
-    model._sg_prepared = Prepared(dense=list(plan.dense), meta=dict(plan.meta), entry_modules=entry_modules)
+    set_prepared(model, Prepared(dense=list(plan.dense), meta=dict(plan.meta), entry_modules=entry_modules))
     return model
 
 
 def prepared(model: nn.Module) -> Prepared:
     """The record ``prepare`` left on the model, or a SurgicalError if there is none."""
-    info = getattr(model, "_sg_prepared", None)
+    info = prepared_record(model)
     if info is None:
         raise SurgicalError("this model was not prepared", "Call surgical.prepare(model, plan) first")
     return info
@@ -190,21 +193,30 @@ def sync(model: nn.Module) -> None:
     Forward passes do this lazily; call it before reading weights or a state dict directly.
     """
     for module in prepared(model).entry_modules.values():
-        sync_entries(module, module._sg_entries)
+        state_of(module).sync(module)
 
 
 def unprepare(model: nn.Module) -> nn.Module:
     """Removes the delta parameters, leaving a plain model that holds the fine-tuned weights."""
     info = prepared(model)
     for module in info.entry_modules.values():
-        detach_entries(module)
-    del model._sg_prepared
+        detach(module)
+    set_prepared(model, None)
     return model
 
 
-def entry_state(module: nn.Module) -> EntryState:
-    """The entry bookkeeping of a prepared Linear."""
-    return module._sg_entries
+def base_overlay(model: nn.Module) -> BaseOverlay:
+    """The base values a prepared model's states overwrote, and its trainable values' names:
+    what the base fingerprint needs to see the model as its base."""
+    info = prepared(model)
+    values = {}
+    for name, module in info.entry_modules.items():
+        saved = state_of(module).saved_base(module)
+        if saved is not None:
+            values[name] = saved
+    skip = [f"{name.rpartition('.')[0]}.{delta_attr(name.rpartition('.')[2])}".lstrip(".")
+            for name in info.entry_modules]  # fmt: skip
+    return BaseOverlay(values=values, skip=skip)
 
 
 def trainable_count(model: nn.Module) -> int:

@@ -2,7 +2,8 @@
 
 Each schedule is a :class:`~surgical.train.hooks.TrainHook`: pass it to ``fit(hooks=[...])``,
 wrap it in :class:`~surgical.train.hooks.SurgicalCallback` for the HF ``Trainer``, or name it
-in the ``schedule:`` section of a ``surgical train`` config.
+in the ``schedule:`` section of a ``surgical train`` config (``name:`` and ``options:``, checked
+against the options each one declares in :data:`SCHEDULES`).
 
 Schedules only ever choose among what ``prepare`` made trainable (the optimizer's parameters).
 Random choices are drawn from a generator seeded by ``(seed, period)``, so a resumed run makes
@@ -11,17 +12,23 @@ the same choices as an uninterrupted one.
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from surgical.errors import SurgicalError
+from surgical.core.errors import SurgicalError
+from surgical.core.names import layer_index, split_layer
+from surgical.core.registry import Option, Registry
 from surgical.train.hooks import StepState, TrainHook
+from surgical.train.state import state_of, stateful_modules
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)\.")
+SCHEDULES: Registry[Callable[..., TrainHook]] = Registry("schedule")
+"""Dynamic schedules by name; each entry builds a hook from ``seed`` and its declared options."""
+
+_EVERY = Option("every", int, 10, "steps between changes", low=1)
 
 
 def _generator(seed: int, period: int) -> torch.Generator:
@@ -85,6 +92,11 @@ class _Freezer(TrainHook):
             self._apply(state)
 
 
+@SCHEDULES.register(
+    "lisa",
+    help="train gamma randomly chosen layers, resampled every K steps (LISA)",
+    options=[_EVERY, Option("gamma", int, 2, "layers active at a time", low=1)],
+)
 class LISA(_Freezer):
     """Layerwise Importance Sampling: train ``gamma`` randomly chosen layers, resampled every K steps.
 
@@ -107,9 +119,9 @@ class LISA(_Freezer):
         layers: dict[str, list[str]] = defaultdict(list)
         always = []
         for name in params:
-            m = _LAYER.search(name)
-            if m:
-                layers[f"{int(m.group(1)):05d}"].append(name)
+            prefix, _ = split_layer(name)
+            if prefix is not None:
+                layers[f"{layer_index(prefix):05d}"].append(name)
             else:
                 always.append(name)
         if not layers:
@@ -123,6 +135,9 @@ class LISA(_Freezer):
         return [units[i] for i in perm[: min(self.gamma, len(units))]]
 
 
+@SCHEDULES.register(
+    "hft", help="each stage of K steps trains a random half of the trained tensors (HFT)", options=[_EVERY]
+)
 class HFT(_Freezer):
     """Half Fine-Tuning: each stage of ``every`` steps trains a random half of the trained tensors."""
 
@@ -134,6 +149,12 @@ class HFT(_Freezer):
         return [units[i] for i in perm[: max(1, len(units) // 2)]]
 
 
+@SCHEDULES.register(
+    "regrow",
+    help="every K steps, drop the smallest entries and regrow where the gradient is largest (SpIEL)",
+    options=[_EVERY, Option("fraction", float, 0.1, "share of each tensor's entries moved", low=0, high=1,
+                            low_open=True, high_open=True)],
+)  # fmt: skip
 class Regrow(TrainHook):
     """Prune-and-regrow (SpIEL): every K steps, per entry-sparse weight, drop the ``fraction`` of
     entries with the smallest ``|delta|`` and grow as many where the accumulated gradient is largest.
@@ -153,15 +174,14 @@ class Regrow(TrainHook):
         self.changes = 0  # entries moved so far
 
     def _modules(self, state: StepState) -> list[nn.Module]:
-        from surgical.train.sparse import EntryState
-
-        return [m for m in state.model.modules() if isinstance(getattr(m, "_sg_entries", None), EntryState)]
+        return [m for _, m, st in stateful_modules(state.model) if st.kind == "entries"]
 
     def _arm(self, state: StepState) -> None:
         arm = (state.step + 1) % self.every == 0
         for m in self._modules(state):
-            m._sg_entries.accumulate = arm
-            m._sg_entries.grad_acc = None
+            st = state_of(m)
+            st.accumulate = arm
+            st.grad_acc = None
 
     def on_train_begin(self, state: StepState) -> None:
         self._arm(state)
@@ -185,16 +205,14 @@ class Regrow(TrainHook):
 @torch.no_grad()
 def regrow_module(module: nn.Module, optimizer: torch.optim.Optimizer, fraction: float) -> int:
     """One prune-and-regrow update of an entry-sparse Linear; returns the number of entries moved."""
-    from surgical.train.sparse import rebuild_entries, sync_entries
-
-    st = module._sg_entries
+    st = state_of(module)
     acc, st.grad_acc, st.accumulate = st.grad_acc, None, False
     delta, idx, orig = st.delta(module), st.indices(module), st.orig(module)
     k = idx.numel()
     n = int(fraction * k)
     if acc is None or n == 0:
         return 0
-    sync_entries(module, st)
+    st.sync(module)
     weight = getattr(module, st.param_name).view(-1)
     drop_pos = torch.topk(delta.abs(), n, largest=False).indices
     keep = torch.ones(k, dtype=torch.bool, device=idx.device)
@@ -219,18 +237,18 @@ def regrow_module(module: nn.Module, optimizer: torch.optim.Optimizer, fraction:
             value.copy_(rearrange(value))
     idx.copy_(new_idx)
     orig.copy_(new_orig)
-    rebuild_entries(module)
+    st.invalidate(module)
     return moved
 
 
-def make_schedule(cfg, seed: int = 0) -> list[TrainHook]:
-    """Hooks for a :class:`surgical.train.config.ScheduleConfig` (empty for ``name: none``)."""
-    if cfg.name == "none":
+def make_schedule(name: str, options: dict[str, Any] | None = None, seed: int = 0) -> list[TrainHook]:
+    """The hooks of the schedule registered as ``name`` (none for ``"none"``), options checked.
+
+    Raises:
+        SurgicalError: an unknown schedule or option, or an option value out of range.
+    """
+    if name == "none":
+        if options:
+            raise SurgicalError("schedule 'none' takes no options", "Remove schedule.options")
         return []
-    if cfg.name == "lisa":
-        return [LISA(gamma=cfg.gamma, every=cfg.every, seed=seed)]
-    if cfg.name == "hft":
-        return [HFT(every=cfg.every, seed=seed)]
-    if cfg.name == "regrow":
-        return [Regrow(every=cfg.every, fraction=cfg.fraction, seed=seed)]
-    raise SurgicalError(f"unknown schedule {cfg.name!r}", "Use one of: none, lisa, regrow, hft")
+    return [SCHEDULES.get(name)(seed=seed, **SCHEDULES.resolve(name, options, "schedule.options."))]

@@ -7,7 +7,7 @@ changed (its version counter moved), which works with any optimizer and training
 
 Optimizers that write parameters without bumping the version counter (fused AdamW, the HF
 Trainer's default, does this) are covered by a global optimizer step post-hook that marks every
-entry-sparse weight dirty after any ``optimizer.step()``.
+state dirty after any ``optimizer.step()`` (:func:`surgical.train.state.install`).
 
 The backward pass returns the input gradient ``gy @ W`` and the gradient of ``delta`` only at the
 selected entries. On CPU that is a sampled dense-dense product (:mod:`surgical.train.cpu_kernel`,
@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import functools
 import warnings
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from surgical.core.marks import Saved
 from surgical.train import cpu_kernel
+from surgical.train.state import SparseState, delta_attr, install
 
 #: Above this density the dense product followed by a gather is faster than a sampled matmul.
 DENSE_GATHER_DENSITY = 0.25
@@ -40,14 +41,17 @@ CUDA_DENSE_GATHER_DENSITY = 0.0
 
 
 @dataclass
-class EntryState:
+class EntryState(SparseState):
     """Bookkeeping of an entry-sparse weight.
 
-    The tensors live on the module so that ``model.to(...)`` moves them: the parameter
+    The tensors live on the module (see :mod:`surgical.train.state`): the parameter
     ``<name>_sg_delta`` (k trainable values) and the non-persistent buffers ``<name>_sg_indices``
     (sorted flat indices; int32 when the weight has fewer than 2**31 entries, half the memory of
     int64) and ``<name>_sg_orig`` (the base values at those indices).
     """
+
+    kind: ClassVar[str] = "entries"
+    buffers: ClassVar[dict[str, str]] = {"sg_indices": "moves", "sg_orig": "moves"}
 
     param_name: str  # name of the weight inside its module, e.g. "weight"
     shape: tuple[int, int]
@@ -79,6 +83,32 @@ class EntryState:
             values = delta if delta.dtype == dtype and delta.device == idx.device else None
             p = self.pattern = csr_pattern(idx, self.shape, dtype, values)
         return p
+
+    def sync(self, module: nn.Module) -> None:
+        """Writes ``orig + delta`` into the frozen weight if ``delta`` changed since the last sync."""
+        delta = self.delta(module)
+        if delta._version == self.synced_version and not self.dirty:
+            return
+        weight = getattr(module, self.param_name)
+        with torch.no_grad():
+            idx, orig = self.indices(module), self.orig(module)
+            if not cpu_kernel.write_entries(weight, idx, orig, delta.detach()):
+                new = torch.add(orig, delta.detach())
+                # index_copy_ wants int64: a per-layer transient is cheaper than keeping int64 resident
+                weight.view(-1).index_copy_(0, idx.long(), new.to(weight.dtype))
+        self.synced_version = delta._version
+        self.dirty = False
+
+    def export(self, module: nn.Module) -> tuple[str, torch.Tensor, torch.Tensor]:
+        idx = self.indices(module).detach().to("cpu", torch.int64, copy=True)  # a Delta holds int64
+        return "entries", idx, self.delta(module).detach().float().cpu().clone()
+
+    def saved_base(self, module: nn.Module) -> Saved:
+        return Saved(self.indices(module).detach(), self.orig(module).detach())
+
+    def invalidate(self, module: nn.Module) -> None:
+        self.pattern = None
+        super().invalidate(module)
 
 
 def csr_pattern(
@@ -181,97 +211,9 @@ def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 - 1 else torch.int64
 
 
-def delta_attr(param_name: str) -> str:
-    """Name of the trainable delta parameter registered beside ``param_name`` in its module."""
-    return f"{param_name}_sg_delta"
-
-
-def sync_entries(module: nn.Module, state: EntryState) -> None:
-    """Writes ``orig + delta`` into the frozen weight if ``delta`` changed since the last sync."""
-    if not isinstance(state, EntryState):  # a row/column block (surgical.train.structured)
-        state.sync(module)
-        return
-    delta = state.delta(module)
-    if delta._version == state.synced_version and not state.dirty:
-        return
-    weight = getattr(module, state.param_name)
-    with torch.no_grad():
-        idx, orig = state.indices(module), state.orig(module)
-        if not cpu_kernel.write_entries(weight, idx, orig, delta.detach()):
-            new = torch.add(orig, delta.detach())
-            # index_copy_ wants int64: a per-layer transient is cheaper than keeping int64 resident
-            weight.view(-1).index_copy_(0, idx.long(), new.to(weight.dtype))
-    state.synced_version = delta._version
-    state.dirty = False
-
-
-def rebuild_entries(module: nn.Module) -> None:
-    """Re-derives a weight's cached pattern after its indices changed, and re-syncs it.
-
-    The caller must first have restored the weight to the base values at any index it dropped.
-    """
-    state: EntryState = module._sg_entries
-    if not isinstance(state, EntryState):
-        state.dirty = True
-        state.sync(module)
-        return
-    state.pattern = None
-    state.dirty = True
-    sync_entries(module, state)
-
-
-_LIVE: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules with entry-sparse weights
-_HOOK_HANDLE = None
-
-
-def _mark_dirty_after_step(optimizer, args, kwargs) -> None:
-    for module in list(_LIVE):
-        state = getattr(module, "_sg_entries", None)
-        if state is not None:
-            state.dirty = True
-
-
-def _ensure_step_hook() -> None:
-    global _HOOK_HANDLE
-    if _HOOK_HANDLE is None:
-        _HOOK_HANDLE = register_optimizer_step_post_hook(_mark_dirty_after_step)
-
-
-def install(module: nn.Module, state, forward) -> None:
-    """Routes ``module``'s forward through ``forward`` and keeps its weight in sync with ``state``.
-
-    Shared by entry-sparse weights and row/column blocks (:mod:`surgical.train.structured`): the
-    weight is re-synced after every optimizer step and before every ``state_dict()``.
-    """
-    module._sg_entries = state
-    module.forward = forward.__get__(module)  # a bound method on this instance only
-    module._sg_sd_hook = module.register_state_dict_pre_hook(_sync_before_state_dict)
-    _LIVE.add(module)
-    _ensure_step_hook()
-
-
-def uninstall(module: nn.Module, suffixes: tuple[str, ...]) -> None:
-    """Undoes :func:`install` and removes the ``<param>_<suffix>`` attributes that exist."""
-    state = module._sg_entries
-    for suffix in suffixes:
-        if hasattr(module, f"{state.param_name}_{suffix}"):
-            delattr(module, f"{state.param_name}_{suffix}")
-    del module._sg_entries
-    del module.forward  # back to the class's forward
-    module._sg_sd_hook.remove()
-    del module._sg_sd_hook
-    _LIVE.discard(module)
-
-
-def _sync_before_state_dict(module, prefix, keep_vars) -> None:
-    state = getattr(module, "_sg_entries", None)
-    if state is not None:
-        sync_entries(module, state)
-
-
 def _entry_linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     state: EntryState = module._sg_entries
-    sync_entries(module, state)
+    state.sync(module)
     delta = state.delta(module)
     if not (torch.is_grad_enabled() and delta.requires_grad):
         return F.linear(x, module.weight, module.bias)
@@ -297,15 +239,3 @@ def attach_entries(module: nn.Linear, indices: torch.Tensor) -> nn.Parameter:
     state.synced_version = delta._version
     install(module, state, _entry_linear_forward)
     return delta
-
-
-def detach_entries(module: nn.Linear) -> None:
-    """Undoes :func:`attach_entries` (or :func:`~surgical.train.structured.attach_block`)."""
-    state: EntryState = module._sg_entries
-    if not isinstance(state, EntryState):
-        from surgical.train.structured import detach_block
-
-        detach_block(module)
-        return
-    sync_entries(module, state)
-    uninstall(module, ("sg_delta", "sg_indices", "sg_orig"))

@@ -15,15 +15,19 @@ applied block, so no flat index list is ever formed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgical.core.marks import Saved
+from surgical.train.state import SparseState, install
+
 
 @dataclass
-class BlockState:
-    """Bookkeeping of a row- or column-block weight (``module._sg_entries``).
+class BlockState(SparseState):
+    """Bookkeeping of a row- or column-block weight.
 
     Module attributes: parameter ``weight_sg_delta`` (the block), non-persistent buffers
     ``weight_sg_sel`` (sorted row or column indices) and ``weight_sg_base`` (base block).
@@ -31,12 +35,18 @@ class BlockState:
     of a tied embedding, see :mod:`surgical.train.tied`); they are detached together.
     """
 
+    kind: ClassVar[str] = "rows"  # the class default; an instance of columns says "cols"
+    buffers: ClassVar[dict[str, str]] = {"sg_sel": "fixed", "sg_base": "base", "sg_lookup": "derived"}
+
     param_name: str
     shape: tuple[int, int]
     axis: int  # 0: rows, 1: columns
     synced_version: int = -1
     dirty: bool = False
     tied: list[nn.Module] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.kind = "rows" if self.axis == 0 else "cols"
 
     def block(self, module: nn.Module) -> nn.Parameter:
         return getattr(module, f"{self.param_name}_sg_delta")
@@ -55,6 +65,14 @@ class BlockState:
             weight.index_copy_(self.axis, self.sel(module), torch.add(base, block.detach()).to(weight.dtype))
         self.synced_version = block._version
         self.dirty = False
+
+    def export(self, module: nn.Module) -> tuple[str, torch.Tensor, torch.Tensor]:
+        sel = self.sel(module).detach().to("cpu", torch.int64, copy=True)
+        return self.kind, sel, self.block(module).detach().float().cpu().clone()
+
+    def saved_base(self, module: nn.Module) -> Saved:
+        base = getattr(module, f"{self.param_name}_sg_base")
+        return Saved(self.sel(module).detach(), base.detach(), self.axis)
 
 
 class _BlockLinearFn(torch.autograd.Function):
@@ -142,8 +160,6 @@ def attach_block(module: nn.Module, sel: torch.Tensor, axis: int) -> nn.Paramete
 
     ``module`` is an ``nn.Linear``, or an ``nn.Embedding`` with ``axis=0`` (token rows).
     """
-    from surgical.train.sparse import install
-
     weight = module.weight
     sel = sel.to(device=weight.device, dtype=torch.int64)
     weight.requires_grad_(False)
@@ -162,15 +178,3 @@ def attach_block(module: nn.Module, sel: torch.Tensor, axis: int) -> nn.Paramete
     else:
         install(module, state, _block_linear_forward)
     return block
-
-
-def detach_block(module: nn.Linear) -> None:
-    """Undoes :func:`attach_block`, keeping the trained values in the weight."""
-    from surgical.train.sparse import uninstall
-
-    state: BlockState = module._sg_entries
-    state.sync(module)
-    for other in state.tied:  # they hold no tensors of their own: only their routed forward
-        uninstall(other, ())
-    state.tied.clear()
-    uninstall(module, ("sg_delta", "sg_sel", "sg_base", "sg_lookup"))

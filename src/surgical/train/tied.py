@@ -22,21 +22,25 @@ change of the block, by whichever module runs first, and both modules see it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from surgical.errors import SurgicalError
+from surgical.core.errors import SurgicalError
+from surgical.train.state import SparseState, install
 from surgical.train.structured import BlockState, attach_block, block_linear
 
 
 @dataclass
-class TiedHeadState:
+class TiedHeadState(SparseState):
     """Bookkeeping of an LM head whose weight is tied to a row-trained embedding (``owner``).
 
     It holds no tensors: the block, row indices and base rows live on ``owner``. ``dirty`` is
     set by the optimizer step hook like every state's, and handed on to the owner's state.
     """
+
+    kind: ClassVar[str] = "tied"
 
     param_name: str
     owner: nn.Module
@@ -85,11 +89,8 @@ def attach_tied_rows(embedding: nn.Embedding, heads: list[nn.Module], sel: torch
     """Makes token rows ``sel`` of a weight shared by ``embedding`` and ``heads`` trainable.
 
     Returns the one (r, dim) block parameter, registered on ``embedding``; ``heads`` route their
-    forward through it. :func:`~surgical.train.structured.detach_block` on the embedding undoes
-    both.
+    forward through it. :func:`surgical.train.state.detach` on the embedding undoes both.
     """
-    from surgical.train.sparse import install
-
     block = attach_block(embedding, sel, axis=0)
     state: BlockState = embedding._sg_entries
     for head in heads:

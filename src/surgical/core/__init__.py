@@ -1,0 +1,7 @@
+"""The bottom layer: what Plan, Delta, training and every recipe stand on.
+
+Errors, registries with declared options, atomic IO, the sparse support shared by plans and
+deltas (kinds, block helpers, the index and value codecs), layer-name parsing and name
+patterns, the model-loss helper, the marks surgical leaves on a model, and the base-model
+fingerprint. Nothing here imports any other surgical package.
+"""

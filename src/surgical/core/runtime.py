@@ -1,0 +1,64 @@
+"""Process-level helpers: peak memory, progress bars, quieting transformers."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process, in bytes: since the start, or since the last
+    successful :func:`reset_peak_rss`."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Starts :func:`peak_rss_bytes` afresh from the current resident size (Linux only).
+
+    Lets a measurement leave out a transient peak that came before it, such as the one of
+    loading a model. Returns False where the kernel offers no way to do it.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def progress(disable: bool = False) -> Progress:
+    """A rich progress bar with the columns used across the library."""
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        disable=disable,
+        transient=False,
+    )
+
+
+def quiet_transformers() -> None:
+    """Silences transformers' info/warning chatter (e.g. "newly initialized weights")."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()

@@ -1,0 +1,280 @@
+"""Recipe configs: frozen dataclasses with a help string per field, YAML their serialized form.
+
+One config style for every recipe (``train``, ``select``, ``demo``, ...), built from the shared
+sections here (model, data, selection, schedule, training). Loading checks keys strictly: an
+unknown key is an error that names it, so a typo never silently falls back to a default; every
+value is checked against its field's type and declared range or choices where it is read. Flag
+overrides use dotted paths (``training.lr=3e-4``) and go through the same checks. Sections that
+dispatch by name through a registry (``selection.options``, ``schedule.options``) are checked
+against the options the chosen entry declares.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from surgical.core.errors import SurgicalError
+from surgical.core.registry import check_range, coerce
+
+T = TypeVar("T")
+
+
+def _f(default: Any, help: str, **check: Any) -> Any:
+    """A config field with its help string and, optionally, ``choices`` / ``low`` / ``high`` /
+    ``low_open`` / ``high_open`` checked when the config is read (one place per key)."""
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples for sequence defaults")  # frozen configs hold immutable values
+    return field(default=default, metadata={"help": help, **check})
+
+
+TASKS = ("auto", "classification", "causal_lm")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to fine-tune or score."""
+
+    path: str = _f("", "Local Hugging Face model directory (nothing is downloaded).")
+    task: str = _f(
+        "auto",
+        "'classification' (sequence classification), 'causal_lm', or 'auto' (causal_lm when the "
+        "config names a ...ForCausalLM/LMHeadModel architecture).",
+        choices=TASKS,
+    )
+    num_labels: int = _f(2, "Number of classes for classification (a new head is initialised).", low=2)
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Data: a file or a ``datasets`` save_to_disk directory with named columns."""
+
+    path: str = _f(
+        "", "A .csv, .jsonl, .parquet or .arrow file, or a directory written by datasets' save_to_disk."
+    )
+    split: str = _f("train", "Split to read when data.path holds a DatasetDict.")
+    text_column: str = _f("text", "Column holding the text (classification; causal_lm without a prompt).")
+    label_column: str = _f("label", "Classification: column holding the integer label.")
+    prompt_column: str = _f("prompt", "Causal LM: column holding the prompt (no loss on it).")
+    response_column: str = _f(
+        "response",
+        "Causal LM: column holding the response (the loss); without it, the text column is modelled.",
+    )
+    max_length: int = _f(128, "Tokens per example (longer ones are truncated).", low=1)
+    batch_size: int = _f(8, "Examples per batch.", low=1)
+    limit: int | None = _f(None, "Use only the first N examples.", low=1)
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """What to train: every argument of ``surgical.select`` (or a saved plan)."""
+
+    method: str = _f("gradient", "Selection criterion (`surgical list criteria`).")
+    density: float | None = _f(
+        0.01, "Fraction of the targeted parameters to train.", low=0, high=1, low_open=True
+    )
+    count: int | None = _f(None, "Exact number of parameters instead of a density.", low=1)
+    optimizer_bytes: int | None = _f(None, "AdamW fp32 state budget in bytes (16 per parameter).", low=16)
+    granularity: str | None = _f(
+        None, "entry, row, column, head, tensor or layer (default: the criterion's own).",
+        choices=("entry", "row", "column", "head", "tensor", "layer"),
+    )  # fmt: skip
+    allocation: str = _f(
+        "global", "global, per_tensor or per_layer.", choices=("global", "per_tensor", "per_layer")
+    )
+    aggregate: str = _f("sum", "A unit's score: sum or mean of its entries' scores.", choices=("sum", "mean"))
+    targets: tuple[str, ...] = _f((), "Patterns of weights to select from (default: every Linear weight).")
+    exclude: tuple[str, ...] = _f((), "Patterns removed from the targets.")
+    always: tuple[str, ...] = _f(
+        (), "Patterns of parameters trained in full (heads, norms), outside the budget."
+    )
+    max_batches: int = _f(16, "Calibration batches for data-driven criteria.", low=1)
+    options: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "The criterion's own options (`surgical list criteria`)."}
+    )
+    plan: str | None = _f(None, "Directory of a saved plan to use instead of selecting.")
+
+    def budget(self) -> dict[str, Any]:
+        """density / count / optimizer_bytes as ``select`` takes them: a count or a byte budget
+        replaces the default density."""
+        if self.count is not None or self.optimizer_bytes is not None:
+            return {"density": None, "count": self.count, "optimizer_bytes": self.optimizer_bytes}
+        return {"density": self.density, "count": None, "optimizer_bytes": None}
+
+    def select_kwargs(self, seed: int) -> dict[str, Any]:
+        """Keyword arguments of :func:`surgical.select` (beside model and data)."""
+        return dict(
+            method=self.method, **self.budget(), granularity=self.granularity,
+            allocation=self.allocation, aggregate=self.aggregate, targets=list(self.targets) or None,
+            exclude=list(self.exclude) or None, always=list(self.always) or None,
+            max_batches=self.max_batches, seed=seed, **self.options,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """A dynamic schedule that changes what is trained during the run."""
+
+    name: str = _f("none", "'none' or a registered schedule (`surgical list schedules`): lisa, regrow, hft.")
+    options: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "The schedule's own options (`surgical list schedules`)."}
+    )
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Optimisation, precision and checkpointing."""
+
+    epochs: int = _f(1, "Passes over the data (ignored when max_steps is set).", low=1)
+    max_steps: int | None = _f(None, "Stop after this many optimizer steps.", low=1)
+    lr: float = _f(1e-3, "Peak learning rate (AdamW).", low=0, low_open=True)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", low=0)
+    warmup: float = _f(0.1, "Share of the steps spent warming the learning rate up.", low=0, high=1)
+    grad_accum: int = _f(1, "Batches per optimizer step.", low=1)
+    max_grad_norm: float | None = _f(None, "Clip the gradient norm to this value.", low=0, low_open=True)
+    bf16: bool = _f(False, "Run the forward pass under bf16 autocast.")
+    seed: int = _f(0, "Seed for selection, batch order, dropout and a new head.")
+    checkpoint_every: int = _f(0, "Checkpoint every N steps (0: only at the end).", low=0)
+    resume: bool = _f(False, "Continue from the newest checkpoint in the output directory.")
+
+
+def _check_type(path: str, value: Any, tp: Any) -> Any:
+    """Coerces YAML scalars to the field's type, or raises naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        tp = next(a for a in args if a is not type(None))
+        return _check_type(path, value, tp)
+    if origin is tuple:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+            raise SurgicalError(
+                f"config key {path!r} must be a list of strings, got {value!r}", "Fix the value"
+            )
+        return tuple(items)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise SurgicalError(f"config key {path!r} must be true or false, got {value!r}", "Fix the value")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SurgicalError(f"config key {path!r} must be an integer, got {value!r}", "Fix the value")
+        return value
+    if tp is float:  # PyYAML reads 1e-3 (no dot) as a string: coerce takes it; NaN/inf are refused
+        return coerce(value, float, f"config key {path!r}")
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise SurgicalError(f"config key {path!r} must be a mapping of names to values", "Fix the value")
+        return dict(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise SurgicalError(f"config key {path!r} must be a string, got {value!r}", "Fix the value")
+        return str(value)
+    return value
+
+
+def _check_value(path: str, value: Any, meta: Any) -> Any:
+    """Checks a typed value against the field's declared choices and range."""
+    if value is None:
+        return None
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        raise SurgicalError(
+            f"config key {path!r} must be one of {', '.join(meta['choices'])}, got {value!r}", "Fix the value"
+        )
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        check_range(value, f"config key {path!r}", meta.get("low"), meta.get("high"),
+                    meta.get("low_open", False), meta.get("high_open", False))  # fmt: skip
+    return value
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Builds the dataclass ``cls`` from nested dicts; unknown keys are errors naming the key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        where = f"section {prefix.rstrip('.')!r}" if prefix else "the config"
+        raise SurgicalError(f"{where} must be a mapping of keys to values", "Check the YAML's indentation")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in known:
+            raise SurgicalError(
+                f"unknown config key {path!r}", f"Use one of: {', '.join(prefix + k for k in known)}"
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, f"{path}.")
+        else:
+            kwargs[key] = _check_value(path, _check_type(path, value, tp), known[key].metadata)
+    return cls(**kwargs)
+
+
+def load_config(cls: type[T], path: str | Path | None, overrides: dict[str, Any] | None = None) -> T:
+    """Reads a YAML config (or none: defaults) and applies dotted-path overrides.
+
+    Raises:
+        SurgicalError: for a missing file, malformed YAML, an unknown key or a value of the
+            wrong type, naming the file, line or key.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise SurgicalError(f"config file {str(p)!r} does not exist", "Pass the path of a YAML file")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise SurgicalError(
+                f"config file {str(p)!r} is not valid YAML{where}: {problem}", "Fix the YAML syntax"
+            ) from None
+        if not isinstance(data, dict):
+            raise SurgicalError(
+                f"config file {str(p)!r} must hold a mapping", "Start it with keys like model:"
+            )
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SurgicalError(f"cannot override {dotted!r}: {part!r} is not a section", "Fix the flag")
+        node[leaf] = value
+    return from_dict(cls, data)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"training.lr=3e-4"`` -> ``("training.lr", 3e-4)``; the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise SurgicalError(f"override {text!r} is not KEY=VALUE", "Write it like --set training.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def help_text(cls: type, prefix: str = "") -> list[str]:
+    """``key: help`` lines for every field, nested sections flattened with dots."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines += help_text(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            lines.append(f"{prefix}{f.name}: {f.metadata.get('help', '')}")
+    return lines

@@ -1,0 +1,93 @@
+"""The one batch builder of every recipe: a data section and a task -> tokenized batches.
+
+- ``classification``: a text column and an integer label column;
+- ``causal_lm``: prompt and response columns (loss on the response only) when the data has the
+  response column, otherwise the text column modelled whole (padding is not a target).
+
+IMDB-style ``<br />`` line breaks become spaces, here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from surgical.core.errors import SurgicalError
+from surgical.data.instruct import IGNORE_INDEX, instruction_batches
+from surgical.data.table import load_table
+from surgical.data.text import TextExamples, text_batches
+from surgical.recipes.config import DataConfig
+
+
+def clean_text(text: str) -> str:
+    """Text as the models see it: HTML line breaks (IMDB's ``<br />``) become spaces."""
+    return text.replace("<br />", " ")
+
+
+def read_examples(source: Any, text_column: str, label_column: str | None, split: str = "train",
+                  limit: int | None = None) -> TextExamples:  # fmt: skip
+    """Texts (and integer labels when ``label_column`` is given) from any source
+    :func:`surgical.data.load_table` reads, cleaned by :func:`clean_text`."""
+    ex = TextExamples.load(source, text_column, label_column, split=split, limit=limit)
+    return TextExamples([clean_text(t) for t in ex.texts], ex.labels)
+
+
+def _has_column(d: DataConfig, column: str) -> bool:
+    return column in load_table(d.path, [], split=d.split, limit=1)[0]
+
+
+def make_batches(
+    d: DataConfig,
+    task: str,
+    tokenizer,
+    *,
+    num_labels: int | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+) -> list[dict[str, torch.Tensor]]:
+    """Reads ``d`` and tokenizes it into batches for ``task``.
+
+    Args:
+        d: The data section.
+        task: ``classification`` or ``causal_lm``.
+        tokenizer: The model's tokenizer.
+        num_labels: Classification: labels must lie in ``0..num_labels-1``.
+        sample: Keep a seeded random sample of this many examples (calibration data); None:
+            every example in order.
+        seed: Seed of the sample.
+
+    Raises:
+        SurgicalError: missing columns, empty data, labels out of range, responses truncated away.
+    """
+    instruct = task == "causal_lm" and _has_column(d, d.response_column)
+    if instruct:
+        rows = load_table(d.path, [d.prompt_column, d.response_column], split=d.split, limit=d.limit)
+        rows = _sample(rows, sample, seed)
+        prompts = [clean_text(str(r[d.prompt_column])) for r in rows]
+        responses = [clean_text(str(r[d.response_column])) for r in rows]
+        return instruction_batches(tokenizer, prompts, responses, d.batch_size, d.max_length)
+    labelled = task == "classification"
+    ex = read_examples(d.path, d.text_column, d.label_column if labelled else None, d.split, d.limit)
+    if sample is not None:
+        order = torch.randperm(len(ex), generator=torch.Generator().manual_seed(seed))
+        ex = ex.subset(order[:sample].tolist())
+    if labelled and num_labels is not None:
+        bad = [x for x in ex.labels if not 0 <= x < num_labels]
+        if bad:
+            raise SurgicalError(f"label {bad[0]} is outside 0..{num_labels - 1}", "Set model.num_labels")
+    batches = text_batches(tokenizer, ex, d.batch_size, d.max_length)
+    if not labelled:
+        for b in batches:
+            labels = b["input_ids"].clone()
+            labels[b["attention_mask"] == 0] = IGNORE_INDEX  # padding is not a target
+            b["labels"] = labels
+            b.pop("token_type_ids", None)
+    return batches
+
+
+def _sample(rows: list, sample: int | None, seed: int) -> list:
+    if sample is None:
+        return rows
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
+    return [rows[i] for i in order[:sample].tolist()]

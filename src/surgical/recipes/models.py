@@ -1,0 +1,123 @@
+"""The one model loader of every recipe: local Hugging Face directories, offline, no remote code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import transformers
+
+from surgical.core.errors import SurgicalError
+from surgical.core.io import atomic_dir
+from surgical.core.runtime import quiet_transformers
+
+
+def check_model_dir(path: str | Path, label: str = "model path") -> Path:
+    """``path`` as a Path if it holds a Hugging Face model (config.json), else a SurgicalError."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise SurgicalError(
+            f"{label} {str(path)!r} is not a model directory (no config.json)",
+            "Pass a local Hugging Face model directory",
+        )
+    return path
+
+
+def architectures(model_dir: str | Path) -> list[str]:
+    """The architectures a model directory's config.json names (empty if none or unreadable)."""
+    try:
+        return list(json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or [])
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return []
+
+
+def detect_task(model_dir: str | Path) -> str:
+    """``causal_lm`` if config.json names a ForCausalLM/LMHeadModel architecture, else classification."""
+    archs = architectures(model_dir)
+    return "causal_lm" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else "classification"
+
+
+def load_model(
+    path: str | Path,
+    task: str = "classification",
+    *,
+    num_labels: int = 2,
+    seed: int = 0,
+    label: str = "model path",
+    gradient_checkpointing: bool = False,
+):
+    """Loads ``(model, tokenizer)`` for ``task`` (``classification``, ``causal_lm`` or ``auto``) offline.
+
+    A new classification head is initialised from ``seed``. A tokenizer without a pad token
+    pads with its end-of-sequence token. A missing or unloadable directory is a SurgicalError
+    naming ``label`` (the option the user set, e.g. ``model.path``).
+    """
+    quiet_transformers()
+    path = check_model_dir(path, label)
+    task = detect_task(path) if task == "auto" else task
+    torch.manual_seed(seed)
+    try:
+        if task == "classification":
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                str(path), num_labels=num_labels, local_files_only=True
+            )
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise SurgicalError(
+            f"cannot load a model from {str(path)!r}: {_first_line(e)}", f"Check {label}"
+        ) from None
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if gradient_checkpointing:
+        # non-reentrant: gradients must reach trained values even when the block's input is frozen
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.eval(), tokenizer
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def load_base(path: str | Path, architecture: str | None = None, num_labels: int | None = None):
+    """Loads a base model (and its tokenizer, if any) in the named architecture.
+
+    ``architecture`` is looked up by name among transformers' model classes (default: the
+    first one the directory's config names; ``AutoModel`` if none); no code is loaded from the
+    model directory.
+    """
+    quiet_transformers()
+    path = check_model_dir(path, "base model path")
+    arch = architecture or (architectures(path) or ["AutoModel"])[0]
+    cls = getattr(transformers, arch, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise SurgicalError(
+            f"architecture {arch!r} is not in transformers {transformers.__version__}", "Upgrade transformers"
+        )
+    kwargs = {}
+    if num_labels and "SequenceClassification" in arch:
+        kwargs["num_labels"] = num_labels
+    try:
+        model = cls.from_pretrained(str(path), local_files_only=True, **kwargs)
+    except (OSError, ValueError) as e:
+        raise SurgicalError(
+            f"cannot load the base model from {str(path)!r}: {_first_line(e)}", "Check the path"
+        ) from None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model.eval(), tokenizer
+
+
+def save_model_dir(model, tokenizer, out: str | Path) -> Path:
+    """``save_pretrained`` of model and tokenizer into ``out``, atomically."""
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return Path(out)

@@ -1,0 +1,198 @@
+"""``surgical train``: config -> model, data, plan -> prepared training -> delta + run summary.
+
+Run directory layout (``cfg.out``)::
+
+    plan/          the plan trained (reused by --resume, so a resumed run trains the same entries)
+    checkpoints/   step-N checkpoints (atomic; the newest is kept), each with the run config that
+                   --resume must match (RunConfig.trajectory)
+    delta/         the delta (written at the end)
+    summary.json   config, counts, losses, timings, status
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from surgical.core.errors import SurgicalError
+from surgical.core.io import atomic_write_text
+from surgical.core.runtime import peak_rss_bytes
+from surgical.recipes.config import (
+    DataConfig,
+    ModelConfig,
+    ScheduleConfig,
+    SelectionConfig,
+    TrainingConfig,
+    _f,
+)
+from surgical.recipes.data import make_batches
+from surgical.recipes.models import detect_task, load_model
+from surgical.select import CRITERIA, Plan, select
+from surgical.train import extract, fit, prepare, trainable_count
+from surgical.train.checkpoint import latest_checkpoint
+from surgical.train.schedules import SCHEDULES, make_schedule
+
+# Keys that cannot change what a run computes, so ``--resume`` accepts a change to them: where
+# the run lives (a moved run directory resumes), how often it checkpoints (saving touches no
+# value or RNG state), the resume flag itself, and gradient checkpointing (it recomputes the
+# same forward with the same RNG state; switching it on after running out of memory is a
+# reason to resume). Every other key is part of the run's identity.
+RESUMABLE_CHANGES = frozenset(
+    {"out", "training.checkpoint_every", "training.resume", "model.gradient_checkpointing"}
+)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole ``surgical train`` run."""
+
+    out: str = _f("surgical-run", "Run directory: delta/, plan/, checkpoints/, summary.json.")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The model."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "The training data."})
+    selection: SelectionConfig = field(default_factory=SelectionConfig, metadata={"help": "What to train."})
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig, metadata={"help": "Dynamic schedule."})
+    training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "Optimisation."})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable form (tuples become lists)."""
+        return dataclasses.asdict(self)
+
+    def trajectory(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the checkpoint's: every key as a dotted
+        path, minus :data:`RESUMABLE_CHANGES` (and ``training.epochs`` when max_steps is set)."""
+        flat: dict[str, Any] = {}
+        for section, value in self.to_dict().items():
+            if isinstance(value, dict):
+                flat.update({f"{section}.{k}": v for k, v in value.items()})
+            else:
+                flat[section] = value
+        if self.training.max_steps is not None:
+            flat.pop("training.epochs")
+        return {k: v for k, v in flat.items() if k not in RESUMABLE_CHANGES}
+
+    def check(self) -> None:
+        """Checks what the dataclasses alone cannot, before any work: that model and data paths
+        are set, and the criterion's and schedule's names and options."""
+        if not self.model.path:
+            raise SurgicalError("model.path is not set", "Pass --model DIR or set model.path in the config")
+        if not self.data.path:
+            raise SurgicalError("data.path is not set", "Pass --data FILE or set data.path in the config")
+        if not self.selection.plan:
+            CRITERIA.resolve(self.selection.method, self.selection.options, "selection.options.")
+        if self.schedule.name != "none":
+            SCHEDULES.resolve(self.schedule.name, self.schedule.options, "schedule.options.")
+        elif self.schedule.options:
+            raise SurgicalError("schedule 'none' takes no options", "Remove schedule.options")
+
+
+def task_of(cfg: RunConfig) -> str:
+    """The run's task, with ``auto`` resolved from the model directory."""
+    return detect_task(cfg.model.path) if cfg.model.task == "auto" else cfg.model.task
+
+
+def make_plan(cfg: RunConfig, model, batches) -> Plan:
+    """The plan to train: the run's own saved plan on resume, a given plan, or a fresh selection."""
+    own = Path(cfg.out) / "plan"
+    if cfg.training.resume and (own / "plan.json").is_file():
+        return Plan.load(own)
+    if cfg.selection.plan:
+        return Plan.load(cfg.selection.plan)
+    return select(model, batches, progress=False, **cfg.selection.select_kwargs(cfg.training.seed))
+
+
+def run_train(
+    cfg: RunConfig, console: Console | None = None, show: bool = True, allow_changes: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Runs a whole training job; returns the summary also written to ``summary.json``.
+
+    ``allow_changes``: config keys a resume may change (``training.lr``, ``training.max_grad_norm``,
+    ``training.max_steps``, ``training.epochs``; see :func:`surgical.fit`).
+
+    Raises:
+        SurgicalError: for bad input, and when the loss became non-finite (after the summary is
+            written; the last good checkpoint is kept and the delta is not written).
+    """
+    cfg.check()
+    console = console or Console()
+    out = Path(cfg.out)
+    t0 = time.perf_counter()
+    m = cfg.model
+    task = task_of(cfg)
+    model, tokenizer = load_model(
+        m.path, task, num_labels=m.num_labels, seed=cfg.training.seed, label="model.path",
+        gradient_checkpointing=m.gradient_checkpointing,
+    )  # fmt: skip
+    batches = make_batches(cfg.data, task, tokenizer, num_labels=m.num_labels)
+    plan = make_plan(cfg, model, batches)
+    prepare(model, plan)  # a plan for another model fails here with the mismatching shape
+    if not (out / "plan" / "plan.json").is_file():
+        plan.save(out / "plan")
+    hooks = make_schedule(cfg.schedule.name, cfg.schedule.options, seed=cfg.training.seed)
+    t = cfg.training
+    plan_summary = plan.summary()
+    del plan  # its int64 indices (8 bytes per entry) are not needed while training
+    console.print(f"training {trainable_count(model):,} values: {plan_summary}")
+    result = fit(
+        model,
+        batches,
+        epochs=t.epochs,
+        max_steps=t.max_steps,
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        warmup=t.warmup,
+        grad_accum=t.grad_accum,
+        max_grad_norm=t.max_grad_norm,
+        bf16=t.bf16,
+        seed=t.seed,
+        hooks=hooks,
+        checkpoint_dir=out / "checkpoints",
+        checkpoint_every=t.checkpoint_every,
+        resume=t.resume,
+        allow_changes=allow_changes,
+        run_config=cfg.trajectory(),  # a resume with other settings is refused, naming them
+        on_nan="stop",
+        show=show,
+    )
+    summary: dict[str, Any] = {
+        "status": "nan" if result.stopped == "nan" else "done",
+        "steps": result.steps,
+        "resumed_from": result.resumed_from,
+        "trainable": trainable_count(model),
+        "plan": plan_summary,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "losses": result.losses,
+        "seconds": round(result.seconds, 3),
+        "seconds_per_step": round(result.seconds_per_step, 4),
+        "tokens_per_second": round(result.tokens / max(result.seconds, 1e-9), 1),
+        "total_seconds": round(time.perf_counter() - t0, 3),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "config": cfg.to_dict(),
+    }
+    if result.stopped == "nan":
+        ckpt = latest_checkpoint(out / "checkpoints")
+        summary["last_good_checkpoint"] = str(ckpt) if ckpt else None
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        kept = f"kept the last good checkpoint {ckpt}" if ckpt else "no checkpoint had been written yet"
+        raise SurgicalError(
+            f"the loss became NaN/inf at step {result.steps + 1}; training stopped, {kept}, no delta written",
+            "Lower training.lr or set training.max_grad_norm, then continue from that checkpoint "
+            "with --resume --allow-change training.lr (or training.max_grad_norm)",
+        )
+    delta = extract(model, training={k: v for k, v in summary.items() if k != "losses"})
+    delta.save(out / "delta")
+    summary["delta"] = str(out / "delta")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    # a resume of a finished run takes no step and has no loss to report
+    loss = "" if summary["final_loss"] is None else f", final loss {summary['final_loss']:.4f}"
+    console.print(
+        f"{result.steps} steps{loss}, "
+        f"{summary['seconds_per_step']:.3f} s/step; wrote {out / 'delta'} and {out / 'summary.json'}"
+    )
+    return summary

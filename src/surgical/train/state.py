@@ -1,0 +1,165 @@
+"""The trainable-state protocol: what ``prepare`` attaches to a module, and how others read it.
+
+Every module with a sparsely trained weight carries one state object (entries, a row/column
+block, or the LM head of a tied embedding, which reads its owner's block). The rest of the
+library (``extract``, checkpoints, run identity, the base fingerprint of a prepared model,
+schedules) goes through the methods declared here and never tells the kinds apart by class.
+
+Tensors live on the module, so that ``model.to(...)`` moves them: the trainable parameter
+``<param>_sg_delta`` and non-persistent buffers ``<param>_<suffix>`` declared in
+:attr:`SparseState.buffers` with their role:
+
+- ``"moves"``: the selection, which a schedule may change (entry indices and base values);
+  checkpoints store and restore it;
+- ``"fixed"``: the selection, which never changes (block rows or columns); checkpoints store it
+  and a resume must match it;
+- ``"base"``: base values that follow from the selection (a block's base rows);
+- ``"derived"``: caches rebuilt from the others (an embedding's row lookup).
+"""
+
+from __future__ import annotations
+
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import ClassVar
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from surgical.core.marks import Saved
+
+_ATTR = "_sg_entries"
+DELTA_SUFFIX = "sg_delta"
+
+
+def delta_attr(param_name: str) -> str:
+    """Name of the trainable parameter registered beside ``param_name`` in its module."""
+    return f"{param_name}_{DELTA_SUFFIX}"
+
+
+class SparseState(ABC):
+    """The trainable state of one module's weight (see the module docstring).
+
+    Attributes:
+        param_name: The weight's name inside its module (``"weight"``).
+        dirty: Set after every optimizer step; the next ``sync`` rewrites the weight.
+    """
+
+    #: ``"entries"``, ``"rows"``, ``"cols"``, or ``"tied"`` (holds no values of its own)
+    kind: ClassVar[str]
+    #: buffer suffix -> role (``moves``, ``fixed``, ``base``, ``derived``)
+    buffers: ClassVar[dict[str, str]] = {}
+    param_name: str
+    dirty: bool
+
+    @abstractmethod
+    def sync(self, module: nn.Module) -> None:
+        """Writes base + trained values into the frozen weight if they changed since the last sync."""
+
+    def export(self, module: nn.Module) -> tuple[str, torch.Tensor, torch.Tensor] | None:
+        """(delta kind, sorted int64 indices, float32 values), copies on the CPU; None if the
+        state holds no values of its own."""
+        return None
+
+    def saved_base(self, module: nn.Module) -> Saved | None:
+        """The base values the state overwrote in the weight (for the base fingerprint)."""
+        return None
+
+    def trainable(self, module: nn.Module) -> nn.Parameter | None:
+        """The parameter the optimizer updates, or None."""
+        return getattr(module, delta_attr(self.param_name), None)
+
+    def invalidate(self, module: nn.Module) -> None:
+        """Drops caches derived from the selection (after a checkpoint restored or a schedule
+        moved it) and re-syncs the weight."""
+        self.dirty = True
+        self.sync(module)
+
+
+def state_of(module: nn.Module) -> SparseState | None:
+    """The state ``prepare`` attached to ``module``, or None."""
+    return module.__dict__.get(_ATTR)
+
+
+def set_state(module: nn.Module, state: SparseState | None) -> None:
+    """Attaches (or, with None, removes) a module's state."""
+    if state is None:
+        module.__dict__.pop(_ATTR, None)
+    else:
+        module.__dict__[_ATTR] = state
+
+
+def stateful_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, SparseState]]:
+    """(module name, module, state) for every module of ``model`` that carries a state."""
+    for name, module in model.named_modules():
+        state = state_of(module)
+        if state is not None:
+            yield name, module, state
+
+
+def state_buffers(model: nn.Module, roles: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Full buffer name -> tensor for every state buffer of ``model`` with one of ``roles``."""
+    out = {}
+    for mname, module, state in stateful_modules(model):
+        for suffix, role in state.buffers.items():
+            attr = f"{state.param_name}_{suffix}"
+            if role in roles and hasattr(module, attr):
+                out[f"{mname}.{attr}" if mname else attr] = getattr(module, attr)
+    return out
+
+
+_LIVE: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules carrying a state
+_HOOK_HANDLE = None
+
+
+def _mark_dirty_after_step(optimizer, args, kwargs) -> None:
+    for module in list(_LIVE):
+        state = state_of(module)
+        if state is not None:
+            state.dirty = True
+
+
+def _sync_before_state_dict(module, prefix, keep_vars) -> None:
+    state = state_of(module)
+    if state is not None:
+        state.sync(module)
+
+
+def install(module: nn.Module, state: SparseState, forward) -> None:
+    """Attaches ``state`` to ``module`` and routes its forward through ``forward``.
+
+    The weight is kept in sync with the state after every optimizer step (a global step
+    post-hook marks every state dirty: fused AdamW, the HF Trainer's default, writes parameters
+    without bumping their version counter) and before every ``state_dict()``.
+    """
+    global _HOOK_HANDLE
+    set_state(module, state)
+    module.forward = forward.__get__(module)  # a bound method on this instance only
+    module._sg_sd_hook = module.register_state_dict_pre_hook(_sync_before_state_dict)
+    _LIVE.add(module)
+    if _HOOK_HANDLE is None:
+        _HOOK_HANDLE = register_optimizer_step_post_hook(_mark_dirty_after_step)
+
+
+def uninstall(module: nn.Module) -> None:
+    """Undoes :func:`install`: removes the state, its trainable parameter and its buffers."""
+    state = state_of(module)
+    for suffix in (DELTA_SUFFIX, *state.buffers):
+        if hasattr(module, f"{state.param_name}_{suffix}"):
+            delattr(module, f"{state.param_name}_{suffix}")
+    set_state(module, None)
+    del module.forward  # back to the class's forward
+    module._sg_sd_hook.remove()
+    del module._sg_sd_hook
+    _LIVE.discard(module)
+
+
+def detach(module: nn.Module) -> None:
+    """Writes the trained values into the weight for good and removes the module's state."""
+    state = state_of(module)
+    state.sync(module)
+    for other in getattr(state, "tied", ()):  # modules that only read this state (a tied LM head)
+        uninstall(other)
+    uninstall(module)
