@@ -15,7 +15,6 @@ dense.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,16 +22,14 @@ from surgical.core.blocks import BLOCK_KINDS, add_block_, merge_blocks, to_entri
 from surgical.core.codec import VALUE_CODECS, decode_values, encode_values
 from surgical.core.errors import SurgicalError
 from surgical.delta.base import base_checks
-
-if TYPE_CHECKING:
-    from surgical.delta.delta import Delta
+from surgical.delta.container import DeltaData
 
 
-def _copy_meta(delta: Delta) -> dict:
+def _copy_meta(delta: DeltaData) -> dict:
     return copy.deepcopy(delta.meta)
 
 
-def scale(delta: Delta, factor: float) -> Delta:
+def scale(delta: DeltaData, factor: float) -> DeltaData:
     """``factor`` times the added changes of ``delta``; replaced tensors are kept as they are."""
     factor = float(factor)
     out = type(delta)(shapes=dict(delta.shapes), meta=_copy_meta(delta))
@@ -56,7 +53,7 @@ def merge_entries(
     return uniq, summed
 
 
-def entries_of(delta: Delta, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def entries_of(delta: DeltaData, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The change of ``name`` as sorted flat entries (a block is expanded; entries as they are)."""
     if name in delta.entries:
         return delta.entries[name]
@@ -65,7 +62,7 @@ def entries_of(delta: Delta, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return to_entries(kind, idx, block, tuple(delta.shapes[name]))
 
 
-def _dense_of(delta: Delta, name: str) -> torch.Tensor:
+def _dense_of(delta: DeltaData, name: str) -> torch.Tensor:
     if name in delta.dense:
         return delta.dense[name].float()
     out = torch.zeros(delta.shapes[name], dtype=torch.float32)
@@ -78,7 +75,7 @@ def _dense_of(delta: Delta, name: str) -> torch.Tensor:
     return out
 
 
-def _copy_change(src: Delta, out: Delta, name: str) -> None:
+def _copy_change(src: DeltaData, out: DeltaData, name: str) -> None:
     """Copies the change of ``name`` in ``src`` into ``out``, in the same kind."""
     kind = src.kind_of(name)
     if kind in ("dense", "full"):
@@ -88,7 +85,7 @@ def _copy_change(src: Delta, out: Delta, name: str) -> None:
         getattr(out, kind)[name] = (idx.clone(), vals.clone())
 
 
-def _add_changes(a: Delta, b: Delta, out: Delta, name: str) -> None:
+def _add_changes(a: DeltaData, b: DeltaData, out: DeltaData, name: str) -> None:
     """Puts the sum of two added changes of ``name`` into ``out`` (see the module docstring)."""
     ka, kb = a.kind_of(name), b.kind_of(name)
     if ka == kb and ka in BLOCK_KINDS:
@@ -99,7 +96,7 @@ def _add_changes(a: Delta, b: Delta, out: Delta, name: str) -> None:
         out.entries[name] = merge_entries(entries_of(a, name), entries_of(b, name))
 
 
-def add(a: Delta, b: Delta) -> Delta:
+def add(a: DeltaData, b: DeltaData) -> DeltaData:
     """The composition ``a + b``: applying it equals applying ``a`` then ``b`` (up to rounding).
 
     Raises:
@@ -132,7 +129,7 @@ def add(a: Delta, b: Delta) -> Delta:
     return out
 
 
-def compose(deltas: list[Delta], weights: list[float] | None = None) -> Delta:
+def compose(deltas: list[DeltaData], weights: list[float] | None = None) -> DeltaData:
     """``sum(w * d)`` over the deltas (weights default to 1); overlapping entries add."""
     if not deltas:
         raise SurgicalError("nothing to compose", "Pass at least one delta")
@@ -145,7 +142,7 @@ def compose(deltas: list[Delta], weights: list[float] | None = None) -> Delta:
     return out
 
 
-def _compose_meta(a: Delta, b: Delta) -> dict:
+def _compose_meta(a: DeltaData, b: DeltaData) -> dict:
     """Keeps base identity when both agree; records every distinct fingerprint check otherwise."""
     checks = []
     for d in (a, b):
@@ -172,12 +169,12 @@ def _compose_meta(a: Delta, b: Delta) -> dict:
     return {"base": base, "composed_of": [_summary(a), _summary(b)]}
 
 
-def _summary(d: Delta) -> dict:
+def _summary(d: DeltaData) -> dict:
     keep = ("plan", "training", "source", "ops", "composed_of")
     return {k: d.meta[k] for k in keep if k in d.meta}
 
 
-def to_dense(delta: Delta) -> Delta:
+def to_dense(delta: DeltaData) -> DeltaData:
     """A copy with every added change (entries, rows, columns) turned into a dense added tensor."""
     out = type(delta)(shapes=dict(delta.shapes), meta=_copy_meta(delta))
     out.dense = {n: _dense_of(delta, n) for n in delta.names() if n not in delta.full}
@@ -196,7 +193,7 @@ def topk_entries(
     return idx.to(torch.int64), flat[top]
 
 
-def prune(delta: Delta, density: float) -> Delta:
+def prune(delta: DeltaData, density: float) -> DeltaData:
     """Keeps per tensor the ``density`` fraction of added values largest in magnitude.
 
     Entries stay entries; dense added tensors become entries, and so do rows and columns for
@@ -221,7 +218,7 @@ def prune(delta: Delta, density: float) -> Delta:
     return out
 
 
-def compress(delta: Delta, density: float = 1.0, values: str = "sign") -> Delta:
+def compress(delta: DeltaData, density: float = 1.0, values: str = "sign") -> DeltaData:
     """ComPEFT-style: ``prune(density)``, then sparse values as the codec ``values`` stores them.
 
     The result holds exactly what ``save(dtype=values)`` writes, so it can be evaluated before

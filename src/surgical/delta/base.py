@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import nn
 
 from surgical.core.errors import SurgicalError
 from surgical.core.fingerprint import model_fingerprint
-
-if TYPE_CHECKING:
-    from surgical.delta.delta import Delta
+from surgical.delta.container import DeltaData
 
 
-def base_checks(delta: Delta) -> list[tuple[str, tuple[str, ...]]]:
+def base_checks(delta: DeltaData) -> list[tuple[str, tuple[str, ...]]]:
     """The (fingerprint, excluded parameter names) pairs a base must match to receive ``delta``."""
     base = delta.meta.get("base", {}) or {}
     if "checks" in base:
@@ -23,7 +19,7 @@ def base_checks(delta: Delta) -> list[tuple[str, tuple[str, ...]]]:
     return []
 
 
-def check_base(model: nn.Module, delta: Delta, force: bool = False) -> None:
+def check_base(model: nn.Module, delta: DeltaData, force: bool = False) -> None:
     """Raises a SurgicalError unless ``model`` has the delta's parameters, shapes and base identity.
 
     ``force`` skips the identity (fingerprint) check; names and shapes are always checked.

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -20,17 +19,15 @@ from surgical.core.errors import SurgicalError
 from surgical.core.fingerprint import base_identity
 from surgical.delta.algebra import topk_entries
 from surgical.delta.base import check_base
-
-if TYPE_CHECKING:
-    from surgical.delta.delta import Delta
+from surgical.delta.container import DeltaData
 
 _PREFIX = "base_model.model."
 
 
 @torch.no_grad()
 def from_models(
-    cls: type[Delta], base: nn.Module, finetuned: nn.Module, density: float | None = None
-) -> Delta:
+    cls: type[DeltaData], base: nn.Module, finetuned: nn.Module, density: float | None = None
+) -> DeltaData:
     """The delta that turns ``base`` into ``finetuned``.
 
     A parameter that ``finetuned`` has in another shape (or that ``base`` lacks), such as a new
@@ -78,7 +75,7 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def from_peft_lora(cls: type[Delta], directory: str | Path, base: nn.Module | None = None) -> Delta:
+def from_peft_lora(cls: type[DeltaData], directory: str | Path, base: nn.Module | None = None) -> DeltaData:
     """A delta from a PEFT LoRA adapter directory: ``B @ A * scaling`` per layer, as dense tensors.
 
     Reads only ``adapter_config.json`` and ``adapter_model.safetensors`` (no pickle, no code).
@@ -107,7 +104,7 @@ def from_peft_lora(cls: type[Delta], directory: str | Path, base: nn.Module | No
         kind = f"{cfg.get('peft_type')}{' (DoRA)' if cfg.get('use_dora') else ''}"
         raise SurgicalError(
             f"{str(directory)!r} is a {kind} adapter",
-            "Only plain LoRA adapters can be imported; merge others with PEFT and use Delta.from_models",
+            "Only plain LoRA adapters can be imported; merge others with PEFT and use DeltaData.from_models",
         )
     r0, alpha0 = cfg.get("r", 8), cfg.get("lora_alpha", 8)
     delta = cls()

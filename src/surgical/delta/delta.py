@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from surgical.core.codec import VALUE_CODECS, decode_indices, decode_values, enc
 from surgical.core.errors import SurgicalError
 from surgical.core.io import atomic_dir
 from surgical.core.version import __version__
+from surgical.delta.container import DeltaData, _check_finite, _numel
 
 FORMAT_VERSION = 2  # the newest format written; format 1 (no rows/cols kinds) still loads
 _KINDS_OF_FORMAT = {1: ("entries", "dense", "full"), 2: ("entries", "rows", "cols", "dense", "full")}
@@ -47,104 +48,9 @@ _RESERVED = {"format_version", "library_version", "dtype", "tensors"}
 
 
 @dataclass(eq=False)  # tensors inside: compare deltas with digest()
-class Delta:
-    """A sparse (and partly dense) change to a base model.
-
-    Attributes:
-        entries: Parameter name -> (sorted unique int64 flat indices, float values added at them).
-        rows: Parameter name -> (sorted unique int64 row indices, block of shape
-            ``(r, *shape[1:])`` added to those rows).
-        cols: 2-D parameter name -> (sorted unique int64 column indices, block of shape
-            ``(shape[0], c)`` added to those columns).
-        dense: Parameter name -> tensor added to the base tensor.
-        full: Parameter name -> tensor that replaces the base tensor.
-        shapes: Parameter name -> shape of the parameter in the base model.
-        meta: Base identity (``base``), plan provenance (``plan``), training summary, etc.
-    """
-
-    entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    full: dict[str, torch.Tensor] = field(default_factory=dict)
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
-    dense: dict[str, torch.Tensor] = field(default_factory=dict)
-    rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    cols: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-
-    @property
-    def num_entries(self) -> int:
-        """Number of sparse entries."""
-        return sum(int(i.numel()) for i, _ in self.entries.values())
-
-    @property
-    def num_block_values(self) -> int:
-        """Number of values in row and column blocks."""
-        return sum(int(b.numel()) for kind in BLOCK_KINDS for _, b in self.blocks(kind).values())
-
-    @property
-    def num_full(self) -> int:
-        """Number of values in replaced tensors."""
-        return sum(int(t.numel()) for t in self.full.values())
-
-    @property
-    def num_dense(self) -> int:
-        """Number of values in added dense tensors."""
-        return sum(int(t.numel()) for t in self.dense.values())
-
-    @property
-    def num_values(self) -> int:
-        """Number of stored values of every kind (what bytes per value divide by)."""
-        return self.num_entries + self.num_block_values + self.num_dense + self.num_full
-
-    def names(self) -> list[str]:
-        """Every parameter name the delta touches."""
-        return [*self.entries, *self.rows, *self.cols, *self.dense, *self.full]
-
-    def blocks(self, kind: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """The ``rows`` or ``cols`` dictionary, by kind name."""
-        return self.rows if kind == "rows" else self.cols
-
-    def kind_of(self, name: str) -> str:
-        """The kind (``entries``, ``rows``, ``cols``, ``dense`` or ``full``) storing ``name``."""
-        for kind in ("entries", "rows", "cols", "dense", "full"):
-            if name in getattr(self, kind):
-                return kind
-        raise KeyError(name)
-
-    def validate(self) -> None:
-        """Raises a SurgicalError unless the delta is well formed.
-
-        Well formed: kinds are disjoint, every shape is known, sparse indices are sorted, unique
-        and inside their tensor, blocks and whole tensors have the right shapes, values are
-        finite. Costs time proportional to the delta.
-        """
-        seen: set[str] = set()
-        for name in self.names():
-            if name in seen:
-                raise SurgicalError(
-                    f"the delta holds {name!r} twice (two kinds)", "Keep one kind per parameter"
-                )
-            seen.add(name)
-            if name not in self.shapes:
-                raise SurgicalError(f"the delta has no shape for {name!r}", "Set delta.shapes[name]")
-        fix = "Build the delta with surgical.extract or the Delta methods, or fix that tensor"
-        try:
-            for name, (idx, vals) in self.entries.items():
-                if idx.numel() != vals.numel():
-                    raise ValueError(f"{idx.numel()} indices but {vals.numel()} values")
-                check_sorted_indices(idx, _numel(self.shapes[name]), "entry")
-            for kind in BLOCK_KINDS:
-                for name, (idx, block) in self.blocks(kind).items():
-                    check_block(kind, idx, block, tuple(self.shapes[name]))
-            for name, t in (*self.dense.items(), *self.full.items()):
-                if tuple(t.shape) != tuple(self.shapes[name]):
-                    raise ValueError(f"tensor is {tuple(t.shape)}, its shape is {tuple(self.shapes[name])}")
-        except ValueError as e:
-            problem = f"{name!r} ({self.kind_of(name)}) of the delta is malformed: {e}"
-            raise SurgicalError(problem, fix) from None
-        for name, (_, vals) in (*self.entries.items(), *self.rows.items(), *self.cols.items()):
-            _check_finite(name, vals)
-        for name, t in (*self.dense.items(), *self.full.items()):
-            _check_finite(name, t)
+class Delta(DeltaData):
+    """A sparse (and partly dense) change to a base model: the data of :class:`DeltaData`, plus
+    arithmetic (:mod:`surgical.delta.algebra`), conversions and the file format."""
 
     def digest(self) -> str:
         """A SHA-256 (hex) of the delta's content: names, kinds, shapes, indices and values.
@@ -341,18 +247,3 @@ class Delta:
 
 def _float(codec: str) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[codec]
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _check_finite(name: str, t: torch.Tensor, where: Path | None = None) -> None:
-    if not bool(torch.isfinite(t).all()):
-        place = f" in {str(where)!r}" if where is not None else ""
-        raise SurgicalError(f"delta values of {name!r}{place} contain NaN or Inf", "Check the training run")
-
-
