@@ -136,6 +136,9 @@ def train(
     lr: Annotated[float | None, typer.Option(help="Override training.lr.")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Override training.max_steps.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the files of an earlier run in the run directory.")
+    ] = False,
     allow_change: Annotated[
         list[str] | None,
         typer.Option(
@@ -171,7 +174,10 @@ def train(
         overrides["training.resume"] = True
     if allow_change and not resume:
         raise SurgicalError("--allow-change only applies to a resumed run", "Add --resume")
-    run_train(load_config(RunConfig, config, overrides), console, allow_changes=allow_change or ())
+    if overwrite and resume:
+        raise SurgicalError("--overwrite and --resume contradict each other", "Pass one of them")
+    run_train(load_config(RunConfig, config, overrides), console, allow_changes=allow_change or (),
+              overwrite=overwrite)  # fmt: skip
 
 
 @app.command("select")
@@ -341,17 +347,29 @@ def main() -> None:
     global console, err_console
     console, err_console = Console(), Console(stderr=True)  # sized for the terminal of this run
     try:
-        result = app(standalone_mode=False)
+        result = app(prog_name="surgical", standalone_mode=False)
     except SurgicalError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except (KeyboardInterrupt, click_exceptions.Abort):
+        _fail(str(e))
+    except (KeyboardInterrupt, typer.Abort):
         err_console.print("[bold red]interrupted[/]")
         sys.exit(130)
-    except click_exceptions.ClickException as e:  # usage errors: missing, unknown or bad options
-        e.show()
+    except click_exceptions.UsageError as e:  # missing, unknown or malformed options and commands
+        command = e.ctx.command_path if e.ctx is not None else "surgical"
+        _fail(f"{e.format_message().rstrip('.')}. See `{command} --help`", e.exit_code)
+    except click_exceptions.ClickException as e:
+        _fail(e.format_message(), e.exit_code)
+    except typer.Exit as e:
         sys.exit(e.exit_code)
-    except click_exceptions.Exit as e:
-        sys.exit(e.exit_code)
+    except OSError as e:  # disk full, permission denied, ...: nothing already on disk was replaced
+        where = f" {e.filename!r}" if e.filename else ""
+        _fail(
+            f"cannot read or write{where}: {e.strerror or e}. "
+            "Check the path, its permissions and the free space"
+        )
     if isinstance(result, int) and result != 0:  # e.g. 130 when typer saw the interrupt itself
         sys.exit(result)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
+    sys.exit(code)

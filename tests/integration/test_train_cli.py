@@ -87,7 +87,8 @@ def test_train_on_a_save_to_disk_dataset_dict_split(tmp_path, files, monkeypatch
     assert code == 0, err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["config"]["data"]["split"] == "test"
-    code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(cfg), "--set", "data.split=valid")
+    again = ["train", "-c", str(cfg), "--set", "data.split=valid", "--overwrite"]
+    code, _, err = run_main(monkeypatch, capsys, *again)
     err = " ".join(err.split())
     assert code == 2 and "has no split 'valid' (it has train, test)" in err and "Traceback" not in err
 

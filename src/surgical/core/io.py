@@ -80,3 +80,24 @@ def atomic_save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def check_output(out: str | os.PathLike, inputs: dict[str, str | os.PathLike], flag: str = "--out") -> Path:
+    """``out`` as a Path, or a SurgicalError if writing it would overwrite or nest in an input.
+
+    Args:
+        out: The directory a command is about to write.
+        inputs: What the command reads, by the name the user knows it under (``"base model"``).
+        flag: How the user set ``out``, for the message.
+    """
+    from surgical.core.errors import SurgicalError
+
+    target = Path(out).resolve()
+    for label, path in inputs.items():
+        src = Path(path).resolve()
+        if target == src or src in target.parents or target in src.parents:
+            raise SurgicalError(
+                f"{flag} {str(out)!r} would overwrite the {label} {str(path)!r}",
+                f"Write to a new directory ({flag} elsewhere); inputs are never overwritten",
+            )
+    return target

@@ -11,16 +11,17 @@ from rich.console import Console
 from rich.table import Table
 
 from surgical.core.errors import SurgicalError
-from surgical.core.io import dir_size
+from surgical.core.io import check_output, dir_size
 from surgical.core.marks import forget_applied
+from surgical.core.registry import check_range
 from surgical.delta import EXPORT_FORMATS, Delta, apply
 from surgical.delta.inspect import plot_delta, tensor_rows
 from surgical.recipes.models import load_base, save_model_dir
 
 
-def _base_of(delta: Delta) -> tuple[str | None, int | None]:
+def _base_of(delta: Delta) -> tuple[str | None, int | None, str | None]:
     base = delta.meta.get("base", {})
-    return base.get("architecture"), base.get("num_labels")
+    return base.get("architecture"), base.get("num_labels"), base.get("model_type")
 
 
 def apply_deltas(
@@ -29,7 +30,10 @@ def apply_deltas(
 ) -> Path:  # fmt: skip
     """Applies deltas (in order, each scaled) to a base model and writes a plain HF directory."""
     console = console or Console()
+    check_output(out, {"base model": base, **{f"delta {d}": d for d in deltas}})
     scales = list(scales) if scales else [1.0] * len(deltas)
+    for a in scales:
+        check_range(a, "--scale", low=-1e6, high=1e6)
     if len(scales) != len(deltas):
         raise SurgicalError(
             f"{len(deltas)} deltas but {len(scales)} --scale values", "Pass one --scale per delta"
@@ -49,6 +53,7 @@ def export_delta(delta_dir: str, base: str, out: str, *, to: str = "peft-shira",
     """Writes a delta in another library's format (see :data:`surgical.EXPORT_FORMATS`)."""
     console = console or Console()
     exporter = EXPORT_FORMATS.get(to)
+    check_output(out, {"delta": delta_dir, "base model": base})
     delta = Delta.load(delta_dir)
     model, _ = load_base(base, *_base_of(delta))
     exporter(delta, model, out, force=force)
@@ -62,6 +67,7 @@ def diff_models(base: str, finetuned: str, out: str, *, density: float | None = 
                 console: Console | None = None) -> Delta:  # fmt: skip
     """The delta between two checkpoints of one architecture, saved to ``out``."""
     console = console or Console()
+    check_output(out, {"base model": base, "fine-tuned model": finetuned})
     ft, _ = load_base(finetuned)
     base_model, _ = load_base(base, type(ft).__name__)
     delta = Delta.from_models(base_model, ft, density=density)
@@ -77,6 +83,7 @@ def import_lora(adapter: str, base: str, out: str, *, dtype: str = "float32",
                 console: Console | None = None) -> Delta:  # fmt: skip
     """A PEFT LoRA adapter as a dense delta, with the base's fingerprint recorded."""
     console = console or Console()
+    check_output(out, {"adapter": adapter, "base model": base})
     model, _ = load_base(base)
     delta = Delta.from_peft_lora(adapter, base=model)
     delta.save(out, dtype=dtype)

@@ -56,19 +56,34 @@ def load_model(
     quiet_transformers()
     path = check_model_dir(path, label)
     task = detect_task(path) if task == "auto" else task
+    if task == "causal_lm" and detect_task(path) != "causal_lm" and architectures(path):
+        raise SurgicalError(
+            f"{label} {str(path)!r} is a {architectures(path)[0]}, not a causal language model: its LM "
+            "head would be initialised at random and lost",
+            "Use task classification, or a ...ForCausalLM checkpoint",
+        )
     torch.manual_seed(seed)
     try:
         if task == "classification":
             model = transformers.AutoModelForSequenceClassification.from_pretrained(
-                str(path), num_labels=num_labels, local_files_only=True
+                # a head of another size is replaced by a new one, as num_labels asks
+                str(path),
+                num_labels=num_labels,
+                local_files_only=True,
+                ignore_mismatched_sizes=True,
             )
         else:
             model = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: a truncated weights file
         raise SurgicalError(
             f"cannot load a model from {str(path)!r}: {_first_line(e)}", f"Check {label}"
         ) from None
+    if len(tokenizer) <= len(tokenizer.all_special_tokens) + 1:  # no vocabulary: every word is [UNK]
+        raise SurgicalError(
+            f"{label} {str(path)!r} has no usable tokenizer (its vocabulary is empty)",
+            "Save the tokenizer into the model directory (tokenizer.save_pretrained)",
+        )
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
@@ -83,15 +98,36 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def load_base(path: str | Path, architecture: str | None = None, num_labels: int | None = None):
+def model_type(model_dir: str | Path) -> str | None:
+    """The ``model_type`` a model directory's config.json names (None if unreadable)."""
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def load_base(
+    path: str | Path,
+    architecture: str | None = None,
+    num_labels: int | None = None,
+    expect_type: str | None = None,
+):
     """Loads a base model (and its tokenizer, if any) in the named architecture.
 
     ``architecture`` is looked up by name among transformers' model classes (default: the
     first one the directory's config names; ``AutoModel`` if none); no code is loaded from the
-    model directory.
+    model directory. ``expect_type`` (a delta's recorded ``model_type``) must match the
+    directory's, so weights of one architecture are never loaded into another (which would
+    initialise them at random).
     """
     quiet_transformers()
     path = check_model_dir(path, "base model path")
+    found = model_type(path)
+    if expect_type and found and found != expect_type:
+        raise SurgicalError(
+            f"the base model {str(path)!r} is a {found!r} model, the delta was made on a {expect_type!r} one",
+            "Pass the base model the delta was trained on",
+        )
     arch = architecture or (architectures(path) or ["AutoModel"])[0]
     cls = getattr(transformers, arch, None)
     if cls is None or not hasattr(cls, "from_pretrained"):
@@ -103,7 +139,7 @@ def load_base(path: str | Path, architecture: str | None = None, num_labels: int
         kwargs["num_labels"] = num_labels
     try:
         model = cls.from_pretrained(str(path), local_files_only=True, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         raise SurgicalError(
             f"cannot load the base model from {str(path)!r}: {_first_line(e)}", "Check the path"
         ) from None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any
 from rich.console import Console
 
 from surgical.core.errors import SurgicalError
-from surgical.core.io import atomic_write_text
+from surgical.core.io import atomic_write_text, check_output
 from surgical.core.runtime import peak_rss_bytes
 from surgical.recipes.config import (
     DataConfig,
@@ -107,13 +108,45 @@ def make_plan(cfg: RunConfig, model, batches) -> Plan:
     return select(model, batches, progress=False, **cfg.selection.select_kwargs(cfg.training.seed))
 
 
+RUN_FILES = ("plan", "checkpoints", "delta", "summary.json")
+
+
+def claim_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Makes sure a run never mixes with or destroys another run's files.
+
+    A fresh run needs an empty (or absent) directory, unless ``overwrite`` says to replace the
+    earlier run's files; a resume needs something to resume.
+    """
+    if out.exists() and not out.is_dir():
+        raise SurgicalError(f"out {str(out)!r} is a file, not a run directory", "Choose another out")
+    present = [f for f in RUN_FILES if (out / f).exists()]
+    if resume:
+        if latest_checkpoint(out / "checkpoints") is None:
+            raise SurgicalError(
+                f"nothing to resume in {str(out)!r} (no checkpoint)", "Start the run without --resume"
+            )
+        return
+    if present and not overwrite:
+        raise SurgicalError(
+            f"run directory {str(out)!r} already holds a run ({', '.join(present)})",
+            "Continue it with --resume, replace it with --overwrite, or choose another out",
+        )
+    for f in present:
+        shutil.rmtree(out / f) if (out / f).is_dir() else (out / f).unlink()
+
+
 def run_train(
-    cfg: RunConfig, console: Console | None = None, show: bool = True, allow_changes: Sequence[str] = ()
+    cfg: RunConfig,
+    console: Console | None = None,
+    show: bool = True,
+    allow_changes: Sequence[str] = (),
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Runs a whole training job; returns the summary also written to ``summary.json``.
 
     ``allow_changes``: config keys a resume may change (``training.lr``, ``training.max_grad_norm``,
-    ``training.max_steps``, ``training.epochs``; see :func:`surgical.fit`).
+    ``training.max_steps``, ``training.epochs``; see :func:`surgical.fit`). ``overwrite``: replace
+    the files of an earlier run in ``cfg.out`` (otherwise a non-empty run directory is refused).
 
     Raises:
         SurgicalError: for bad input, and when the loss became non-finite (after the summary is
@@ -122,6 +155,8 @@ def run_train(
     cfg.check()
     console = console or Console()
     out = Path(cfg.out)
+    check_output(out, {"model": cfg.model.path, "data": cfg.data.path}, "out")
+    claim_run_dir(out, cfg.training.resume, overwrite)
     t0 = time.perf_counter()
     m = cfg.model
     task = task_of(cfg)
