@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from conftest import cls_batches, tiny_bert
 from surgical.core.errors import SurgicalError
 from surgical.recipes.config import from_dict
 from surgical.recipes.train import RunConfig
-from surgical.train.checkpoint import STATE_FILE, latest_checkpoint
+from surgical.train.checkpoint import INFO_FILE, latest_checkpoint
 from surgical.train.loop import fit
 from surgical.train.schedules import Regrow
 
@@ -74,11 +76,11 @@ def test_changed_settings_are_refused_naming_old_and_new(ckpt, change, needle):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # nothing restored
 
 
-def test_checkpoint_from_before_identities_resumes_with_a_warning(ckpt):
-    path = latest_checkpoint(ckpt) / STATE_FILE
-    payload = torch.load(path, weights_only=False)
-    del payload["identity"]
-    torch.save(payload, path)
+def test_checkpoint_that_stores_no_identity_resumes_with_a_warning(ckpt):
+    path = latest_checkpoint(ckpt) / INFO_FILE  # as save_checkpoint(identity=None) writes it
+    info = json.loads(path.read_text())
+    info["identity"] = None
+    path.write_text(json.dumps(info))
     with pytest.warns(UserWarning, match="stores no run settings"):
         res = _resume(ckpt, lr=5e-2)  # nothing to compare against: allowed
     assert res.resumed_from == 4
