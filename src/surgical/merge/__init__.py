@@ -1,0 +1,17 @@
+"""Merging deltas: one file per method, registered with declared options, run on the union of
+the deltas' supports (sparse in, sparse out)."""
+
+from surgical.merge import (  # noqa: F401  (register the methods)
+    breadcrumbs,
+    dare,
+    della,
+    linear,
+    model_stock,
+    task_arithmetic,
+    ties,
+    wise_ft,
+)
+from surgical.merge.api import check_compatible, interference, merge
+from surgical.merge.registry import MERGE_METHODS
+
+__all__ = ["MERGE_METHODS", "check_compatible", "interference", "merge"]

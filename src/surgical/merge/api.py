@@ -1,0 +1,175 @@
+"""``merge``: combine deltas by a registered method, on the union of their supports.
+
+Every added change (entries, rows, columns, dense) is merged tensor by tensor through the
+method's per-tensor function (:mod:`surgical.merge.registry`); the result is sparse where the
+inputs were, so merging costs what the changed values cost, never a dense copy of the base.
+Replaced tensors (``full``: a freshly initialised head has no base to add to) are not task
+vectors: identical replacements are kept, different ones are averaged by weight (the uniform
+soup of the heads), and ``wise_ft`` keeps them as they are.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from surgical.core.errors import SurgicalError
+from surgical.delta.base import base_checks
+from surgical.delta.delta import Delta
+from surgical.merge.registry import MERGE_METHODS
+from surgical.merge.support import stack, unstack
+
+
+def check_compatible(deltas: Sequence[Delta], labels: Sequence[str] | None = None) -> None:
+    """Raises a SurgicalError unless the deltas fit one base: same shapes for shared names, and
+    base fingerprints that agree where two deltas record one over the same parameters."""
+    labels = list(labels or [f"delta {i + 1}" for i in range(len(deltas))])
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+    for d, label in zip(deltas, labels, strict=True):
+        for name, shape in d.shapes.items():
+            if name in shapes and tuple(shapes[name][0]) != tuple(shape):
+                raise SurgicalError(
+                    f"{label} has {name!r} as {tuple(shape)}, {shapes[name][1]} as {tuple(shapes[name][0])}",
+                    "Merge deltas of the same base model",
+                )
+            shapes.setdefault(name, (tuple(shape), label))
+    seen: dict[tuple[str, ...], tuple[str, str]] = {}
+    for d, label in zip(deltas, labels, strict=True):
+        for fp, excludes in base_checks(d):
+            key = tuple(excludes)
+            if key in seen and seen[key][0] != fp:
+                raise SurgicalError(
+                    f"{label} was made on another base model than {seen[key][1]} (fingerprint {fp} vs "
+                    f"{seen[key][0]})",
+                    "Merge deltas of the same base model",
+                )
+            seen.setdefault(key, (fp, label))
+
+
+def merge(
+    deltas: Sequence[Delta], method: str = "linear", weights: Sequence[float] | None = None, **options: Any
+) -> Delta:
+    """Merges deltas made on one base into one delta.
+
+    Args:
+        deltas: The inputs (at least one; some methods need two).
+        method: A registered merge method (``surgical list merge-methods``): linear,
+            task_arithmetic, ties, dare, breadcrumbs, della, model_stock, wise_ft.
+        weights: One weight per delta (default 1 each).
+        **options: The method's declared options (e.g. ``density``, ``seed``, ``alpha``).
+
+    Returns:
+        A new Delta; merging one delta with ``linear`` returns its changes unchanged.
+
+    Raises:
+        SurgicalError: unknown method or option, wrong number of weights or inputs, deltas of
+            different bases or shapes, or a tensor replaced by one delta and added by another.
+    """
+    entry = MERGE_METHODS.entry(method)
+    opts = MERGE_METHODS.resolve(method, options)
+    deltas = list(deltas)
+    if not deltas:
+        raise SurgicalError("nothing to merge", "Pass at least one delta")
+    lo, hi = entry.extra.get("min_inputs", 1), entry.extra.get("max_inputs")
+    if len(deltas) < lo or (hi is not None and len(deltas) > hi):
+        need = f"exactly {hi}" if hi == lo or (hi is not None and lo == 1 and hi == 1) else f"at least {lo}"
+        raise SurgicalError(f"{method} merges {need} delta(s), got {len(deltas)}", "Pass that many deltas")
+    w = [1.0] * len(deltas) if weights is None else [float(x) for x in weights]
+    if len(w) != len(deltas):
+        raise SurgicalError(f"{len(deltas)} deltas but {len(w)} weights", "Pass one weight per delta")
+    check_compatible(deltas)
+    fn = entry.obj
+    wt = torch.tensor(w, dtype=torch.float32)
+    out = Delta(meta=_merge_meta(deltas, method, w, opts))
+    names = list(dict.fromkeys(n for d in deltas for n in d.names()))
+    for name in names:
+        replaced = [i for i, d in enumerate(deltas) if name in d.full]
+        if replaced:
+            _merge_full(deltas, name, replaced, w, out, keep=entry.extra.get("keeps_full", False))
+            continue
+        t = stack(deltas, name, wt, opts)
+        unstack(t, fn(t).float(), out)
+    return out
+
+
+def _merge_full(
+    deltas: list[Delta], name: str, replaced: list[int], w: list[float], out: Delta, keep: bool
+) -> None:
+    """Replaced tensors: kept when identical (or by ``wise_ft``), else their weighted mean."""
+    added = [i for i, d in enumerate(deltas) if name in d.names() and name not in d.full]
+    if added:
+        raise SurgicalError(
+            f"delta {replaced[0] + 1} replaces {name!r} and delta {added[0] + 1} adds to it",
+            "Merge deltas that train that tensor the same way",
+        )
+    tensors = [deltas[i].full[name].float() for i in replaced]
+    out.shapes[name] = tuple(deltas[replaced[0]].shapes[name])
+    if keep or all(torch.equal(tensors[0], t) for t in tensors[1:]):
+        out.full[name] = tensors[0].clone()
+        return
+    ws = torch.tensor([w[i] for i in replaced])
+    total = float(ws.sum())
+    if total == 0:
+        raise SurgicalError(f"the weights of the deltas replacing {name!r} sum to zero", "Change the weights")
+    out.full[name] = sum(wi * t for wi, t in zip(ws.tolist(), tensors, strict=True)) / total
+
+
+def _merge_meta(deltas: list[Delta], method: str, weights: list[float], options: dict) -> dict:
+    base = copy.deepcopy(deltas[0].meta.get("base", {}))
+    checks = []
+    for d in deltas:
+        for c in base_checks(d):
+            if list(c) not in checks:
+                checks.append([c[0], list(c[1])])
+    if len(checks) > 1:
+        base.pop("fingerprint", None)
+        base.pop("fingerprint_excludes", None)
+        base["checks"] = checks
+    keep = ("plan", "training", "source", "ops", "merged_from")
+    return {
+        "base": base,
+        "merged_from": [{k: d.meta[k] for k in keep if k in d.meta} for d in deltas],
+        "merge": {"method": method, "weights": weights, "options": options},
+    }
+
+
+def interference(deltas: Sequence[Delta]) -> list[dict[str, Any]]:
+    """Per tensor changed by two or more deltas: how much they overlap and disagree.
+
+    Returns rows with ``name``, ``deltas`` (how many change it), ``overlap`` (shared values /
+    union of values), ``sign_conflict`` (share of shared values whose signs differ between two
+    deltas), ``cosine`` (mean pairwise cosine of the changes). Replaced tensors are skipped.
+    """
+    check_compatible(deltas)
+    rows = []
+    names = list(dict.fromkeys(n for d in deltas for n in d.names()))
+    for name in names:
+        having = [d for d in deltas if name in d.names() and name not in d.full]
+        if len(having) < 2:
+            continue
+        t = stack(having, name, torch.ones(len(having)), {})
+        nz = t.values != 0
+        shared = nz.sum(0) >= 2
+        signs = torch.sign(t.values)
+        conflict = shared & (signs.max(0).values > 0) & (signs.min(0).values < 0)
+        v = t.values.double()
+        norms = v.norm(dim=1)
+        cos = [
+            float(v[i] @ v[j] / (norms[i] * norms[j])) if norms[i] * norms[j] > 0 else 0.0
+            for i in range(len(having))
+            for j in range(i + 1, len(having))
+        ]
+        union = int(nz.any(0).sum())
+        rows.append(
+            {
+                "name": name,
+                "deltas": len(having),
+                "overlap": int(shared.sum()) / max(1, union),
+                "sign_conflict": int(conflict.sum()) / max(1, int(shared.sum())),
+                "cosine": sum(cos) / len(cos),
+            }
+        )
+    return rows
