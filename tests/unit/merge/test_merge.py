@@ -1,0 +1,202 @@
+"""Merge methods on sparse deltas: hand-computed examples, sparse == densified, conformance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import surgical as sg
+from surgical.core.errors import SurgicalError
+from surgical.merge import MERGE_METHODS, interference, merge
+
+SHAPE = (4, 5)
+W = "layer.0.weight"
+
+
+def entries(idx, vals, name=W, shape=SHAPE, full=None, fp="abc") -> sg.Delta:
+    d = sg.Delta(shapes={name: shape}, meta={"base": {"fingerprint": fp, "fingerprint_excludes": []}})
+    d.entries[name] = (torch.tensor(idx, dtype=torch.int64), torch.tensor(vals, dtype=torch.float32))
+    for n, t in (full or {}).items():
+        d.full[n], d.shapes[n] = t, tuple(t.shape)
+    return d
+
+
+def dense_of(d: sg.Delta, name: str = W) -> torch.Tensor:
+    return d.to_dense().dense[name] if name in d.names() else torch.zeros(SHAPE)
+
+
+A = entries([0, 3, 7], [1.0, -2.0, 0.5])
+B = entries([3, 7, 12], [1.0, 3.0, -4.0])
+
+
+def test_linear_is_the_weighted_mean_and_one_input_returns_it():
+    out = merge([A, B], "linear", weights=[1, 3])
+    want = (dense_of(A) * 1 + dense_of(B) * 3) / 4
+    assert torch.allclose(dense_of(out), want)
+    same = merge([A], "linear")
+    assert torch.equal(same.entries[W][0], A.entries[W][0]) and torch.equal(
+        same.entries[W][1], A.entries[W][1]
+    )
+
+
+def test_task_arithmetic_weights_summing_to_zero_give_zero():
+    out = merge([A, A], "task_arithmetic", weights=[1.0, -1.0])
+    assert W not in out.names()  # nothing left: an all-zero change is not stored
+    neg = merge([A], "task_arithmetic", weights=[-1.0], scale=2.0)
+    assert torch.equal(dense_of(neg), -2 * dense_of(A))
+
+
+def test_ties_by_hand():
+    # density 0.15 of 20 values = 3 kept per delta: A keeps 3 and 0 (|2|, |1|, |0.5|) -> all three;
+    # B keeps its three. At 3: A=-2, B=+1 -> sign + (sum -1? no: -2 + 1 = -1) -> sign -, keeps A only.
+    out = merge([A, B], "ties", density=0.15)
+    d = dense_of(out).reshape(-1)
+    assert d[0] == 1.0 and d[3] == -2.0 and d[7] == pytest.approx((0.5 + 3.0) / 2) and d[12] == -4.0
+    tight = merge([A, B], "ties", density=0.05)  # 1 value each: A's -2 at 3, B's -4 at 12
+    assert set(tight.entries[W][0].tolist()) == {3, 12}
+
+
+def test_ties_with_disjoint_supports_is_the_sum():
+    c = entries([1, 2], [0.3, -0.7])
+    out = merge([A, c], "ties", density=1.0)
+    assert torch.allclose(dense_of(out), dense_of(A) + dense_of(c))
+
+
+def test_dare_is_seeded_and_unbiased():
+    big = entries(list(range(20)), [float(i + 1) for i in range(20)])
+    one = merge([big], "dare", density=0.5, seed=3)
+    assert torch.equal(dense_of(one), dense_of(merge([big], "dare", density=0.5, seed=3)))
+    assert not torch.equal(dense_of(one), dense_of(merge([big], "dare", density=0.5, seed=4)))
+    kept = dense_of(one).reshape(-1)
+    assert all(v in (0.0, 2 * (i + 1)) for i, v in enumerate(kept.tolist()))  # dropped or rescaled
+    mean = torch.stack([dense_of(merge([big], "dare", density=0.5, seed=s)) for s in range(400)]).mean(0)
+    assert torch.allclose(mean, dense_of(big), rtol=0.15)  # E[keep / p * v] = v
+
+
+def test_breadcrumbs_drops_the_largest_and_the_smallest():
+    big = entries(list(range(20)), [float(i + 1) for i in range(20)])
+    out = merge([big], "breadcrumbs", density=0.5, gamma=0.1)
+    kept = sorted(out.entries[W][1].tolist())
+    assert kept == [float(v) for v in range(9, 19)]  # the top 2 dropped, the next 10 kept
+
+
+def test_model_stock_ratio_from_the_angle():
+    x = entries([0, 1], [1.0, 0.0])
+    y = entries([0, 1], [0.0, 1.0])  # orthogonal: c = 0 -> t = 0 -> the base
+    assert W not in merge([x, y], "model_stock").names()
+    same = merge([x, x], "model_stock")  # c = 1 -> t = 1 -> the mean
+    assert torch.allclose(dense_of(same), dense_of(x))
+    with pytest.raises(SurgicalError, match="model_stock merges at least 2"):
+        merge([x], "model_stock")
+
+
+def test_wise_ft_scales_changes_and_keeps_replaced_tensors():
+    head = torch.randn(2, 3)
+    d = entries([0, 3], [1.0, -2.0], full={"head.weight": head})
+    out = merge([d], "wise_ft", alpha=0.25)
+    assert torch.allclose(dense_of(out), 0.25 * dense_of(d)) and torch.equal(out.full["head.weight"], head)
+    with pytest.raises(SurgicalError, match="wise_ft merges exactly 1"):
+        merge([d, d], "wise_ft")
+
+
+def _rows_delta(rows, seed, name=W) -> sg.Delta:
+    g = torch.Generator().manual_seed(seed)
+    d = sg.Delta(shapes={name: SHAPE}, meta={"base": {"fingerprint": "abc", "fingerprint_excludes": []}})
+    d.rows[name] = (torch.tensor(rows), torch.randn(len(rows), SHAPE[1], generator=g))
+    return d
+
+
+def _random_entries(seed: int) -> sg.Delta:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(20, generator=g)[:7].sort().values
+    return entries(idx.tolist(), torch.randn(7, generator=g).tolist())
+
+
+def _options(name: str) -> dict:
+    return {
+        "wise_ft": {"alpha": 0.6},
+        "ties": {"density": 0.3},
+        "dare": {"density": 0.6, "seed": 5},
+        "della": {"density": 0.6, "seed": 5},
+        "breadcrumbs": {"density": 0.6, "gamma": 0.1},
+    }.get(name, {})
+
+
+@pytest.mark.parametrize("method", MERGE_METHODS.names())
+@pytest.mark.parametrize("inputs", ["entries", "rows", "mixed"])
+def test_sparse_merge_equals_the_densified_merge(method, inputs):
+    if inputs == "entries":
+        ds = [_random_entries(s) for s in range(3)]
+    elif inputs == "rows":
+        ds = [_rows_delta([0, 2], 1), _rows_delta([1, 2], 2), _rows_delta([3], 3)]
+    else:
+        ds = [_random_entries(0), _rows_delta([1, 2], 2), _random_entries(4)]
+    entry = MERGE_METHODS.entry(method)
+    if entry.extra.get("max_inputs") == 1:
+        ds = ds[:1]
+    weights = [1.0, 0.5, 2.0][: len(ds)]
+    sparse = merge(ds, method, weights=weights, **_options(method))
+    dense = merge([d.to_dense() for d in ds], method, weights=weights, **_options(method))
+    assert torch.allclose(dense_of(sparse), dense_of(dense), atol=1e-6)
+    assert not sparse.dense  # sparse in, sparse out
+    if inputs == "rows" and method != "model_stock":
+        assert W in sparse.rows or W not in sparse.names()
+
+
+@pytest.mark.parametrize("method", MERGE_METHODS.names())
+def test_every_method_returns_a_valid_delta_that_applies(method):
+    from conftest import tiny_bert
+
+    model = tiny_bert()
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    shape = tuple(model.get_parameter(name).shape)
+    fp = sg.Delta.from_models(model, model).meta["base"]
+    ds = []
+    for seed in range(2):
+        g = torch.Generator().manual_seed(seed)
+        d = sg.Delta(shapes={name: shape}, meta={"base": fp})
+        d.entries[name] = (torch.randperm(shape[0] * shape[1], generator=g)[:50].sort().values,
+                           torch.randn(50, generator=g) * 0.01)  # fmt: skip
+        ds.append(d)
+    if MERGE_METHODS.entry(method).extra.get("max_inputs") == 1:
+        ds = ds[:1]
+    out = merge(ds, method, **_options(method))
+    out.validate()
+    before = model.get_parameter(name).detach().clone()
+    with sg.applied(model, out):
+        pass
+    assert torch.equal(model.get_parameter(name), before)
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(SurgicalError, match="unknown merge method 'soup'. Use one of: breadcrumbs"):
+        merge([A], "soup")
+    with pytest.raises(SurgicalError, match=r"unknown option\(s\) alpha for merge method 'ties'"):
+        merge([A, B], "ties", alpha=0.5)
+    with pytest.raises(SurgicalError, match="2 deltas but 1 weights"):
+        merge([A, B], "linear", weights=[1.0])
+    with pytest.raises(SurgicalError, match="another base model"):
+        merge([A, entries([1], [1.0], fp="def")], "linear")
+    with pytest.raises(SurgicalError, match=r"as \(2, 10\)"):
+        merge([A, entries([1], [1.0], shape=(2, 10))], "linear")
+    with pytest.raises(SurgicalError, match="must be in"):
+        merge([A, B], "ties", density=1.5)
+    head = {"h": torch.ones(2)}
+    with pytest.raises(SurgicalError, match="replaces 'h' and delta 2 adds to it"):
+        merge([entries([1], [1.0], full=head), entries([1], [1.0], name="h", shape=(2,))], "linear")
+
+
+def test_replaced_tensors_are_averaged_by_weight():
+    a = entries([0], [1.0], full={"h": torch.zeros(2)})
+    b = entries([1], [1.0], full={"h": torch.ones(2)})
+    out = merge([a, b], "linear", weights=[1, 3])
+    assert torch.allclose(out.full["h"], torch.full((2,), 0.75))
+
+
+def test_interference_reports_overlap_signs_and_cosine():
+    rows = interference([A, B])
+    (r,) = rows
+    assert r["deltas"] == 2 and r["overlap"] == pytest.approx(2 / 4)  # shared 3 and 7 of {0, 3, 7, 12}
+    assert r["sign_conflict"] == pytest.approx(1 / 2)  # at 3: -2 vs +1
+    a, b = dense_of(A).reshape(-1).double(), dense_of(B).reshape(-1).double()
+    assert r["cosine"] == pytest.approx(float(a @ b / (a.norm() * b.norm())))
