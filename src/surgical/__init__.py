@@ -15,6 +15,7 @@ small exact delta::
 from surgical.core.errors import SurgicalError
 from surgical.core.version import __version__
 from surgical.delta import EXPORT_FORMATS, Delta, applied, apply, compose, revert
+from surgical.merge import MERGE_METHODS, interference, merge
 from surgical.select import CRITERIA, Plan, select
 from surgical.train import (
     SCHEDULES,
@@ -30,6 +31,7 @@ from surgical.train import (
 __all__ = [
     "CRITERIA",
     "EXPORT_FORMATS",
+    "MERGE_METHODS",
     "SCHEDULES",
     "Delta",
     "Plan",
@@ -41,6 +43,8 @@ __all__ = [
     "compose",
     "extract",
     "fit",
+    "interference",
+    "merge",
     "prepare",
     "revert",
     "select",

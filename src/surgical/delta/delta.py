@@ -132,7 +132,10 @@ class Delta(DeltaData):
                 kinds[name] = {"kind": kind, "shape": list(self.shapes[name]), "count": int(idx.numel())}
         for kind, whole in (("dense", self.dense), ("full", self.full)):
             for name, t in whole.items():
-                tensors[f"{kind}.{name}"] = t.detach().to("cpu", torch.float32).to(_float(whole_codec))
+                t = t.detach().to("cpu")
+                # a float64 change is what makes base + change exact (see surgical.train.extract)
+                keep64 = t.dtype == torch.float64 and whole_codec == "float32"
+                tensors[f"{kind}.{name}"] = t if keep64 else t.to(torch.float32).to(_float(whole_codec))
                 kinds[name] = {"kind": kind, "shape": list(self.shapes[name])}
         config = {
             # the oldest format that holds every kind used, so older readers load what they can
@@ -204,7 +207,8 @@ class Delta(DeltaData):
                 shape = tuple(int(s) for s in info["shape"])
                 delta.shapes[name] = shape
                 if kind in ("dense", "full"):
-                    t = tensors[f"{kind}.{name}"].float()
+                    t = tensors[f"{kind}.{name}"]
+                    t = t if t.dtype == torch.float64 else t.float()
                     if tuple(t.shape) != shape:
                         raise ValueError(f"shape of {name}")
                     getattr(delta, kind)[name] = t

@@ -73,7 +73,10 @@ def apply(model: nn.Module, delta: Delta, *, scale: float = 1.0, force: bool = F
     for name, t in delta.dense.items():
         p = params[name].data
         record.saved[name] = Saved(None, p.clone())
-        p.add_(change(t, p))
+        if scale == 1.0:  # summed in float64 and rounded once: a float64 change adds back exactly
+            p.copy_(p.double().add_(t.to(p.device, torch.float64)).to(p.dtype))
+        else:
+            p.add_(change(t, p))
     for name, t in delta.full.items():
         p = params[name].data
         record.saved[name] = Saved(None, p.clone())

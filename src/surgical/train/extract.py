@@ -6,6 +6,7 @@ delta layer below knows nothing of training.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from surgical.core.fingerprint import base_identity
@@ -18,9 +19,13 @@ def extract(model: nn.Module, **meta) -> Delta:
     """The delta a prepared model has trained so far (a copy; training may go on).
 
     Entry weights become ``entries``; weights trained as row or column blocks (Linear rows and
-    columns, Embedding token rows) become ``rows`` / ``cols`` holding the block as trained. The
-    plan's densely trained parameters are stored in full. ``meta`` is merged into the delta's
-    metadata (e.g. a training summary).
+    columns, Embedding token rows) become ``rows`` / ``cols`` holding the block as trained.
+    Densely trained parameters become ``dense`` changes (trained minus base: task vectors that
+    scale and merge), except parameters without a base value (``prepare``'s ``new``, e.g. a
+    fresh head), which are stored whole as ``full``. A change is kept in float32 where base +
+    change gives the trained values back bit for bit, else in float64 (or, if even that fails,
+    the tensor is stored whole), so applying the delta stays exact. ``meta`` is merged into the
+    delta's metadata (e.g. a training summary).
     """
     info = prepared(model)
     sync(model)
@@ -35,11 +40,27 @@ def extract(model: nn.Module, **meta) -> Delta:
             delta.blocks(kind)[name] = (idx, values)
     params = dict(model.named_parameters())
     for name in info.dense:
-        delta.full[name] = params[name].detach().float().cpu().clone()
-        delta.shapes[name] = tuple(params[name].shape)
+        p = params[name].detach()
+        delta.shapes[name] = tuple(p.shape)
+        change = _exact_change(p, info.dense_base.get(name))
+        if change is None:
+            delta.full[name] = p.float().cpu().clone()
+        else:
+            delta.dense[name] = change
     base = base_identity(model, exclude=delta.full, saved=base_overlay(model))
     delta.meta = {"base": base, "plan": info.meta, **meta}
     return delta
 
 
-
+def _exact_change(trained: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor | None:
+    """``trained - base`` such that ``apply`` (base + change summed in float64, rounded once to
+    the parameter's dtype) gives ``trained`` back bit for bit: float32 where that suffices, else
+    float64 (the difference of two float32 values is exact in float64); None if neither is."""
+    if base is None:
+        return None
+    now = trained.to("cpu")
+    for dtype in (torch.float32, torch.float64):
+        change = now.to(dtype) - base.to(dtype)
+        if torch.equal(base.double().add_(change.double()).to(now.dtype), now):
+            return change
+    return None

@@ -17,14 +17,16 @@ and the HF ``Trainer`` picks the same set by itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from surgical.core.errors import SurgicalError
 from surgical.core.fingerprint import BaseOverlay
-from surgical.core.marks import is_prepared, prepared_record, set_prepared
+from surgical.core.marks import Saved, is_prepared, prepared_record, set_prepared
+from surgical.core.patterns import as_patterns, matches
 from surgical.select.plan import Plan
 from surgical.train.sparse import attach_entries
 from surgical.train.state import delta_attr, detach, state_of
@@ -40,9 +42,34 @@ class Prepared:
     per entry beside the 4-byte copy the module keeps), so only what later steps read is kept.
     """
 
-    dense: list[str]  # parameters trained densely (extract stores them whole)
+    dense: list[str]  # parameters trained densely
     meta: dict  # the plan's provenance (method, budget, ...), recorded in the delta
     entry_modules: dict[str, nn.Module]  # parameter name -> module holding it
+    # base values of the densely trained parameters that existed in the base (CPU copies), so
+    # extract stores their change; parameters in ``new`` (a freshly initialised head) have none
+    dense_base: dict[str, torch.Tensor] = field(default_factory=dict)
+    new: list[str] = field(default_factory=list)
+
+
+#: Names of task heads that ``from_pretrained`` initialises afresh for a new task.
+HEAD_MODULES = ("classifier", "score", "qa_outputs")
+
+
+def new_parameters(model: nn.Module, names: list[str], new: str | Sequence[str] | None) -> list[str]:
+    """The densely trained ``names`` that have no base value (stored whole by extract).
+
+    ``new="auto"``: the parameters of a task head (``classifier``, ``score``, ``qa_outputs``) of
+    a ``...For{Sequence,Token}Classification`` / ``...ForQuestionAnswering`` model, which
+    ``from_pretrained`` initialises at random. Otherwise patterns (see
+    :func:`surgical.core.patterns.matches`) or None for none.
+    """
+    if new == "auto":
+        arch = type(model).__name__
+        if not arch.endswith(("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")):
+            return []
+        return [n for n in names if n.split(".")[0] in HEAD_MODULES]
+    patterns = as_patterns(new)
+    return [n for n in names if any(matches(n, p) for p in patterns)]
 
 
 def _module_of(model: nn.Module, param_name: str) -> tuple[nn.Module, str]:
@@ -147,8 +174,16 @@ def _kind(model: nn.Module, plan: Plan, name: str) -> tuple[str, nn.Module]:
     return kind, module
 
 
-def prepare(model: nn.Module, plan: Plan) -> nn.Module:
+def prepare(model: nn.Module, plan: Plan, new: str | Sequence[str] | None = "auto") -> nn.Module:
     """Makes exactly the plan's entries and dense parameters trainable; returns the model.
+
+    Args:
+        model: The model to train (its parameter names never change).
+        plan: What to train (:func:`surgical.select`).
+        new: Densely trained parameters without a base value (a task head initialised at
+            random): ``extract`` stores them whole. Every other densely trained parameter is
+            stored as its change, a task vector that merging and WiSE-FT can scale. ``"auto"``
+            finds a classification head (see :func:`new_parameters`); patterns or None.
 
     Raises:
         SurgicalError: if the model is already prepared or the plan does not fit it.
@@ -175,7 +210,10 @@ def prepare(model: nn.Module, plan: Plan) -> nn.Module:
     params = dict(model.named_parameters())
     for name in plan.dense:
         params[name].requires_grad_(True)
-    set_prepared(model, Prepared(dense=list(plan.dense), meta=dict(plan.meta), entry_modules=entry_modules))
+    fresh = new_parameters(model, list(plan.dense), new)
+    dense_base = {n: params[n].detach().to("cpu", copy=True) for n in plan.dense if n not in fresh}
+    record = Prepared(list(plan.dense), dict(plan.meta), entry_modules, dense_base, fresh)
+    set_prepared(model, record)
     return model
 
 
@@ -214,6 +252,8 @@ def base_overlay(model: nn.Module) -> BaseOverlay:
         saved = state_of(module).saved_base(module)
         if saved is not None:
             values[name] = saved
+    for name, base in info.dense_base.items():  # densely trained: the whole base tensor
+        values[name] = Saved(None, base)
     skip = [f"{name.rpartition('.')[0]}.{delta_attr(name.rpartition('.')[2])}".lstrip(".")
             for name in info.entry_modules]  # fmt: skip
     return BaseOverlay(values=values, skip=skip)

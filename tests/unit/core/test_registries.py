@@ -8,7 +8,12 @@ import surgical as sg
 from surgical.core.errors import SurgicalError
 from surgical.core.registry import Option, Registry
 
-REGISTRIES = {"criteria": sg.CRITERIA, "schedules": sg.SCHEDULES, "export formats": sg.EXPORT_FORMATS}
+REGISTRIES = {
+    "criteria": sg.CRITERIA,
+    "schedules": sg.SCHEDULES,
+    "export formats": sg.EXPORT_FORMATS,
+    "merge methods": sg.MERGE_METHODS,
+}
 ENTRIES = [(label, e.name) for label, reg in REGISTRIES.items() for e in reg.entries()]
 
 
