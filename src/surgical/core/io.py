@@ -101,3 +101,30 @@ def check_output(out: str | os.PathLike, inputs: dict[str, str | os.PathLike], f
                 f"Write to a new directory ({flag} elsewhere); inputs are never overwritten",
             )
     return target
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 (hex) of a file's bytes, read in chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_sha256(path: str | os.PathLike, expected: object) -> None:
+    """Raises a one-line SurgicalError if ``path``'s SHA-256 is not ``expected``.
+
+    ``expected`` comes from a JSON file beside ``path``; None (a file written before checksums
+    were recorded) skips the check, anything that is not a hex digest is itself corruption.
+    """
+    from surgical.core.errors import SurgicalError
+
+    if expected is None:
+        return
+    if not isinstance(expected, str) or len(expected) != 64:
+        raise SurgicalError(f"{str(path)!r} is corrupted (its recorded sha256 is not one)", "Save it again")
+    if sha256_file(path) != expected.lower():
+        raise SurgicalError(f"{str(path)!r} is corrupted (checksum mismatch)", "Save it again")

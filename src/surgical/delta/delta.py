@@ -15,6 +15,11 @@ it, so a delta applied to a fresh copy of the base reproduces the fine-tuned mod
 On disk, format 2 adds the ``rows`` and ``cols`` kinds to format 1 (entries, dense, full). A
 delta without them is still written as format 1, so older readers keep loading it; both formats
 load.
+
+Integrity: ``delta_config.json`` records the SHA-256 of ``delta.safetensors`` (key ``sha256``),
+and loading checks it, and every stored tensor's dtype against what the config's value codec
+writes (deltas saved before the checksum existed have no ``sha256`` and still load).
+
 Arithmetic (``scale``, ``+``, ``to_dense``, ``prune``, ``compress``) lives in
 :mod:`surgical.delta.algebra`; the methods here delegate to it.
 """
@@ -34,9 +39,16 @@ from safetensors.torch import load_file, save_file
 import surgical.delta.algebra as algebra
 import surgical.delta.convert as convert
 from surgical.core.blocks import BLOCK_KINDS, block_shape, check_block, check_sorted_indices
-from surgical.core.codec import VALUE_CODECS, decode_indices, decode_values, encode_indices, encode_values
+from surgical.core.codec import (
+    FLOAT_DTYPES,
+    VALUE_CODECS,
+    decode_indices,
+    decode_values,
+    encode_indices,
+    encode_values,
+)
 from surgical.core.errors import SurgicalError
-from surgical.core.io import atomic_dir
+from surgical.core.io import atomic_dir, check_sha256, sha256_file
 from surgical.core.version import __version__
 from surgical.delta.container import DeltaData, _check_finite, _numel
 
@@ -44,7 +56,7 @@ FORMAT_VERSION = 2  # the newest format written; format 1 (no rows/cols kinds) s
 _KINDS_OF_FORMAT = {1: ("entries", "dense", "full"), 2: ("entries", "rows", "cols", "dense", "full")}
 CONFIG_FILE = "delta_config.json"
 TENSOR_FILE = "delta.safetensors"
-_RESERVED = {"format_version", "library_version", "dtype", "tensors"}
+_RESERVED = {"format_version", "library_version", "dtype", "tensors", "sha256"}
 
 
 @dataclass(eq=False)  # tensors inside: compare deltas with digest()
@@ -157,6 +169,7 @@ class Delta(DeltaData):
                 str(tmp / TENSOR_FILE),
                 metadata={"format": "surgical-delta"},
             )
+            config["sha256"] = sha256_file(tmp / TENSOR_FILE)  # of the bytes just written
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
         return Path(directory)
 
@@ -165,8 +178,9 @@ class Delta(DeltaData):
         """Reads a delta directory (safetensors and JSON only; nothing is executed).
 
         Raises:
-            SurgicalError: if the directory or a file is missing, truncated or corrupted, or
-                holds NaN/Inf values.
+            SurgicalError: if the directory or a file is missing, truncated or corrupted (a
+                tensor of another dtype than the config's codec stores, a SHA-256 that does not
+                match the one recorded), or holds NaN/Inf values.
         """
         directory = Path(directory)
         fix = "Pass a directory written by Delta.save or `surgical demo`"
@@ -200,6 +214,7 @@ class Delta(DeltaData):
         try:
             if codec not in VALUE_CODECS:
                 raise ValueError(f"unknown value dtype {codec!r}")
+            parts, whole = _stored_dtypes(codec)
             for name, info in config["tensors"].items():
                 kind = info["kind"]
                 if kind not in _KINDS_OF_FORMAT[version]:
@@ -207,14 +222,15 @@ class Delta(DeltaData):
                 shape = tuple(int(s) for s in info["shape"])
                 delta.shapes[name] = shape
                 if kind in ("dense", "full"):
-                    t = tensors[f"{kind}.{name}"]
+                    t = _stored(tensors, f"{kind}.{name}", whole)
                     t = t if t.dtype == torch.float64 else t.float()
                     if tuple(t.shape) != shape:
                         raise ValueError(f"shape of {name}")
                     getattr(delta, kind)[name] = t
                     continue
                 prefix = f"{kind}.{name}."
-                idx = decode_indices(tensors[prefix + "gaps"], tensors[prefix + "overflow"])
+                gaps = _stored(tensors, prefix + "gaps", (torch.int16,))
+                idx = decode_indices(gaps, _stored(tensors, prefix + "overflow", (torch.int64,)))
                 count = int(info["count"])
                 if idx.numel() != count:
                     raise ValueError(f"index count of {name}")
@@ -223,7 +239,7 @@ class Delta(DeltaData):
                     want: tuple[int, ...] = (count,)
                 else:
                     want = block_shape(kind, shape, count)
-                stored = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+                stored = {part: _stored(tensors, prefix + part, want_dt) for part, want_dt in parts.items()}
                 vals = decode_values(stored, codec, _numel(want))
                 if vals.numel() != _numel(want):
                     raise ValueError(f"value count of {name}")
@@ -245,8 +261,33 @@ class Delta(DeltaData):
             _check_finite(name, vals, directory)
         for name, t in (*delta.dense.items(), *delta.full.items()):
             _check_finite(name, t, directory)
+        # last, so that damage the checks above can name (a shape, a NaN) is reported as such
+        check_sha256(directory / TENSOR_FILE, config.get("sha256"))
         delta.meta = {k: v for k, v in config.items() if k not in _RESERVED}
         return delta
+
+
+def _stored_dtypes(codec: str) -> tuple[dict[str, tuple[torch.dtype, ...]], tuple[torch.dtype, ...]]:
+    """What :meth:`Delta.save` writes with value codec ``codec``: the dtypes of the value parts
+    of a sparse tensor, and those of a dense or replaced tensor."""
+    if codec in FLOAT_DTYPES:
+        # a float64 whole change is legitimate: it is what makes base + change exact
+        return {"values": (FLOAT_DTYPES[codec],)}, (FLOAT_DTYPES[codec], torch.float64)
+    values = torch.int8 if codec == "int8" else torch.uint8
+    return {"values": (values,), "scale": (torch.float32,)}, (torch.bfloat16, torch.float64)
+
+
+def _stored(tensors: dict[str, torch.Tensor], key: str, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
+    """``tensors[key]`` if it has one of ``dtypes``; a ValueError naming the tensor otherwise."""
+    if key not in tensors:
+        raise ValueError(f"tensor {key!r} is missing")
+    t = tensors[key]
+    if t.dtype not in dtypes:
+        want = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(
+            f"tensor {key!r} is stored as {str(t.dtype).removeprefix('torch.')}, expected {want}"
+        )
+    return t
 
 
 def _float(codec: str) -> torch.dtype:

@@ -1,4 +1,10 @@
-"""The Plan: what a selection chose to train, savable and reusable on the same base model."""
+"""The Plan: what a selection chose to train, savable and reusable on the same base model.
+
+On disk: ``plan.safetensors`` (entry indices as 16-bit gaps plus an int64 overflow list, row and
+column indices as int64) and ``plan.json`` (shapes, counts, dense names, provenance, and the
+SHA-256 of ``plan.safetensors`` under ``sha256``). Loading checks the checksum when it is
+recorded (plans saved before have none), every tensor's dtype, and the JSON's structure.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +19,11 @@ from safetensors.torch import load_file, save_file
 
 from surgical.core.codec import decode_indices, encode_indices
 from surgical.core.errors import SurgicalError
-from surgical.core.io import atomic_dir
+from surgical.core.io import atomic_dir, check_sha256, sha256_file
 
 PLAN_FORMAT = 1
+INFO_FILE = "plan.json"
+TENSOR_FILE = "plan.safetensors"
 
 
 @dataclass
@@ -108,38 +116,77 @@ class Plan:
             "meta": self.meta,
         }
         with atomic_dir(directory) as tmp:
-            save_file(tensors, str(tmp / "plan.safetensors"))
-            (tmp / "plan.json").write_text(json.dumps(info, indent=2))
+            save_file(tensors, str(tmp / TENSOR_FILE))
+            info["sha256"] = sha256_file(tmp / TENSOR_FILE)  # of the bytes just written
+            (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
         return directory
 
     @classmethod
     def load(cls, directory: str | Path) -> Plan:
-        """Reads a plan written by :meth:`save`; a missing or damaged file is a SurgicalError."""
+        """Reads a plan written by :meth:`save`.
+
+        Raises:
+            SurgicalError: if the directory or a file is missing, truncated or corrupted (a
+                tensor of another dtype than a plan stores, a SHA-256 that does not match the one
+                recorded, a ``plan.json`` of another structure).
+        """
         directory = Path(directory)
         fix = "Pass a directory written by `surgical select` or Plan.save"
         if not directory.is_dir():
             raise SurgicalError(f"plan directory {str(directory)!r} does not exist", fix)
+        for fname in (INFO_FILE, TENSOR_FILE):
+            if not (directory / fname).is_file():  # safetensors' own error does not name the file
+                raise SurgicalError(f"plan file {str(directory / fname)!r} is missing", fix)
         try:
-            info = json.loads((directory / "plan.json").read_text())
-            tensors = load_file(str(directory / "plan.safetensors"))
-        except FileNotFoundError as e:
-            raise SurgicalError(f"plan file {e.filename!r} is missing", fix) from None
-        except (json.JSONDecodeError, SafetensorError, OSError) as e:
-            raise SurgicalError(f"plan in {str(directory)!r} is truncated or corrupted ({e})", fix) from None
-        entries = {}
-        for name, count in info["entries"].items():
-            idx = decode_indices(tensors[f"{name}.gaps"], tensors[f"{name}.overflow"])
-            if idx.numel() != count:
-                raise SurgicalError(f"plan entry list for {name!r} is corrupted", fix)
-            entries[name] = idx
-        return cls(
-            entries=entries,
-            shapes={n: tuple(s) for n, s in info["shapes"].items()},
-            dense=list(info["dense"]),
-            meta=info["meta"],
-            rows={n: tensors[f"{n}.rows"] for n in info.get("rows", [])},
-            cols={n: tensors[f"{n}.cols"] for n in info.get("cols", [])},
-        )
+            info = json.loads((directory / INFO_FILE).read_text())
+            tensors = load_file(str(directory / TENSOR_FILE))
+        except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as e:
+            why = e.__class__.__name__ if isinstance(e, UnicodeDecodeError) else str(e)
+            raise SurgicalError(
+                f"plan in {str(directory)!r} is truncated or corrupted ({why})", fix
+            ) from None
+        try:
+            if not isinstance(info, dict):
+                raise ValueError(f"{INFO_FILE} holds a {type(info).__name__}, not an object")
+            entries = {}
+            for name, count in dict(info["entries"]).items():
+                idx = decode_indices(
+                    _stored(tensors, f"{name}.gaps", torch.int16),
+                    _stored(tensors, f"{name}.overflow", torch.int64),
+                )
+                if idx.numel() != count:
+                    raise ValueError(f"the entry list of {name!r} holds {idx.numel()} indices, not {count}")
+                entries[name] = idx
+            plan = cls(
+                entries=entries,
+                shapes={str(n): tuple(int(x) for x in s) for n, s in dict(info["shapes"]).items()},
+                dense=[str(n) for n in info["dense"]],
+                meta=dict(info.get("meta") or {}),
+                rows={n: _stored(tensors, f"{n}.rows", torch.int64) for n in info.get("rows", [])},
+                cols={n: _stored(tensors, f"{n}.cols", torch.int64) for n in info.get("cols", [])},
+            )
+            for name in (*plan.entries, *plan.rows, *plan.cols, *plan.dense):
+                if name not in plan.shapes:
+                    raise ValueError(f"{name!r} has no shape")
+        except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as e:
+            why = f"lacks {e}" if isinstance(e, KeyError) else str(e)
+            raise SurgicalError(
+                f"plan in {str(directory)!r} is corrupted ({why})", "Save the plan again"
+            ) from None
+        # last, so that damage the checks above can name is reported as such
+        check_sha256(directory / TENSOR_FILE, info.get("sha256"))
+        return plan
+
+
+def _stored(tensors: dict[str, torch.Tensor], key: str, dtype: torch.dtype) -> torch.Tensor:
+    """``tensors[key]`` if it has ``dtype``; a ValueError naming the tensor otherwise."""
+    if key not in tensors:
+        raise ValueError(f"tensor {key!r} is missing from {TENSOR_FILE}")
+    t = tensors[key]
+    if t.dtype != dtype:
+        have, want = (str(d).removeprefix("torch.") for d in (t.dtype, dtype))
+        raise ValueError(f"tensor {key!r} is stored as {have}, expected {want}")
+    return t
 
 
 def _numel(shape: tuple[int, ...]) -> int:
