@@ -15,6 +15,7 @@ small exact delta::
 from surgical.core.errors import SurgicalError
 from surgical.core.version import __version__
 from surgical.delta import EXPORT_FORMATS, Delta, applied, apply, compose, revert
+from surgical.eval import evaluate, forgetting
 from surgical.merge import MERGE_METHODS, interference, merge
 from surgical.select import CRITERIA, Plan, select
 from surgical.train import (
@@ -41,8 +42,10 @@ __all__ = [
     "applied",
     "apply",
     "compose",
+    "evaluate",
     "extract",
     "fit",
+    "forgetting",
     "interference",
     "merge",
     "prepare",

@@ -62,10 +62,16 @@ def _print_keys(cls: type) -> None:
 
 def _print_registries(which: tuple[str, ...]) -> None:
     from surgical.delta import EXPORT_FORMATS
+    from surgical.merge import MERGE_METHODS
     from surgical.select import CRITERIA
     from surgical.train import SCHEDULES
 
-    registries = {"criteria": CRITERIA, "schedules": SCHEDULES, "export-formats": EXPORT_FORMATS}
+    registries = {
+        "criteria": CRITERIA,
+        "schedules": SCHEDULES,
+        "export-formats": EXPORT_FORMATS,
+        "merge-methods": MERGE_METHODS,
+    }
     for name in which:
         console.print(f"[bold]{name}[/] ({registries[name].kind}, options under their section's `options:`)")
         for line in registries[name].describe():
@@ -75,11 +81,12 @@ def _print_registries(which: tuple[str, ...]) -> None:
 @app.command("list")
 def list_cmd(
     what: Annotated[
-        str | None, typer.Argument(help="criteria, schedules or export-formats (default: all).")
+        str | None,
+        typer.Argument(help="criteria, schedules, export-formats or merge-methods (default: all)."),
     ] = None,
 ) -> None:
-    """List what can be chosen by name (criteria, schedules, export formats) and their options."""
-    names = ("criteria", "schedules", "export-formats")
+    """List what can be chosen by name (criteria, schedules, merge methods, export formats), with options."""
+    names = ("criteria", "schedules", "merge-methods", "export-formats")
     if what is not None and what not in names:
         raise SurgicalError(f"unknown list {what!r}", f"Use one of: {', '.join(names)}")
     _print_registries((what,) if what else names)
@@ -253,6 +260,162 @@ def select_cmd(
     for key, value in _options(option).items():
         overrides[f"selection.options.{key}"] = value
     run_select(load_config(SelectConfig, config, overrides), console)
+
+
+def _named(items: list[str] | None, flag: str) -> dict[str, str]:
+    """``NAME=PATH`` pairs (repeatable flags such as ``--data id=test.csv``)."""
+    out = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SurgicalError(f"{flag} {item!r} is not NAME=PATH", f"Pass e.g. {flag} id=test.csv")
+        out[name] = path
+    return out
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[
+        str | None, typer.Argument(help="Model directory (the base, when --delta is given).")
+    ] = None,
+    config: Annotated[str | None, typer.Option("--config", "-c", help="YAML eval config.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config key (repeatable).")
+    ] = None,
+    data: Annotated[
+        list[str] | None, typer.Option("--data", help="A named set NAME=PATH, e.g. id=test.csv (repeatable).")
+    ] = None,
+    delta: Annotated[
+        str | None, typer.Option(help="A delta applied to the model (toggled in place).")
+    ] = None,
+    reference: Annotated[
+        str | None,
+        typer.Option(help="Reference data for forgetting (loss change, KL to the base); needs --delta."),
+    ] = None,
+    out: Annotated[str | None, typer.Option(help="Report directory.")] = None,
+    task: Annotated[str | None, typer.Option(help="auto, classification or causal_lm.")] = None,
+    keys: Annotated[bool, typer.Option("--keys", help="List every config key.")] = False,
+) -> None:
+    """Evaluate a model (plus a delta) on named sets; forgetting against its base; JSON + PNG report."""
+    from surgical.recipes.config import load_config
+    from surgical.recipes.evaluate import EvalConfig, run_evaluate
+
+    if keys:
+        _print_keys(EvalConfig)
+        return
+    overrides = _set(set_)
+    overrides.update(_flags({"model.path": model, "model.task": task, "delta": delta, "reference": reference,
+                             "out": out}))  # fmt: skip
+    for name, path in _named(data, "--data").items():
+        overrides[f"sets.{name}"] = path
+    run_evaluate(load_config(EvalConfig, config, overrides), console)
+
+
+@app.command("merge")
+def merge_cmd(
+    config: Annotated[
+        str | None, typer.Argument(help="YAML merge config (method, options, inputs, out).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config key (repeatable).")
+    ] = None,
+    method: Annotated[str | None, typer.Option(help="Merge method (`surgical list merge-methods`).")] = None,
+    delta: Annotated[list[str] | None, typer.Option("--delta", help="An input delta (repeatable).")] = None,
+    weight: Annotated[list[float] | None, typer.Option("--weight", help="Weight of each --delta.")] = None,
+    option: Annotated[list[str] | None, typer.Option(help="Method option key=value (repeatable).")] = None,
+    base: Annotated[str | None, typer.Option(help="Base model (model/lora inputs, a model output).")] = None,
+    out: Annotated[str | None, typer.Option(help="Output directory.")] = None,
+    check: Annotated[
+        bool,
+        typer.Option("--check", help="Report overlap, sign conflicts and cosine per tensor; merge nothing."),
+    ] = False,
+    keys: Annotated[bool, typer.Option("--keys", help="List every config key and merge method.")] = False,
+) -> None:
+    """Merge deltas (or fine-tuned checkpoints, LoRA adapters) by TIES, DARE, Model Stock, WiSE-FT..."""
+    from surgical.recipes.config import load_config
+    from surgical.recipes.merge import MergeConfig, run_merge
+
+    if keys:
+        _print_keys(MergeConfig)
+        _print_registries(("merge-methods",))
+        return
+    overrides = _set(set_)
+    overrides.update(_flags({"method": method, "base": base, "out": out}))
+    if delta:
+        weights = list(weight) if weight else [1.0] * len(delta)
+        if len(weights) != len(delta):
+            raise SurgicalError(
+                f"{len(delta)} --delta but {len(weights)} --weight", "Pass one --weight per --delta"
+            )
+        overrides["inputs"] = [{"delta": d, "weight": w} for d, w in zip(delta, weights, strict=True)]
+    for key, value in _options(option).items():
+        overrides[f"options.{key}"] = value
+    run_merge(load_config(MergeConfig, config, overrides), console, check_only=check)
+
+
+@app.command("wise-ft")
+def wise_ft_cmd(
+    config: Annotated[str | None, typer.Option("--config", "-c", help="YAML sweep config.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config key (repeatable).")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Base model directory.")] = None,
+    delta: Annotated[str | None, typer.Option(help="The fine-tuned delta.")] = None,
+    validation: Annotated[str | None, typer.Option(help="Validation data: alpha is chosen on it.")] = None,
+    data: Annotated[
+        list[str] | None, typer.Option("--data", help="A test set NAME=PATH, reported only (repeatable).")
+    ] = None,
+    alpha: Annotated[
+        list[float] | None, typer.Option("--alpha", help="A grid point in [0, 1] (repeatable).")
+    ] = None,
+    out: Annotated[str | None, typer.Option(help="Report directory.")] = None,
+    keys: Annotated[bool, typer.Option("--keys", help="List every config key.")] = False,
+) -> None:
+    """WiSE-FT: sweep base + alpha x delta, choose alpha on validation, plot ID vs OOD along alpha."""
+    from surgical.recipes.config import load_config
+    from surgical.recipes.searches import WiseFTConfig, run_wise_ft
+
+    if keys:
+        _print_keys(WiseFTConfig)
+        return
+    overrides = _set(set_)
+    overrides.update(_flags({"model.path": model, "delta": delta, "search.validation": validation, "out": out,
+                             "alphas": alpha}))  # fmt: skip
+    for name, path in _named(data, "--data").items():
+        overrides[f"search.sets.{name}"] = path
+    run_wise_ft(load_config(WiseFTConfig, config, overrides), console)
+
+
+@app.command("soup")
+def soup_cmd(
+    candidates: Annotated[list[str] | None, typer.Argument(help="Candidate delta directories.")] = None,
+    config: Annotated[str | None, typer.Option("--config", "-c", help="YAML soup config.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config key (repeatable).")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Base model directory.")] = None,
+    validation: Annotated[
+        str | None, typer.Option(help="Validation data: the greedy soup is built on it.")
+    ] = None,
+    data: Annotated[
+        list[str] | None, typer.Option("--data", help="A test set NAME=PATH, reported only (repeatable).")
+    ] = None,
+    out: Annotated[str | None, typer.Option(help="Report directory.")] = None,
+    keys: Annotated[bool, typer.Option("--keys", help="List every config key.")] = False,
+) -> None:
+    """Greedy and uniform model soups of candidate deltas, chosen on validation."""
+    from surgical.recipes.config import load_config
+    from surgical.recipes.searches import SoupConfig, run_soup
+
+    if keys:
+        _print_keys(SoupConfig)
+        return
+    overrides = _set(set_)
+    overrides.update(_flags({"model.path": model, "search.validation": validation, "out": out,
+                             "candidates": candidates}))  # fmt: skip
+    for name, path in _named(data, "--data").items():
+        overrides[f"search.sets.{name}"] = path
+    run_soup(load_config(SoupConfig, config, overrides), console)
 
 
 @app.command("apply")

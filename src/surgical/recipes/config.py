@@ -155,10 +155,19 @@ def _check_type(path: str, value: Any, tp: Any) -> Any:
         tp = next(a for a in args if a is not type(None))
         return _check_type(path, value, tp)
     if origin is tuple:
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+        item = args[0] if args else str
+        items = [value] if isinstance(value, (str, int, float)) and not isinstance(value, bool) else value
+        if not isinstance(items, (list, tuple)):
+            raise SurgicalError(f"config key {path!r} must be a list, got {value!r}", "Fix the value")
+        if item is str and not all(isinstance(v, str) for v in items):
             raise SurgicalError(
                 f"config key {path!r} must be a list of strings, got {value!r}", "Fix the value"
+            )
+        if item is float:
+            return tuple(coerce(v, float, f"config key {path!r}") for v in items)
+        if typing.get_origin(item) is dict and not all(isinstance(v, dict) for v in items):
+            raise SurgicalError(
+                f"config key {path!r} must be a list of mappings, got {value!r}", "Fix the value"
             )
         return tuple(items)
     if tp is bool:

@@ -1,0 +1,193 @@
+"""``surgical merge``: a mergekit-style YAML -> one merged delta (or a plain HF model).
+
+    method: ties
+    options: {density: 0.3}
+    inputs:
+      - delta: runs/sst/delta          # a surgical delta
+        weight: 1.0
+      - model: checkpoints/imdb-ft     # a fine-tuned HF checkpoint (its change from `base`)
+        weight: 0.5
+      - lora: adapters/yelp            # a PEFT LoRA adapter
+    base: models/minilm                # needed for model and lora inputs, and for a model output
+    out: merged
+    output_format: delta               # or: model
+
+Every input is checked before any weight is loaded: delta headers (``delta_config.json``: shapes
+and base fingerprints), paths, the method's options. ``--check`` reports per tensor how the
+deltas overlap and disagree (:func:`surgical.merge.interference`) instead of merging. The
+config used is written next to the output (``merge_config.yaml`` inside it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from surgical.core.errors import SurgicalError
+from surgical.core.io import atomic_write_text, check_output
+from surgical.core.marks import forget_applied
+from surgical.delta import Delta, apply
+from surgical.delta.delta import CONFIG_FILE
+from surgical.merge import MERGE_METHODS, check_compatible, interference, merge
+from surgical.recipes.config import _f
+from surgical.recipes.models import load_base, save_model_dir
+
+INPUT_KINDS = ("delta", "model", "lora")
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """A ``surgical merge`` run."""
+
+    method: str = _f("linear", "Merge method (`surgical list merge-methods`).")
+    options: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "The method's options (`surgical list merge-methods`)."}
+    )
+    inputs: tuple[dict[str, Any], ...] = _f(
+        (), "Inputs, each {delta: DIR | model: DIR | lora: DIR, weight: W (default 1)}."
+    )
+    base: str | None = _f(None, "Base model directory (for model and lora inputs, and a model output).")
+    out: str = _f("surgical-merged", "Output directory.")
+    output_format: str = _f("delta", "'delta' (a delta directory) or 'model' (a plain HF model).",
+                            choices=("delta", "model"))  # fmt: skip
+    dtype: str = _f("float32", "Value storage of a delta output: float32, float16, bfloat16, int8, sign.",
+                    choices=("float32", "float16", "bfloat16", "int8", "sign"))  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def check(self) -> None:
+        """Everything that can be checked without loading a weight."""
+        MERGE_METHODS.resolve(self.method, self.options, "options.")
+        if not self.inputs:
+            raise SurgicalError("the merge has no inputs", "List them under inputs: (- delta: DIR)")
+        for i, item in enumerate(self.inputs, 1):
+            kinds = [k for k in INPUT_KINDS if k in item]
+            unknown = sorted(set(item) - {*INPUT_KINDS, "weight"})
+            if unknown or len(kinds) != 1:
+                raise SurgicalError(
+                    f"input {i} must have exactly one of {', '.join(INPUT_KINDS)} and optionally weight, "
+                    f"got keys {', '.join(map(str, item)) or 'none'}",
+                    "Write it like - delta: DIR",
+                )
+            w = item.get("weight", 1.0)
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                raise SurgicalError(f"the weight of input {i} must be a finite number, got {w!r}", "Fix it")
+            path = Path(str(item[kinds[0]]))
+            if not path.is_dir():
+                raise SurgicalError(f"input {i} ({kinds[0]}) {str(path)!r} does not exist", "Fix the path")
+            if kinds[0] != "delta" and not self.base:
+                raise SurgicalError(f"input {i} is a {kinds[0]}, which needs the base model", "Set base: DIR")
+        if self.output_format == "model" and not self.base:
+            raise SurgicalError("a model output needs the base model", "Set base: DIR")
+        entry = MERGE_METHODS.entry(self.method)
+        lo, hi = entry.extra.get("min_inputs", 1), entry.extra.get("max_inputs")
+        if len(self.inputs) < lo or (hi is not None and len(self.inputs) > hi):
+            raise SurgicalError(
+                f"{self.method} merges {'exactly ' + str(hi) if hi == 1 else 'at least ' + str(lo)} "
+                f"input(s), the config lists {len(self.inputs)}",
+                "Change the inputs or the method",
+            )
+
+
+def _kind(item: dict[str, Any]) -> tuple[str, str]:
+    kind = next(k for k in INPUT_KINDS if k in item)
+    return kind, str(item[kind])
+
+
+def read_header(directory: str | Path) -> Delta:
+    """A Delta holding only the shapes and metadata of a delta directory (no tensor is read)."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text())
+        shapes = {n: tuple(int(s) for s in info["shape"]) for n, info in config["tensors"].items()}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise SurgicalError(
+            f"{str(path)!r} is not a readable delta config ({e})", "Pass a delta directory"
+        ) from None
+    return Delta(shapes=shapes, meta={k: v for k, v in config.items() if k == "base"})
+
+
+def load_inputs(cfg: MergeConfig) -> tuple[list[Delta], list[str]]:
+    """The inputs as deltas (checked against each other from their headers first), and labels."""
+    labels = [f"input {i} ({_kind(item)[1]})" for i, item in enumerate(cfg.inputs, 1)]
+    headers = [read_header(_kind(item)[1]) for item in cfg.inputs if _kind(item)[0] == "delta"]
+    check_compatible(headers, [lab for lab, item in zip(labels, cfg.inputs, strict=True) if "delta" in item])
+    base = None
+    deltas = []
+    for item in cfg.inputs:
+        kind, path = _kind(item)
+        if kind == "delta":
+            deltas.append(Delta.load(path))
+            continue
+        if base is None:
+            base, _ = load_base(cfg.base)
+        if kind == "model":
+            tuned, _ = load_base(path, type(base).__name__)
+            deltas.append(Delta.from_models(base, tuned))
+        else:
+            deltas.append(Delta.from_peft_lora(path, base=base))
+    check_compatible(deltas, labels)
+    return deltas, labels
+
+
+def run_merge(cfg: MergeConfig, console: Console | None = None, check_only: bool = False) -> Delta | None:
+    """Merges the inputs and writes the result; with ``check_only``, prints the interference
+    report instead. Returns the merged delta (None for a check)."""
+    console = console or Console()
+    cfg.check()
+    inputs = {f"input {i}": _kind(item)[1] for i, item in enumerate(cfg.inputs, 1)}
+    if cfg.base:
+        inputs["base model"] = cfg.base
+    if not check_only:
+        check_output(cfg.out, inputs, "out")
+    deltas, labels = load_inputs(cfg)
+    if check_only:
+        rows = interference(deltas)
+        print_interference(rows, console)
+        return None
+    weights = [float(item.get("weight", 1.0)) for item in cfg.inputs]
+    merged = merge(deltas, cfg.method, weights=weights, **cfg.options)
+    merged.meta["merge"]["config"] = cfg.to_dict()
+    out = Path(cfg.out)
+    if cfg.output_format == "delta":
+        merged.save(out, dtype=cfg.dtype)
+    else:
+        model, tokenizer = load_base(cfg.base)
+        apply(model, merged)
+        forget_applied(model)
+        save_model_dir(model, tokenizer, out)
+    atomic_write_text(out / "merge_config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    console.print(
+        f"merged {len(deltas)} input(s) by {cfg.method}: {merged.num_entries:,} entries, "
+        f"{merged.num_block_values:,} in rows/columns, {merged.num_dense:,} dense, {merged.num_full:,} "
+        f"replaced values; wrote {out} ({cfg.output_format})"
+    )
+    return merged
+
+
+def print_interference(rows: list[dict[str, Any]], console: Console) -> None:
+    """A table of :func:`surgical.merge.interference` rows, and a one-line summary."""
+    t = Table(title="interference per tensor changed by two or more inputs")
+    for col in ("tensor", "inputs", "overlap", "sign conflicts", "cosine"):
+        t.add_column(col, justify="left" if col == "tensor" else "right")
+    for r in rows:
+        t.add_row(r["name"], str(r["deltas"]), f"{r['overlap']:.1%}", f"{r['sign_conflict']:.1%}",
+                  f"{r['cosine']:+.3f}")  # fmt: skip
+    console.print(t)
+    if rows:
+        mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("overlap", "sign_conflict", "cosine")}
+        console.print(
+            f"{len(rows)} shared tensors: mean overlap {mean['overlap']:.1%}, sign conflicts "
+            f"{mean['sign_conflict']:.1%}, cosine {mean['cosine']:+.3f}"
+        )
+    else:
+        console.print("no tensor is changed by two inputs: every method merges them without interference")

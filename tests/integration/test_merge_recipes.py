@@ -1,0 +1,232 @@
+"""`surgical merge`, `wise-ft` and `soup` end to end on tiny on-disk models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+import surgical as sg
+from conftest import run_main
+from train_fixtures import save_tiny_model, write_cls_csv
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny classifier, train/validation/test data and three deltas trained with other seeds."""
+    root = tmp_path_factory.mktemp("merge")
+    w = {
+        "bert": save_tiny_model(root / "bert", "bert"),
+        "train": write_cls_csv(root / "train.csv", n=64, seed=0),
+        "val": write_cls_csv(root / "val.csv", n=32, seed=1),
+        "id": write_cls_csv(root / "id.csv", n=32, seed=2),
+        "ood": write_cls_csv(root / "ood.csv", n=32, seed=3),
+        "root": root,
+    }
+    for seed in range(3):
+        cfg = {
+            "out": str(root / f"run{seed}"),
+            "model": {"path": str(w["bert"])},
+            "data": {"path": str(w["train"]), "batch_size": 8, "max_length": 16},
+            "selection": {"method": "gradient", "density": 0.05, "always": ["classifier", "bias"]},
+            "training": {"max_steps": 6, "lr": 0.02, "seed": 0, "warmup": 0.0},
+        }
+        cfg["selection"]["max_batches"] = 2 + seed  # other plans: overlapping, not equal
+        p = root / f"run{seed}.yaml"
+        p.write_text(yaml.safe_dump(cfg))
+        import sys
+
+        from surgical import cli
+
+        sys.argv = ["surgical", "train", "-c", str(p)]
+        try:
+            cli.main()
+        except SystemExit as e:
+            assert not e.code
+        w[f"delta{seed}"] = root / f"run{seed}" / "delta"
+    return w
+
+
+def test_merge_yaml_writes_the_merged_delta_and_its_config(world, tmp_path, monkeypatch, capsys):
+    cfg = {
+        "method": "ties",
+        "options": {"density": 0.5},
+        "inputs": [
+            {"delta": str(world["delta0"]), "weight": 1.0},
+            {"delta": str(world["delta1"]), "weight": 2.0},
+        ],
+        "out": str(tmp_path / "merged"),
+    }
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(cfg))
+    code, out, err = run_main(monkeypatch, capsys, "merge", str(tmp_path / "m.yaml"))
+    assert code == 0, err
+    merged = sg.Delta.load(tmp_path / "merged")
+    want = sg.merge([sg.Delta.load(world["delta0"]), sg.Delta.load(world["delta1"])], "ties", weights=[1, 2],
+                    density=0.5)  # fmt: skip
+    assert merged.digest() == want.digest()
+    used = yaml.safe_load((tmp_path / "merged" / "merge_config.yaml").read_text())
+    assert used["method"] == "ties" and used["options"] == {"density": 0.5}
+    assert merged.meta["merge"]["method"] == "ties"
+
+
+def test_merge_check_reports_interference_and_writes_nothing(world, tmp_path, monkeypatch, capsys):
+    code, out, err = run_main(monkeypatch, capsys, "merge", "--delta", str(world["delta0"]), "--delta",
+                              str(world["delta1"]), "--check", "--out", str(tmp_path / "x"))  # fmt: skip
+    assert code == 0, err
+    assert "sign conflicts" in out and "mean overlap" in " ".join(out.split())
+    assert not (tmp_path / "x").exists()
+
+
+def test_wise_ft_sweep_chooses_alpha_on_validation(world, tmp_path, monkeypatch, capsys):
+    out_dir = tmp_path / "wise"
+    code, out, err = run_main(
+        monkeypatch, capsys, "wise-ft", "--model", str(world["bert"]), "--delta", str(world["delta0"]),
+        "--validation", str(world["val"]), "--data", f"id={world['id']}", "--data", f"ood={world['ood']}",
+        "--alpha", "0", "--alpha", "0.5", "--alpha", "1", "--out", str(out_dir),
+        "--set", "data.batch_size=8", "--set", "data.max_length=16",
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads((out_dir / "wise_ft.json").read_text())
+    points = report["points"]
+    assert [p["alpha"] for p in points] == [0.0, 0.5, 1.0]
+    best = max(points, key=lambda p: (p["results"]["validation"]["accuracy"], p["alpha"]))
+    assert report["chosen_alpha"] == best["alpha"]
+    assert (out_dir / "wise_ft.png").read_bytes()[:4] == b"\x89PNG"
+    # alpha 1 is the fine-tuned model itself
+    from surgical.eval import evaluate
+    from surgical.recipes.config import DataConfig
+    from surgical.recipes.data import make_batches
+    from surgical.recipes.models import load_model
+
+    model, tok = load_model(world["bert"], "classification")
+    ood = make_batches(DataConfig(path=str(world["ood"]), batch_size=8, max_length=16), "classification", tok)
+    with sg.applied(model, sg.Delta.load(world["delta0"])):
+        tuned = evaluate(model, {"ood": ood}, show=False)["ood"]
+    assert points[-1]["results"]["ood"]["accuracy"] == tuned["accuracy"]
+    assert sg.Delta.load(out_dir / "delta").meta["merge"]["options"]["alpha"] == report["chosen_alpha"]
+
+
+def test_greedy_soup_never_adds_a_candidate_that_lowers_validation(world, tmp_path, monkeypatch, capsys):
+    out_dir = tmp_path / "soup"
+    code, out, err = run_main(
+        monkeypatch, capsys, "soup", str(world["delta0"]), str(world["delta1"]), str(world["delta2"]),
+        "--model", str(world["bert"]), "--validation", str(world["val"]), "--data", f"ood={world['ood']}",
+        "--out", str(out_dir), "--set", "data.batch_size=8", "--set", "data.max_length=16",
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads((out_dir / "soup.json").read_text())
+    best = report["steps"][0]["score"]
+    for step in report["steps"][1:]:
+        assert step["added"] == (step["score"] >= best)
+        best = max(best, step["score"]) if step["added"] else best
+    assert len(report["greedy"]) == sum(s["added"] for s in report["steps"])
+    assert sg.Delta.load(out_dir / "uniform").meta["merge"]["method"] == "linear"
+    assert "greedy soup" in out and "uniform soup" in out
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (
+            lambda w, t: ["merge", "--method", "soup", "--delta", str(w["delta0"]), "--out", str(t / "o")],
+            "unknown merge method 'soup'",
+        ),
+        (
+            lambda w, t: [
+                "merge",
+                "--method",
+                "ties",
+                "--option",
+                "alpha=1",
+                "--delta",
+                str(w["delta0"]),
+                "--out",
+                str(t / "o"),
+            ],
+            "unknown option(s) alpha for merge method 'ties'",
+        ),
+        (
+            lambda w, t: [
+                "merge",
+                "--delta",
+                str(w["delta0"]),
+                "--delta",
+                str(w["delta1"]),
+                "--weight",
+                "1",
+                "--out",
+                str(t / "o"),
+            ],
+            "2 --delta but 1 --weight",
+        ),
+        (lambda w, t: ["merge", "--delta", str(w["delta0"]), "--out", str(w["delta0"])], "would overwrite"),
+        (
+            lambda w, t: [
+                "merge",
+                "--method",
+                "wise_ft",
+                "--delta",
+                str(w["delta0"]),
+                "--delta",
+                str(w["delta1"]),
+                "--out",
+                str(t / "o"),
+            ],
+            "wise_ft merges exactly 1 input(s)",
+        ),
+        (
+            lambda w, t: [
+                "wise-ft",
+                "--model",
+                str(w["bert"]),
+                "--delta",
+                str(w["delta0"]),
+                "--validation",
+                str(w["val"]),
+                "--alpha",
+                "1.5",
+                "--out",
+                str(t / "o"),
+            ],
+            "alpha 1.5 is outside [0, 1]",
+        ),
+        (
+            lambda w, t: [
+                "wise-ft",
+                "--model",
+                str(w["bert"]),
+                "--delta",
+                str(w["delta0"]),
+                "--out",
+                str(t / "o"),
+            ],
+            "no validation set",
+        ),
+        (
+            lambda w, t: [
+                "soup",
+                str(w["delta0"]),
+                "--model",
+                str(w["bert"]),
+                "--validation",
+                str(w["val"]),
+                "--out",
+                str(t / "o"),
+            ],
+            "at least two candidates",
+        ),
+    ],
+)
+def test_bad_merge_input_is_one_line(world, tmp_path, monkeypatch, capsys, argv, needle):
+    code, _, err = run_main(monkeypatch, capsys, *argv(world, tmp_path))
+    assert code == 2 and needle in " ".join(err.split()) and "Traceback" not in err, err
+
+
+def test_merging_deltas_of_different_bases_is_refused_from_the_headers(world, tmp_path, monkeypatch, capsys):
+    other = sg.Delta.load(world["delta1"])
+    other.meta["base"]["fingerprint"] = "0" * 16
+    other.save(tmp_path / "other")
+    code, _, err = run_main(monkeypatch, capsys, "merge", "--delta", str(world["delta0"]), "--delta",
+                            str(tmp_path / "other"), "--out", str(tmp_path / "o"))  # fmt: skip
+    assert code == 2 and "another base model" in err
