@@ -6,16 +6,27 @@ Run directory layout (``cfg.out``)::
     checkpoints/   step-N checkpoints (atomic; the newest is kept), each with the run config that
                    --resume must match (RunConfig.trajectory)
     delta/         the delta (written at the end)
-    summary.json   config, counts, losses, timings, status
+    summary.json   config, counts, losses, timings, status ("done", "nan" or "interrupted")
+
+SIGINT (Ctrl-C) and SIGTERM stop training at the next step boundary: a checkpoint of that step
+is written, summary.json says "interrupted", one line on stderr says how to continue
+(``--resume``), and the process exits with 130 (SIGINT) or 143 (SIGTERM). A resumed run ends
+with the same delta, bit for bit, as an uninterrupted one. Repeated signals while stopping are
+absorbed (the checkpoint write is atomic either way).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import shlex
 import shutil
+import signal
+import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,6 +146,49 @@ def claim_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
         shutil.rmtree(out / f) if (out / f).is_dir() else (out / f).unlink()
 
 
+# exit status of a run stopped by a signal: 128 + the signal's number, as a shell reports it
+SIGNAL_EXIT = {"sigint": 130, "sigterm": 143}
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[Callable[[], str | None]]:
+    """Yields a ``stop`` callback for :func:`surgical.fit`: while inside, SIGINT and SIGTERM
+    only record their name ("sigint"/"sigterm", the first one received), which the callback
+    returns, so training stops at the next step boundary instead of wherever the signal lands.
+
+    The previous handlers are restored on exit. Signal handlers can only be set in the main
+    thread; elsewhere the callback never asks to stop and signals keep their handlers.
+    """
+    received: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+
+    def handler(signum, frame) -> None:
+        received.append("sigint" if signum == signal.SIGINT else "sigterm")
+
+    previous: dict[int, Any] = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+        yield lambda: received[0] if received else None
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+def resume_command(out: Path) -> str:
+    """The command that continues this run: the ``surgical train`` command line it was started
+    with (``--overwrite`` dropped) plus ``--resume``, or a generic hint outside the CLI."""
+    argv = list(sys.argv)
+    name = Path(argv[0]).name if argv else ""
+    via_cli = name == "surgical" or (name == "__main__.py" and Path(argv[0]).parent.name == "surgical")
+    if via_cli and argv[1:2] == ["train"]:
+        args = [a for a in argv[1:] if a not in ("--overwrite", "--resume")]
+        return shlex.join(["surgical", *args, "--resume"])
+    return f"surgical train with the same config and --resume (out {str(out)!r})"
+
+
 def run_train(
     cfg: RunConfig,
     console: Console | None = None,
@@ -151,6 +205,9 @@ def run_train(
     Raises:
         SurgicalError: for bad input, and when the loss became non-finite (after the summary is
             written; the last good checkpoint is kept and the delta is not written).
+        SystemExit: 130 (SIGINT) or 143 (SIGTERM) when a signal stopped training, after the
+            checkpoint of the last step and an "interrupted" summary are written and one line
+            on stderr has said how to resume; no delta is written.
     """
     cfg.check()
     console = console or Console()
@@ -174,42 +231,57 @@ def run_train(
     plan_summary = plan.summary()
     del plan  # its int64 indices (8 bytes per entry) are not needed while training
     console.print(f"training {trainable_count(model):,} values: {plan_summary}")
-    result = fit(
-        model,
-        batches,
-        epochs=t.epochs,
-        max_steps=t.max_steps,
-        lr=t.lr,
-        weight_decay=t.weight_decay,
-        warmup=t.warmup,
-        grad_accum=t.grad_accum,
-        max_grad_norm=t.max_grad_norm,
-        bf16=t.bf16,
-        seed=t.seed,
-        hooks=hooks,
-        checkpoint_dir=out / "checkpoints",
-        checkpoint_every=t.checkpoint_every,
-        resume=t.resume,
-        allow_changes=allow_changes,
-        run_config=cfg.trajectory(),  # a resume with other settings is refused, naming them
-        on_nan="stop",
-        show=show,
-    )
-    summary: dict[str, Any] = {
-        "status": "nan" if result.stopped == "nan" else "done",
-        "steps": result.steps,
-        "resumed_from": result.resumed_from,
-        "trainable": trainable_count(model),
-        "plan": plan_summary,
-        "final_loss": result.losses[-1] if result.losses else None,
-        "losses": result.losses,
-        "seconds": round(result.seconds, 3),
-        "seconds_per_step": round(result.seconds_per_step, 4),
-        "tokens_per_second": round(result.tokens / max(result.seconds, 1e-9), 1),
-        "total_seconds": round(time.perf_counter() - t0, 3),
-        "peak_rss_bytes": peak_rss_bytes(),
-        "config": cfg.to_dict(),
-    }
+    with stop_on_signals() as stop:
+        result = fit(
+            model,
+            batches,
+            epochs=t.epochs,
+            max_steps=t.max_steps,
+            lr=t.lr,
+            weight_decay=t.weight_decay,
+            warmup=t.warmup,
+            grad_accum=t.grad_accum,
+            max_grad_norm=t.max_grad_norm,
+            bf16=t.bf16,
+            seed=t.seed,
+            hooks=hooks,
+            checkpoint_dir=out / "checkpoints",
+            checkpoint_every=t.checkpoint_every,
+            resume=t.resume,
+            allow_changes=allow_changes,
+            run_config=cfg.trajectory(),  # a resume with other settings is refused, naming them
+            on_nan="stop",
+            stop=stop,
+            show=show,
+        )
+        summary: dict[str, Any] = {
+            "status": "nan" if result.stopped == "nan" else "done",
+            "steps": result.steps,
+            "resumed_from": result.resumed_from,
+            "trainable": trainable_count(model),
+            "plan": plan_summary,
+            "final_loss": result.losses[-1] if result.losses else None,
+            "losses": result.losses,
+            "seconds": round(result.seconds, 3),
+            "seconds_per_step": round(result.seconds_per_step, 4),
+            "tokens_per_second": round(result.tokens / max(result.seconds, 1e-9), 1),
+            "total_seconds": round(time.perf_counter() - t0, 3),
+            "peak_rss_bytes": peak_rss_bytes(),
+            "config": cfg.to_dict(),
+        }
+        # still inside: a repeated signal is absorbed until everything is written
+        if result.stopped in SIGNAL_EXIT:
+            ckpt, name = latest_checkpoint(out / "checkpoints"), result.stopped.upper()
+            summary.update(status="interrupted", signal=name, checkpoint=str(ckpt) if ckpt else None)
+            atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+            Console(stderr=True).print(
+                f"interrupted ({name}) at step {result.steps}; checkpoint written to {ckpt}; "
+                f"continue with: {resume_command(out)}",
+                soft_wrap=True,
+                highlight=False,
+                markup=False,
+            )
+            raise SystemExit(SIGNAL_EXIT[result.stopped])
     if result.stopped == "nan":
         ckpt = latest_checkpoint(out / "checkpoints")
         summary["last_good_checkpoint"] = str(ckpt) if ckpt else None

@@ -48,7 +48,7 @@ class TrainHook:
         """Called after each optimizer step (``state.step`` already counts it)."""
 
     def state_dict(self) -> dict[str, Any]:
-        """Picklable state to store in checkpoints."""
+        """State to store in checkpoints: JSON values (str keys, lists, numbers, strings, bools, None)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,8 @@ class FitResult:
         seconds: Wall time of this call.
         losses: Loss of each optimizer step taken in this call (mean over accumulated batches).
         resumed_from: Step of the checkpoint this call resumed from, or None.
-        stopped: Why training stopped early ("nan": a non-finite loss), or None.
+        stopped: Why training stopped early, or None: ``"nan"`` (a non-finite loss), or the
+            reason ``fit``'s ``stop`` callback returned (e.g. ``"sigint"``).
         tokens: Input tokens processed in this call.
     """
 
@@ -84,6 +85,7 @@ def fit(
     allow_changes: Sequence[str] = (),
     run_config: Mapping[str, Any] | None = None,
     on_nan: str = "raise",
+    stop: Callable[[], str | None] | None = None,
     show: bool = True,
 ) -> FitResult:
     """Trains the parameters that require grad with AdamW (warm-up then linear decay).
@@ -117,6 +119,12 @@ def fit(
         on_nan: What a non-finite loss does: ``"raise"`` a SurgicalError, or ``"stop"`` and
             return with ``stopped="nan"``. Either way the bad step is not applied and the last
             checkpoint written is left as it was.
+        stop: Called after each optimizer step; a non-empty string it returns (the reason, e.g.
+            ``"sigint"`` from a signal handler that set a flag) ends training at that step
+            boundary (after the last step there is nothing left to stop, and the run just
+            ends): a checkpoint of that step is written (with ``checkpoint_dir``) exactly as
+            a periodic one would be, so a resume continues as if uninterrupted, and the result
+            has ``stopped`` set to the reason.
 
     Returns:
         A :class:`FitResult`.
@@ -216,9 +224,12 @@ def fit(
                 advance=1,
                 info=f"loss {recent:.3f}  {len(losses) / elapsed:.2f} step/s  {tokens / elapsed:,.0f} tok/s",
             )
+            if stop is not None and state.step < total and (reason := stop()):  # not after the last
+                stopped = str(reason)
+                break
     model.eval()
     if (
-        stopped is None
+        stopped != "nan"  # finished, or stopped on request: the last step is checkpointed
         and checkpoint_dir is not None
         and not (checkpoint_every and state.step % checkpoint_every == 0)
     ):
