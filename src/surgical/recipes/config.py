@@ -84,7 +84,7 @@ class SelectionConfig:
     optimizer_bytes: int | None = _f(None, "AdamW fp32 state budget in bytes (16 per parameter).", low=16)
     granularity: str | None = _f(
         None, "entry, row, column, head, tensor or layer (default: the criterion's own).",
-        choices=("entry", "row", "column", "head", "tensor", "layer"),
+        choices=("entry", "row", "column", "head", "tensor", "layer", "channel", "expert"),
     )  # fmt: skip
     allocation: str = _f(
         "global", "global, per_tensor or per_layer.", choices=("global", "per_tensor", "per_layer")

@@ -13,21 +13,48 @@ from surgical.core.names import head_dim, head_kind
 from surgical.core.patterns import as_patterns, select_names
 from surgical.select.allocate import ALLOCATIONS, allocate
 from surgical.select.criteria import CRITERIA, ScoreContext, default_granularity
+from surgical.select.experts import fused_expert_parameters, is_expert_parameter
 from surgical.select.plan import Plan
 from surgical.select.units import GRANULARITIES, build_units, dense_sizes
 
+#: Modules whose ``weight`` is a default target (besides transformers' ``Conv1D``).
+TARGET_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2): a Linear with an (in, out) weight.
+
+    Recognised by class name and module, so that selection never imports transformers."""
+    return any(
+        c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in type(module).__mro__
+    )
+
 
 def default_targets(model: nn.Module) -> list[str]:
-    """Weights of every ``nn.Linear`` except the output embedding (an LM head, often tied)."""
+    """The weights of every ``nn.Linear``, transformers ``Conv1D`` and ``nn.Conv1d/2d/3d`` except
+    the output embedding (an LM head, often tied), and every fused expert tensor (a 3-D parameter
+    of a module whose name contains ``experts``); never embeddings or norms."""
     out_emb = None
     get_out = getattr(model, "get_output_embeddings", None)
     if callable(get_out):
         out_emb = get_out()
     names = []
     for mname, module in model.named_modules():
-        if isinstance(module, nn.Linear) and module is not out_emb:
+        if module is out_emb or not isinstance(module._parameters.get("weight"), torch.Tensor):
+            continue
+        if isinstance(module, TARGET_MODULES) or is_transposed_linear(module):
             names.append(f"{mname}.weight" if mname else "weight")
-    return names
+    return names + [n for n in fused_expert_parameters(model) if n not in names]
+
+
+def transposed_weights(model: nn.Module, names: Iterable[str]) -> set[str]:
+    """Those of ``names`` that are (in, out) weights (transformers' ``Conv1D``)."""
+    out = set()
+    for name in names:
+        mname, _, pname = name.rpartition(".")
+        if pname == "weight" and is_transposed_linear(model.get_submodule(mname) if mname else model):
+            out.add(name)
+    return out
 
 
 def resolve_targets(
@@ -39,8 +66,9 @@ def resolve_targets(
 ) -> tuple[dict[str, nn.Parameter], list[str]]:
     """Returns the targeted parameters (for entry selection) and the always-trained names.
 
-    Entry targets are ``nn.Linear`` weights: target patterns pick among them (so ``"attention.*"``
-    means the attention projections' weights) and default to :func:`default_targets`. At
+    Targets default to :func:`default_targets`. Target patterns pick among those, the output
+    head, and any other floating parameter of 2+ dimensions that is not an embedding's (a
+    router, a custom module's weight: they train through the generic path). At
     ``granularity="row"`` a pattern may also name an ``nn.Embedding`` weight, whose rows are
     token rows (a tied embedding by the name ``named_parameters()`` reports, e.g.
     ``model.embed_tokens.weight``). ``always`` parameters are removed from the targets. Each
@@ -57,11 +85,18 @@ def resolve_targets(
             linear_weights.append(weight)
         elif granularity == "row" and isinstance(module, nn.Embedding):  # token rows
             linear_weights.append(weight)
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    known = set(linear_weights)
+    linear_weights += [  # not the trainable values a prepared model carries (``<param>_sg_delta``)
+        n for n, p in params.items()
+        if n not in known and p.dim() >= 2 and p.is_floating_point() and id(p) not in embeddings
+        and not n.endswith("_sg_delta")
+    ]  # fmt: skip
     always_names = select_names(params, as_patterns(always), "always")
     target_pats = as_patterns(targets)
     if target_pats:
         noun = "nn.Linear or nn.Embedding weight" if granularity == "row" else "nn.Linear weight"
-        names = select_names(linear_weights, target_pats, "target", noun)
+        names = select_names(linear_weights, target_pats, "target", f"{noun} (nor other weight of 2+ dims)")
     else:
         names = default_targets(model)
     excl = set(select_names(names, as_patterns(exclude), "exclude")) if exclude else set()
@@ -147,15 +182,19 @@ def select(
         density: Fraction of the targeted parameters to select, in (0, 1].
         count: Alternatively, the number of parameters.
         optimizer_bytes: Alternatively, AdamW fp32 optimizer-state bytes (16 per parameter).
-        granularity: ``entry``, ``row``, ``column``, ``head`` (attention projections only),
-            ``tensor`` or ``layer`` (a transformer block); default: the criterion's own
-            (``entry`` for all but ``rgn``: tensor, ``fim_layer``: layer).
+        granularity: ``entry``, ``row`` (dim 0), ``column`` (dim 1 of a 2-D weight), ``channel``
+            (output channels: rows of Linear and convolution weights, columns of a transposed
+            ``Conv1D``), ``head`` (attention projections only), ``expert`` (whole experts of a
+            mixture of experts; other targets are left out), ``tensor`` or ``layer`` (a
+            transformer block); default: the criterion's own (``entry`` for all but ``rgn``:
+            tensor, ``fim_layer``: layer).
         allocation: ``global`` (best units anywhere), ``per_tensor`` (the same share of every
             tensor; raw gradient scores are largest next to the head, and a global top-k can
             spend most of the budget there) or ``per_layer`` (the same share of every block).
         aggregate: A unit's score: ``sum`` (default) or ``mean`` of its entries' scores.
-        targets: Patterns of parameters to select from (default: all Linear weights but the
-            output embedding). With ``granularity="row"`` they may name an ``nn.Embedding``
+        targets: Patterns of parameters to select from (default: the weights of Linear,
+            ``Conv1D`` and convolution modules but the output embedding, and fused expert
+            tensors). With ``granularity="row"`` they may name an ``nn.Embedding``
             weight: its rows are token rows, scored like any row (a tied embedding trains as
             one block for both the lookup and the LM head).
         exclude: Patterns removed from the targets.
@@ -194,6 +233,14 @@ def select(
             raise SurgicalError(
                 "head granularity found no attention projection among the targets", "Use granularity='row'"
             )
+    if granularity == "expert":  # whole experts: other targets have no expert to belong to
+        params = {n: p for n, p in params.items() if is_expert_parameter(n, p.shape)}
+        if not params:
+            raise SurgicalError(
+                "expert granularity found no expert parameter among the targets (fused 3-D tensors of "
+                "an experts module, or the modules of a ModuleList named experts)",
+                "Target the experts, or use another granularity",
+            )
     total = sum(p.numel() for p in params.values())
     k = budget_count(total, density, count, optimizer_bytes)
     if max_batches < 1:
@@ -204,7 +251,7 @@ def select(
     scores = {n: raw[n] for n in params}  # parameter order, not gradient-arrival order: breaks ties
     del raw
     all_params = dict(model.named_parameters())
-    units = build_units(scores, granularity, aggregate, hd)
+    units = build_units(scores, granularity, aggregate, hd, transposed_weights(model, params))
     dense_sizes(units, {n: tuple(p.shape) for n, p in params.items()})
     del scores  # entry units hold the scores now; keep one copy at a time
     taken = allocate(units, k, allocation)
@@ -217,7 +264,8 @@ def select(
             plan.entries[u.name] = chosen
         elif u.kind in ("rows", "cols"):
             idx = (chosen[:, None] * u.block + torch.arange(u.block)[None, :]).reshape(-1)
-            getattr(plan, u.kind)[u.name] = idx
+            for name in u.members or [u.name]:  # an expert: the same rows of its fused tensors
+                getattr(plan, u.kind)[name] = idx.clone()
         else:
             plan.dense.extend(u.members)
     selected = sum(int(taken[u.name].sum()) * u.size for u in units)

@@ -1,8 +1,12 @@
 """Granularity: turning per-entry (or per-tensor) scores into scored *units* of selection.
 
-A unit is what is selected or not as a whole: an entry, a row (dim 0) or a column (dim 1) of a
-2-D weight, an attention head (``head_dim`` rows of a query/key/value weight or columns of an
-output projection), a whole tensor, or a whole transformer block (``layer``). A unit's score is
+A unit is what is selected or not as a whole: an entry, a row (dim 0, of any weight of 2+
+dimensions) or a column (dim 1) of a 2-D weight, an output channel (``channel``: dim 0 of a
+Linear or convolution weight, dim 1 of a transposed one such as GPT-2's ``Conv1D``), an
+attention head (``head_dim`` rows of a query/key/value weight or columns of an output
+projection), one expert of a mixture of experts (``expert``: row e of every fused expert tensor
+of one experts module, or every parameter of expert module ``experts.N``), a whole tensor, or a
+whole transformer block (``layer``). A unit's score is
 the sum of its entries' scores (``aggregate="sum"``, the default: the unit's total importance)
 or their mean (``aggregate="mean"``: importance per trained parameter). For per-tensor criteria
 (0-d scores) a tensor's score is that value and a layer's score is the sum (or mean) over its
@@ -17,8 +21,9 @@ import torch
 
 from surgical.core.errors import SurgicalError
 from surgical.core.names import head_kind, split_layer
+from surgical.select.experts import fused_experts_module, is_fused_expert, listed_expert
 
-GRANULARITIES = ("entry", "row", "column", "head", "tensor", "layer")
+GRANULARITIES = ("entry", "row", "column", "head", "tensor", "layer", "channel", "expert")
 OUTSIDE_LAYERS = "(outside layers)"
 
 
@@ -33,7 +38,8 @@ class Units:
         size: Parameters per unit.
         block: Rows (or columns) per unit: 1, or ``head_dim`` for heads.
         group: The layer the units belong to (for ``per_layer`` allocation).
-        members: Parameter names a ``dense`` unit stands for.
+        members: Parameter names a ``dense`` unit stands for, or the fused expert tensors whose
+            rows a ``rows`` unit of ``expert`` granularity selects together.
     """
 
     name: str
@@ -63,13 +69,23 @@ def _need_entry_scores(name: str, s: torch.Tensor, granularity: str) -> None:
 
 
 def build_units(
-    scores: dict[str, torch.Tensor], granularity: str, aggregate: str = "sum", head_dim: int | None = None
+    scores: dict[str, torch.Tensor],
+    granularity: str,
+    aggregate: str = "sum",
+    head_dim: int | None = None,
+    transposed: set[str] | frozenset[str] = frozenset(),
 ) -> list[Units]:
-    """Scored units for every scored parameter, in parameter order (which breaks score ties)."""
+    """Scored units for every scored parameter, in parameter order (which breaks score ties).
+
+    ``transposed`` names 2-D weights stored as (in, out) (transformers' ``Conv1D``), whose output
+    channels are columns.
+    """
     if granularity not in GRANULARITIES:
         raise SurgicalError(f"unknown granularity {granularity!r}", f"Use one of: {', '.join(GRANULARITIES)}")
     if aggregate not in ("sum", "mean"):
         raise SurgicalError(f"unknown aggregate {aggregate!r}", "Use 'sum' or 'mean'")
+    if granularity == "expert":
+        return _expert_units(scores, aggregate)
     out: list[Units] = []
     layers: dict[str, list[str]] = {}
     for name, s in scores.items():
@@ -80,16 +96,23 @@ def build_units(
             continue
         s = s.detach().to(torch.float64).cpu()  # sums over units are exact enough in fp64
         numel = int(torch.Size(s.shape).numel()) if s.dim() else None
-        if granularity in ("row", "column", "head"):
+        if granularity in ("row", "channel") and not (granularity == "channel" and name in transposed):
+            _need_entry_scores(name, s, granularity)
+            if s.dim() < 2:
+                raise SurgicalError(
+                    f"{granularity} granularity needs weights of 2+ dimensions, {name!r} is {s.dim()}-D",
+                    "Exclude it",
+                )
+            per_row = s.reshape(s.shape[0], -1)
+            out.append(Units(name, "rows", _reduce(per_row, (1,), aggregate), per_row.shape[1], group=group))
+        elif granularity in ("column", "channel", "head"):
             _need_entry_scores(name, s, granularity)
             if s.dim() != 2:
                 raise SurgicalError(
                     f"{granularity} granularity needs 2-D weights, {name!r} is not", "Exclude it"
                 )
             rows, cols = s.shape
-            if granularity == "row":
-                out.append(Units(name, "rows", _reduce(s, (1,), aggregate), cols, group=group))
-            elif granularity == "column":
+            if granularity in ("column", "channel"):
                 out.append(Units(name, "cols", _reduce(s, (0,), aggregate), rows, group=group))
             else:
                 out.append(_head_units(name, s, head_dim, aggregate, group))
@@ -113,6 +136,53 @@ def build_units(
             size = sum(p.numel() for p in parts)
             value = value if aggregate == "sum" else value / size
         out.append(Units(group, "dense", value.reshape(1), size, group=group, members=names))
+    return out
+
+
+def _expert_units(scores: dict[str, torch.Tensor], aggregate: str) -> list[Units]:
+    """One unit per expert: row e of every fused expert tensor of one experts module (a ``rows``
+    unit whose ``members`` are those tensors), or every parameter of a listed expert module
+    ``...experts.N`` (a ``dense`` unit)."""
+    fused: dict[str, list[str]] = {}
+    listed: dict[str, list[str]] = {}
+    for name, s in scores.items():
+        if s.dim() and is_fused_expert(name, tuple(s.shape)):
+            fused.setdefault(fused_experts_module(name), []).append(name)
+        elif listed_expert(name) is not None:
+            listed.setdefault(listed_expert(name), []).append(name)
+        else:
+            _need_entry_scores(name, s, "expert")  # a fused tensor scored as a whole has no rows
+            raise SurgicalError(
+                f"{name!r} belongs to no expert (expert granularity selects whole experts of a "
+                "mixture of experts)",
+                "Target expert parameters only, or use another granularity",
+            )
+    out: list[Units] = []
+    for module, names in fused.items():
+        parts = [scores[n].detach().to(torch.float64).cpu() for n in names]
+        experts = {p.shape[0] for p in parts}
+        if len(experts) != 1:
+            raise SurgicalError(
+                f"the fused expert tensors of {module!r} disagree on the number of experts "
+                f"({sorted(experts)})",
+                "Target the tensors of one layout only",
+            )
+        value = sum(p.reshape(p.shape[0], -1).sum(1) for p in parts)
+        size = sum(p[0].numel() for p in parts)
+        value = value if aggregate == "sum" else value / size
+        group = split_layer(names[0])[0] or OUTSIDE_LAYERS
+        out.append(Units(module, "rows", value, size, group=group, members=names))
+    for module, names in listed.items():
+        parts = [scores[n].detach().to(torch.float64).cpu() for n in names]
+        if any(p.dim() == 0 for p in parts):
+            values = torch.stack([p.reshape(()) if p.dim() == 0 else p.sum() for p in parts])
+            value, size = (values.sum() if aggregate == "sum" else values.mean()), 0
+        else:
+            size = sum(p.numel() for p in parts)
+            value = sum(p.sum() for p in parts)
+            value = value if aggregate == "sum" else value / size
+        group = split_layer(names[0])[0] or OUTSIDE_LAYERS
+        out.append(Units(module, "dense", value.reshape(1), size, group=group, members=names))
     return out
 
 
