@@ -31,7 +31,7 @@ def extract(model: nn.Module, **meta) -> Delta:
     sync(model)
     delta = Delta()
     for name, module in info.entry_modules.items():
-        state = state_of(module)
+        state = state_of(module, name.rpartition(".")[2])
         kind, idx, values = state.export(module)
         delta.shapes[name] = tuple(getattr(module, state.param_name).shape)
         if kind == "entries":

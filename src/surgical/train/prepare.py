@@ -6,6 +6,9 @@ After ``prepare(model, plan)``:
   trainable values (see :mod:`surgical.train.sparse`);
 - planned rows/columns train as a dense block (:mod:`surgical.train.structured`); token rows of
   an embedding tied to the LM head as one block read by both modules (:mod:`surgical.train.tied`);
+- entries, rows or columns of any other floating parameter (GPT-2's ``Conv1D``, convolutions,
+  fused MoE expert tensors) train through the generic path (:mod:`surgical.train.generic`): the
+  same in-place scheme, with the module's own dense gradient of that tensor gathered and freed;
 - the plan's dense parameters train as usual.
 
 A tied parameter may be named in the plan by any of its names; it trains under the one
@@ -28,6 +31,7 @@ from surgical.core.fingerprint import BaseOverlay
 from surgical.core.marks import Saved, is_prepared, prepared_record, set_prepared
 from surgical.core.patterns import as_patterns, matches
 from surgical.select.plan import Plan
+from surgical.train.generic import attach_generic, generic_refusal
 from surgical.train.sparse import attach_entries
 from surgical.train.state import delta_attr, detach, state_of
 from surgical.train.structured import attach_block
@@ -72,6 +76,11 @@ def new_parameters(model: nn.Module, names: list[str], new: str | Sequence[str] 
     return [n for n in names if any(matches(n, p) for p in patterns)]
 
 
+def _pname(name: str) -> str:
+    """A parameter's name inside its module (``"weight"`` of ``"layers.0.fc.weight"``)."""
+    return name.rpartition(".")[2]
+
+
 def _module_of(model: nn.Module, param_name: str) -> tuple[nn.Module, str]:
     mname, _, pname = param_name.rpartition(".")
     try:
@@ -99,8 +108,14 @@ def check_plan(model: nn.Module, plan: Plan) -> None:
                 "Use the plan with the base model it was selected on",
             )
     for name in plan.sparse_names:
-        idx = plan.entry_indices(name)
-        if idx.numel() and int(idx.max()) >= params[name].numel():
+        shape = tuple(params[name].shape)
+        if name in plan.entries:
+            idx, bound = plan.entries[name], params[name].numel()
+        elif name in plan.rows:  # a 0-d parameter has no rows: refused with the reason by _kind
+            idx, bound = plan.rows[name], shape[0] if shape else None
+        else:
+            idx, bound = plan.cols[name], shape[1] if len(shape) >= 2 else None
+        if bound is not None and idx.numel() and (int(idx.max()) >= bound or int(idx.min()) < 0):
             raise SurgicalError(f"plan indices for {name!r} are out of range", "Re-run selection")
 
 
@@ -157,8 +172,13 @@ def _plain_lookup(module: nn.Embedding, name: str) -> nn.Embedding:
 
 
 def _kind(model: nn.Module, plan: Plan, name: str) -> tuple[str, nn.Module]:
-    """How a sparse plan entry trains ("entries", "rows", "cols", "tied_rows") and the module
-    that holds its state, or a SurgicalError."""
+    """How a sparse plan entry trains and the module that holds its state, or a SurgicalError.
+
+    Specialised paths: ``"entries"``, ``"rows"``, ``"cols"`` of an ``nn.Linear`` weight, token
+    ``"rows"`` of an ``nn.Embedding``, ``"tied_rows"`` of an embedding tied to an LM head. Any
+    other floating parameter trains through the generic path (:mod:`surgical.train.generic`):
+    ``"generic_entries"``, ``"generic_rows"``, ``"generic_cols"``.
+    """
     module, pname = _module_of(model, name)
     kind = "rows" if name in plan.rows else "cols" if name in plan.cols else "entries"
     users = weight_users(model, module.weight) if pname == "weight" else [module]
@@ -166,12 +186,31 @@ def _kind(model: nn.Module, plan: Plan, name: str) -> tuple[str, nn.Module]:
         return "tied_rows", _plain_lookup(tied_row_owner(name, users, kind), name)
     if isinstance(module, nn.Embedding) and pname == "weight" and kind == "rows":
         return kind, _plain_lookup(module, name)  # token rows
-    if not isinstance(module, nn.Linear) or pname != "weight":
+    if isinstance(module, nn.Linear) and pname == "weight":
+        return kind, module
+    why = generic_refusal(model, module, pname, kind)
+    if why is not None:
         raise SurgicalError(
-            f"entries, rows and columns train nn.Linear weights (and nn.Embedding rows), not {name!r}",
-            "Train that parameter densely (list it under 'always')",
+            f"{kind} of {name!r} cannot train sparsely: {why}",
+            "Train that parameter densely (list it under 'always'), or leave it out of the plan",
         )
-    return kind, module
+    return f"generic_{kind}", module
+
+
+def _one_path_per_module(kinds: dict[str, tuple[str, nn.Module]]) -> None:
+    """A module whose forward a specialised path replaces trains no other parameter sparsely."""
+    by_module: dict[int, list[str]] = {}
+    for name, (_, module) in kinds.items():
+        by_module.setdefault(id(module), []).append(name)
+    for names in by_module.values():
+        special = [n for n in names if not kinds[n][0].startswith("generic_")]
+        if special and len(names) > 1:
+            other = next(n for n in names if n != special[0])
+            raise SurgicalError(
+                f"{special[0]!r} and {other!r} belong to one module, and only one parameter of an "
+                "nn.Linear or nn.Embedding trains sparsely",
+                f"Train {other!r} densely (list it under 'always')",
+            )
 
 
 def prepare(model: nn.Module, plan: Plan, new: str | Sequence[str] | None = "auto") -> nn.Module:
@@ -193,6 +232,7 @@ def prepare(model: nn.Module, plan: Plan, new: str | Sequence[str] | None = "aut
     plan = canonical_plan(model, plan)
     check_plan(model, plan)
     kinds = {name: _kind(model, plan, name) for name in plan.sparse_names}  # validate all first
+    _one_path_per_module(kinds)
     for p in model.parameters():
         p.requires_grad_(False)
     entry_modules: dict[str, nn.Module] = {}
@@ -204,6 +244,10 @@ def prepare(model: nn.Module, plan: Plan, new: str | Sequence[str] | None = "aut
             attach_block(module, plan.rows[name], axis=0)
         elif kind == "cols":
             attach_block(module, plan.cols[name], axis=1)
+        elif kind.startswith("generic_"):  # any other parameter: its dense gradient, gathered
+            kind = kind[len("generic_") :]
+            sel = plan.entries[name] if kind == "entries" else getattr(plan, kind)[name]
+            attach_generic(module, name.rpartition(".")[2], kind, sel)
         else:
             attach_entries(module, plan.entries[name])
         entry_modules[name] = module
@@ -230,15 +274,15 @@ def sync(model: nn.Module) -> None:
 
     Forward passes do this lazily; call it before reading weights or a state dict directly.
     """
-    for module in prepared(model).entry_modules.values():
-        state_of(module).sync(module)
+    for name, module in prepared(model).entry_modules.items():
+        state_of(module, _pname(name)).sync(module)
 
 
 def unprepare(model: nn.Module) -> nn.Module:
     """Removes the delta parameters, leaving a plain model that holds the fine-tuned weights."""
     info = prepared(model)
-    for module in info.entry_modules.values():
-        detach(module)
+    for name, module in info.entry_modules.items():
+        detach(module, _pname(name))
     set_prepared(model, None)
     return model
 
@@ -249,7 +293,7 @@ def base_overlay(model: nn.Module) -> BaseOverlay:
     info = prepared(model)
     values = {}
     for name, module in info.entry_modules.items():
-        saved = state_of(module).saved_base(module)
+        saved = state_of(module, _pname(name)).saved_base(module)
         if saved is not None:
             values[name] = saved
     for name, base in info.dense_base.items():  # densely trained: the whole base tensor

@@ -173,13 +173,12 @@ class Regrow(TrainHook):
         self.every, self.fraction, self.seed = every, fraction, seed
         self.changes = 0  # entries moved so far
 
-    def _modules(self, state: StepState) -> list[nn.Module]:
-        return [m for _, m, st in stateful_modules(state.model) if st.kind == "entries"]
+    def _states(self, state: StepState) -> list[tuple[nn.Module, Any]]:
+        return [(m, st) for _, m, st in stateful_modules(state.model) if st.kind == "entries"]
 
     def _arm(self, state: StepState) -> None:
         arm = (state.step + 1) % self.every == 0
-        for m in self._modules(state):
-            st = state_of(m)
+        for _, st in self._states(state):
             st.accumulate = arm
             st.grad_acc = None
 
@@ -188,8 +187,8 @@ class Regrow(TrainHook):
 
     def on_step_end(self, state: StepState) -> None:
         if state.step % self.every == 0:
-            for m in self._modules(state):
-                self.changes += regrow_module(m, state.optimizer, self.fraction)
+            for m, st in self._states(state):
+                self.changes += regrow_module(m, state.optimizer, self.fraction, st)
         self._arm(state)
 
     def config(self) -> dict[str, Any]:
@@ -203,9 +202,12 @@ class Regrow(TrainHook):
 
 
 @torch.no_grad()
-def regrow_module(module: nn.Module, optimizer: torch.optim.Optimizer, fraction: float) -> int:
-    """One prune-and-regrow update of an entry-sparse Linear; returns the number of entries moved."""
-    st = state_of(module)
+def regrow_module(
+    module: nn.Module, optimizer: torch.optim.Optimizer, fraction: float, st: Any | None = None
+) -> int:
+    """One prune-and-regrow update of an entry-sparse parameter of ``module`` (its state ``st``,
+    default: the module's first); returns the number of entries moved."""
+    st = st if st is not None else state_of(module)
     acc, st.grad_acc, st.accumulate = st.grad_acc, None, False
     delta, idx, orig = st.delta(module), st.indices(module), st.orig(module)
     k = idx.numel()

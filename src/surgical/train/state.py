@@ -1,7 +1,9 @@
 """The trainable-state protocol: what ``prepare`` attaches to a module, and how others read it.
 
-Every module with a sparsely trained weight carries one state object (entries, a row/column
-block, or the LM head of a tied embedding, which reads its owner's block). The rest of the
+Every sparsely trained parameter carries one state object on the module that holds it (entries,
+a row/column block, or the LM head of a tied embedding, which reads its owner's block); a module
+usually holds one, and one holding several generically trained parameters (the fused expert
+tensors of an MoE layer, :mod:`surgical.train.generic`) one per parameter. The rest of the
 library (``extract``, checkpoints, run identity, the base fingerprint of a prepared model,
 schedules) goes through the methods declared here and never tells the kinds apart by class.
 
@@ -30,7 +32,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from surgical.core.marks import Saved
 
-_ATTR = "_sg_entries"
+_ATTR = "_sg_entries"  # the module's (first) state
+_STATES = "_sg_states"  # parameter name -> state
 DELTA_SUFFIX = "sg_delta"
 
 
@@ -78,24 +81,47 @@ class SparseState(ABC):
         self.sync(module)
 
 
-def state_of(module: nn.Module) -> SparseState | None:
-    """The state ``prepare`` attached to ``module``, or None."""
-    return module.__dict__.get(_ATTR)
+def states_of(module: nn.Module) -> dict[str, SparseState]:
+    """Parameter name -> state for every parameter of ``module`` that carries one (most modules
+    carry at most one; a module holding several generically trained parameters, such as the
+    fused expert tensors of an MoE layer, carries one per parameter)."""
+    return module.__dict__.get(_STATES, {})
+
+
+def state_of(module: nn.Module, param_name: str | None = None) -> SparseState | None:
+    """The state ``prepare`` attached to ``module`` for ``param_name`` (default: its first, for a
+    module that carries one), or None."""
+    states = states_of(module)
+    if param_name is None:
+        return next(iter(states.values()), None)
+    return states.get(param_name)
 
 
 def set_state(module: nn.Module, state: SparseState | None) -> None:
-    """Attaches (or, with None, removes) a module's state."""
+    """Attaches a module's state (beside any of its other parameters'), or with None removes
+    every state of the module."""
     if state is None:
+        module.__dict__.pop(_STATES, None)
         module.__dict__.pop(_ATTR, None)
+        return
+    module.__dict__.setdefault(_STATES, {})[state.param_name] = state
+    module.__dict__[_ATTR] = state_of(module)  # the specialised forwards read the one state here
+
+
+def _drop_state(module: nn.Module, param_name: str) -> None:
+    states = states_of(module)
+    states.pop(param_name, None)
+    if states:
+        module.__dict__[_ATTR] = state_of(module)
     else:
-        module.__dict__[_ATTR] = state
+        set_state(module, None)
 
 
 def stateful_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, SparseState]]:
-    """(module name, module, state) for every module of ``model`` that carries a state."""
+    """(module name, module, state) for every state of ``model`` (a module with several states
+    appears once per state)."""
     for name, module in model.named_modules():
-        state = state_of(module)
-        if state is not None:
+        for state in list(states_of(module).values()):
             yield name, module, state
 
 
@@ -116,14 +142,12 @@ _HOOK_HANDLE = None
 
 def _mark_dirty_after_step(optimizer, args, kwargs) -> None:
     for module in list(_LIVE):
-        state = state_of(module)
-        if state is not None:
+        for state in states_of(module).values():
             state.dirty = True
 
 
 def _sync_before_state_dict(module, prefix, keep_vars) -> None:
-    state = state_of(module)
-    if state is not None:
+    for state in list(states_of(module).values()):
         state.sync(module)
 
 
@@ -132,10 +156,19 @@ def install(module: nn.Module, state: SparseState, forward) -> None:
 
     The weight is kept in sync with the state after every optimizer step (a global step
     post-hook marks every state dirty: fused AdamW, the HF Trainer's default, writes parameters
-    without bumping their version counter) and before every ``state_dict()``.
+    without bumping their version counter) and before every ``state_dict()``. A module that
+    already carries a state (another of its parameters) only gains ``state``: its forward is
+    routed once, and ``forward`` must be the one it was routed through.
     """
     global _HOOK_HANDLE
+    if states_of(module):
+        if module.__dict__["forward"].__func__ is not forward:
+            raise ValueError("a module's parameters must all train through the same forward")
+        set_state(module, state)
+        return
     set_state(module, state)
+    if "forward" in module.__dict__:  # an instance forward set by someone else: restored at uninstall
+        module._sg_prev_forward = module.__dict__["forward"]
     module.forward = forward.__get__(module)  # a bound method on this instance only
     module._sg_sd_hook = module.register_state_dict_pre_hook(_sync_before_state_dict)
     _LIVE.add(module)
@@ -143,23 +176,31 @@ def install(module: nn.Module, state: SparseState, forward) -> None:
         _HOOK_HANDLE = register_optimizer_step_post_hook(_mark_dirty_after_step)
 
 
-def uninstall(module: nn.Module) -> None:
-    """Undoes :func:`install`: removes the state, its trainable parameter and its buffers."""
-    state = state_of(module)
+def uninstall(module: nn.Module, param_name: str | None = None) -> None:
+    """Undoes :func:`install` for ``param_name`` (default: the module's first state): removes the
+    state, its trainable parameter and its buffers; the module's forward goes back to what it
+    was once no state is left."""
+    state = state_of(module, param_name)
     for suffix in (DELTA_SUFFIX, *state.buffers):
         if hasattr(module, f"{state.param_name}_{suffix}"):
             delattr(module, f"{state.param_name}_{suffix}")
-    set_state(module, None)
+    _drop_state(module, state.param_name)
+    if states_of(module):
+        return
     del module.forward  # back to the class's forward
+    prev = module.__dict__.pop("_sg_prev_forward", None)
+    if prev is not None:
+        module.forward = prev
     module._sg_sd_hook.remove()
     del module._sg_sd_hook
     _LIVE.discard(module)
 
 
-def detach(module: nn.Module) -> None:
-    """Writes the trained values into the weight for good and removes the module's state."""
-    state = state_of(module)
+def detach(module: nn.Module, param_name: str | None = None) -> None:
+    """Writes the trained values of ``param_name`` (default: the module's first state) into the
+    parameter for good and removes its state."""
+    state = state_of(module, param_name)
     state.sync(module)
     for other in getattr(state, "tied", ()):  # modules that only read this state (a tied LM head)
         uninstall(other)
-    uninstall(module)
+    uninstall(module, state.param_name)
