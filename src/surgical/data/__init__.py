@@ -1,7 +1,25 @@
-"""Data loading and batching."""
+"""Data loading and batching; example, token and online-batch selection."""
 
+from surgical.data.criteria import DATA_CRITERIA, DataContext
+from surgical.data.examples import as_examples, batches_of, collate, data_hash, split_batches
 from surgical.data.instruct import instruction_batches, load_instructions
+from surgical.data.select_data import DataSelection, select_data
 from surgical.data.table import load_table
 from surgical.data.text import TextExamples, text_batches
 
-__all__ = ["TextExamples", "instruction_batches", "load_instructions", "load_table", "text_batches"]
+__all__ = [
+    "DATA_CRITERIA",
+    "DataContext",
+    "DataSelection",
+    "TextExamples",
+    "as_examples",
+    "batches_of",
+    "collate",
+    "data_hash",
+    "instruction_batches",
+    "load_instructions",
+    "load_table",
+    "select_data",
+    "split_batches",
+    "text_batches",
+]

@@ -1,0 +1,104 @@
+"""``trajectory`` (after S2L): cluster the examples by their loss trajectories over a short proxy
+training, then sample evenly across the clusters.
+
+A copy of the model is tuned for ``steps`` AdamW steps on all the examples (see
+:func:`surgical.data.losses.brief_tune`); the loss of every example is recorded at
+``checkpoints`` evenly spaced steps from 0 (the model itself) to ``steps``. The trajectories are
+clustered by a seeded k-means into ``clusters`` groups, and the budget is spread over the
+groups, smallest first: each takes an equal share of what is left (all of it if it is smaller),
+chosen at random within it, so small groups (rare behaviours) are kept whole and the budget is
+met exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from surgical.core.registry import Option
+from surgical.data.criteria import DATA_CRITERIA, DataContext
+from surgical.data.examples import batches_of
+from surgical.data.loss_score import LR
+from surgical.data.losses import brief_tune
+
+
+def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iters: int = 100) -> torch.Tensor:
+    """Cluster labels ``(N,)`` of the rows of ``x`` by Lloyd's k-means with k-means++ seeding.
+
+    At most ``k`` clusters (fewer when ``x`` has fewer distinct rows); labels are 0..k'-1. An
+    emptied cluster keeps its centre. Deterministic for a given generator state.
+    """
+    x = x.double()
+    n = x.shape[0]
+    k = max(1, min(k, n))
+    centres = [int(torch.randint(n, (1,), generator=generator))]
+    d2 = ((x - x[centres[0]]) ** 2).sum(1)
+    while len(centres) < k:
+        total = float(d2.sum())
+        if total <= 0:  # every row coincides with a centre: no more distinct clusters
+            break
+        nxt = int(torch.multinomial(d2 / total, 1, generator=generator))
+        centres.append(nxt)
+        d2 = torch.minimum(d2, ((x - x[nxt]) ** 2).sum(1))
+    c = x[centres].clone()
+    labels = torch.cdist(x, c).argmin(1)
+    for _ in range(iters):
+        for j in range(c.shape[0]):
+            members = labels == j
+            if bool(members.any()):
+                c[j] = x[members].mean(0)
+        new = torch.cdist(x, c).argmin(1)
+        if torch.equal(new, labels):
+            break
+        labels = new
+    _, labels = torch.unique(labels, return_inverse=True)
+    return labels
+
+
+def sample_evenly(labels: torch.Tensor, budget: int, generator: torch.Generator) -> torch.Tensor:
+    """``min(budget, N)`` positions spread over the clusters in ``labels``, smallest cluster first,
+    each taking ``ceil(left / clusters left)`` (or all of it), at random within it."""
+    groups = [torch.nonzero(labels == j).flatten() for j in torch.unique(labels).tolist()]
+    groups.sort(key=lambda g: (g.numel(), int(g[0])))
+    left = min(budget, int(labels.numel()))
+    chosen = []
+    for i, group in enumerate(groups):
+        share = min(group.numel(), -(-left // (len(groups) - i)))
+        chosen.append(group[torch.randperm(group.numel(), generator=generator)[:share]])
+        left -= share
+    return torch.cat(chosen)
+
+
+@DATA_CRITERIA.register(
+    "trajectory",
+    help="k-means on loss trajectories of a short proxy training, sampled evenly (S2L-like)",
+    options=[
+        Option("steps", int, 50, "AdamW steps of the proxy training", low=1),
+        LR,
+        Option("checkpoints", int, 5, "points of the trajectory (step 0 to steps, evenly spaced)", low=2),
+        Option("clusters", int, 10, "k-means clusters", low=1),
+    ],
+    needs_model=True,
+    picks=True,
+)
+def trajectory_picks(ctx: DataContext) -> torch.Tensor:
+    """Positions of ``ctx.budget`` examples sampled evenly across loss-trajectory clusters."""
+    steps, points = ctx.options["steps"], ctx.options["checkpoints"]
+    at = sorted({round(i * steps / (points - 1)) for i in range(points)})
+    record: list[torch.Tensor] = []
+
+    def on_step(step: int, tuned: nn.Module) -> None:
+        if step in at:
+            record.append(ctx.losses(tuned, what=f"losses at step {step}"))
+
+    brief_tune(
+        ctx.model,
+        batches_of(ctx.examples, None, ctx.batch_size, ctx.pad_id),
+        steps=steps,
+        lr=ctx.options["lr"],
+        seed=ctx.seed,
+        on_step=on_step,
+    )
+    labels = kmeans(torch.stack(record, 1), ctx.options["clusters"], ctx.generator(1))
+    ctx.info["clusters"] = int(labels.max()) + 1
+    return sample_evenly(labels, ctx.budget, ctx.generator(2))
