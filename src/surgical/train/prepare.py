@@ -6,7 +6,9 @@ After ``prepare(model, plan)``:
   trainable values (see :mod:`surgical.train.sparse`);
 - planned rows/columns train as a dense block (:mod:`surgical.train.structured`); token rows of
   an embedding tied to the LM head as one block read by both modules (:mod:`surgical.train.tied`);
-- entries, rows or columns of any other floating parameter (GPT-2's ``Conv1D``, convolutions,
+- entries of a transformers ``Conv1D`` weight (GPT-2) like those of a Linear weight
+  (:mod:`surgical.train.conv1d`);
+- entries, rows or columns of any other floating parameter (``Conv1D`` rows and columns, convolutions,
   fused MoE expert tensors) train through the generic path (:mod:`surgical.train.generic`): the
   same in-place scheme, with the module's own dense gradient of that tensor gathered and freed;
 - the plan's dense parameters train as usual.
@@ -30,7 +32,9 @@ from surgical.core.errors import SurgicalError
 from surgical.core.fingerprint import BaseOverlay
 from surgical.core.marks import Saved, is_prepared, prepared_record, set_prepared
 from surgical.core.patterns import as_patterns, matches
+from surgical.select.api import is_transposed_linear
 from surgical.select.plan import Plan
+from surgical.train.conv1d import attach_conv1d_entries
 from surgical.train.generic import attach_generic, generic_refusal
 from surgical.train.sparse import attach_entries
 from surgical.train.state import delta_attr, detach, state_of
@@ -175,7 +179,8 @@ def _kind(model: nn.Module, plan: Plan, name: str) -> tuple[str, nn.Module]:
     """How a sparse plan entry trains and the module that holds its state, or a SurgicalError.
 
     Specialised paths: ``"entries"``, ``"rows"``, ``"cols"`` of an ``nn.Linear`` weight, token
-    ``"rows"`` of an ``nn.Embedding``, ``"tied_rows"`` of an embedding tied to an LM head. Any
+    ``"rows"`` of an ``nn.Embedding``, ``"tied_rows"`` of an embedding tied to an LM head,
+    ``"conv1d_entries"`` of a transformers ``Conv1D`` weight (:mod:`surgical.train.conv1d`). Any
     other floating parameter trains through the generic path (:mod:`surgical.train.generic`):
     ``"generic_entries"``, ``"generic_rows"``, ``"generic_cols"``.
     """
@@ -188,6 +193,8 @@ def _kind(model: nn.Module, plan: Plan, name: str) -> tuple[str, nn.Module]:
         return kind, _plain_lookup(module, name)  # token rows
     if isinstance(module, nn.Linear) and pname == "weight":
         return kind, module
+    if is_transposed_linear(module) and pname == "weight" and kind == "entries":
+        return "conv1d_entries", module  # GPT-2's Conv1D: the sampled entry gradient
     why = generic_refusal(model, module, pname, kind)
     if why is not None:
         raise SurgicalError(
@@ -208,7 +215,7 @@ def _one_path_per_module(kinds: dict[str, tuple[str, nn.Module]]) -> None:
             other = next(n for n in names if n != special[0])
             raise SurgicalError(
                 f"{special[0]!r} and {other!r} belong to one module, and only one parameter of an "
-                "nn.Linear or nn.Embedding trains sparsely",
+                "nn.Linear, Conv1D or nn.Embedding trains sparsely",
                 f"Train {other!r} densely (list it under 'always')",
             )
 
@@ -244,6 +251,8 @@ def prepare(model: nn.Module, plan: Plan, new: str | Sequence[str] | None = "aut
             attach_block(module, plan.rows[name], axis=0)
         elif kind == "cols":
             attach_block(module, plan.cols[name], axis=1)
+        elif kind == "conv1d_entries":
+            attach_conv1d_entries(module, plan.entries[name])
         elif kind.startswith("generic_"):  # any other parameter: its dense gradient, gathered
             kind = kind[len("generic_") :]
             sel = plan.entries[name] if kind == "entries" else getattr(plan, kind)[name]

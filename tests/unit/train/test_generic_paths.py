@@ -23,7 +23,8 @@ import surgical as sg
 from conftest import lm_batches
 from surgical.core.errors import SurgicalError
 from surgical.select.plan import Plan
-from surgical.train.generic import GenericBlockState, GenericEntryState
+from surgical.train.conv1d import Conv1DEntryState
+from surgical.train.generic import GenericBlockState, GenericEntryState, attach_generic
 from surgical.train.hooks import TrainHook
 from surgical.train.schedules import Regrow
 from surgical.train.state import state_of, states_of
@@ -277,6 +278,44 @@ def test_conv1d_gpt2_gradients_equal_dense_gradient_gathered(kind):
             expect = want[n][:, sel[n]]
         torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-7)
         assert module.weight.grad is None and not module.weight.requires_grad
+
+
+@pytest.mark.parametrize("count", [5, 2000])  # the sampled product, and the dense product gathered
+def test_conv1d_entries_take_the_sampled_path_and_match_the_generic_one(count):
+    model = tiny_gpt2()
+    batch = lm_batches(n=1)[0]
+    name = "transformer.h.0.mlp.c_fc.weight"  # (32, 128)
+    idx = torch.randperm(32 * 128, generator=torch.Generator().manual_seed(0))[:count].sort().values
+    want = _dense_grads(model, [name], batch)[name].reshape(-1)[idx]
+    generic = copy.deepcopy(model)
+    sg.prepare(model, _plan(model, entries={name: idx}))
+    module = model.get_submodule(name.rpartition(".")[0])
+    assert isinstance(state_of(module), Conv1DEntryState)
+    model(**batch).loss.backward()
+    torch.testing.assert_close(module.weight_sg_delta.grad, want, rtol=1e-5, atol=1e-7)
+    assert (state_of(module).pattern is not None) == (count == 5)
+    gmod = generic.get_submodule(name.rpartition(".")[0])
+    for p in generic.parameters():
+        p.requires_grad_(False)
+    attach_generic(gmod, "weight", "entries", idx)  # the generic path on the same weight
+    generic(**batch).loss.backward()
+    torch.testing.assert_close(gmod.weight_sg_delta.grad, want, rtol=1e-5, atol=1e-7)
+
+
+def test_regrow_on_conv1d_entries_accumulates_in_the_weight_layout():
+    model = tiny_gpt2()
+    batches = lm_batches(n=4)
+    name = "transformer.h.1.attn.c_proj.weight"
+    plan = _plan(model, entries={name: torch.arange(0, 1024, 8)})
+    base = copy.deepcopy(model)
+    sg.prepare(model, plan)
+    regrow = Regrow(every=2, fraction=0.5)
+    sg.fit(model, batches, max_steps=4, lr=1e-2, hooks=[regrow], show=False)
+    assert regrow.changes > 0
+    delta = sg.extract(model)
+    fresh = sg.apply(copy.deepcopy(base), delta)
+    sg.unprepare(model)
+    assert torch.equal(fresh.get_parameter(name), model.get_parameter(name))
 
 
 def test_conv2d_conv1d_conv3d_gradients_equal_dense_gradient_gathered():
