@@ -6,9 +6,11 @@ from surgical.data.instruct import instruction_batches, load_instructions
 from surgical.data.select_data import DataSelection, select_data
 from surgical.data.table import load_table
 from surgical.data.text import TextExamples, text_batches
+from surgical.data.tokens import TOKEN_CRITERIA, token_mask, token_report
 
 __all__ = [
     "DATA_CRITERIA",
+    "TOKEN_CRITERIA",
     "DataContext",
     "DataSelection",
     "TextExamples",
@@ -22,4 +24,6 @@ __all__ = [
     "select_data",
     "split_batches",
     "text_batches",
+    "token_mask",
+    "token_report",
 ]
