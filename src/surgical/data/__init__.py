@@ -3,6 +3,7 @@
 from surgical.data.criteria import DATA_CRITERIA, DataContext
 from surgical.data.examples import as_examples, batches_of, collate, data_hash, split_batches
 from surgical.data.instruct import instruction_batches, load_instructions
+from surgical.data.online import OnlineSelector
 from surgical.data.select_data import DataSelection, select_data
 from surgical.data.table import load_table
 from surgical.data.text import TextExamples, text_batches
@@ -13,6 +14,7 @@ __all__ = [
     "TOKEN_CRITERIA",
     "DataContext",
     "DataSelection",
+    "OnlineSelector",
     "TextExamples",
     "as_examples",
     "batches_of",
