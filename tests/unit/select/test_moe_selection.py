@@ -14,7 +14,7 @@ from conftest import lm_batches
 from surgical.core.errors import SurgicalError
 from surgical.recipes.config import SelectionConfig
 from surgical.select.api import default_targets, resolve_targets
-from surgical.select.experts import is_expert_parameter, listed_expert
+from surgical.select.experts import esft_plan, expert_routing, is_expert_parameter, listed_expert
 from surgical.select.units import GRANULARITIES, build_units
 
 EXPERTS = 4
@@ -241,3 +241,92 @@ def test_expert_granularity_needs_experts():
 def test_the_selection_config_accepts_the_new_granularities():
     for g in ("channel", "expert"):
         assert SelectionConfig(granularity=g).granularity == g
+
+
+# ---------------------------------------------------------------------------- ESFT
+
+
+def test_esft_picks_the_planted_fused_expert_and_trains_only_its_rows():
+    planted = 3
+    model = _plant_mixtral(planted)
+    routing = expert_routing(model, lm_batches(n=2))
+    assert set(routing) == {f"model.layers.{i}.mlp.experts" for i in range(2)}
+    for shares in routing.values():
+        want = torch.zeros(EXPERTS, dtype=torch.float64)
+        want[planted] = 1.0
+        assert torch.equal(shares["token"], want) and torch.equal(shares["gate"], want)
+    for score in ("gate", "token"):
+        plan = esft_plan(model, lm_batches(n=2), score=score, share=0.2)
+        assert len(plan.rows) == 4 and not plan.dense and not plan.entries
+        assert all(r.tolist() == [planted] for r in plan.rows.values())
+        assert plan.meta["method"] == f"esft_{score}" and plan.meta["selected"] == 2 * (96 * 32 + 32 * 48)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sg.prepare(model, plan)
+    sg.fit(model, lm_batches(n=2), max_steps=2, lr=1e-2, show=False)
+    sg.unprepare(model)
+    for n, p in model.named_parameters():
+        changed = (p != base[n]).reshape(p.shape[0], -1).any(1) if p.dim() == 3 else (p != base[n]).any()
+        if n in plan.rows:
+            assert changed.nonzero().flatten().tolist() == [planted], n
+        else:
+            assert not bool(changed.any()), n
+
+
+def test_esft_takes_experts_until_the_cumulative_share_is_reached():
+    model = tiny_mixtral(top_k=2)
+    batches = lm_batches(n=2)
+    picks = {}
+
+    def hook(name):
+        return lambda m, i, out: picks.setdefault(name, []).append(out[2].reshape(-1))
+
+    handles = [layer.mlp.gate.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    for h in handles:
+        h.remove()
+    routing = expert_routing(model, batches)
+    for i in range(2):  # token shares from the router's own choices
+        counts = torch.bincount(torch.cat(picks[i]), minlength=EXPERTS).double()
+        torch.testing.assert_close(routing[f"model.layers.{i}.mlp.experts"]["token"], counts / counts.sum())
+    plan = esft_plan(model, batches, score="token", share=0.5)
+    for i in range(2):
+        shares = routing[f"model.layers.{i}.mlp.experts"]["token"]
+        chosen = plan.rows[f"model.layers.{i}.mlp.experts.gate_up_proj"]
+        assert torch.equal(chosen, plan.rows[f"model.layers.{i}.mlp.experts.down_proj"])
+        total = float(shares[chosen].sum())
+        assert total >= 0.5 - 1e-12
+        assert total - float(shares[chosen].min()) < 0.5  # the smallest chosen one was needed
+        assert float(shares[chosen].min()) >= float(
+            shares[[e for e in range(EXPERTS) if e not in chosen]].max()
+        )
+
+
+def test_esft_on_a_modulelist_of_experts_with_named_routers():
+    planted = 2
+    model = ListMoE()
+    with torch.no_grad():
+        for router in model.routers:
+            router.bias.zero_()
+            router.bias[planted] = 100.0
+    routers = {f"layers.{i}.experts": f"routers.{i}" for i in range(2)}
+    with pytest.raises(SurgicalError, match="found no router beside"):
+        esft_plan(model, lm_batches(n=1))
+    plan = esft_plan(model, lm_batches(n=1), score="token", share=0.9, routers=routers)
+    want = [
+        f"layers.{i}.experts.{planted}.{m}.{p}"
+        for i in range(2)
+        for m in ("up", "down")
+        for p in ("weight", "bias")
+    ]
+    assert sorted(plan.dense) == sorted(want) and not plan.rows
+
+
+def test_esft_bad_input():
+    with pytest.raises(SurgicalError, match="no experts module"):
+        expert_routing(tiny_gpt2(), lm_batches(n=1))
+    with pytest.raises(SurgicalError, match="unknown ESFT score"):
+        esft_plan(tiny_mixtral(), lm_batches(n=1), score="nope")
+    with pytest.raises(SurgicalError, match="share must be in"):
+        esft_plan(tiny_mixtral(), lm_batches(n=1), share=0.0)
