@@ -514,3 +514,24 @@ def test_gradient_params_must_fit_the_model():
             select_data(
                 model, LM, method="gradient", count=2, validation=LM[:2], params=params, progress=False
             )
+
+
+def _registries():
+    from surgical.data import TOKEN_CRITERIA
+
+    return {"data": DATA_CRITERIA, "token": TOKEN_CRITERIA}
+
+
+@pytest.mark.parametrize("label", ["data", "token"])
+def test_registry_conformance(label):
+    reg = _registries()[label]
+    for e in reg.entries():
+        assert e.help
+        for o in e.options:
+            assert o.type in (int, float, str, bool) and o.help
+            assert o.check(o.default, "x") == o.default
+        assert reg.resolve(e.name, {}) == {o.name: o.default for o in e.options}
+        with pytest.raises(SurgicalError, match=r"unknown option\(s\) no_such_option for .*Its options are"):
+            reg.resolve(e.name, {"no_such_option": 1})
+    with pytest.raises(SurgicalError, match="Use one of: " + ", ".join(reg.names())):
+        reg.get("no-such-name")

@@ -1,0 +1,148 @@
+"""The select-data recipe end to end on tiny models saved to disk, and the data_selection section
+helpers a training run uses."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from rich.console import Console
+
+from surgical import SurgicalError
+from surgical.data import DataSelection, data_hash
+from surgical.recipes.config import DataConfig, ModelConfig, load_config
+from surgical.recipes.models import load_model
+from surgical.recipes.select_data import (
+    DataSelectionConfig,
+    SelectDataConfig,
+    build_examples,
+    run_select_data,
+    selected_batches,
+)
+from train_fixtures import save_tiny_model, write_cls_csv, write_instruct_jsonl
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("select_data_recipe")
+    return {
+        "root": root,
+        "bert": str(save_tiny_model(root / "bert", "bert")),
+        "llama": str(save_tiny_model(root / "llama", "llama")),
+        "cls": str(write_cls_csv(root / "cls.csv", n=20, seed=1)),
+        "cls_other": str(write_cls_csv(root / "cls_other.csv", n=20, seed=2)),
+        "ins": str(write_instruct_jsonl(root / "ins.jsonl", n=16, seed=3)),
+        "ins_val": str(write_instruct_jsonl(root / "ins_val.jsonl", n=4, seed=4)),
+    }
+
+
+DATA = DataConfig(batch_size=4, max_length=24)
+
+
+def _run(cfg, **kw):
+    console = Console(record=True, width=200)
+    sel = run_select_data(cfg, console, show=False, **kw)
+    return sel, console.export_text()
+
+
+@pytest.mark.parametrize("method", ["random", "loss", "diversity", "dedup"])
+def test_classification_selection_writes_a_manifest_for_the_built_examples(world, tmp_path, method):
+    cfg = SelectDataConfig(
+        out=str(tmp_path / "sel"),
+        model=ModelConfig(path=world["bert"]),
+        data=dataclasses.replace(DATA, path=world["cls"]),
+        method=method,
+        fraction=0.5,
+    )
+    sel, text = _run(cfg)
+    assert f"wrote selection {tmp_path / 'sel'}: {method}" in text and "cost:" in text
+    back = DataSelection.load(tmp_path / "sel")
+    assert torch.equal(back.indices, sel.indices) and back.meta["task"] == "classification"
+    assert back.meta["config"]["method"] == method
+    if method != "dedup":
+        assert len(back) == 10
+    _, tok = load_model(world["bert"], "classification")
+    examples = build_examples(cfg.data, "classification", tok, num_labels=2)
+    assert back.data_hash == data_hash(examples) and back.num_examples == 20
+
+
+def test_gradient_on_a_plan_support_with_validation(world, tmp_path):
+    from surgical import select
+
+    model, _ = load_model(world["llama"], "causal_lm")
+    plan = select(model, method="magnitude", density=0.05, always=["model.norm.weight"], progress=False)
+    plan.save(tmp_path / "plan")
+    cfg = SelectDataConfig(
+        out=str(tmp_path / "sel"),
+        model=ModelConfig(path=world["llama"]),
+        data=dataclasses.replace(DATA, path=world["ins"]),
+        method="gradient",
+        count=5,
+        validation=world["ins_val"],
+        plan=str(tmp_path / "plan"),
+        options={"dim": 64},
+    )
+    sel, text = _run(cfg)
+    assert len(sel) == 5 and sel.scores is not None and "score" in text
+    assert sel.meta["features"] == plan.num_entries + plan.num_dense and sel.meta["validation_examples"] == 4
+    assert json.loads((tmp_path / "sel" / "selection.json").read_text())["options"] == {
+        "dim": 64,
+        "projection": "rademacher",
+    }
+
+
+def test_yaml_config_and_bad_configs(world, tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(
+        f"model: {{path: {world['bert']}}}\ndata: {{path: {world['cls']}, batch_size: 4, max_length: 24}}\n"
+        f"method: loss\ncount: 3\noptions: {{keep: low}}\nout: {tmp_path / 'sel'}\n"
+    )
+    sel, _ = _run(load_config(SelectDataConfig, cfg_file))
+    assert len(sel) == 3 and sel.options == {"keep": "low"}
+    base = {"model.path": world["bert"], "data.path": world["cls"], "out": str(tmp_path / "x")}
+    for overrides, message in [
+        ({"fraction": 0}, r"config key 'fraction' must be in \(0, 1\]"),
+        ({"fraction": 1.5}, r"config key 'fraction' must be in \(0, 1\]"),
+        ({"method": "nope"}, "unknown data criterion 'nope'"),
+        ({"method": "loss", "options": {"keep": "middle"}}, "options.keep must be one of high, low"),
+        ({"method": "loss", "options": {"nope": 1}}, r"unknown option\(s\) nope"),
+        ({"method": "gradient"}, "needs validation"),
+        ({"validation": world["cls"]}, "validation is used only by method gradient"),
+        ({"plan": "p"}, "plan is used only by method gradient"),
+        ({"fraction": None}, "fraction and count are both unset"),
+        ({"count": 21}, "count 21 exceeds the 20 examples"),
+        ({"model.path": ""}, "needs a model and data"),
+    ]:
+        with pytest.raises(SurgicalError, match=message) as e:
+            _run(load_config(SelectDataConfig, None, {**base, **overrides}))
+        assert "\n" not in str(e.value)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "f.txt").write_text("x")
+    with pytest.raises(SurgicalError, match="exists and is not a selection directory"):
+        _run(load_config(SelectDataConfig, None, {**base, "out": str(tmp_path / "busy")}))
+
+
+def test_training_batches_follow_the_selection_or_refuse_other_data(world, tmp_path):
+    model, tok = load_model(world["bert"], "classification")
+    data = dataclasses.replace(DATA, path=world["cls"])
+    all_batches, none = selected_batches(
+        DataSelectionConfig(), model, tok, data, "classification", num_labels=2
+    )
+    assert none is None and sum(len(b["labels"]) for b in all_batches) == 20
+    section = DataSelectionConfig(method="loss", count=6, options={"keep": "high"})
+    batches, sel = selected_batches(section, model, tok, data, "classification", num_labels=2, show=False)
+    assert [len(b["labels"]) for b in batches] == [4, 2]
+    examples = build_examples(data, "classification", tok, num_labels=2)
+    want = torch.stack([examples[i]["labels"] for i in sel.indices])
+    assert torch.equal(torch.cat([b["labels"] for b in batches]), want)
+    sel.save(tmp_path / "sel")
+    again, loaded = selected_batches(DataSelectionConfig(manifest=str(tmp_path / "sel")), model, tok, data,
+                                     "classification", num_labels=2)  # fmt: skip
+    assert torch.equal(loaded.indices, sel.indices)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(again, batches, strict=True))
+    other = dataclasses.replace(data, path=world["cls_other"])
+    with pytest.raises(SurgicalError, match="the selection was made for other data"):
+        manifest = DataSelectionConfig(manifest=str(tmp_path / "sel"))
+        selected_batches(manifest, model, tok, other, "classification", num_labels=2)
