@@ -66,3 +66,43 @@ def write_instruct_jsonl(path: Path, n: int = 24, seed: int = 0) -> Path:
                 json.dumps({"prompt": f"the film was {word}", "response": f"{word} {word} movie"}) + "\n"
             )
     return path
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} [EOS] {% endfor %}"
+    "{% if add_generation_prompt %}assistant : {% endif %}"
+)
+
+
+def tiny_chat_tokenizer():
+    """The tiny word-level tokenizer with role words and a simple chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS + ["system", "user", "assistant", ":"])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def conversations(n: int = 16, seed: int = 0) -> list[list[dict[str, str]]]:
+    """Two-turn sentiment conversations over the tiny vocabulary."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        word = rng.choice(["good", "great", "fun"] if label else ["bad", "awful", "dull"])
+        out.append(
+            [
+                {"role": "system", "content": "the movie"},
+                {"role": "user", "content": f"the film was {word}"},
+                {"role": "assistant", "content": "good" if label else "bad"},
+                {"role": "user", "content": "is it fun"},
+                {"role": "assistant", "content": "very fun" if label else "not fun"},
+            ]
+        )
+    return out

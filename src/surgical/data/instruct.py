@@ -71,6 +71,14 @@ def instruction_batches(
         raise SurgicalError(
             "every response was truncated away", "Raise data.max_length or shorten the prompts"
         )
+    return pad_batches(examples, batch_size, pad)
+
+
+def pad_batches(
+    examples: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int, pad: int
+) -> list[dict[str, torch.Tensor]]:
+    """(input ids, labels) pairs as right-padded batches; padding gets ``IGNORE_INDEX`` labels and
+    attention mask 0."""
     batches = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
@@ -79,8 +87,8 @@ def instruction_batches(
         lab_t = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for i, (ids, labels) in enumerate(chunk):
-            ids_t[i, : len(ids)] = torch.tensor(ids)
-            lab_t[i, : len(labels)] = torch.tensor(labels)
+            ids_t[i, : len(ids)] = torch.tensor(list(ids))
+            lab_t[i, : len(labels)] = torch.tensor(list(labels))
             mask[i, : len(ids)] = 1
         batches.append({"input_ids": ids_t, "attention_mask": mask, "labels": lab_t})
     return batches

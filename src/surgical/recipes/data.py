@@ -1,8 +1,10 @@
 """The one batch builder of every recipe: a data section and a task -> tokenized batches.
 
 - ``classification``: a text column and an integer label column;
-- ``causal_lm``: prompt and response columns (loss on the response only) when the data has the
-  response column, otherwise the text column modelled whole (padding is not a target).
+- ``causal_lm``: conversations (a ``messages`` column, formatted by the tokenizer's chat
+  template, loss on the assistant turns) when the data has that column; else prompt and
+  response columns (loss on the response only) when it has the response column; else the text
+  column modelled whole (padding is not a target).
 
 IMDB-style ``<br />`` line breaks become spaces, here and nowhere else.
 """
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 
 from surgical.core.errors import SurgicalError
+from surgical.data.chat import chat_batches
 from surgical.data.instruct import IGNORE_INDEX, instruction_batches
 from surgical.data.table import load_table
 from surgical.data.text import TextExamples, text_batches
@@ -60,6 +63,10 @@ def make_batches(
     Raises:
         SurgicalError: missing columns, empty data, labels out of range, responses truncated away.
     """
+    if task == "causal_lm" and _has_column(d, d.messages_column):
+        rows = _sample(load_table(d.path, [d.messages_column], split=d.split, limit=d.limit), sample, seed)
+        conversations = [r[d.messages_column] for r in rows]
+        return chat_batches(tokenizer, conversations, d.batch_size, d.max_length, packing=d.packing)
     instruct = task == "causal_lm" and _has_column(d, d.response_column)
     if instruct:
         rows = load_table(d.path, [d.prompt_column, d.response_column], split=d.split, limit=d.limit)

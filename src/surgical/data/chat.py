@@ -1,0 +1,134 @@
+"""Chat data for causal LMs: conversations formatted by the tokenizer's chat template, with the
+loss on the assistant turns only.
+
+A conversation is a list of ``{"role": ..., "content": ...}`` messages (a ``messages`` column,
+as TRL and the Hugging Face chat datasets store them). The assistant tokens are found without
+relying on template markers: for each assistant message, the conversation before it is rendered
+with the generation prompt, the conversation up to and including it is rendered, and the tokens
+in between are that turn (its content and the end-of-turn tokens the template adds). A template
+that does not render conversations as growing prefixes is refused, since no split of its tokens
+into prompt and answer would be trustworthy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from surgical.core.errors import SurgicalError
+from surgical.data.instruct import IGNORE_INDEX, pad_batches
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _render(tokenizer, messages: list[dict[str, Any]], generation_prompt: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+    if isinstance(out, dict) or hasattr(out, "keys"):  # transformers may return a BatchEncoding
+        out = out["input_ids"]
+    return [int(i) for i in out]
+
+
+def check_conversation(messages: Any, where: str) -> list[dict[str, str]]:
+    """``messages`` as a list of role/content dicts with an assistant turn, or a SurgicalError."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise SurgicalError(
+            f"{where} is not a non-empty list of messages", "Store [{role, content}, ...] in it"
+        )
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise SurgicalError(f"{where} holds a message without role and content", "Fix that message")
+        if m["role"] not in ROLES:
+            raise SurgicalError(
+                f"{where} has a message of role {m['role']!r}", f"Use one of: {', '.join(ROLES)}"
+            )
+    if not any(m["role"] == "assistant" for m in messages):
+        raise SurgicalError(
+            f"{where} has no assistant message to learn", "Add the answer as role 'assistant'"
+        )
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+
+
+def chat_example(
+    tokenizer, messages: Sequence[dict[str, Any]], where: str = "a conversation"
+) -> dict[str, list[int]]:
+    """``input_ids`` and ``labels`` of one conversation; labels are ``IGNORE_INDEX`` outside the
+    assistant turns.
+
+    Raises:
+        SurgicalError: the tokenizer has no chat template, the conversation is malformed, or the
+            template does not render it as growing prefixes.
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise SurgicalError(
+            "the tokenizer has no chat template, so a messages column cannot be formatted",
+            "Use a chat model's tokenizer, or prompt/response columns",
+        )
+    messages = check_conversation(messages, where)
+    ids = _render(tokenizer, messages, False)
+    labels = [IGNORE_INDEX] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], True) if i else []
+        upto = _render(tokenizer, messages[: i + 1], False)
+        if upto[: len(before)] != before or ids[: len(upto)] != upto:
+            raise SurgicalError(
+                f"the chat template does not render {where} as growing prefixes (turn {i + 1})",
+                "Use prompt/response columns for this tokenizer",
+            )
+        labels[len(before) : len(upto)] = ids[len(before) : len(upto)]
+    return {"input_ids": ids, "labels": labels}
+
+
+def chat_batches(
+    tokenizer,
+    conversations: Sequence[Sequence[dict[str, Any]]],
+    batch_size: int,
+    max_length: int,
+    *,
+    packing: bool = False,
+) -> list[dict[str, torch.Tensor]]:
+    """Tokenized, right-padded causal-LM batches of conversations (loss on assistant turns).
+
+    Examples longer than ``max_length`` are truncated from the right; one whose answer is
+    truncated away entirely is dropped. With ``packing``, examples are concatenated into rows of
+    ``max_length`` tokens (fewer padding tokens; attention crosses example boundaries, as in
+    plain packing).
+    """
+    if not conversations:
+        raise SurgicalError("the chat data is empty", "Pass at least one conversation")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    examples = []
+    for n, conv in enumerate(conversations):
+        ex = chat_example(tokenizer, conv, f"conversation {n + 1}")
+        cut = None if packing else max_length  # packed rows are cut after concatenation
+        ids, labels = ex["input_ids"][:cut], ex["labels"][:cut]
+        if any(x != IGNORE_INDEX for x in labels[1:]):  # HF shifts labels: the first never counts
+            examples.append((ids, labels))
+    if not examples:
+        raise SurgicalError("every answer was truncated away", "Raise data.max_length")
+    if packing:
+        flat_ids = [t for ids, _ in examples for t in ids]
+        flat_labels = [t for _, labels in examples for t in labels]
+        examples = [
+            (flat_ids[i : i + max_length], flat_labels[i : i + max_length])
+            for i in range(0, len(flat_ids), max_length)
+        ]
+        examples = [e for e in examples if any(x != IGNORE_INDEX for x in e[1][1:])]
+    return pad_batches(examples, batch_size, pad)
+
+
+def trl_dataset(tokenizer, conversations: Sequence[Sequence[dict[str, Any]]]):
+    """Conversations as a tokenized ``datasets.Dataset`` for TRL's ``SFTTrainer``.
+
+    Columns ``input_ids`` and ``labels`` (``IGNORE_INDEX`` outside the assistant turns), which
+    TRL's collator uses as they are: the same tokens and the same loss mask as
+    :func:`chat_batches`, whatever markers the chat template has (TRL's own assistant-only loss
+    needs ``{% generation %}`` markers that many templates lack).
+    """
+    import datasets
+
+    rows = [chat_example(tokenizer, conv, f"conversation {n + 1}") for n, conv in enumerate(conversations)]
+    return datasets.Dataset.from_list(rows)
