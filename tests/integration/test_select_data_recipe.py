@@ -13,13 +13,16 @@ from rich.console import Console
 from surgical import SurgicalError
 from surgical.data import DataSelection, data_hash
 from surgical.recipes.config import DataConfig, ModelConfig, load_config
+from surgical.recipes.data import make_batches
 from surgical.recipes.models import load_model
 from surgical.recipes.select_data import (
     DataSelectionConfig,
     SelectDataConfig,
+    TokenSelectionConfig,
     build_examples,
     run_select_data,
     selected_batches,
+    token_filter,
 )
 from train_fixtures import save_tiny_model, write_cls_csv, write_instruct_jsonl
 
@@ -146,3 +149,23 @@ def test_training_batches_follow_the_selection_or_refuse_other_data(world, tmp_p
     with pytest.raises(SurgicalError, match="the selection was made for other data"):
         manifest = DataSelectionConfig(manifest=str(tmp_path / "sel"))
         selected_batches(manifest, model, tok, other, "classification", num_labels=2)
+
+
+def test_token_selection_section_masks_each_step(world):
+    model, tok = load_model(world["llama"], "causal_lm")
+    batch = make_batches(dataclasses.replace(DATA, path=world["ins"]), "causal_lm", tok)[0]
+    assert token_filter(TokenSelectionConfig()) is None
+    section = TokenSelectionConfig(method="random", fraction=0.5)
+    section.check("causal_lm")
+    apply = token_filter(section, seed=1)
+    a, b = apply(model, batch, 0), apply(model, batch, 1)
+    assert torch.equal(a["input_ids"], batch["input_ids"]) and not torch.equal(a["labels"], b["labels"])
+    assert ((a["labels"] == -100) | (a["labels"] == batch["labels"])).all()
+    assert not ((a["labels"] != -100) & (batch["labels"] == -100)).any()
+    reference, _ = load_model(world["llama"], "causal_lm")
+    excess = token_filter(TokenSelectionConfig(method="excess_loss"), reference=reference)(model, batch, 0)
+    assert (excess["labels"] != -100).sum() < (batch["labels"] != -100).sum()
+    with pytest.raises(SurgicalError, match="needs a causal LM"):
+        section.check("classification")
+    with pytest.raises(SurgicalError, match=r"unknown option\(s\) nope"):
+        TokenSelectionConfig(method="random", options={"nope": 1}).check("causal_lm")

@@ -8,12 +8,14 @@ examples checks it). ``data.batch_size`` is the scoring batch size. The output d
 ``selection.safetensors`` (indices and scores).
 
 :class:`DataSelectionConfig` and :func:`selected_batches` are the ``data_selection:`` section of
-a training run and what it does to the training batches.
+a training run and what it does to the training batches; :class:`TokenSelectionConfig` and
+:func:`token_filter` the ``token_selection:`` section and the per-step batch filter it needs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,15 @@ from rich.table import Table
 
 from surgical.core.errors import SurgicalError
 from surgical.core.io import check_output
-from surgical.data import DATA_CRITERIA, DataSelection, batches_of, select_data, split_batches
+from surgical.data import (
+    DATA_CRITERIA,
+    TOKEN_CRITERIA,
+    DataSelection,
+    batches_of,
+    select_data,
+    split_batches,
+    token_mask,
+)
 from surgical.data.select_data import INFO_FILE
 from surgical.recipes.config import DataConfig, ModelConfig, _f
 from surgical.recipes.data import make_batches
@@ -248,3 +258,45 @@ def selected_batches(
 def selection_dir(out: str | Path) -> Path:
     """Where a training run keeps the selection it trained on (beside its delta)."""
     return Path(out) / "data-selection"
+
+
+@dataclass(frozen=True)
+class TokenSelectionConfig:
+    """The ``token_selection:`` section of a causal-LM training run: which target tokens are trained."""
+
+    method: str = _f("none", "'none' (every target token) or a token criterion: excess_loss, random.")
+    fraction: float = _f(0.6, "Share of each example's target tokens trained.", low=0, high=1, low_open=True)
+    options: dict[str, Any] = field(default_factory=dict, metadata={"help": "The criterion's own options."})
+
+    def check(self, task: str) -> None:
+        """Checks before anything is loaded."""
+        if self.method == "none":
+            return
+        TOKEN_CRITERIA.resolve(self.method, self.options, "token_selection.options.")
+        if task != "causal_lm":
+            raise SurgicalError(
+                f"token_selection needs a causal LM, the task is {task}", "Set token_selection.method none"
+            )
+
+
+def token_filter(
+    section: TokenSelectionConfig, reference: Any = None, seed: int = 0
+) -> Callable[[Any, dict, int], dict] | None:
+    """A per-step batch filter ``(model, batch, step) -> batch`` that replaces the batch's labels
+    by :func:`surgical.data.token_mask`'s (None with ``method: none``).
+
+    ``reference`` is the excess-loss reference (the base model, or a ``(batch) -> logits``
+    function that runs the model with its trained values toggled off). ``random`` draws a new
+    mask every step (seed ``seed + step``), the same at the same step of a resumed run.
+    """
+    if section.method == "none":
+        return None
+
+    def apply(model: Any, batch: dict, step: int) -> dict:
+        labels = token_mask(
+            model, batch, method=section.method, fraction=section.fraction, reference=reference,
+            seed=seed + step, **section.options,
+        )  # fmt: skip
+        return {**batch, "labels": labels}
+
+    return apply
