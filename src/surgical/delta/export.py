@@ -73,6 +73,13 @@ def export_shira(delta: Delta, base: nn.Module, out: str | Path, *, force: bool 
         raise SurgicalError("exporting to PEFT needs the peft package", "pip install 'peft>=0.17'") from None
     check_base(base, delta, force=force)
     linear, whole = _shira_layers(base, delta)
+    if not linear and not any(
+        isinstance(base.get_submodule(n.rpartition(".")[0]), nn.Linear) for n in delta.names() if "." in n
+    ):
+        raise SurgicalError(
+            "the delta changes no nn.Linear weight, and SHiRA adapts nn.Linear layers only",
+            "Write a full model with `surgical apply` instead",
+        )
     if not linear:  # PEFT refuses an adapter that targets no module
         raise SurgicalError(
             "no Linear weight of this delta can become SHiRA: each one's module also has another "

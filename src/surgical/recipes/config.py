@@ -88,7 +88,7 @@ class SelectionConfig:
     count: int | None = _f(None, "Exact number of parameters instead of a density.", low=1)
     optimizer_bytes: int | None = _f(None, "AdamW fp32 state budget in bytes (16 per parameter).", low=16)
     granularity: str | None = _f(
-        None, "entry, row, column, head, tensor or layer (default: the criterion's own).",
+        None, "entry, row, column, head, channel, expert, tensor or layer (default: the criterion's own).",
         choices=("entry", "row", "column", "head", "tensor", "layer", "channel", "expert"),
     )  # fmt: skip
     allocation: str = _f(

@@ -53,7 +53,7 @@ class Plan:
     def num_entries(self) -> int:
         """Number of selected values outside ``dense`` (entries plus those of rows/columns)."""
         n = sum(int(i.numel()) for i in self.entries.values())
-        n += sum(int(r.numel()) * self.shapes[k][1] for k, r in self.rows.items())
+        n += sum(int(r.numel()) * _numel(self.shapes[k][1:]) for k, r in self.rows.items())
         n += sum(int(c.numel()) * self.shapes[k][0] for k, c in self.cols.items())
         return n
 

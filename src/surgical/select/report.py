@@ -47,7 +47,10 @@ def selected_count(plan: Plan, name: str) -> int:
     if name in plan.entries:
         return int(plan.entries[name].numel())
     if name in plan.rows:
-        return int(plan.rows[name].numel()) * shape[1]
+        width = 1
+        for s in shape[1:]:  # a row of an N-D weight (a conv channel, an expert) holds shape[1:]
+            width *= s
+        return int(plan.rows[name].numel()) * width
     if name in plan.cols:
         return int(plan.cols[name].numel()) * shape[0]
     return 0
