@@ -146,9 +146,11 @@ def test_training_batches_follow_the_selection_or_refuse_other_data(world, tmp_p
     assert torch.equal(loaded.indices, sel.indices)
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(again, batches, strict=True))
     other = dataclasses.replace(data, path=world["cls_other"])
+    manifest = DataSelectionConfig(manifest=str(tmp_path / "sel"))
     with pytest.raises(SurgicalError, match="the selection was made for other data"):
-        manifest = DataSelectionConfig(manifest=str(tmp_path / "sel"))
         selected_batches(manifest, model, tok, other, "classification", num_labels=2)
+    with pytest.raises(SurgicalError, match="does not work with data.packing"):
+        selected_batches(manifest, model, tok, dataclasses.replace(data, packing=True), "classification")
 
 
 def test_token_selection_section_masks_each_step(world):

@@ -112,10 +112,10 @@ def check_section(
 
 
 def build_examples(d: DataConfig, task: str, tokenizer, *, num_labels: int | None = None) -> list:
-    """The data section's examples, one per entry, as the batch builder tokenizes them."""
-    return split_batches(
-        make_batches(dataclasses.replace(d, batch_size=1), task, tokenizer, num_labels=num_labels)
-    )
+    """The data section's examples, one per entry (one conversation each: never packed), as the
+    batch builder tokenizes them."""
+    one = dataclasses.replace(d, batch_size=1, packing=False)
+    return split_batches(make_batches(one, task, tokenizer, num_labels=num_labels))
 
 
 def run_select_data(
@@ -238,6 +238,11 @@ def selected_batches(
     if section.manifest is None and section.method == "none":
         return make_batches(data, task, tokenizer, num_labels=num_labels), None
     section.check()
+    if data.packing:
+        raise SurgicalError(
+            "data_selection does not work with data.packing (packed rows mix examples)",
+            "Set data.packing false, or data_selection.method none",
+        )
     examples = build_examples(data, task, tokenizer, num_labels=num_labels)
     if section.manifest is not None:
         sel = DataSelection.load(section.manifest)
