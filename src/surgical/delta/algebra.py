@@ -38,6 +38,7 @@ def scale(delta: DeltaData, factor: float) -> DeltaData:
     out.cols = {n: (i.clone(), b * factor) for n, (i, b) in delta.cols.items()}
     out.dense = {n: t * factor for n, t in delta.dense.items()}
     out.full = {n: t.clone() for n, t in delta.full.items()}
+    out.scores = {n: t.clone() for n, t in delta.scores.items()}  # importance does not scale
     out.meta.setdefault("ops", []).append(f"scale({factor:g})")
     return out
 
@@ -72,6 +73,15 @@ def _dense_of(delta: DeltaData, name: str) -> torch.Tensor:
         return add_block_(out, kind, idx, block.float())
     idx, vals = delta.entries[name]
     out.view(-1).index_put_((idx,), vals.float(), accumulate=True)
+    return out
+
+
+def _with_values(delta: DeltaData, name: str, values: torch.Tensor) -> DeltaData:
+    """A delta holding only ``name``, laid out as in ``delta`` but with ``values`` as its values."""
+    out = DeltaData(shapes={name: delta.shapes[name]})
+    kind = delta.kind_of(name)
+    stored = getattr(delta, kind)[name]
+    getattr(out, kind)[name] = (stored[0], values) if isinstance(stored, tuple) else values
     return out
 
 
@@ -179,6 +189,9 @@ def to_dense(delta: DeltaData) -> DeltaData:
     out = type(delta)(shapes=dict(delta.shapes), meta=_copy_meta(delta))
     out.dense = {n: _dense_of(delta, n) for n in delta.names() if n not in delta.full}
     out.full = {n: t.clone() for n, t in delta.full.items()}
+    out.scores = {
+        n: _dense_of(_with_values(delta, n, s), n) for n, s in delta.scores.items() if n not in delta.full
+    }
     return out
 
 

@@ -31,6 +31,10 @@ class DeltaData:
         full: Parameter name -> tensor that replaces the base tensor.
         shapes: Parameter name -> shape of the parameter in the base model.
         meta: Base identity (``base``), plan provenance (``plan``), training summary, etc.
+        scores: Optional importance per stored value (the selection's scores, e.g. the diagonal
+            Fisher), parameter name -> tensor shaped like that name's stored values; used by
+            Fisher merging, not by apply. Kept by ``scale`` and ``to_dense``, dropped by the
+            operations that change which values are stored.
     """
 
     entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -40,6 +44,7 @@ class DeltaData:
     dense: dict[str, torch.Tensor] = field(default_factory=dict)
     rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     cols: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_entries(self) -> int:
@@ -116,6 +121,18 @@ class DeltaData:
             _check_finite(name, vals)
         for name, t in (*self.dense.items(), *self.full.items()):
             _check_finite(name, t)
+        for name, s in self.scores.items():
+            stored = self.values_of(name) if name in seen else None
+            if stored is None or tuple(s.shape) != tuple(stored.shape) or not bool((s >= 0).all()):
+                raise SurgicalError(
+                    f"the importance scores of {name!r} do not match its stored values (or are negative)",
+                    "Give one non-negative score per stored value, or drop delta.scores[name]",
+                )
+
+    def values_of(self, name: str) -> torch.Tensor:
+        """The stored values of ``name`` in their layout: (k,) entries, a block, or a tensor."""
+        stored = getattr(self, self.kind_of(name))[name]
+        return stored[1] if isinstance(stored, tuple) else stored
 
 
 def _numel(shape: tuple[int, ...]) -> int:

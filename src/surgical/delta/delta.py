@@ -149,6 +149,9 @@ class Delta(DeltaData):
                 keep64 = t.dtype == torch.float64 and whole_codec == "float32"
                 tensors[f"{kind}.{name}"] = t if keep64 else t.to(torch.float32).to(_float(whole_codec))
                 kinds[name] = {"kind": kind, "shape": list(self.shapes[name])}
+        for name, s in self.scores.items():  # importance, not part of the change: always float32
+            tensors[f"scores.{name}"] = s.detach().to("cpu", torch.float32).contiguous()
+            kinds[name]["scores"] = True
         config = {
             # the oldest format that holds every kind used, so older readers load what they can
             "format_version": FORMAT_VERSION if self.rows or self.cols else 1,
@@ -253,6 +256,17 @@ class Delta(DeltaData):
                         raise ValueError(f"{kind} of {name}: {e}") from None
                     delta.blocks(kind)[name] = (idx, block)
         except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as e:
+            raise SurgicalError(
+                f"{str(directory / TENSOR_FILE)!r} is corrupted or does not match its {CONFIG_FILE} ({e})",
+                "Save the delta again",
+            ) from None
+        try:
+            for name, info in config["tensors"].items():
+                if info.get("scores"):
+                    delta.scores[name] = _stored(tensors, f"scores.{name}", (torch.float32,))
+            if delta.scores:
+                delta.validate()
+        except (KeyError, ValueError, SurgicalError) as e:
             raise SurgicalError(
                 f"{str(directory / TENSOR_FILE)!r} is corrupted or does not match its {CONFIG_FILE} ({e})",
                 "Save the delta again",

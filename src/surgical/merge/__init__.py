@@ -5,6 +5,7 @@ from surgical.merge import (  # noqa: F401  (register the methods)
     breadcrumbs,
     dare,
     della,
+    fisher,
     linear,
     model_stock,
     task_arithmetic,

@@ -91,8 +91,25 @@ def merge(
             _merge_full(deltas, name, replaced, w, out, keep=entry.extra.get("keeps_full", False))
             continue
         t = stack(deltas, name, wt, opts)
+        if entry.extra.get("needs_scores"):
+            _attach_importance(t, deltas, name)
         unstack(t, fn(t).float(), out)
     return out
+
+
+def _attach_importance(t, deltas: list[Delta], name: str) -> None:
+    """Lays each delta's importance scores for ``name`` out like its values (zeros if none)."""
+    views = []
+    for d in deltas:
+        view = Delta(shapes={name: d.shapes.get(name, t.shape)})
+        if name in d.names():
+            kind = d.kind_of(name)
+            stored = getattr(d, kind)[name]
+            score = d.scores.get(name, torch.zeros_like(d.values_of(name), dtype=torch.float32))
+            getattr(view, kind)[name] = (stored[0], score) if isinstance(stored, tuple) else score
+        views.append(view)
+    t.importance = stack(views, name, t.weights, {}).values if any(name in v.names() for v in views) else None
+    t.scored = torch.tensor([name in d.scores for d in deltas])
 
 
 def _merge_full(

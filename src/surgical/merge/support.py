@@ -41,6 +41,9 @@ class TensorMerge:
         weights: ``(n,)`` float32 per-delta weights.
         options: The method's options, checked and completed.
         present: ``(n,)`` bool: which deltas change this tensor at all.
+        importance: ``(n, m)`` importance scores laid out like ``values`` (methods that declare
+            ``needs_scores``), zero where a delta stores no score.
+        scored: ``(n,)`` bool: which deltas carry scores for this tensor.
     """
 
     name: str
@@ -51,6 +54,8 @@ class TensorMerge:
     weights: torch.Tensor
     options: dict[str, Any] = field(default_factory=dict)
     present: torch.Tensor | None = None
+    importance: torch.Tensor | None = None
+    scored: torch.Tensor | None = None
 
     @property
     def numel(self) -> int:

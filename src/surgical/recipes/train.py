@@ -292,7 +292,10 @@ def run_train(
             "Lower training.lr or set training.max_grad_norm, then continue from that checkpoint "
             "with --resume --allow-change training.lr (or training.max_grad_norm)",
         )
-    delta = extract(model, training={k: v for k, v in summary.items() if k != "losses"})
+    # the plan's selection scores ride along for Fisher merging (read back: not held while training)
+    delta = extract(
+        model, scores=Plan.load(out / "plan"), training={k: v for k, v in summary.items() if k != "losses"}
+    )
     delta.save(out / "delta")
     summary["delta"] = str(out / "delta")
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))

@@ -262,6 +262,7 @@ def select(
             continue
         if u.kind == "entries":
             plan.entries[u.name] = chosen
+            plan.scores[u.name] = u.scores[chosen].float().clone()  # for Fisher merging
         elif u.kind in ("rows", "cols"):
             idx = (chosen[:, None] * u.block + torch.arange(u.block)[None, :]).reshape(-1)
             for name in u.members or [u.name]:  # an expert: the same rows of its fused tensors

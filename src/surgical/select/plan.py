@@ -40,6 +40,8 @@ class Plan:
         rows: Parameter name -> sorted int64 indices of whole rows (dim 0) of a 2-D weight.
         cols: Parameter name -> sorted int64 indices of whole columns (dim 1) of a 2-D weight.
         meta: Provenance: criterion, budget, patterns, seed, calibration size, totals.
+        scores: Parameter name -> the criterion's score at each selected entry (aligned with
+            ``entries[name]``), for Fisher merging (``sg.extract(model, scores=plan)``).
     """
 
     entries: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -48,6 +50,7 @@ class Plan:
     meta: dict[str, Any] = field(default_factory=dict)
     rows: dict[str, torch.Tensor] = field(default_factory=dict)
     cols: dict[str, torch.Tensor] = field(default_factory=dict)
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_entries(self) -> int:
@@ -106,12 +109,15 @@ class Plan:
         for kind in ("rows", "cols"):
             for name, idx in getattr(self, kind).items():
                 tensors[f"{name}.{kind}"] = idx.to(torch.int64).contiguous()
+        for name, s in self.scores.items():
+            tensors[f"{name}.scores"] = s.detach().to("cpu", torch.float32).contiguous()
         info = {
             "format": PLAN_FORMAT,
             "shapes": {n: list(s) for n, s in self.shapes.items()},
             "entries": {n: int(i.numel()) for n, i in self.entries.items()},
             "rows": sorted(self.rows),
             "cols": sorted(self.cols),
+            "scores": sorted(self.scores),
             "dense": self.dense,
             "meta": self.meta,
         }
@@ -164,7 +170,11 @@ class Plan:
                 meta=dict(info.get("meta") or {}),
                 rows={n: _stored(tensors, f"{n}.rows", torch.int64) for n in info.get("rows", [])},
                 cols={n: _stored(tensors, f"{n}.cols", torch.int64) for n in info.get("cols", [])},
+                scores={n: _stored(tensors, f"{n}.scores", torch.float32) for n in info.get("scores", [])},
             )
+            for name, s in plan.scores.items():
+                if name not in plan.entries or s.numel() != plan.entries[name].numel():
+                    raise ValueError(f"the scores of {name!r} do not match its entries")
             for name in (*plan.entries, *plan.rows, *plan.cols, *plan.dense):
                 if name not in plan.shapes:
                     raise ValueError(f"{name!r} has no shape")

@@ -11,11 +11,12 @@ from torch import nn
 
 from surgical.core.fingerprint import base_identity
 from surgical.delta.delta import Delta
+from surgical.select.plan import Plan
 from surgical.train.prepare import base_overlay, prepared, sync
 from surgical.train.state import state_of
 
 
-def extract(model: nn.Module, **meta) -> Delta:
+def extract(model: nn.Module, scores: Plan | None = None, **meta) -> Delta:
     """The delta a prepared model has trained so far (a copy; training may go on).
 
     Entry weights become ``entries``; weights trained as row or column blocks (Linear rows and
@@ -26,6 +27,11 @@ def extract(model: nn.Module, **meta) -> Delta:
     change gives the trained values back bit for bit, else in float64 (or, if even that fails,
     the tensor is stored whole), so applying the delta stays exact. ``meta`` is merged into the
     delta's metadata (e.g. a training summary).
+
+    ``scores``: the plan the model was prepared with; its selection scores (e.g. the diagonal
+    Fisher of ``method="fisher"``) are attached to the delta's entries, for Fisher merging, for
+    every tensor whose entries training kept where they were (a schedule that moved them drops
+    that tensor's scores).
     """
     info = prepared(model)
     sync(model)
@@ -47,6 +53,11 @@ def extract(model: nn.Module, **meta) -> Delta:
             delta.full[name] = p.float().cpu().clone()
         else:
             delta.dense[name] = change
+    if scores is not None:
+        for name, (idx, _) in delta.entries.items():
+            planned = scores.entries.get(name)
+            if name in scores.scores and planned is not None and torch.equal(planned.to(torch.int64), idx):
+                delta.scores[name] = scores.scores[name].float().clone()
     base = base_identity(model, exclude=delta.full, saved=base_overlay(model))
     delta.meta = {"base": base, "plan": info.meta, **meta}
     return delta
