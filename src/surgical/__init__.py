@@ -14,6 +14,14 @@ small exact delta::
 
 from surgical.core.errors import SurgicalError
 from surgical.core.version import __version__
+from surgical.data import (
+    DATA_CRITERIA,
+    TOKEN_CRITERIA,
+    DataSelection,
+    OnlineSelector,
+    select_data,
+    token_mask,
+)
 from surgical.delta import EXPORT_FORMATS, Delta, applied, apply, compose, revert
 from surgical.eval import evaluate, forgetting
 from surgical.merge import MERGE_METHODS, interference, merge
@@ -31,13 +39,17 @@ from surgical.train import (
 
 __all__ = [
     "CRITERIA",
+    "DATA_CRITERIA",
     "EXPORT_FORMATS",
     "MERGE_METHODS",
     "SCHEDULES",
+    "DataSelection",
     "Delta",
+    "OnlineSelector",
     "Plan",
     "SurgicalCallback",
     "SurgicalError",
+    "TOKEN_CRITERIA",
     "__version__",
     "applied",
     "apply",
@@ -51,7 +63,9 @@ __all__ = [
     "prepare",
     "revert",
     "select",
+    "select_data",
     "sync",
+    "token_mask",
     "trainable_count",
     "unprepare",
 ]

@@ -60,18 +60,25 @@ def _print_keys(cls: type) -> None:
         console.print(line, highlight=False, soft_wrap=True)
 
 
-def _print_registries(which: tuple[str, ...]) -> None:
+def _registries() -> dict:
+    from surgical.data import DATA_CRITERIA, TOKEN_CRITERIA
     from surgical.delta import EXPORT_FORMATS
     from surgical.merge import MERGE_METHODS
     from surgical.select import CRITERIA
     from surgical.train import SCHEDULES
 
-    registries = {
+    return {
         "criteria": CRITERIA,
         "schedules": SCHEDULES,
-        "export-formats": EXPORT_FORMATS,
         "merge-methods": MERGE_METHODS,
+        "data-criteria": DATA_CRITERIA,
+        "token-criteria": TOKEN_CRITERIA,
+        "export-formats": EXPORT_FORMATS,
     }
+
+
+def _print_registries(which: tuple[str, ...]) -> None:
+    registries = _registries()
     for name in which:
         console.print(f"[bold]{name}[/] ({registries[name].kind}, options under their section's `options:`)")
         for line in registries[name].describe():
@@ -82,11 +89,14 @@ def _print_registries(which: tuple[str, ...]) -> None:
 def list_cmd(
     what: Annotated[
         str | None,
-        typer.Argument(help="criteria, schedules, export-formats or merge-methods (default: all)."),
+        typer.Argument(
+            help="criteria, schedules, merge-methods, data-criteria, token-criteria or export-formats "
+            "(default: all)."
+        ),
     ] = None,
 ) -> None:
-    """List what can be chosen by name (criteria, schedules, merge methods, export formats), with options."""
-    names = ("criteria", "schedules", "merge-methods", "export-formats")
+    """List what can be chosen by name (criteria, schedules, merge methods, ...), with their options."""
+    names = tuple(_registries())
     if what is not None and what not in names:
         raise SurgicalError(f"unknown list {what!r}", f"Use one of: {', '.join(names)}")
     _print_registries((what,) if what else names)
@@ -416,6 +426,47 @@ def soup_cmd(
     for name, path in _named(data, "--data").items():
         overrides[f"search.sets.{name}"] = path
     run_soup(load_config(SoupConfig, config, overrides), console)
+
+
+@app.command("select-data")
+def select_data_cmd(
+    model: Annotated[str | None, typer.Argument(help="Model directory (Hugging Face, local).")] = None,
+    config: Annotated[str | None, typer.Option("--config", "-c", help="YAML config.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config key (repeatable).")
+    ] = None,
+    data: Annotated[str | None, typer.Option(help="The examples to choose from.")] = None,
+    out: Annotated[str | None, typer.Option(help="Directory for the selection manifest.")] = None,
+    method: Annotated[
+        str | None, typer.Option(help="Data criterion (`surgical list data-criteria`).")
+    ] = None,
+    fraction: Annotated[float | None, typer.Option(help="Share of the examples to keep.")] = None,
+    count: Annotated[int | None, typer.Option(help="Number of examples to keep instead.")] = None,
+    option: Annotated[list[str] | None, typer.Option(help="Criterion option key=value (repeatable).")] = None,
+    validation: Annotated[str | None, typer.Option(help="Validation data (the gradient criterion).")] = None,
+    plan: Annotated[str | None, typer.Option(help="A plan: gradient features on its support.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of every random choice.")] = None,
+    task: Annotated[str | None, typer.Option(help="auto, classification or causal_lm.")] = None,
+    keys: Annotated[bool, typer.Option("--keys", help="List every config key and data criterion.")] = False,
+) -> None:
+    """Choose which training examples are worth training on; write a manifest with a data hash."""
+    from surgical.recipes.config import load_config
+    from surgical.recipes.select_data import SelectDataConfig, run_select_data
+
+    if keys:
+        _print_keys(SelectDataConfig)
+        _print_registries(("data-criteria",))
+        return
+    overrides = _set(set_)
+    overrides.update(
+        _flags({
+            "model.path": model, "model.task": task, "data.path": data, "out": out, "method": method,
+            "fraction": fraction, "count": count, "validation": validation, "plan": plan, "seed": seed,
+        })
+    )  # fmt: skip
+    for key, value in _options(option).items():
+        overrides[f"options.{key}"] = value
+    run_select_data(load_config(SelectDataConfig, config, overrides), console)
 
 
 @app.command("apply")

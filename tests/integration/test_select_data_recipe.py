@@ -141,8 +141,9 @@ def test_training_batches_follow_the_selection_or_refuse_other_data(world, tmp_p
     want = torch.stack([examples[i]["labels"] for i in sel.indices])
     assert torch.equal(torch.cat([b["labels"] for b in batches]), want)
     sel.save(tmp_path / "sel")
-    again, loaded = selected_batches(DataSelectionConfig(manifest=str(tmp_path / "sel")), model, tok, data,
-                                     "classification", num_labels=2)  # fmt: skip
+    again, loaded = selected_batches(
+        DataSelectionConfig(manifest=str(tmp_path / "sel")), model, tok, data, "classification", num_labels=2
+    )
     assert torch.equal(loaded.indices, sel.indices)
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(again, batches, strict=True))
     other = dataclasses.replace(data, path=world["cls_other"])
@@ -171,3 +172,43 @@ def test_token_selection_section_masks_each_step(world):
         section.check("classification")
     with pytest.raises(SurgicalError, match=r"unknown option\(s\) nope"):
         TokenSelectionConfig(method="random", options={"nope": 1}).check("causal_lm")
+
+
+def test_the_command_line_writes_the_same_manifest(world, tmp_path, monkeypatch, capsys):
+    from conftest import run_main
+
+    code, out, err = run_main(
+        monkeypatch,
+        capsys,
+        "select-data",
+        str(world["bert"]),
+        "--data",
+        str(world["cls"]),
+        "--out",
+        str(tmp_path / "sel"),
+        "--method",
+        "loss",
+        "--option",
+        "keep=high",
+        "--fraction",
+        "0.25",
+        "--set",
+        "data.max_length=16",
+    )
+    assert code == 0, err
+    sel = DataSelection.load(tmp_path / "sel")
+    assert sel.method == "loss" and sel.options["keep"] == "high"
+    assert len(sel.indices) == round(0.25 * sel.num_examples)
+    code, _, err = run_main(
+        monkeypatch,
+        capsys,
+        "select-data",
+        str(world["bert"]),
+        "--data",
+        str(world["cls"]),
+        "--out",
+        str(tmp_path / "x"),
+        "--fraction",
+        "1.5",
+    )
+    assert code == 2 and "fraction" in err and "Traceback" not in err

@@ -13,6 +13,8 @@ REGISTRIES = {
     "schedules": sg.SCHEDULES,
     "export formats": sg.EXPORT_FORMATS,
     "merge methods": sg.MERGE_METHODS,
+    "data criteria": sg.DATA_CRITERIA,
+    "token criteria": sg.TOKEN_CRITERIA,
 }
 ENTRIES = [(label, e.name) for label, reg in REGISTRIES.items() for e in reg.entries()]
 
