@@ -24,6 +24,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from surgical.core.errors import SurgicalError
 from surgical.core.loss import batch_to, model_loss
+from surgical.core.registry import check_range
 from surgical.core.runtime import progress
 from surgical.train.hooks import StepState, TrainHook
 
@@ -63,6 +64,30 @@ def _autocast(bf16: bool, device: torch.device):
     if not bf16:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _check_settings(**settings: float | None) -> None:
+    """Range checks of fit's numbers, before any work: a SurgicalError naming the first bad one.
+
+    ``epochs`` counts only without ``max_steps`` (which replaces it); ``None`` means not set.
+    """
+    ranges = {
+        "lr": dict(low=0, low_open=True),
+        "weight_decay": dict(low=0),
+        "warmup": dict(low=0, high=1),
+        "checkpoint_every": dict(low=0),
+        "max_steps": dict(low=1),
+        "epochs": dict(low=1),
+        "max_grad_norm": dict(low=0, low_open=True),
+    }
+    if settings.get("max_steps") is not None:
+        settings.pop("epochs")
+    for name, value in settings.items():
+        if value is None:
+            continue
+        if isinstance(value, float) and math.isinf(value):
+            raise SurgicalError(f"{name} must be a finite number, got {value!r}", "Fix the value")
+        check_range(value, name, **ranges[name])
 
 
 def fit(
@@ -143,6 +168,8 @@ def fit(
         raise SurgicalError(f"on_nan must be 'raise' or 'stop', got {on_nan!r}", "Pass one of them")
     if grad_accum < 1:
         raise SurgicalError(f"grad_accum must be at least 1, got {grad_accum}", "Pass a positive number")
+    _check_settings(lr=lr, weight_decay=weight_decay, warmup=warmup, checkpoint_every=checkpoint_every,
+                    epochs=epochs, max_steps=max_steps, max_grad_norm=max_grad_norm)  # fmt: skip
     device = params[0].device
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     per_epoch = max(1, len(batches) // grad_accum)
