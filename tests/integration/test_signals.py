@@ -27,7 +27,9 @@ from train_fixtures import save_tiny_model, write_cls_csv
 REPO = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, COLUMNS="250", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
 BATCHES = cls_batches(n=6)
-STEPS, EVERY = 40, 5
+# ~10 ms a step: the run goes on for seconds after its first checkpoint, when the signal is sent,
+# so that even a starved test process signals it before it ends
+STEPS, EVERY = 300, 25
 
 
 # --- fit(stop=...) ----------------------------------------------------------------------------
@@ -192,7 +194,7 @@ def test_a_signal_checkpoints_says_how_to_resume_and_the_resume_is_exact(
     deadline = time.time() + 180
     while time.time() < deadline and latest_checkpoint(run / "checkpoints") is None and proc.poll() is None:
         time.sleep(0.01)  # training is under way once the first periodic checkpoint exists
-    assert proc.poll() is None, "the run ended before it could be interrupted"
+    assert proc.poll() is None, f"the run ended before it could be interrupted: {proc.communicate()}"
     os.kill(proc.pid, sig)
     os.kill(proc.pid, sig)  # a second one, impatient: absorbed while the step ends and is written
     _, err = proc.communicate(timeout=120)
