@@ -156,7 +156,8 @@ def test_inspect_known_plan_prints_shares_and_writes_png(tmp_path, monkeypatch, 
         ),
         (
             ["--density", "0.1", "--granularity", "blob"],
-            "'selection.granularity' must be one of entry, row, column, head, tensor, layer, got 'blob'",
+            "'selection.granularity' must be one of entry, row, column, head, tensor, layer, channel, "
+            "expert, got 'blob'",
         ),
         (["--density", "0.1", "--data", "{missing}"], "does not exist"),
         (["--density", "0.1", "--out", "{notplan}"], "exists and is not a plan directory"),

@@ -18,7 +18,12 @@ def matches(name: str, pattern: str) -> bool:
     searched anywhere in the name.
     """
     if pattern.startswith("re:"):
-        return re.search(pattern[3:], name) is not None
+        try:
+            return re.search(pattern[3:], name) is not None
+        except re.error as e:
+            raise SurgicalError(
+                f"pattern {pattern!r} is not a valid regular expression ({e})", "Fix the pattern"
+            ) from None
     return (
         fnmatchcase(name, pattern)
         or fnmatchcase(name, f"*.{pattern}")

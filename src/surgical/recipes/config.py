@@ -35,6 +35,7 @@ def _f(default: Any, help: str, **check: Any) -> Any:
 
 
 TASKS = ("auto", "classification", "causal_lm")
+DEFAULT_DENSITY = 0.01
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,11 @@ class SelectionConfig:
 
     method: str = _f("gradient", "Selection criterion (`surgical list criteria`).")
     density: float | None = _f(
-        0.01, "Fraction of the targeted parameters to train.", low=0, high=1, low_open=True
+        None,
+        "Fraction of the targeted parameters to train (0.01 when no count or byte budget is given).",
+        low=0,
+        high=1,
+        low_open=True,
     )
     count: int | None = _f(None, "Exact number of parameters instead of a density.", low=1)
     optimizer_bytes: int | None = _f(None, "AdamW fp32 state budget in bytes (16 per parameter).", low=16)
@@ -107,11 +112,18 @@ class SelectionConfig:
     plan: str | None = _f(None, "Directory of a saved plan to use instead of selecting.")
 
     def budget(self) -> dict[str, Any]:
-        """density / count / optimizer_bytes as ``select`` takes them: a count or a byte budget
-        replaces the default density."""
-        if self.count is not None or self.optimizer_bytes is not None:
-            return {"density": None, "count": self.count, "optimizer_bytes": self.optimizer_bytes}
-        return {"density": self.density, "count": None, "optimizer_bytes": None}
+        """density / count / optimizer_bytes as ``select`` takes them (at most one may be set;
+        none: a density of 0.01)."""
+        given = [k for k in ("density", "count", "optimizer_bytes") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise SurgicalError(
+                f"give exactly one of density, count and optimizer_bytes (the selection sets {given[0]} "
+                f"and {given[1]})",
+                "Remove one of them",
+            )
+        if not given:
+            return {"density": DEFAULT_DENSITY, "count": None, "optimizer_bytes": None}
+        return {"density": self.density, "count": self.count, "optimizer_bytes": self.optimizer_bytes}
 
     def select_kwargs(self, seed: int) -> dict[str, Any]:
         """Keyword arguments of :func:`surgical.select` (beside model and data)."""

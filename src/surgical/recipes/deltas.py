@@ -69,7 +69,7 @@ def diff_models(base: str, finetuned: str, out: str, *, density: float | None = 
     console = console or Console()
     check_output(out, {"base model": base, "fine-tuned model": finetuned})
     ft, _ = load_base(finetuned)
-    base_model, _ = load_base(base, type(ft).__name__)
+    base_model, _ = load_base(base, type(ft).__name__, expect_type=getattr(ft.config, "model_type", None))
     delta = Delta.from_models(base_model, ft, density=density)
     delta.save(out, dtype=dtype)
     console.print(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError
 
 from surgical.core.errors import SurgicalError
 from surgical.core.io import atomic_dir
@@ -75,7 +76,7 @@ def load_model(
         else:
             model = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: a truncated weights file
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # a truncated weights file
         raise SurgicalError(
             f"cannot load a model from {str(path)!r}: {_first_line(e)}", f"Check {label}"
         ) from None
@@ -139,7 +140,7 @@ def load_base(
         kwargs["num_labels"] = num_labels
     try:
         model = cls.from_pretrained(str(path), local_files_only=True, **kwargs)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise SurgicalError(
             f"cannot load the base model from {str(path)!r}: {_first_line(e)}", "Check the path"
         ) from None
