@@ -29,6 +29,7 @@ from surgical.select import CRITERIA, Plan, select
 from surgical.train import (
     SCHEDULES,
     SurgicalCallback,
+    base_values,
     extract,
     fit,
     prepare,
@@ -52,6 +53,7 @@ __all__ = [
     "TOKEN_CRITERIA",
     "__version__",
     "applied",
+    "base_values",
     "apply",
     "compose",
     "evaluate",

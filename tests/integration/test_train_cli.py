@@ -297,3 +297,40 @@ def test_train_keys_list_criterion_and_schedule_options(monkeypatch, capsys):
         "gamma (int, default 2, >= 1)",
     ):
         assert line in out, line
+
+
+def test_train_on_a_data_selection_keeps_its_manifest_and_resumes_on_it(tmp_path, files, monkeypatch, capsys):
+    from surgical.data import DataSelection
+
+    cfg = _config(
+        tmp_path,
+        files,
+        training={"max_steps": None, "epochs": 1, "checkpoint_every": 1},
+        data_selection={"method": "loss", "fraction": 0.5, "options": {"keep": "high"}},
+    )
+    code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(cfg))
+    assert code == 0, err
+    sel = DataSelection.load(tmp_path / "run" / "data-selection")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert len(sel.indices) == 24 and summary["steps"] == 3  # 48 examples -> 24 -> 3 batches of 8
+    code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(cfg), "--resume")
+    assert code == 0, err  # the same selection again: the resume matches its checkpoint
+
+
+def test_token_selection_trains_a_causal_lm_on_part_of_each_answer(tmp_path, files, monkeypatch, capsys):
+    for method in ("random", "excess_loss"):
+        (tmp_path / method).mkdir()
+        cfg = _config(
+            tmp_path / method,
+            files,
+            model={"path": str(files["llama"]), "task": "causal_lm"},
+            data={"path": str(files["jsonl"]), "batch_size": 4, "max_length": 32},
+            selection={"method": "gradient", "density": 0.05, "always": []},
+            training={"max_steps": 2},
+            token_selection={"method": method, "fraction": 0.5},
+        )
+        code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(cfg))
+        assert code == 0, err
+    cfg = _config(tmp_path, files, token_selection={"method": "random"})
+    code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(cfg))
+    assert code == 2 and "token_selection needs a causal LM" in err

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 
 from surgical.core.errors import SurgicalError
@@ -46,8 +47,15 @@ from surgical.recipes.config import (
 )
 from surgical.recipes.data import make_batches
 from surgical.recipes.models import detect_task, load_model
+from surgical.recipes.select_data import (
+    DataSelectionConfig,
+    TokenSelectionConfig,
+    selected_batches,
+    selection_dir,
+    token_filter,
+)
 from surgical.select import CRITERIA, Plan, select
-from surgical.train import extract, fit, prepare, trainable_count
+from surgical.train import base_values, extract, fit, prepare, trainable_count
 from surgical.train.checkpoint import latest_checkpoint
 from surgical.train.schedules import SCHEDULES, make_schedule
 
@@ -71,6 +79,12 @@ class RunConfig:
     selection: SelectionConfig = field(default_factory=SelectionConfig, metadata={"help": "What to train."})
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig, metadata={"help": "Dynamic schedule."})
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "Optimisation."})
+    data_selection: DataSelectionConfig = field(
+        default_factory=DataSelectionConfig, metadata={"help": "Train on a selection of the examples."}
+    )
+    token_selection: TokenSelectionConfig = field(
+        default_factory=TokenSelectionConfig, metadata={"help": "Causal LM: which target tokens are trained."}
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable form (tuples become lists)."""
@@ -102,6 +116,41 @@ class RunConfig:
             SCHEDULES.resolve(self.schedule.name, self.schedule.options, "schedule.options.")
         elif self.schedule.options:
             raise SurgicalError("schedule 'none' takes no options", "Remove schedule.options")
+        self.data_selection.check()
+
+
+def select_training_data(cfg: RunConfig, model, tokenizer, task: str, plan: Plan, show: bool) -> list[dict]:
+    """The batches the run trains on: every example, or the ``data_selection`` made on the base
+    model (kept as ``data-selection/`` in the run directory and reused by ``--resume``)."""
+    section = cfg.data_selection
+    own = selection_dir(cfg.out)
+    if cfg.training.resume and (own / "selection.json").is_file():
+        section = dataclasses.replace(section, manifest=str(own))
+    batches, sel = selected_batches(
+        section,
+        model,
+        tokenizer,
+        cfg.data,
+        task,
+        num_labels=cfg.model.num_labels,
+        seed=cfg.training.seed,
+        params=plan,
+        show=show,
+    )
+    if sel is not None and not (own / "selection.json").is_file():
+        sel.save(own)
+    return batches
+
+
+def _base_logits(model):
+    """``(batch) -> logits`` of the prepared model with its trained values swapped back to the base
+    (the free reference of excess-loss token selection)."""
+
+    def logits(batch: dict) -> Any:
+        with base_values(model), torch.no_grad():
+            return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+    return logits
 
 
 def task_of(cfg: RunConfig) -> str:
@@ -119,7 +168,7 @@ def make_plan(cfg: RunConfig, model, batches) -> Plan:
     return select(model, batches, progress=False, **cfg.selection.select_kwargs(cfg.training.seed))
 
 
-RUN_FILES = ("plan", "checkpoints", "delta", "summary.json")
+RUN_FILES = ("plan", "checkpoints", "delta", "summary.json", "data-selection")
 
 
 def claim_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -217,12 +266,18 @@ def run_train(
     t0 = time.perf_counter()
     m = cfg.model
     task = task_of(cfg)
+    cfg.token_selection.check(task)
     model, tokenizer = load_model(
-        m.path, task, num_labels=m.num_labels, seed=cfg.training.seed, label="model.path",
+        m.path,
+        task,
+        num_labels=m.num_labels,
+        seed=cfg.training.seed,
+        label="model.path",
         gradient_checkpointing=m.gradient_checkpointing,
-    )  # fmt: skip
+    )
     batches = make_batches(cfg.data, task, tokenizer, num_labels=m.num_labels)
-    plan = make_plan(cfg, model, batches)
+    plan = make_plan(cfg, model, batches)  # scored on all the data
+    batches = select_training_data(cfg, model, tokenizer, task, plan, show)
     prepare(model, plan)  # a plan for another model fails here with the mismatching shape
     if not (out / "plan" / "plan.json").is_file():
         plan.save(out / "plan")
@@ -252,6 +307,7 @@ def run_train(
             run_config=cfg.trajectory(),  # a resume with other settings is refused, naming them
             on_nan="stop",
             stop=stop,
+            batch_filter=token_filter(cfg.token_selection, reference=_base_logits(model), seed=t.seed),
             show=show,
         )
         summary: dict[str, Any] = {

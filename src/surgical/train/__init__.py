@@ -4,7 +4,7 @@ tied rows), prepare/extract, the fit loop with hooks, schedules, checkpoints and
 from surgical.train.extract import extract
 from surgical.train.hooks import StepState, SurgicalCallback, TrainHook
 from surgical.train.loop import FitResult, fit
-from surgical.train.prepare import prepare, prepared, sync, trainable_count, unprepare
+from surgical.train.prepare import base_values, prepare, prepared, sync, trainable_count, unprepare
 from surgical.train.schedules import HFT, LISA, SCHEDULES, Regrow
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "StepState",
     "SurgicalCallback",
     "TrainHook",
+    "base_values",
     "extract",
     "fit",
     "prepare",

@@ -111,6 +111,7 @@ def fit(
     run_config: Mapping[str, Any] | None = None,
     on_nan: str = "raise",
     stop: Callable[[], str | None] | None = None,
+    batch_filter: Callable[[nn.Module, dict, int], dict] | None = None,
     show: bool = True,
 ) -> FitResult:
     """Trains the parameters that require grad with AdamW (warm-up then linear decay).
@@ -144,6 +145,10 @@ def fit(
         on_nan: What a non-finite loss does: ``"raise"`` a SurgicalError, or ``"stop"`` and
             return with ``stopped="nan"``. Either way the bad step is not applied and the last
             checkpoint written is left as it was.
+        batch_filter: ``(model, batch, step) -> batch``, applied to every batch before its
+            forward pass (``step``: optimizer steps taken so far): token selection (new labels),
+            online batch selection (a sub-batch). It must be deterministic in ``step`` for a
+            resumed run to equal an uninterrupted one.
         stop: Called after each optimizer step; a non-empty string it returns (the reason, e.g.
             ``"sigint"`` from a signal handler that set a flag) ends training at that step
             boundary (after the last step there is nothing left to stop, and the run just
@@ -215,6 +220,8 @@ def fit(
             step_loss = 0.0
             for i in micro:
                 batch = batch_to(batches[i], device)
+                if batch_filter is not None:
+                    batch = batch_filter(model, batch, state.step)
                 with _autocast(bf16, device):
                     loss = model_loss(model, batch)
                 if not torch.isfinite(loss):

@@ -22,7 +22,8 @@ and the HF ``Trainer`` picks the same set by itself.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -315,3 +316,53 @@ def base_overlay(model: nn.Module) -> BaseOverlay:
 def trainable_count(model: nn.Module) -> int:
     """Number of trainable values (delta entries plus dense parameters)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@contextlib.contextmanager
+def base_values(model: nn.Module) -> Iterator[nn.Module]:
+    """``with base_values(model): ...`` runs the body with a prepared model's trained values
+    swapped back to their base values, then puts the trained values back exactly.
+
+    The base model for free, without a second copy: the reference of excess-loss token selection
+    and of reducible-loss batch selection, or forgetting measured mid-run. Costs time
+    proportional to the trained values (entries, blocks and densely trained tensors).
+    """
+    info = prepared(model)
+    sync(model)  # so that no forward inside re-writes the trained values (nothing is dirty)
+    params = dict(model.named_parameters())
+    swapped: list[tuple[torch.Tensor, Saved, torch.Tensor]] = []
+    with torch.no_grad():
+        for name, module in info.entry_modules.items():
+            saved = state_of(module, _pname(name)).saved_base(module)
+            if saved is None:
+                continue
+            weight = getattr(module, _pname(name))
+            idx, old, axis = saved
+            now = (
+                weight.view(-1).index_select(0, idx.long())
+                if axis is None
+                else weight.index_select(axis, idx)
+            )
+            swapped.append((weight, saved, now))
+            _write(weight, saved, old)
+        for name, base in info.dense_base.items():
+            p = params[name]
+            swapped.append((p, Saved(None, base), p.detach().clone()))
+            p.copy_(base.to(p.device, p.dtype))
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for tensor, saved, now in reversed(swapped):
+                _write(tensor, saved, now)
+
+
+def _write(tensor: torch.Tensor, where: Saved, values: torch.Tensor) -> None:
+    idx, _, axis = where
+    values = values.to(tensor.device, tensor.dtype)
+    if idx is None:
+        tensor.copy_(values)
+    elif axis is None:
+        tensor.view(-1).index_copy_(0, idx.long(), values)
+    else:
+        tensor.index_copy_(axis, idx.to(tensor.device), values)
