@@ -1,0 +1,394 @@
+"""Quality side by side: which fine-tuning method learns the task and keeps what the base knew.
+
+MiniLM (all-MiniLM-L6-v2), Rotten Tomatoes -> IMDB. The demo's split (1,000 RT sentences held
+out: ID), 500 more training sentences carved out as the validation set that makes every choice
+(learning rate, WiSE-FT alpha), OOD = IMDB reviews at 256 tokens. For every row, each learning
+rate of its small grid is tried with seed 0 and the one best on validation is kept; then the
+row runs with every seed at that rate. Mean and standard deviation over the seeds.
+
+Rows: head only; full fine-tuning; PEFT LoRA r=8 (query/key/value/dense, head trained); PEFT
+SHiRA at LoRA's count; surgical entries at 0.5% and 1% of the encoder's Linear weights by each
+criterion (biases, LayerNorms and the head dense); surgical rows at 1%; ``fim_layer`` (the best
+transformer block by Fisher); LISA; and WiSE-FT (alpha on validation) of full fine-tuning, of
+LoRA and of the best surgical row. Baselines go through their own libraries (PEFT, the HF model).
+
+Columns: trainable parameters, ID, OOD, validation, train time, peak memory (RSS of the worker
+process), artifact size. Each training runs in a fresh worker process (its peak RSS is its own).
+
+    python benchmarks/quality.py                         # full mode (~2 h on 2 CPU cores)
+    python benchmarks/quality.py --rows full,lora,surgical-gradient-1pct --seeds 0 1 2
+    python benchmarks/quality.py --quick --out X.json    # tiny subsets, a few rows (a test runs it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import surgical as sg
+from surgical.core.io import atomic_save_figure, atomic_write_text, dir_size
+from surgical.core.runtime import peak_rss_bytes, reset_peak_rss
+from surgical.data.text import text_batches
+from surgical.recipes.demo import DemoConfig, default_data_path, default_model_path, load_movie_reviews
+from surgical.recipes.models import load_model
+from surgical.train import LISA
+
+HERE = Path(__file__).resolve().parent
+CRITERIA = ("random", "magnitude", "gradient", "fisher", "salience", "lottery", "principal")
+ALWAYS = ["classifier", "bias", "LayerNorm"]
+LAYER_LINEARS = "re:encoder\\.layer\\.\\d+\\..*\\.weight$"  # the six layers' Linear weights
+
+
+def row_specs() -> dict[str, dict]:
+    """Every row: its kind, settings and learning-rate grid."""
+    rows: dict[str, dict] = {
+        "head": {"kind": "head", "lrs": [1e-3, 3e-3]},
+        "full": {"kind": "full", "lrs": [2e-5, 5e-5]},
+        "lora": {"kind": "lora", "lrs": [5e-4, 1e-3]},
+        "shira": {"kind": "shira", "lrs": [5e-4, 2e-3]},
+    }
+    for crit in CRITERIA:
+        for pct, density in (("0.5pct", 0.005), ("1pct", 0.01)):
+            rows[f"surgical-{crit}-{pct}"] = {
+                "kind": "surgical",
+                "method": crit,
+                "density": density,
+                "lrs": [1e-3, 3e-3],
+            }
+    rows["surgical-rows-1pct"] = {
+        "kind": "surgical",
+        "method": "gradient",
+        "density": 0.01,
+        "granularity": "row",
+        "lrs": [1e-3, 3e-3],
+    }
+    rows["fim_layer"] = {
+        "kind": "surgical",
+        "method": "fim_layer",
+        "density": 1 / 6,
+        "granularity": "layer",
+        "lrs": [5e-5, 2e-4],
+    }
+    rows["lisa"] = {"kind": "lisa", "lrs": [5e-5, 1e-4]}
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# the worker: one training run in its own process
+
+
+def split(quick: bool):
+    sizes = dict(held_out=64, ood_size=32) if quick else dict(held_out=1000, ood_size=1000)
+    train, test, ood = load_movie_reviews(default_data_path(), DemoConfig(**sizes, train_size=None))
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(1234)).tolist()
+    n_val = 32 if quick else 500
+    val = train.subset(order[:n_val])
+    rest = order[n_val:]
+    train = train.subset(rest[: (96 if quick else 3000)])
+    return train, val, test, ood
+
+
+def train_row(spec: dict, lr: float, seed: int, quick: bool, workdir: Path) -> dict:
+    torch.set_num_threads(1 if quick else 2)
+    train, val, test, ood = split(quick)
+    model, tok = load_model(default_model_path(), "classification", seed=seed)
+    base = copy.deepcopy(model)
+    train_b = text_batches(tok, train, 32, 64, shuffle=True, seed=seed)
+    sets = {
+        "validation": text_batches(tok, val, 64, 64),
+        "id": text_batches(tok, test, 64, 64),
+        "ood": text_batches(tok, ood, 32, 128 if quick else 256),
+    }
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    kind = spec["kind"]
+    artifact = workdir / "artifact"
+    if kind in ("head", "full"):
+        for n, p in model.named_parameters():
+            p.requires_grad_(kind == "full" or n.startswith("classifier"))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        sg.fit(model, train_b, lr=lr, seed=seed, show=False)
+        delta = _as_delta(base, model)
+        delta.save(artifact)
+    elif kind in ("lora", "shira"):
+        model, trainable = _peft_train(model, kind, train_b, lr, seed)
+        model.save_pretrained(str(artifact))
+        merged = model.merge_and_unload()
+        delta = _as_delta(base, merged)
+    else:
+        plan = _plan(spec, model, train_b, seed)
+        hooks = [LISA(gamma=2, every=max(1, len(train_b) // 6), seed=seed)] if kind == "lisa" else []
+        sg.prepare(model, plan)
+        trainable = sg.trainable_count(model)
+        sg.fit(model, train_b, lr=lr, seed=seed, hooks=hooks, show=False)
+        delta = sg.extract(model)
+        delta.save(artifact)
+    seconds = time.perf_counter() - t0
+    peak = peak_rss_bytes()
+    with sg.applied(base, delta):
+        res = sg.evaluate(base, sets, task="classification", show=False)
+    points = {}
+    if spec.get("wise_ft"):
+        for alpha in (0.3, 0.5, 0.7, 0.8, 0.9):
+            with sg.applied(base, sg.merge([delta], "wise_ft", alpha=alpha)):
+                r = sg.evaluate(base, sets, task="classification", show=False)
+            points[str(alpha)] = {k: v["accuracy"] for k, v in r.items()}
+        points["1.0"] = {k: v["accuracy"] for k, v in res.items()}
+    return {
+        "trainable": int(trainable),
+        "validation": res["validation"]["accuracy"],
+        "id": res["id"]["accuracy"],
+        "ood": res["ood"]["accuracy"],
+        "train_seconds": seconds,
+        "peak_rss_mib": peak / 2**20,
+        "artifact_kib": _size(artifact) / 1024,
+        "wise_ft": points,
+    }
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else dir_size(path)
+
+
+def _as_delta(base, tuned) -> sg.Delta:
+    """The tuned model as a delta on ``base``; the new head is kept whole (it has no base)."""
+    delta = sg.Delta.from_models(base, tuned)
+    params = dict(tuned.named_parameters())
+    for name in [n for n in delta.dense if n.startswith("classifier")]:
+        delta.full[name] = params[name].detach().float().clone()
+        del delta.dense[name]
+    return delta
+
+
+def _plan(spec: dict, model, train_b, seed: int) -> sg.Plan:
+    if spec["kind"] == "lisa":  # every parameter, dense: LISA samples which layers train
+        names = [n for n, _ in model.named_parameters()]
+        return sg.Plan(
+            dense=names,
+            shapes={n: tuple(p.shape) for n, p in model.named_parameters()},
+            meta={"method": "lisa"},
+        )
+    return sg.select(
+        model,
+        train_b,
+        method=spec["method"],
+        density=spec["density"],
+        granularity=spec.get("granularity"),
+        targets=[LAYER_LINEARS],
+        always=ALWAYS,
+        max_batches=16 if len(train_b) >= 16 else len(train_b),
+        seed=seed,
+        progress=False,
+    )
+
+
+def _peft_train(model, kind: str, train_b, lr: float, seed: int):
+    from peft import LoraConfig, ShiraConfig, get_peft_model
+
+    targets = ["query", "key", "value", "dense"]
+    if kind == "lora":
+        cfg = LoraConfig(r=8, lora_alpha=8, target_modules=targets, modules_to_save=["classifier"])
+    else:  # SHiRA at LoRA's count: r (in + out) values per layer, as LoRA's r=8
+        cfg = ShiraConfig(r=8, target_modules=targets, modules_to_save=["classifier"], random_seed=seed)
+    peft_model = get_peft_model(model, cfg)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    sg.fit(peft_model, train_b, lr=lr, seed=seed, show=False)
+    return peft_model, trainable
+
+
+def worker_main(args) -> None:
+    spec = json.loads(args.spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train_row(spec, args.lr, args.seed, args.quick, Path(tmp))
+    args.result.write_text(json.dumps(result))
+
+
+# --------------------------------------------------------------------------------------------
+# the driver
+
+
+def run_worker(spec: dict, lr: float, seed: int, quick: bool, tmp: Path) -> dict:
+    out = tmp / f"r{time.perf_counter_ns()}.json"
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--spec",
+        json.dumps(spec),
+        "--lr",
+        str(lr),
+        "--seed",
+        str(seed),
+        "--result",
+        str(out),
+    ] + (["--quick"] if quick else [])
+    subprocess.run(cmd, check=True)
+    return json.loads(out.read_text())
+
+
+def summarise(runs: list[dict]) -> dict:
+    out = {}
+    for key in ("validation", "id", "ood", "train_seconds", "peak_rss_mib", "artifact_kib", "trainable"):
+        vals = [r[key] for r in runs]
+        out[key] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+    return out
+
+
+def wise_ft_row(runs: list[dict]) -> dict | None:
+    """WiSE-FT of a row: alpha chosen on the mean validation accuracy over seeds."""
+    if not runs or not runs[0]["wise_ft"]:
+        return None
+    alphas = list(runs[0]["wise_ft"])
+    mean_val = {a: statistics.fmean(r["wise_ft"][a]["validation"] for r in runs) for a in alphas}
+    best = max(alphas, key=lambda a: (mean_val[a], float(a)))
+    chosen = [{**r, **r["wise_ft"][best]} for r in runs]
+    return {"alpha": float(best), "runs": chosen, "summary": summarise(chosen)}
+
+
+def figure(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.8))
+    for name, r in results.items():
+        s = r["summary"]
+        colour = (
+            "#4477aa"
+            if name.startswith("full")
+            else "#228833"
+            if name.startswith(("lora", "shira"))
+            else "#ee6677"
+            if name.startswith(("surgical", "fim", "lisa"))
+            else "#999999"
+        )
+        marker = "*" if "wise-ft" in name else "o"
+        ax.errorbar(
+            100 * s["id"]["mean"],
+            100 * s["ood"]["mean"],
+            xerr=100 * s["id"]["std"],
+            yerr=100 * s["ood"]["std"],
+            fmt=marker,
+            color=colour,
+            markersize=8 if marker == "*" else 5,
+        )
+        ax.annotate(
+            name,
+            (100 * s["id"]["mean"], 100 * s["ood"]["mean"]),
+            fontsize=6,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+        ax2.plot(max(1, s["trainable"]["mean"]), 100 * s["id"]["mean"], marker, color=colour)
+        ax2.annotate(
+            name,
+            (max(1, s["trainable"]["mean"]), 100 * s["id"]["mean"]),
+            fontsize=6,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    ax.set_xlabel("ID accuracy, % (RT held-out)")
+    ax.set_ylabel("OOD accuracy, % (IMDB)")
+    ax.set_title("ID vs OOD (mean ± std over seeds; stars: WiSE-FT)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax2.set_xscale("log")
+    ax2.set_xlabel("trainable parameters")
+    ax2.set_ylabel("ID accuracy, %")
+    ax2.set_title("accuracy vs trainable parameters", fontsize=9)
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    try:
+        atomic_save_figure(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--rows", help="comma-separated row names (default: all; quick: a few)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", type=Path, default=HERE / "results" / "quality.json")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    p.add_argument("--lr", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker_main(args)
+        return
+    specs = row_specs()
+    names = (
+        args.rows.split(",")
+        if args.rows
+        else (["head", "full", "surgical-gradient-1pct"] if args.quick else list(specs))
+    )
+    unknown = [n for n in names if n not in specs]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; known: {', '.join(specs)}")
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            spec = dict(specs[name])
+            spec["wise_ft"] = name in ("full", "lora") or name.startswith("surgical-")
+            grid = spec["lrs"][:1] if args.quick else spec["lrs"]
+            tried = {lr: run_worker(spec, lr, seeds[0], args.quick, Path(tmp)) for lr in grid}
+            lr = max(grid, key=lambda x: tried[x]["validation"])
+            runs = [tried[lr]] + [run_worker(spec, lr, s, args.quick, Path(tmp)) for s in seeds[1:]]
+            results[name] = {
+                "lr": lr,
+                "lr_grid": grid,
+                "validation_by_lr": {str(k): v["validation"] for k, v in tried.items()},
+                "runs": runs,
+                "summary": summarise(runs),
+            }
+            s = results[name]["summary"]
+            print(
+                f"{name:28s} lr {lr:g}: ID {100 * s['id']['mean']:.1f} ± {100 * s['id']['std']:.1f}, "
+                f"OOD {100 * s['ood']['mean']:.1f} ± {100 * s['ood']['std']:.1f}",
+                flush=True,
+            )
+            wf = wise_ft_row(runs)
+            if wf is not None:
+                results[f"{name} + wise-ft"] = {"lr": lr, **wf}
+    report = {
+        "benchmark": "quality",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "surgical": sg.__version__},
+        "setup": {
+            "model": "all-MiniLM-L6-v2",
+            "train": "RT sentences (3,000 in the full mode)",
+            "validation": 500,
+            "id": "1,000 held-out RT",
+            "ood": "1,000 IMDB reviews, 256 tokens",
+            "epochs": 1,
+            "batch": 32,
+            "max_length": 64,
+            "seeds": seeds,
+            "quick": args.quick,
+            "protocol": "lr chosen on validation with seed 0; WiSE-FT alpha on mean validation",
+        },
+        "results": results,
+    }
+    atomic_write_text(args.out, json.dumps(report, indent=2))
+    figure(results, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""The quality benchmark's --quick mode runs end to end and writes a consistent report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_quality_quick(tmp_path):
+    out = tmp_path / "q.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "quality.py"),
+            "--quick",
+            "--rows",
+            "surgical-gradient-1pct",
+            "--out",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO / "benchmarks",
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())["results"]
+    row = r["surgical-gradient-1pct"]
+    run = row["runs"][0]
+    assert row["lr"] in row["lr_grid"] and 0 < run["trainable"] < 300_000
+    assert all(0 <= run[k] <= 1 for k in ("validation", "id", "ood")) and run["artifact_kib"] > 0
+    wf = r["surgical-gradient-1pct + wise-ft"]
+    alphas = {float(a): v["validation"] for a, v in run["wise_ft"].items()}
+    assert wf["alpha"] == max(alphas, key=lambda a: (alphas[a], a))  # chosen on validation only
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
