@@ -145,10 +145,19 @@ class Delta(DeltaData):
         for kind, whole in (("dense", self.dense), ("full", self.full)):
             for name, t in whole.items():
                 t = t.detach().to("cpu")
-                # a float64 change is what makes base + change exact (see surgical.train.extract)
-                keep64 = t.dtype == torch.float64 and whole_codec == "float32"
-                tensors[f"{kind}.{name}"] = t if keep64 else t.to(torch.float32).to(_float(whole_codec))
+                tensors[f"{kind}.{name}"] = t.to(torch.float32).to(_float(whole_codec))
                 kinds[name] = {"kind": kind, "shape": list(self.shapes[name])}
+                if t.dtype == torch.float64 and whole_codec == "float32":
+                    # a float64 change is what makes base + change exact (surgical.train.extract);
+                    # the few values float32 cannot hold are stored beside it, exactly
+                    flat = t.reshape(-1)
+                    fix = torch.nonzero(flat.to(torch.float32).double() != flat).reshape(-1)
+                    if fix.numel():
+                        gaps, overflow = encode_indices(fix)
+                        tensors[f"{kind}.{name}.fix_gaps"] = gaps
+                        tensors[f"{kind}.{name}.fix_overflow"] = overflow
+                        tensors[f"{kind}.{name}.fix"] = flat[fix].contiguous()
+                        kinds[name]["fixups"] = int(fix.numel())
         for name, s in self.scores.items():  # importance, not part of the change: always float32
             tensors[f"scores.{name}"] = s.detach().to("cpu", torch.float32).contiguous()
             kinds[name]["scores"] = True
@@ -229,6 +238,16 @@ class Delta(DeltaData):
                     t = t if t.dtype == torch.float64 else t.float()
                     if tuple(t.shape) != shape:
                         raise ValueError(f"shape of {name}")
+                    if info.get("fixups"):
+                        fix = decode_indices(
+                            _stored(tensors, f"{kind}.{name}.fix_gaps", (torch.int16,)),
+                            _stored(tensors, f"{kind}.{name}.fix_overflow", (torch.int64,)),
+                        )
+                        if fix.numel() != int(info["fixups"]):
+                            raise ValueError(f"fix-up count of {name}")
+                        check_sorted_indices(fix, _numel(shape), f"{name} fix-up")
+                        t = t.double()
+                        t.view(-1)[fix] = _stored(tensors, f"{kind}.{name}.fix", (torch.float64,))
                     getattr(delta, kind)[name] = t
                     continue
                 prefix = f"{kind}.{name}."

@@ -20,7 +20,7 @@ def _delta() -> sg.Delta:
     return sg.Delta(
         entries={"a.weight": (torch.tensor([1, 7, 70_000, 200_000]), torch.randn(4, generator=g))},
         rows={"r.weight": (torch.tensor([0, 3]), torch.randn(2, 5, generator=g))},
-        dense={"d.weight": torch.randn(4, 3, generator=g).double()},  # an exact float64 change
+        dense={"d.weight": torch.randn(4, 3, generator=g, dtype=torch.float64)},  # float32 cannot hold it
         full={"head.bias": torch.randn(3, generator=g)},
         shapes={"a.weight": (500, 500), "r.weight": (6, 5), "d.weight": (4, 3), "head.bias": (3,)},
         meta={"base": {"name_or_path": "x"}},
@@ -116,7 +116,7 @@ REWRITES = [
     ("float32", "entries.a.weight.values", "I32"),
     ("float32", "rows.r.weight.values", "U32"),
     ("float32", "full.head.bias", "I32"),
-    ("float32", "dense.d.weight", "I64"),
+    ("float32", "dense.d.weight.fix", "I64"),
     ("float32", "entries.a.weight.gaps", "F16"),
     ("float32", "entries.a.weight.overflow", "F64"),
     ("float16", "entries.a.weight.values", "BF16"),
