@@ -65,13 +65,22 @@ def extract(model: nn.Module, scores: Plan | None = None, **meta) -> Delta:
 
 def _exact_change(trained: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor | None:
     """``trained - base`` such that ``apply`` (base + change summed in float64, rounded once to
-    the parameter's dtype) gives ``trained`` back bit for bit: float32 where that suffices, else
-    float64 (the difference of two float32 values is exact in float64); None if neither is."""
+    the parameter's dtype) gives ``trained`` back bit for bit, or None if no change can.
+
+    Float32 where the float32 change adds back exactly (nearly every value); the exact float64
+    difference where it does not (a value that changed sign or moved far from a small base).
+    The result is float64 only if some value needs it; a delta file then stores it as float32
+    plus those few values exactly (see :meth:`surgical.Delta.save`).
+    """
     if base is None:
         return None
     now = trained.to("cpu")
-    for dtype in (torch.float32, torch.float64):
-        change = now.to(dtype) - base.to(dtype)
-        if torch.equal(base.double().add_(change.double()).to(now.dtype), now):
-            return change
-    return None
+    exact = now.double() - base.double()  # the difference of two float32 values is exact here
+    rounded = exact.to(torch.float32)
+    ok = base.double().add(rounded.double()).to(now.dtype) == now
+    if bool(ok.all()):
+        return rounded
+    change = torch.where(ok, rounded.double(), exact)
+    if not torch.equal(base.double().add(change).to(now.dtype), now):
+        return None
+    return change
