@@ -367,6 +367,13 @@ def main() -> None:
             wf = wise_ft_row(runs)
             if wf is not None:
                 results[f"{name} + wise-ft"] = {"lr": lr, **wf}
+            write(args, seeds, results, complete=False)
+    write(args, seeds, results, complete=True)
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def write(args, seeds: list[int], results: dict, complete: bool) -> None:
+    """Writes the report (after every row too, so a long run keeps what it finished)."""
     report = {
         "benchmark": "quality",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -390,12 +397,12 @@ def main() -> None:
             )
             + "; WiSE-FT alpha on mean validation",
             "wise_ft_alphas": [*WISE_ALPHAS, 1.0],
+            "complete": complete,
         },
         "results": results,
     }
     atomic_write_text(args.out, json.dumps(report, indent=2))
     figure(results, args.out.with_suffix(".png"))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
