@@ -29,10 +29,10 @@ from surgical.train.sparse import (
     CUDA_DENSE_GATHER_DENSITY,
     DENSE_GATHER_DENSITY,
     EntryState,
+    attach_entries,
     csr_pattern,
     index_dtype,
 )
-from surgical.train.state import delta_attr, install
 
 
 @dataclass
@@ -129,15 +129,4 @@ def _entry_conv1d_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def attach_conv1d_entries(module: nn.Module, indices: torch.Tensor) -> nn.Parameter:
     """Makes the entries ``indices`` (flat, of the (in, out) weight) of a ``Conv1D`` trainable."""
-    weight = module.weight
-    indices = indices.to(device=weight.device, dtype=index_dtype(weight.numel()))
-    weight.requires_grad_(False)
-    state = Conv1DEntryState(param_name="weight", shape=tuple(weight.shape))
-    orig = weight.detach().view(-1).index_select(0, indices).clone()
-    module.register_buffer("weight_sg_indices", indices, persistent=False)
-    module.register_buffer("weight_sg_orig", orig, persistent=False)
-    delta = nn.Parameter(torch.zeros(indices.numel(), dtype=weight.dtype, device=weight.device))
-    module.register_parameter(delta_attr("weight"), delta)
-    state.synced_version = delta._version
-    install(module, state, _entry_conv1d_forward)
-    return delta
+    return attach_entries(module, indices, Conv1DEntryState, _entry_conv1d_forward)

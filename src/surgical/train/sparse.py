@@ -220,22 +220,28 @@ def _entry_linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return _EntryLinearFn.apply(x, module.weight, module.bias, delta, module)
 
 
-def attach_entries(module: nn.Linear, indices: torch.Tensor) -> nn.Parameter:
+def attach_entries(
+    module: nn.Module,
+    indices: torch.Tensor,
+    state_cls: type[EntryState] = EntryState,
+    forward: Callable | None = None,
+) -> nn.Parameter:
     """Makes the entries ``indices`` of ``module.weight`` trainable through a delta parameter.
 
     The weight is frozen, a zero-initialised parameter ``weight_sg_delta`` of ``len(indices)``
     values is registered on the module, and the module's forward is routed through the sparse
-    autograd function. Returns the new parameter.
+    autograd function (``forward``, default: the Linear one; another module kind passes its own,
+    with its ``state_cls``). Returns the new parameter.
     """
     weight = module.weight
     indices = indices.to(device=weight.device, dtype=index_dtype(weight.numel()))
     weight.requires_grad_(False)
-    state = EntryState(param_name="weight", shape=tuple(weight.shape))
+    state = state_cls(param_name="weight", shape=tuple(weight.shape))
     orig = weight.detach().view(-1).index_select(0, indices).clone()
     module.register_buffer("weight_sg_indices", indices, persistent=False)
     module.register_buffer("weight_sg_orig", orig, persistent=False)
     delta = nn.Parameter(torch.zeros(indices.numel(), dtype=weight.dtype, device=weight.device))
     module.register_parameter(delta_attr("weight"), delta)
     state.synced_version = delta._version
-    install(module, state, _entry_linear_forward)
+    install(module, state, forward or _entry_linear_forward)
     return delta
