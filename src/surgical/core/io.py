@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -128,3 +129,34 @@ def check_sha256(path: str | os.PathLike, expected: object) -> None:
         raise SurgicalError(f"{str(path)!r} is corrupted (its recorded sha256 is not one)", "Save it again")
     if sha256_file(path) != expected.lower():
         raise SurgicalError(f"{str(path)!r} is corrupted (checksum mismatch)", "Save it again")
+
+
+def read_tensor_dir(
+    directory: str | os.PathLike, info_file: str, tensor_file: str, what: str, fix: str
+) -> tuple[Any, dict]:
+    """(parsed JSON, tensors) of a directory of one JSON file and one safetensors file.
+
+    Only JSON and safetensors are read (no pickle, no code). A missing directory or file, or a
+    file that does not parse, is a one-line SurgicalError naming it (``what``: ``plan``,
+    ``selection``...) with ``fix``.
+    """
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from surgical.core.errors import SurgicalError
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise SurgicalError(f"{what} directory {str(directory)!r} does not exist", fix)
+    for fname in (info_file, tensor_file):
+        if not (directory / fname).is_file():  # safetensors' own error does not name the file
+            raise SurgicalError(f"{what} file {str(directory / fname)!r} is missing", fix)
+    try:
+        info = json.loads((directory / info_file).read_text())
+        tensors = load_file(str(directory / tensor_file))
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as e:
+        why = e.__class__.__name__ if isinstance(e, UnicodeDecodeError) else str(e)
+        raise SurgicalError(f"{what} in {str(directory)!r} is truncated or corrupted ({why})", fix) from None
+    return info, tensors

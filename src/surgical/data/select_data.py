@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from surgical.core.errors import SurgicalError
-from surgical.core.io import atomic_dir, check_sha256, sha256_file
+from surgical.core.io import atomic_dir, check_sha256, read_tensor_dir, sha256_file
 from surgical.core.registry import check_range
 from surgical.core.runtime import peak_rss_bytes, reset_peak_rss
 from surgical.core.version import __version__
@@ -128,19 +127,7 @@ class DataSelection:
         """
         directory = Path(directory)
         fix = "Pass a directory written by `surgical select-data` or DataSelection.save"
-        if not directory.is_dir():
-            raise SurgicalError(f"selection directory {str(directory)!r} does not exist", fix)
-        for fname in (INFO_FILE, TENSOR_FILE):
-            if not (directory / fname).is_file():
-                raise SurgicalError(f"selection file {str(directory / fname)!r} is missing", fix)
-        try:
-            info = json.loads((directory / INFO_FILE).read_text())
-            tensors = load_file(str(directory / TENSOR_FILE))
-        except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as e:
-            why = e.__class__.__name__ if isinstance(e, UnicodeDecodeError) else str(e)
-            raise SurgicalError(
-                f"selection in {str(directory)!r} is truncated or corrupted ({why})", fix
-            ) from None
+        info, tensors = read_tensor_dir(directory, INFO_FILE, TENSOR_FILE, "selection", fix)
         try:
             if not isinstance(info, dict) or info.get("format") != SELECTION_FORMAT:
                 raise ValueError(f"{INFO_FILE} is not a {SELECTION_FORMAT} manifest")

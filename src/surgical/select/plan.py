@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from surgical.core.codec import decode_indices, encode_indices
 from surgical.core.errors import SurgicalError
-from surgical.core.io import atomic_dir, check_sha256, sha256_file
+from surgical.core.io import atomic_dir, check_sha256, read_tensor_dir, sha256_file
 
 PLAN_FORMAT = 1
 INFO_FILE = "plan.json"
@@ -138,19 +137,7 @@ class Plan:
         """
         directory = Path(directory)
         fix = "Pass a directory written by `surgical select` or Plan.save"
-        if not directory.is_dir():
-            raise SurgicalError(f"plan directory {str(directory)!r} does not exist", fix)
-        for fname in (INFO_FILE, TENSOR_FILE):
-            if not (directory / fname).is_file():  # safetensors' own error does not name the file
-                raise SurgicalError(f"plan file {str(directory / fname)!r} is missing", fix)
-        try:
-            info = json.loads((directory / INFO_FILE).read_text())
-            tensors = load_file(str(directory / TENSOR_FILE))
-        except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as e:
-            why = e.__class__.__name__ if isinstance(e, UnicodeDecodeError) else str(e)
-            raise SurgicalError(
-                f"plan in {str(directory)!r} is truncated or corrupted ({why})", fix
-            ) from None
+        info, tensors = read_tensor_dir(directory, INFO_FILE, TENSOR_FILE, "plan", fix)
         try:
             if not isinstance(info, dict):
                 raise ValueError(f"{INFO_FILE} holds a {type(info).__name__}, not an object")
