@@ -124,6 +124,9 @@ def demo(
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for selection, shuffling and the new head.")] = 0,
+    json_out: Annotated[
+        str | None, typer.Option("--json", help="Also write the measurements to this JSON file.")
+    ] = None,
 ) -> None:
     """Fine-tune all-MiniLM-L6-v2 on Rotten Tomatoes with 1% of its weights; report ID/OOD accuracy."""
     from surgical.recipes.demo import DemoConfig, run_demo
@@ -131,7 +134,29 @@ def demo(
     overrides = dict(out=out, model=model, data=data, method=method, density=density, seed=seed)
     overrides.update(_flags({"targets": targets, "lr": lr, "epochs": epochs}))
     cfg = DemoConfig.quick(**overrides) if quick else DemoConfig(**overrides)
-    run_demo(cfg, console)
+    result = run_demo(cfg, console)
+    if json_out:
+        import datetime
+        import platform
+
+        import torch
+
+        from surgical.core.io import atomic_write_text
+        from surgical.core.version import __version__
+
+        record = {
+            "benchmark": "demo",
+            "command": " ".join(["surgical", *sys.argv[1:]]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": {
+                "platform": platform.platform(),
+                "torch": torch.__version__,
+                "surgical": __version__,
+                "threads": torch.get_num_threads(),
+            },
+            "result": result,
+        }
+        atomic_write_text(json_out, json.dumps(record, indent=2, default=str))
 
 
 @app.command()
