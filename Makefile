@@ -27,6 +27,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_speed.py
 	$(BIN)/python benchmarks/select_cost.py
 	$(BIN)/python benchmarks/delta_switch.py
+	$(BIN)/python benchmarks/merge_cost.py
+	$(BIN)/python benchmarks/module_speed.py
+	$(BIN)/python benchmarks/vision_surgical.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
