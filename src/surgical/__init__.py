@@ -29,6 +29,7 @@ from surgical.select import CRITERIA, Plan, select
 from surgical.train import (
     SCHEDULES,
     SurgicalCallback,
+    SurgicalTrainer,
     base_values,
     extract,
     fit,
@@ -50,6 +51,7 @@ __all__ = [
     "Plan",
     "SurgicalCallback",
     "SurgicalError",
+    "SurgicalTrainer",
     "TOKEN_CRITERIA",
     "__version__",
     "applied",
