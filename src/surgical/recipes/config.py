@@ -256,6 +256,8 @@ def load_config(cls: type[T], path: str | Path | None, overrides: dict[str, Any]
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise SurgicalError(f"config path {str(p)!r} is a directory", "Pass the path of a YAML file")
         if not p.is_file():
             raise SurgicalError(f"config file {str(p)!r} does not exist", "Pass the path of a YAML file")
         try:

@@ -221,3 +221,18 @@ def test_zero_calibration_batches_is_an_error_for_every_data_criterion(bert):
     for name in ("gradient", "fisher", "salience", "lottery", "fim_layer", "rgn"):
         with pytest.raises(sg.SurgicalError, match="yielded no batches"):
             sg.select(bert, [], method=name, density=0.5, granularity="tensor", progress=False)
+
+
+def test_principal_approximates_each_expert_and_each_conv_as_a_matrix():
+    from surgical.select.principal import low_rank, principal_of
+
+    g = torch.Generator().manual_seed(0)
+    experts = torch.randn(3, 6, 5, generator=g)
+    scores = principal_of(experts, 2)
+    for e in range(3):
+        assert torch.allclose(scores[e], low_rank(experts[e], 2).abs(), atol=1e-5)
+        assert torch.linalg.matrix_rank(low_rank(experts[e], 2)) == 2
+    conv = torch.randn(4, 2, 3, 3, generator=g)
+    assert torch.allclose(principal_of(conv, 1), low_rank(conv.reshape(4, -1), 1).abs().reshape(conv.shape))
+    bias = torch.randn(5, generator=g)
+    assert torch.equal(principal_of(bias, 2), bias.abs())
