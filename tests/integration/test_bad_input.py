@@ -341,7 +341,7 @@ CASES = [
     ("list-extra-argument", lambda w, t: ["list", "criteria", "schedules"], "unexpected extra argument"),
     # --- configs
     ("train-config-missing", lambda w, t: ["train", "-c", str(t / "no.yaml")], "no.yaml' does not exist"),
-    ("train-config-is-a-directory", lambda w, t: ["train", "-c", str(t)], "config file '"),
+    ("train-config-is-a-directory", lambda w, t: ["train", "-c", str(t)], "is a directory"),
     ("train-config-empty", lambda w, t: ["train", "-c", _write(t, "e.yaml", "")], "model.path is not set"),
     (
         "train-config-a-list",
