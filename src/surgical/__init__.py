@@ -29,7 +29,6 @@ from surgical.select import CRITERIA, Plan, select
 from surgical.train import (
     SCHEDULES,
     SurgicalCallback,
-    SurgicalTrainer,
     base_values,
     extract,
     fit,
@@ -73,3 +72,11 @@ __all__ = [
     "trainable_count",
     "unprepare",
 ]
+
+
+def __getattr__(name: str):
+    if name == "SurgicalTrainer":  # transformers.Trainer is a heavy import: only on first use
+        from surgical.train.trainer import SurgicalTrainer
+
+        return SurgicalTrainer
+    raise AttributeError(f"module 'surgical' has no attribute {name!r}")

@@ -2,7 +2,7 @@
 tied rows), prepare/extract, the fit loop with hooks, schedules, checkpoints and HF Trainer glue."""
 
 from surgical.train.extract import extract
-from surgical.train.hooks import StepState, SurgicalCallback, SurgicalTrainer, TrainHook
+from surgical.train.hooks import StepState, SurgicalCallback, TrainHook
 from surgical.train.loop import FitResult, fit
 from surgical.train.prepare import base_values, prepare, prepared, sync, trainable_count, unprepare
 from surgical.train.schedules import HFT, LISA, SCHEDULES, Regrow
@@ -15,7 +15,6 @@ __all__ = [
     "Regrow",
     "StepState",
     "SurgicalCallback",
-    "SurgicalTrainer",
     "TrainHook",
     "base_values",
     "extract",
@@ -26,3 +25,11 @@ __all__ = [
     "trainable_count",
     "unprepare",
 ]
+
+
+def __getattr__(name: str):
+    if name == "SurgicalTrainer":  # transformers.Trainer is a heavy import: only on first use
+        from surgical.train.trainer import SurgicalTrainer
+
+        return SurgicalTrainer
+    raise AttributeError(f"module 'surgical.train' has no attribute {name!r}")

@@ -7,14 +7,13 @@ schedule such as LISA) runs inside :func:`surgical.train.loop.fit` and, wrapped 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
 from surgical.train.extract import extract
 
@@ -122,26 +121,3 @@ class SurgicalCallback(TrainerCallback):
     def _write(model: nn.Module, path: Path) -> None:
         extract(model).save(path)
 
-
-class SurgicalTrainer(Trainer):
-    """``transformers.Trainer`` with a per-step batch filter: token selection (new labels) or
-    online batch selection (a sub-batch) inside the HF training loop.
-
-    ``batch_filter(model, batch, step) -> batch`` is the same callable :func:`surgical.fit` takes
-    (``step``: optimizer steps taken so far); everything else is the stock Trainer, so it also
-    takes :class:`SurgicalCallback` for schedules and delta saving::
-
-        trainer = SurgicalTrainer(model=model, args=args, train_dataset=ds,
-                                  batch_filter=lambda m, b, s: selector(m, b))
-    """
-
-    def __init__(
-        self, *args: Any, batch_filter: Callable[[nn.Module, dict, int], dict] | None = None, **kwargs: Any
-    ):
-        super().__init__(*args, **kwargs)
-        self.batch_filter = batch_filter
-
-    def training_step(self, model: nn.Module, inputs: dict, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.batch_filter is not None:
-            inputs = self.batch_filter(model, inputs, self.state.global_step)
-        return super().training_step(model, inputs, *args, **kwargs)
