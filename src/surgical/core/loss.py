@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -37,3 +38,15 @@ def model_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
 
 LossFn = Callable[[nn.Module, dict[str, Any]], torch.Tensor]
 """A function computing the scalar loss of a batch (default: :func:`model_loss`)."""
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Runs the body in eval mode without gradients, then restores the model's train/eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)

@@ -7,9 +7,8 @@ Hugging Face trains them). Logits are read in float32; labels of -100 carry no l
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgical.core.errors import SurgicalError
-from surgical.core.loss import batch_to
+from surgical.core.loss import batch_to, eval_mode
 from surgical.data.examples import IGNORE_INDEX
 
 LogitsFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
@@ -118,16 +117,7 @@ def mean_pooled(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     return (last * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
 
 
-@contextlib.contextmanager
-def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
-    """Runs the body in eval mode without gradients, then restores the model's mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        model.train(was_training)
+frozen_eval = eval_mode  # one definition, in surgical.core.loss
 
 
 def brief_tune(

@@ -9,9 +9,8 @@ out of each batch and the loss is computed here, the same way for every model.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgical.core.errors import SurgicalError
-from surgical.core.loss import batch_to
+from surgical.core.loss import batch_to, eval_mode
 from surgical.core.runtime import progress
 
 IGNORE_INDEX = -100  # the label value Hugging Face losses skip
@@ -27,18 +26,6 @@ TASKS = ("auto", "classification", "causal_lm")
 
 Batch = Mapping[str, Any]
 """A dict of tensors the model accepts (``input_ids``, ``attention_mask``, ...) plus ``labels``."""
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Runs the body in eval mode without gradients, then restores the model's train/eval mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        model.train(was_training)
 
 
 def model_device(model: nn.Module) -> torch.device:
