@@ -50,3 +50,14 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             yield model
     finally:
         model.train(was_training)
+
+
+def output_logits(out: Any) -> torch.Tensor | None:
+    """The logits of a model's output: ``.logits``, a ``"logits"`` key, or the tensor itself;
+    None if it has none."""
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, dict):
+        logits = out.get("logits")
+    if logits is None and torch.is_tensor(out):
+        logits = out
+    return logits

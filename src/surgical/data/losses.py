@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgical.core.errors import SurgicalError
-from surgical.core.loss import batch_to, eval_mode
+from surgical.core.loss import batch_to, eval_mode, output_logits
 from surgical.data.examples import IGNORE_INDEX
 
 LogitsFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
@@ -37,11 +37,7 @@ def logits_of(model: nn.Module | LogitsFn, batch: Mapping[str, Any]) -> torch.Te
     else:
         inputs = batch_to({k: v for k, v in batch.items() if k != "labels"}, model_device(model))
         out = model(**inputs)
-    logits = getattr(out, "logits", None)
-    if logits is None and isinstance(out, Mapping):
-        logits = out.get("logits")
-    if logits is None and torch.is_tensor(out):
-        logits = out
+    logits = output_logits(out)
     if logits is None or logits.dim() not in (2, 3):
         raise SurgicalError(
             f"the model returned no (B, C) or (B, T, V) logits ({type(out).__name__})",

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgical.core.errors import SurgicalError
-from surgical.core.loss import batch_to, eval_mode
+from surgical.core.loss import batch_to, eval_mode, output_logits
 from surgical.core.runtime import progress
 
 IGNORE_INDEX = -100  # the label value Hugging Face losses skip
@@ -66,11 +66,7 @@ def forward_logits(model: nn.Module, batch: Batch, device: torch.device) -> torc
     """The model's logits for ``batch`` (its labels left out, so the model computes no loss)."""
     inputs = batch_to({k: v for k, v in batch.items() if k != "labels"}, device)
     out = model(**inputs)
-    logits = getattr(out, "logits", None)
-    if logits is None and isinstance(out, Mapping):
-        logits = out.get("logits")
-    if logits is None and torch.is_tensor(out):
-        logits = out
+    logits = output_logits(out)
     if logits is None:
         raise SurgicalError(
             f"the model returned no logits ({type(out).__name__})",
