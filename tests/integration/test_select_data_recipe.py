@@ -93,6 +93,10 @@ def test_gradient_on_a_plan_support_with_validation(world, tmp_path):
     assert json.loads((tmp_path / "sel" / "selection.json").read_text())["options"] == {
         "dim": 64,
         "projection": "rademacher",
+        "precondition": "none",
+        "warmup_steps": 20,
+        "warmup_lr": 1e-4,
+        "eps": 1e-8,
     }
 
 

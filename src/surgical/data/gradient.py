@@ -14,16 +14,31 @@ map (Johnson-Lindenstrauss: inner products and cosines are preserved up to O(1/s
 ``rademacher`` or ``gaussian`` entries scaled by 1/sqrt(dim) (generated in chunks, never whole),
 or ``sketch``, a count sketch (each value added with a random sign to one random output), O(size)
 instead of O(size * dim). The score of an example is the cosine similarity of its features to the
-mean features of the validation examples (``select_data(..., validation=...)``). Plain gradients
-are used (LESS preconditions them with Adam's state, which a model about to be fine-tuned does
-not have yet). The model runs in eval mode; its weights and ``requires_grad`` flags are left as
-they were.
+mean features of the validation examples (``select_data(..., validation=...)``).
+
+``precondition="adam"`` scores each training example by its Adam update direction instead of its
+raw gradient, as LESS does: ``g / (sqrt(v_hat) + eps)`` elementwise, where ``v_hat`` is Adam's
+bias-corrected second moment after a short warmup training (``warmup_steps`` Adam steps at
+``warmup_lr`` on batches of the training examples, visited in a seeded order reshuffled each
+pass, eval mode, no weight decay, no clipping) *of the supported entries only*: the other entries
+never move, exactly as in the training that follows. The gradients themselves are still taken at
+the model as given (the starting point of that training); the validation gradients stay raw
+(LESS's asymmetry: the target is the direction the validation loss wants, the candidates are the
+steps Adam would take). The preconditioning is applied before the projection. LESS also mixes the
+first moment and the example's own squared gradient into the step (and takes gradients at the
+warmup checkpoints); here only ``v`` of the warmup weighs the gradient. An entry that got no
+gradient in the warmup (``v = 0``) is weighted ``1 / eps``; the selection reports how many there
+were (``unwarmed``). The warmup changes the supported values in place and restores them exactly
+afterwards (no copy of the model).
+
+The model runs in eval mode; its weights and ``requires_grad`` flags are left as they were.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -33,7 +48,7 @@ from surgical.core.errors import SurgicalError
 from surgical.core.registry import Option
 from surgical.core.runtime import progress
 from surgical.data.criteria import DATA_CRITERIA, DataContext
-from surgical.data.examples import Example, collate
+from surgical.data.examples import Example, batches_of, collate
 from surgical.data.losses import batch_loss
 
 _CHUNK = 1 << 16  # projection rows generated at once
@@ -78,23 +93,44 @@ def support_of(model: nn.Module, params: Any) -> list[tuple[str, nn.Parameter, t
     return out
 
 
+def _support_grad(model: nn.Module, support: list, batch: Mapping[str, Any]) -> torch.Tensor:
+    """The gradient of the batch's mean loss on the support, one flat float32 vector ``(D,)``."""
+    loss = batch_loss(model, batch)
+    grads = torch.autograd.grad(loss, [p for _, p, _ in support], allow_unused=True)
+    parts = []
+    for (_, p, idx), g in zip(support, grads, strict=True):
+        g = torch.zeros_like(p) if g is None else g
+        flat = g.detach().reshape(-1).float()
+        parts.append(flat if idx is None else flat[idx.to(flat.device)])
+    return torch.cat(parts)
+
+
 def _features(
     model: nn.Module, support: list, examples: Sequence[Example], pad_id: int, bar: Any, task: Any
 ) -> torch.Tensor:
     """Raw gradient features ``(len(examples), D)`` on the model's device."""
-    tensors = [p for _, p, _ in support]
     rows = []
     for ex in examples:
-        loss = batch_loss(model, collate([ex], pad_id))
-        grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-        parts = []
-        for (_, p, idx), g in zip(support, grads, strict=True):
-            g = torch.zeros_like(p) if g is None else g
-            flat = g.detach().reshape(-1).float()
-            parts.append(flat if idx is None else flat[idx.to(flat.device)])
-        rows.append(torch.cat(parts))
+        rows.append(_support_grad(model, support, collate([ex], pad_id)))
         bar.update(task, advance=1)
     return torch.stack(rows)
+
+
+@contextmanager
+def _gradients_on(model: nn.Module, support: list) -> Iterator[None]:
+    """Eval mode with gradients on exactly the supported tensors; mode and flags restored after."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    chosen = {id(p) for _, p, _ in support}
+    was_training = model.training
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(id(p) in chosen)
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
 
 
 class Projection:
@@ -147,31 +183,108 @@ def gradient_features(
     pad_id: int = 0,
     show: bool = False,
     what: str = "gradients",
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Projected gradient features ``(N, dim)`` (float32, CPU) of each example's loss on ``support``.
+    """Projected gradient features ``(N, dim)`` (float32, CPU) of each example's loss on ``support``,
+    multiplied elementwise by ``weight`` (a preconditioner over the support) before projecting.
 
     The model runs in eval mode with gradients on exactly the supported tensors; its mode and
     ``requires_grad`` flags are restored afterwards.
     """
-    flags = {p: p.requires_grad for p in model.parameters()}
-    chosen = {id(p) for _, p, _ in support}
-    was_training = model.training
     group = max(1, min(64, _GROUP // max(1, projection.size)))
     out = []
-    try:
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(id(p) in chosen)
-        with progress(disable=not show) as bar:
-            task = bar.add_task(what, total=len(examples), info="")
-            for s in range(0, len(examples), group):
-                raw = _features(model, support, examples[s : s + group], pad_id, bar, task)
-                out.append(projection(raw).cpu())
-    finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
+    with _gradients_on(model, support), progress(disable=not show) as bar:
+        task = bar.add_task(what, total=len(examples), info="")
+        for s in range(0, len(examples), group):
+            raw = _features(model, support, examples[s : s + group], pad_id, bar, task)
+            if weight is not None:
+                raw = raw * weight.to(raw.device)
+            out.append(projection(raw).cpu())
     return torch.cat(out)
+
+
+def adam_preconditioner(
+    model: nn.Module,
+    support: list,
+    batches: Sequence[Mapping[str, Any]],
+    *,
+    steps: int,
+    lr: float,
+    seed: int,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    show: bool = False,
+) -> tuple[torch.Tensor, int]:
+    """Adam's elementwise preconditioner ``1 / (sqrt(v_hat) + eps)`` on the support, ``(D,)`` float32.
+
+    Runs ``steps`` Adam steps (no weight decay, no clipping, eval mode) on the supported entries
+    only, over ``batches`` in a seeded order reshuffled each pass, with ``v_hat = v / (1 -
+    beta2**steps)`` as ``torch.optim.Adam`` divides by it. The supported values are restored
+    exactly afterwards, and so are the model's mode and ``requires_grad`` flags.
+
+    Returns:
+        The preconditioner and how many supported entries got no gradient (``v = 0``).
+    """
+    if not batches:
+        raise SurgicalError("the Adam warmup got no batches", "Pass at least one example")
+    b1, b2 = betas
+    saved = [(p, idx, p.detach().clone() if idx is None else p.detach().reshape(-1)[idx.to(p.device)].clone())
+             for _, p, idx in support]  # fmt: skip
+    m = v = None
+    g = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    try:
+        with _gradients_on(model, support), progress(disable=not show) as bar:
+            task = bar.add_task("Adam warmup", total=steps, info="")
+            for step in range(1, steps + 1):
+                if not order:
+                    order = torch.randperm(len(batches), generator=g).tolist()
+                grad = _support_grad(model, support, batches[order.pop(0)])
+                if not bool(torch.isfinite(grad).all()):
+                    raise SurgicalError(
+                        f"the gradient became NaN/inf at step {step} of the Adam warmup",
+                        "Lower the option warmup_lr",
+                    )
+                m = grad * (1 - b1) if m is None else m.mul_(b1).add_(grad, alpha=1 - b1)
+                v = grad * grad * (1 - b2) if v is None else v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                denom = (v / (1 - b2**step)).sqrt_().add_(eps)
+                _add_to_support(support, m / (1 - b1**step) / denom, -lr)
+                bar.update(task, advance=1)
+    finally:
+        with torch.no_grad():
+            for p, idx, value in saved:
+                if idx is None:
+                    p.copy_(value)
+                else:
+                    _set_entries(p, idx, value, add=False)
+    assert v is not None
+    return 1.0 / (v / (1 - b2**steps)).sqrt_().add_(eps), int((v == 0).sum())
+
+
+@torch.no_grad()
+def _add_to_support(support: list, values: torch.Tensor, alpha: float) -> None:
+    """Adds ``alpha * values`` (one flat vector over the support) to the supported entries."""
+    at = 0
+    for _, p, idx in support:
+        k = p.numel() if idx is None else int(idx.numel())
+        part = values[at : at + k].to(device=p.device, dtype=p.dtype) * alpha
+        at += k
+        if idx is None:
+            p.add_(part.view_as(p))
+        else:
+            _set_entries(p, idx, part, add=True)
+
+
+@torch.no_grad()
+def _set_entries(p: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, *, add: bool) -> None:
+    """``p.flatten()[idx] = values`` (``+= values`` with ``add``), in place."""
+    flat = p.view(-1) if p.is_contiguous() else p.reshape(-1).clone()
+    if add:
+        flat.index_add_(0, idx.to(p.device), values)
+    else:
+        flat.index_copy_(0, idx.to(p.device), values)
+    if not p.is_contiguous():
+        p.copy_(flat.view_as(p))
 
 
 @DATA_CRITERIA.register(
@@ -181,12 +294,20 @@ def gradient_features(
         Option("dim", int, 512, "dimension of the random projection (when the features are larger)", low=1),
         Option("projection", str, "rademacher", "the random map: rademacher, gaussian or sketch",
                choices=("rademacher", "gaussian", "sketch")),
+        Option("precondition", str, "none",
+               "'adam': weigh the training gradients by 1/(sqrt(v)+eps) of a short Adam warmup (LESS)",
+               choices=("none", "adam")),
+        Option("warmup_steps", int, 20, "precondition=adam: Adam steps of the warmup on the support", low=1),
+        Option("warmup_lr", float, 1e-4, "precondition=adam: learning rate of the warmup",
+               low=0, low_open=True),
+        Option("eps", float, 1e-8, "precondition=adam: Adam's eps", low=0, low_open=True),
     ],
     needs_model=True,
     needs_validation=True,
 )  # fmt: skip
 def gradient_scores(ctx: DataContext) -> torch.Tensor:
-    """Cosine similarity of each example's projected gradient to the mean validation gradient."""
+    """Cosine similarity of each example's projected gradient (Adam-preconditioned with
+    ``precondition="adam"``) to the mean raw validation gradient."""
     support = support_of(ctx.model, ctx.params)
     size = sum(p.numel() if idx is None else int(idx.numel()) for _, p, idx in support)
     if size == 0:
@@ -201,5 +322,18 @@ def gradient_scores(ctx: DataContext) -> torch.Tensor:
             "the validation gradient is zero on the chosen parameters",
             "Check params and the validation labels",
         )
-    feats = gradient_features(ctx.model, ctx.examples, support, proj, **kw).double()
+    weight = None
+    if ctx.options["precondition"] == "adam":
+        weight, unwarmed = adam_preconditioner(
+            ctx.model,
+            support,
+            batches_of(ctx.examples, None, ctx.batch_size, ctx.pad_id),
+            steps=ctx.options["warmup_steps"],
+            lr=ctx.options["warmup_lr"],
+            seed=ctx.seed,
+            eps=ctx.options["eps"],
+            show=ctx.progress,
+        )
+        ctx.info["unwarmed"] = unwarmed
+    feats = gradient_features(ctx.model, ctx.examples, support, proj, weight=weight, **kw).double()
     return torch.nn.functional.cosine_similarity(feats, target[None, :], dim=1).float()

@@ -299,8 +299,9 @@ def test_minhash_agreement_estimates_the_jaccard_similarity():
         assert abs(agree - jaccard(sa, sb)) < 0.15
 
 
-def _naive_gradient_scores(model, data, validation, support):
-    """Cosine of each example's gradient on ``support`` to the mean validation gradient, by backward."""
+def _naive_gradient_scores(model, data, validation, support, weight=None):
+    """Cosine of each example's gradient on ``support`` (times ``weight``) to the mean validation
+    gradient, by backward."""
 
     def feats(ex):
         model.zero_grad()
@@ -314,7 +315,8 @@ def _naive_gradient_scores(model, data, validation, support):
         return torch.cat(out).double()
 
     target = torch.stack([feats(ex) for ex in validation]).mean(0)
-    scores = torch.stack([F.cosine_similarity(feats(ex), target, dim=0) for ex in data])
+    w = 1.0 if weight is None else weight
+    scores = torch.stack([F.cosine_similarity(feats(ex) * w, target, dim=0) for ex in data])
     model.zero_grad(set_to_none=True)
     return scores.float()
 
@@ -383,6 +385,91 @@ def test_gradient_takes_a_plan_like_object():
     naive = _naive_gradient_scores(copy.deepcopy(model), LM, LM[:2], support)
     assert sel.meta["features"] == 3 + 64 + 32
     assert torch.allclose(sel.scores, naive, atol=1e-4)
+
+
+def _bert_support(model):
+    named = dict(model.named_parameters())
+    q = "bert.encoder.layer.0.attention.self.query.weight"
+    return {
+        q: torch.arange(0, named[q].numel(), 5),
+        "bert.encoder.layer.1.output.dense.weight": torch.tensor([0, 3, 64, 1000, 2047]),
+        "bert.encoder.layer.1.output.LayerNorm.bias": None,
+        "classifier.weight": None,
+    }
+
+
+def _naive_adam_weight(model, data, support, steps, lr, eps=1e-8):
+    """1 / (sqrt(v_hat) + eps) by hand: torch.optim.Adam on a copy, full-batch warmup, gradients
+    outside the support zeroed (so those entries never move), v read from the optimizer's state."""
+    warm = copy.deepcopy(model).eval()
+    named = dict(warm.named_parameters())
+    for p in warm.parameters():
+        p.requires_grad_(False)
+    masks = {}
+    for n, idx in support.items():
+        named[n].requires_grad_(True)
+        mask = torch.zeros(named[n].numel())
+        mask[slice(None) if idx is None else idx] = 1
+        masks[n] = mask.view_as(named[n])
+    opt = torch.optim.Adam([named[n] for n in support], lr=lr, eps=eps)
+    batch = collate(data)
+    for _ in range(steps):
+        opt.zero_grad()
+        warm(**batch).loss.backward()
+        for n in support:
+            named[n].grad.mul_(masks[n])
+        opt.step()
+    before = dict(model.named_parameters())
+    for n in support:  # the entries outside the support did not move
+        assert torch.equal(named[n].detach() * (1 - masks[n]), before[n].detach() * (1 - masks[n]))
+    v = torch.cat([
+        opt.state[named[n]]["exp_avg_sq"].reshape(-1)[slice(None) if idx is None else idx]
+        for n, idx in support.items()
+    ]).double()  # fmt: skip
+    return 1.0 / ((v / (1 - 0.999**steps)).sqrt() + eps)
+
+
+def test_adam_preconditioned_gradient_matches_torch_adam_by_hand():
+    model = tiny_bert()
+    support = _bert_support(model)
+    state = _state(model)
+    kw = dict(count=6, validation=CLS[:5], params=support, dim=4096, batch_size=len(CLS), progress=False)
+    sel = select_data(
+        model, CLS, method="gradient", precondition="adam", warmup_steps=3, warmup_lr=1e-2, **kw
+    )
+    assert _same_state(model, state)  # the warmup's changes were undone exactly
+    assert not sel.meta["projected"] and sel.meta["unwarmed"] == 0
+    assert sel.options["precondition"] == "adam" and sel.options["warmup_steps"] == 3
+    weight = _naive_adam_weight(model, CLS, support, steps=3, lr=1e-2)
+    naive = _naive_gradient_scores(copy.deepcopy(model), CLS, CLS[:5], support, weight=weight)
+    assert torch.allclose(sel.scores, naive, atol=1e-4)
+    assert set(sel.indices.tolist()) == set(torch.topk(naive, 6).indices.tolist())
+    plain = select_data(model, CLS, method="gradient", **kw).scores
+    assert (plain - sel.scores).abs().max() > 0.05  # the preconditioning changes the scores
+
+
+def test_adam_preconditioning_is_deterministic_and_leaves_the_model_as_it_was():
+    model = tiny_bert().train()
+    state = _state(model)
+    flags = [p.requires_grad for p in model.parameters()]
+    kw = dict(fraction=0.5, validation=CLS[:4], params=_bert_support(model), precondition="adam",
+              warmup_steps=5, warmup_lr=1e-2, dim=64, progress=False)  # fmt: skip
+    a = select_data(model, CLS, method="gradient", seed=4, **kw)
+    b = select_data(model, CLS, method="gradient", seed=4, **kw)
+    c = select_data(model, CLS, method="gradient", seed=5, **kw)
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.scores, b.scores)
+    assert not torch.equal(a.scores, c.scores)  # another seed: another warmup order and projection
+    assert _same_state(model, state) and model.training
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_adam_preconditioning_reports_entries_without_warmup_gradient():
+    model = tiny_bert()
+    emb = "bert.embeddings.word_embeddings.weight"  # row 0: the padding token, in no example
+    support = {emb: torch.arange(0, 32), "classifier.weight": None}
+    sel = select_data(model, CLS, method="gradient", count=3, validation=CLS[:4], params=support,
+                      precondition="adam", warmup_steps=2, progress=False)  # fmt: skip
+    assert sel.meta["unwarmed"] == 32 and torch.isfinite(sel.scores).all()
 
 
 def test_examples_from_a_dataset_and_from_dicts_hash_alike(tmp_path):
