@@ -10,6 +10,11 @@ A model with deltas applied through :func:`surgical.apply` is fingerprinted as i
 values saved by each application (:mod:`surgical.core.marks`) stand in for the changed ones. A
 prepared model passes the base values its training state saved (``saved``), since only the
 training layer knows where they are.
+
+A quantized base (:func:`surgical.train.quantize_base`) is fingerprinted by the full-precision
+values recorded before quantizing, so a delta trained on it checks against the full-precision
+base it applies to; a sharded (FSDP2) parameter is read whole, which makes fingerprinting a
+sharded model a collective that every process must join.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from surgical.core.marks import Saved, applied_stack
+from surgical.core.marks import Saved, applied_stack, quantized_samples
+from surgical.core.tensors import full_tensor, is_quantized
 
 
 @dataclass
@@ -57,13 +63,17 @@ def base_samples(
     """
     excluded = set(exclude) | (set(saved.skip) if saved else set())
     stack = list(applied_stack(model))
+    recorded = quantized_samples(model)
     out = {}
     for name, p in model.named_parameters(remove_duplicate=True):
         if name in excluded:
             continue
-        flat = p.detach().reshape(-1)
-        pos = sample_positions(flat.numel()).to(flat.device)
-        vals = flat.index_select(0, pos).float().clone()
+        pos = sample_positions(p.numel()).to(p.device)
+        if name in recorded:  # quantized: the full-precision values sampled before quantizing
+            vals = recorded[name].float().clone().to(p.device)
+        else:
+            flat = _readable(p.detach()).reshape(-1)
+            vals = flat.index_select(0, pos).float().clone()
         overrides = [saved.values[name]] if saved and name in saved.values else []
         # the bottom-most application saved the true base
         overrides += [r.saved[name] for r in reversed(stack) if name in r.saved]
@@ -73,6 +83,15 @@ def base_samples(
             _override(vals, pos, idx, old)
         out[name] = (tuple(p.shape), vals.cpu())
     return out
+
+
+def _readable(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of ``t``'s values: a sharded tensor read whole, a quantized one
+    dequantized (values close to, not equal to, the full-precision base's)."""
+    t = full_tensor(t)
+    if is_quantized(t) and hasattr(t, "dequantize"):
+        return t.dequantize()
+    return t
 
 
 def _override(vals: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor | None, orig: torch.Tensor) -> None:

@@ -1,11 +1,14 @@
 """The marks surgical leaves on a model, in one place.
 
-Two plain attributes, never part of ``state_dict``:
+Three plain attributes, never part of ``state_dict``:
 
 - the *prepared* record, set by :func:`surgical.prepare` (the training layer owns its content);
 - the *applied* stack, one :class:`AppliedRecord` per :func:`surgical.apply` still in place: the
   values each application overwrote, so that :func:`surgical.revert` restores them exactly and
-  the base fingerprint reads the true base through them.
+  the base fingerprint reads the true base through them;
+- the *quantized* record, set by :func:`surgical.train.quantize_base`: the full-precision values
+  the base fingerprint samples, taken before the weights were quantized, so that a delta trained
+  on the quantized base names the full-precision base it applies to.
 
 Every layer reads these through the functions here, never by attribute name.
 """
@@ -20,6 +23,7 @@ from torch import nn
 
 _PREPARED = "_sg_prepared"
 _APPLIED = "_sg_applied"
+_QUANTIZED = "_sg_quantized"
 
 
 class Saved(NamedTuple):
@@ -74,3 +78,17 @@ def applied_stack(model: nn.Module) -> list[AppliedRecord]:
 def forget_applied(model: nn.Module) -> None:
     """Drops the applied records (the saved originals), keeping the weights as they are."""
     model.__dict__.pop(_APPLIED, None)
+
+
+def quantized_samples(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameter name -> the full-precision values the base fingerprint samples, recorded before
+    the parameter was quantized (empty for a model that :func:`surgical.train.quantize_base`
+    did not quantize)."""
+    return model.__dict__.get(_QUANTIZED, {})
+
+
+def record_quantized(model: nn.Module, samples: dict[str, torch.Tensor]) -> None:
+    """Adds ``samples`` (name -> sampled full-precision values) to the quantized record."""
+    if _QUANTIZED not in model.__dict__:
+        object.__setattr__(model, _QUANTIZED, {})
+    model.__dict__[_QUANTIZED].update(samples)

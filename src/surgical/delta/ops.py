@@ -20,6 +20,7 @@ from torch import nn
 from surgical.core.blocks import BLOCK_KINDS
 from surgical.core.errors import SurgicalError
 from surgical.core.marks import AppliedRecord, Saved, applied_stack, is_prepared
+from surgical.core.tensors import is_plain
 from surgical.delta.base import check_base
 from surgical.delta.delta import Delta
 
@@ -40,15 +41,23 @@ def apply(model: nn.Module, delta: Delta, *, scale: float = 1.0, force: bool = F
         force: Apply even if the base fingerprint differs from the one recorded at training.
 
     Raises:
-        SurgicalError: if a parameter is missing or has another shape, or the base differs.
+        SurgicalError: if a parameter is missing or has another shape, is quantized or
+            sharded, or the base differs.
     """
     if is_prepared(model):
         raise SurgicalError(
             "cannot apply a delta to a prepared model", "Call surgical.unprepare(model) first"
         )
     delta.validate()
-    check_base(model, delta, force=force)
     params = dict(model.named_parameters())
+    for name in delta.shapes:
+        if name in params and not is_plain(params[name]):
+            raise SurgicalError(
+                f"cannot apply a delta to {name!r}: it is stored as {type(params[name]).__name__} "
+                "(quantized or sharded), whose values cannot be written",
+                "Apply the delta to the full-precision, unsharded base model",
+            )
+    check_base(model, delta, force=force)
     record = AppliedRecord(delta.digest())
     scale = float(scale)
 

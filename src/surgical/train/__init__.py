@@ -1,15 +1,18 @@
 """Training only what was selected: the trainable-state protocol and its kinds (entries, blocks,
 tied rows), prepare/extract, the fit loop with hooks, schedules, checkpoints and HF Trainer glue."""
 
+from surgical.train.distributed import shard
 from surgical.train.extract import extract
 from surgical.train.hooks import StepState, SurgicalCallback, TrainHook
 from surgical.train.loop import FitResult, fit
 from surgical.train.prepare import base_values, prepare, prepared, sync, trainable_count, unprepare
+from surgical.train.quantize import QuantizeReport, quantize_base
 from surgical.train.schedules import HFT, LISA, SCHEDULES, Regrow
 
 __all__ = [
     "HFT",
     "LISA",
+    "QuantizeReport",
     "SCHEDULES",
     "FitResult",
     "Regrow",
@@ -21,6 +24,8 @@ __all__ = [
     "fit",
     "prepare",
     "prepared",
+    "quantize_base",
+    "shard",
     "sync",
     "trainable_count",
     "unprepare",

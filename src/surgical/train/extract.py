@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from surgical.core.fingerprint import base_identity
+from surgical.core.tensors import full_tensor
 from surgical.delta.delta import Delta
 from surgical.select.plan import Plan
 from surgical.train.prepare import base_overlay, prepared, sync
@@ -32,6 +33,9 @@ def extract(model: nn.Module, scores: Plan | None = None, **meta) -> Delta:
     Fisher of ``method="fisher"``) are attached to the delta's entries, for Fisher merging, for
     every tensor whose entries training kept where they were (a schedule that moved them drops
     that tensor's scores).
+
+    On a model sharded with FSDP2 (:func:`surgical.train.shard`) the sharded values are read
+    whole, so every process must call ``extract`` (each gets the same delta).
     """
     info = prepared(model)
     sync(model)
@@ -46,7 +50,7 @@ def extract(model: nn.Module, scores: Plan | None = None, **meta) -> Delta:
             delta.blocks(kind)[name] = (idx, values)
     params = dict(model.named_parameters())
     for name in info.dense:
-        p = params[name].detach()
+        p = full_tensor(params[name].detach())
         delta.shapes[name] = tuple(p.shape)
         change = _exact_change(p, info.dense_base.get(name))
         if change is None:

@@ -11,7 +11,10 @@ After ``prepare(model, plan)``:
 - entries, rows or columns of any other floating parameter (``Conv1D`` rows and columns, convolutions,
   fused MoE expert tensors) train through the generic path (:mod:`surgical.train.generic`): the
   same in-place scheme, with the module's own dense gradient of that tensor gathered and freed;
-- the plan's dense parameters train as usual.
+- the plan's dense parameters train as usual;
+- entries of a Linear weight that cannot be written in place (a quantized weight, or any weight
+  with ``additive=True``, which FSDP2 sharding needs) are added in the forward pass instead
+  (:mod:`surgical.train.additive`).
 
 A tied parameter may be named in the plan by any of its names; it trains under the one
 ``named_parameters()`` reports.
@@ -33,12 +36,14 @@ from surgical.core.errors import SurgicalError
 from surgical.core.fingerprint import BaseOverlay
 from surgical.core.marks import Saved, is_prepared, prepared_record, set_prepared
 from surgical.core.patterns import as_patterns, matches
+from surgical.core.tensors import is_dtensor, is_plain
 from surgical.select.api import is_transposed_linear
 from surgical.select.plan import Plan
+from surgical.train.additive import attach_additive
 from surgical.train.conv1d import attach_conv1d_entries
 from surgical.train.generic import attach_generic, generic_refusal
 from surgical.train.sparse import attach_entries
-from surgical.train.state import delta_attr, detach, state_of
+from surgical.train.state import delta_attr, detach, state_of, stateful_modules
 from surgical.train.structured import attach_block
 from surgical.train.tied import attach_tied_rows, tied_row_owner, weight_users
 
@@ -176,17 +181,37 @@ def _plain_lookup(module: nn.Embedding, name: str) -> nn.Embedding:
     return module
 
 
-def _kind(model: nn.Module, plan: Plan, name: str) -> tuple[str, nn.Module]:
+def _kind(model: nn.Module, plan: Plan, name: str, additive: bool = False) -> tuple[str, nn.Module]:
     """How a sparse plan entry trains and the module that holds its state, or a SurgicalError.
 
     Specialised paths: ``"entries"``, ``"rows"``, ``"cols"`` of an ``nn.Linear`` weight, token
     ``"rows"`` of an ``nn.Embedding``, ``"tied_rows"`` of an embedding tied to an LM head,
-    ``"conv1d_entries"`` of a transformers ``Conv1D`` weight (:mod:`surgical.train.conv1d`). Any
-    other floating parameter trains through the generic path (:mod:`surgical.train.generic`):
-    ``"generic_entries"``, ``"generic_rows"``, ``"generic_cols"``.
+    ``"conv1d_entries"`` of a transformers ``Conv1D`` weight (:mod:`surgical.train.conv1d`),
+    ``"additive_entries"`` of an ``nn.Linear`` weight that is quantized or, with ``additive``,
+    any (:mod:`surgical.train.additive`). Any other floating parameter trains through the generic
+    path (:mod:`surgical.train.generic`): ``"generic_entries"``, ``"generic_rows"``,
+    ``"generic_cols"``.
     """
     module, pname = _module_of(model, name)
     kind = "rows" if name in plan.rows else "cols" if name in plan.cols else "entries"
+    param = getattr(module, pname)
+    if is_dtensor(param):
+        raise SurgicalError(
+            f"{name!r} is already sharded (FSDP2 fully_shard), and a sharded model cannot be prepared",
+            "Call surgical.prepare(model, plan, additive=True) first, then shard the model "
+            "(surgical.train.shard)",
+        )
+    if additive or not is_plain(param):
+        why = "with additive=True" if is_plain(param) else f"on a quantized weight ({type(param).__name__})"
+        if kind == "entries" and isinstance(module, nn.Linear) and pname == "weight":
+            if len(weight_users(model, param)) == 1:
+                return "additive_entries", module
+        raise SurgicalError(
+            f"{kind} of {name!r} cannot train {why}: only entries of an unshared nn.Linear weight "
+            "train without writing the weight",
+            "Select entries of Linear weights for it, or keep that weight out of quantization "
+            "(quantize_base(..., exclude=[...])) and out of additive=True",
+        )
     users = weight_users(model, module.weight) if pname == "weight" else [module]
     if len(users) > 1:  # a tied embedding and LM head: one weight, one block, two gradient paths
         return "tied_rows", _plain_lookup(tied_row_owner(name, users, kind), name)
@@ -221,7 +246,9 @@ def _one_path_per_module(kinds: dict[str, tuple[str, nn.Module]]) -> None:
             )
 
 
-def prepare(model: nn.Module, plan: Plan, new: str | Sequence[str] | None = "auto") -> nn.Module:
+def prepare(
+    model: nn.Module, plan: Plan, new: str | Sequence[str] | None = "auto", additive: bool = False
+) -> nn.Module:
     """Makes exactly the plan's entries and dense parameters trainable; returns the model.
 
     Args:
@@ -231,16 +258,23 @@ def prepare(model: nn.Module, plan: Plan, new: str | Sequence[str] | None = "aut
             random): ``extract`` stores them whole. Every other densely trained parameter is
             stored as its change, a task vector that merging and WiSE-FT can scale. ``"auto"``
             finds a classification head (see :func:`new_parameters`); patterns or None.
+        additive: Train every entry-sparse Linear weight without writing into it (its entries
+            added in the forward pass, :mod:`surgical.train.additive`), as a model about to be
+            sharded with FSDP2 needs (:func:`surgical.train.shard`); the plan may then hold only
+            entries of Linear weights and dense parameters. Quantized weights
+            (:func:`surgical.train.quantize_base`) train this way regardless.
 
     Raises:
-        SurgicalError: if the model is already prepared or the plan does not fit it.
+        SurgicalError: if the model is already prepared or sharded, the plan does not fit it, a
+            part of the plan cannot train on a quantized weight (or with ``additive``).
     """
     if is_prepared(model):
         raise SurgicalError("this model is already prepared", "Call surgical.unprepare(model) first")
     plan = canonical_plan(model, plan)
     check_plan(model, plan)
-    kinds = {name: _kind(model, plan, name) for name in plan.sparse_names}  # validate all first
+    kinds = {name: _kind(model, plan, name, additive) for name in plan.sparse_names}  # validate all first
     _one_path_per_module(kinds)
+    _check_dense(model, plan)
     for p in model.parameters():
         p.requires_grad_(False)
     entry_modules: dict[str, nn.Module] = {}
@@ -254,6 +288,8 @@ def prepare(model: nn.Module, plan: Plan, new: str | Sequence[str] | None = "aut
             attach_block(module, plan.cols[name], axis=1)
         elif kind == "conv1d_entries":
             attach_conv1d_entries(module, plan.entries[name])
+        elif kind == "additive_entries":  # quantized or to be sharded: added in the forward pass
+            attach_additive(module, plan.entries[name])
         elif kind.startswith("generic_"):  # any other parameter: its dense gradient, gathered
             kind = kind[len("generic_") :]
             sel = plan.entries[name] if kind == "entries" else getattr(plan, kind)[name]
@@ -269,6 +305,20 @@ def prepare(model: nn.Module, plan: Plan, new: str | Sequence[str] | None = "aut
     record = Prepared(list(plan.dense), dict(plan.meta), entry_modules, dense_base, fresh)
     set_prepared(model, record)
     return model
+
+
+def _check_dense(model: nn.Module, plan: Plan) -> None:
+    """Refuses a densely trained parameter that is quantized (it has no values to train) or sharded."""
+    params = dict(model.named_parameters())
+    for name in plan.dense:
+        p = params.get(name)
+        if p is not None and not is_plain(p):
+            what = "sharded (FSDP2)" if is_dtensor(p) else f"quantized ({type(p).__name__})"
+            raise SurgicalError(
+                f"{name!r} cannot train densely: it is {what}",
+                "Keep it out of quantization (quantize_base(..., exclude=[...]), "
+                "model.quantization.exclude), or select entries of it instead",
+            )
 
 
 def prepared(model: nn.Module) -> Prepared:
@@ -289,8 +339,22 @@ def sync(model: nn.Module) -> None:
 
 
 def unprepare(model: nn.Module) -> nn.Module:
-    """Removes the delta parameters, leaving a plain model that holds the fine-tuned weights."""
+    """Removes the delta parameters, leaving a plain model that holds the fine-tuned weights.
+
+    Raises:
+        SurgicalError: if a weight trained additively is quantized or sharded and so cannot hold
+            the trained values (extract the delta and apply it to the full-precision base).
+    """
     info = prepared(model)
+    for name, module in info.entry_modules.items():  # refuse before changing anything
+        st = state_of(module, _pname(name))
+        weight = getattr(module, st.param_name)
+        if not st.in_place and not is_plain(weight):
+            raise SurgicalError(
+                f"cannot unprepare: {name!r} is stored as {type(weight).__name__} (quantized or sharded) and "
+                "cannot hold the trained values",
+                "Extract the delta (surgical.extract) and apply it to the full-precision base instead",
+            )
     for name, module in info.entry_modules.items():
         detach(module, _pname(name))
     set_prepared(model, None)
@@ -331,6 +395,9 @@ def base_values(model: nn.Module) -> Iterator[nn.Module]:
     sync(model)  # so that no forward inside re-writes the trained values (nothing is dirty)
     params = dict(model.named_parameters())
     swapped: list[tuple[torch.Tensor, Saved, torch.Tensor]] = []
+    added = [st for _, _, st in stateful_modules(model) if not st.in_place and st.active]
+    for st in added:  # entries added in the forward pass: left out for the body
+        st.active = False
     with torch.no_grad():
         for name, module in info.entry_modules.items():
             saved = state_of(module, _pname(name)).saved_base(module)
@@ -355,6 +422,8 @@ def base_values(model: nn.Module) -> Iterator[nn.Module]:
         with torch.no_grad():
             for tensor, saved, now in reversed(swapped):
                 _write(tensor, saved, now)
+        for st in added:
+            st.active = True
 
 
 def _write(tensor: torch.Tensor, where: Saved, values: torch.Tensor) -> None:

@@ -209,25 +209,29 @@ def regrow_module(
     default: the module's first); returns the number of entries moved."""
     st = st if st is not None else state_of(module)
     acc, st.grad_acc, st.accumulate = st.grad_acc, None, False
-    delta, idx, orig = st.delta(module), st.indices(module), st.orig(module)
+    delta, idx = st.delta(module), st.indices(module)
     k = idx.numel()
     n = int(fraction * k)
     if acc is None or n == 0:
         return 0
-    st.sync(module)
-    weight = getattr(module, st.param_name).view(-1)
     drop_pos = torch.topk(delta.abs(), n, largest=False).indices
     keep = torch.ones(k, dtype=torch.bool, device=idx.device)
     keep[drop_pos] = False
-    weight.index_copy_(0, idx[drop_pos].long(), orig[drop_pos].to(weight.dtype))  # back to the exact base
     score = acc.reshape(-1).abs()
     score[idx[keep]] = -1.0  # kept entries cannot be grown again
     grown = torch.topk(score, n).indices
     new_idx = torch.cat([idx[keep], grown])
     order = torch.argsort(new_idx)
     new_idx = new_idx[order]
-    new_orig = torch.cat([orig[keep], weight.index_select(0, grown).to(orig.dtype)])[order]
     moved = int((~torch.isin(grown, idx)).sum())
+    if st.in_place:  # the weight holds base + delta: dropped entries go back to the exact base
+        orig = st.orig(module)
+        st.sync(module)
+        weight = getattr(module, st.param_name).view(-1)
+        weight.index_copy_(0, idx[drop_pos].long(), orig[drop_pos].to(weight.dtype))
+        new_orig = torch.cat([orig[keep], weight.index_select(0, grown).to(orig.dtype)])[order]
+        orig.copy_(new_orig)
+    # (an additive state's weight holds the base throughout: moving the indices is all)
 
     def rearrange(t: torch.Tensor) -> torch.Tensor:
         return torch.cat([t[keep], torch.zeros(n, dtype=t.dtype, device=t.device)])[order]
@@ -238,7 +242,6 @@ def regrow_module(
         if torch.is_tensor(value) and value.shape == delta.shape:
             value.copy_(rearrange(value))
     idx.copy_(new_idx)
-    orig.copy_(new_orig)
     st.invalidate(module)
     return moved
 

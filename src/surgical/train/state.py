@@ -30,7 +30,9 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from surgical.core.errors import SurgicalError
 from surgical.core.marks import Saved
+from surgical.core.tensors import is_dtensor
 
 _ATTR = "_sg_entries"  # the module's (first) state
 _STATES = "_sg_states"  # parameter name -> state
@@ -54,6 +56,10 @@ class SparseState(ABC):
     kind: ClassVar[str]
     #: buffer suffix -> role (``moves``, ``fixed``, ``base``, ``derived``)
     buffers: ClassVar[dict[str, str]] = {}
+    #: True: the weight holds base + trained values (written by ``sync``); False: the weight
+    #: keeps the base and the trained values are added in the forward pass
+    #: (:mod:`surgical.train.additive`: quantized or sharded weights)
+    in_place: ClassVar[bool] = True
     param_name: str
     dirty: bool
 
@@ -140,14 +146,35 @@ _LIVE: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules carrying a stat
 _HOOK_HANDLE = None
 
 
+def check_writable(module: nn.Module, state: SparseState) -> None:
+    """Refuses an in-place state whose weight has become a DTensor: FSDP2's ``fully_shard``
+    sharded it after ``prepare``, so the values written into it would be lost at the next
+    gather (outside a forward pass FSDP2 shows the sharded parameter, which is when this runs)."""
+    if state.in_place and is_dtensor(getattr(module, state.param_name)):
+        raise SurgicalError(
+            f"{type(module).__name__}.{state.param_name} was prepared for in-place training but has "
+            "been sharded (FSDP2 fully_shard), which would lose the trained values",
+            "Prepare with surgical.prepare(model, plan, additive=True) before sharding "
+            "(surgical.train.shard does both checks), and train only entries of Linear weights or "
+            "dense parameters",
+        )
+
+
 def _mark_dirty_after_step(optimizer, args, kwargs) -> None:
+    owned = None
     for module in list(_LIVE):
         for state in states_of(module).values():
+            if state.in_place and is_dtensor(getattr(module, state.param_name)):
+                if owned is None:  # refuse only for the model this optimizer trains
+                    owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+                if id(state.trainable(module)) in owned:
+                    check_writable(module, state)
             state.dirty = True
 
 
 def _sync_before_state_dict(module, prefix, keep_vars) -> None:
     for state in list(states_of(module).values()):
+        check_writable(module, state)
         state.sync(module)
 
 
@@ -198,9 +225,13 @@ def uninstall(module: nn.Module, param_name: str | None = None) -> None:
 
 def detach(module: nn.Module, param_name: str | None = None) -> None:
     """Writes the trained values of ``param_name`` (default: the module's first state) into the
-    parameter for good and removes its state."""
+    parameter for good and removes its state (a state that is not in place needs a plain weight,
+    see :meth:`surgical.train.additive.AdditiveEntryState.write_into_weight`)."""
     state = state_of(module, param_name)
-    state.sync(module)
+    if state.in_place:
+        state.sync(module)
+    else:  # the trained values were added in the forward pass: now into the weight, once
+        state.write_into_weight(module)
     for other in getattr(state, "tied", ()):  # modules that only read this state (a tied LM head)
         uninstall(other)
     uninstall(module, state.param_name)

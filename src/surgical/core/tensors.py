@@ -1,0 +1,44 @@
+"""What kind of tensor a parameter is: plain, sharded (an FSDP2 DTensor) or quantized.
+
+Training in place and applying a delta write into a weight's values; that only works for a
+plain tensor. A ``DTensor`` (FSDP2's ``fully_shard``) holds one shard per process and is
+re-gathered for each forward and backward pass, and a quantized weight (a torchao tensor
+subclass, bitsandbytes' ``Params4bit``) holds integers and scales, not the values. The library
+tells them apart here, in one place, and reads a sharded tensor whole with :func:`full_tensor`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (without importing it when no
+    DTensor can exist yet)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
+def is_plain(t: torch.Tensor) -> bool:
+    """Whether ``t`` is an ordinary tensor or parameter, whose values can be written in place."""
+    return type(t) in _PLAIN
+
+
+def is_quantized(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a tensor subclass other than a DTensor: a quantized weight (torchao,
+    bitsandbytes), whose stored data are not its values."""
+    return not is_plain(t) and not is_dtensor(t)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or for a DTensor its whole value on every process.
+
+    For a DTensor this is a collective (every process of its mesh must call it) that costs one
+    transient copy of the whole tensor.
+    """
+    return t.full_tensor() if is_dtensor(t) else t

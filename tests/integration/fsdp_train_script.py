@@ -1,0 +1,128 @@
+"""Run by test_train_fsdp.py under `torchrun` (2 processes, gloo, CPU): FSDP2 training.
+
+A tiny Llama is prepared with ``additive=True`` (entries on every Linear weight, the final norm
+trained densely), sharded with ``surgical.train.shard`` (FSDP2 ``fully_shard`` per block and at
+the root) and trained on ``STEPS`` global batches, each split between the ranks. Every rank saves
+the delta it extracts under ``<out>/rank<R>``; rank 0 then trains the same plan on one process,
+each global batch as the mean of the two halves' losses (what FSDP's averaged gradient computes),
+and saves that delta under ``<out>/single``. The ranks also record what they hold of the frozen
+weights and check the refusals that need a process group.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for the tiny model configs
+
+import surgical as sg  # noqa: E402
+from conftest import lm_batches, tiny_llama  # noqa: E402
+from surgical.core.tensors import is_dtensor  # noqa: E402
+from surgical.select.plan import Plan  # noqa: E402
+from surgical.train import shard  # noqa: E402
+
+STEPS = 4
+LR = 1e-2
+
+
+def model_and_plan():
+    model = tiny_llama()
+    plan = sg.select(model, method="random", density=0.05, seed=0, progress=False)
+    norm = "model.norm.weight"
+    plan = Plan(
+        entries=plan.entries, dense=[norm], shapes={**plan.shapes, norm: (32,)}, meta={"method": "mixed"}
+    )
+    return model, plan
+
+
+def global_batches():
+    return lm_batches(n=STEPS, batch=4, seed=3)
+
+
+def halves(batch: dict, n: int = 2) -> list[dict]:
+    size = batch["input_ids"].shape[0] // n
+    return [{k: v[i * size : (i + 1) * size] for k, v in batch.items()} for i in range(n)]
+
+
+def train_single(out: Path) -> None:
+    """The reference: one process, the same plan, each global batch's halves averaged."""
+    model, plan = model_and_plan()
+    sg.prepare(model, plan, additive=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    for batch in global_batches():
+        parts = halves(batch)
+        loss = sum(model(**p).loss for p in parts) / len(parts)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    sg.extract(model).save(out / "single")
+
+
+def refusals(rank: int) -> dict:
+    """What must be refused with a process group: an in-place model, and a sharded one prepared."""
+    seen = {}
+    model, plan = model_and_plan()
+    sg.prepare(model, plan)  # in place
+    try:
+        shard(model)
+    except sg.SurgicalError as e:
+        seen["shard_in_place"] = str(e)
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:  # sharded behind surgical's back: refused at the first step
+        fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    model(**halves(global_batches()[0])[rank]).loss.backward()
+    try:
+        opt.step()
+    except sg.SurgicalError as e:
+        seen["step_in_place_sharded"] = str(e)
+    other, plan = model_and_plan()
+    for layer in other.model.layers:
+        fully_shard(layer)
+    fully_shard(other)
+    try:
+        sg.prepare(other, plan)
+    except sg.SurgicalError as e:
+        seen["prepare_sharded"] = str(e)
+    return seen
+
+
+def main(out: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = Path(out)
+    model, plan = model_and_plan()
+    sg.prepare(model, plan, additive=True)
+    shard(model)
+    frozen = [p for n, p in model.named_parameters() if not p.requires_grad]
+    held = sum(p.to_local().numel() if is_dtensor(p) else p.numel() for p in frozen)
+    total = sum(p.numel() for p in frozen)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    model.train()
+    losses = []
+    for batch in global_batches():
+        loss = model(**halves(batch, world)[rank]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    delta = sg.extract(model)  # a collective: every rank reads the sharded values whole
+    delta.meta["world_size"] = world
+    delta.save(out / f"rank{rank}")
+    info = {"frozen_held": held, "frozen_total": total, "losses": losses, "refused": refusals(rank)}
+    (out / f"rank{rank}.json").write_text(json.dumps(info))
+    dist.barrier()
+    if rank == 0:
+        train_single(out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
