@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e '.[demo,test]' $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[demo,test,quant]' $(TORCH)
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[demo,test,bench]' $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[demo,test,quant,bench]' $(TORCH)
 	$(BIN)/python benchmarks/train_speed.py
 	$(BIN)/python benchmarks/select_cost.py
 	$(BIN)/python benchmarks/delta_switch.py

@@ -5,3 +5,8 @@ deltas (kinds, block helpers, the index and value codecs), layer-name parsing an
 patterns, the model-loss helper, the marks surgical leaves on a model, and the base-model
 fingerprint. Nothing here imports any other surgical package.
 """
+
+from surgical.core.runtime import quiet_optional_imports
+
+# the first code of surgical that runs, before anything imports transformers (and with it torchao)
+quiet_optional_imports()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import resource
 import sys
 from pathlib import Path
@@ -62,3 +63,24 @@ def quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+class _DropImportNoise(logging.Filter):
+    def __init__(self, *starts: str) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+def quiet_optional_imports() -> None:
+    """Drops the warnings that importing torchao logs, before anything imports it.
+
+    transformers imports torchao whenever it is installed (the ``quant`` extra), and on a machine
+    without its CUDA kernels torchao logs one "Failed to load" warning per optional kernel and
+    torch one deprecation warning per Enum torchao registers: four lines on stderr before any
+    output of a command, which would bury a one-line error. Only those records are dropped.
+    """
+    logging.getLogger("torchao").addFilter(_DropImportNoise("Failed to load"))
+    logging.getLogger("torch.utils._pytree").addFilter(_DropImportNoise("%s is an Enum subclass"))

@@ -54,6 +54,33 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class QuantizationConfig:
+    """Train on a quantized frozen base (``surgical train`` only)."""
+
+    backend: str = _f(
+        "none",
+        "'none', or 'torchao' (int8 weight-only Linear weights; pip install 'surgical[quant]').",
+        choices=("none", "torchao"),
+    )
+    bits: int = _f(8, "Bits per quantized weight (torchao: 8).", low=1)
+    exclude: tuple[str, ...] = _f(
+        (),
+        "Patterns of Linear weights kept in full precision (LM/task heads, tied weights and the "
+        "plan's densely trained weights always are).",
+    )
+
+
+@dataclass(frozen=True)
+class TrainModelConfig(ModelConfig):
+    """Which model to fine-tune, and whether its frozen base is quantized."""
+
+    quantization: QuantizationConfig = field(
+        default_factory=QuantizationConfig,
+        metadata={"help": "Quantize the frozen base; the selection is made on the full-precision model."},
+    )
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Data: a file or a ``datasets`` save_to_disk directory with named columns."""
 

@@ -39,10 +39,10 @@ from surgical.core.io import atomic_write_text, check_output
 from surgical.core.runtime import peak_rss_bytes
 from surgical.recipes.config import (
     DataConfig,
-    ModelConfig,
     ScheduleConfig,
     SelectionConfig,
     TrainingConfig,
+    TrainModelConfig,
     _f,
 )
 from surgical.recipes.data import make_batches
@@ -57,6 +57,8 @@ from surgical.recipes.select_data import (
 from surgical.select import CRITERIA, Plan, select
 from surgical.train import base_values, extract, fit, prepare, trainable_count
 from surgical.train.checkpoint import latest_checkpoint
+from surgical.train.prepare import check_plan
+from surgical.train.quantize import check_backend, quantize_base
 from surgical.train.schedules import SCHEDULES, make_schedule
 
 # Keys that cannot change what a run computes, so ``--resume`` accepts a change to them: where
@@ -74,7 +76,7 @@ class RunConfig:
     """A whole ``surgical train`` run."""
 
     out: str = _f("surgical-run", "Run directory: delta/, plan/, checkpoints/, summary.json.")
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The model."})
+    model: TrainModelConfig = field(default_factory=TrainModelConfig, metadata={"help": "The model."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "The training data."})
     selection: SelectionConfig = field(default_factory=SelectionConfig, metadata={"help": "What to train."})
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig, metadata={"help": "Dynamic schedule."})
@@ -117,6 +119,8 @@ class RunConfig:
         elif self.schedule.options:
             raise SurgicalError("schedule 'none' takes no options", "Remove schedule.options")
         self.data_selection.check()
+        if self.model.quantization.backend != "none":  # a missing backend shows before any work
+            check_backend(self.model.quantization.backend, self.model.quantization.bits)
 
 
 def select_training_data(cfg: RunConfig, model, tokenizer, task: str, plan: Plan, show: bool) -> list[dict]:
@@ -278,6 +282,11 @@ def run_train(
     batches = make_batches(cfg.data, task, tokenizer, num_labels=m.num_labels)
     plan = make_plan(cfg, model, batches)  # scored on all the data
     batches = select_training_data(cfg, model, tokenizer, task, plan, show)
+    quant = m.quantization
+    if quant.backend != "none":  # selected on the full-precision model; the base trains quantized
+        check_plan(model, plan)  # a plan for another model: its shapes named before quantizing
+        report = quantize_base(model, quant.bits, quant.backend, exclude=[*quant.exclude, *plan.dense])
+        console.print(report.summary())
     prepare(model, plan)  # a plan for another model fails here with the mismatching shape
     if not (out / "plan" / "plan.json").is_file():
         plan.save(out / "plan")
