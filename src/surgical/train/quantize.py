@@ -70,6 +70,16 @@ def _torchao():
     return tq
 
 
+def check_backend(backend: str, bits: int = 8) -> None:
+    """Raises a SurgicalError unless ``backend`` is known, installed and offers ``bits``."""
+    if backend not in BACKENDS:
+        raise SurgicalError(f"unknown quantization backend {backend!r}", f"Use one of: {', '.join(BACKENDS)}")
+    if bits not in BACKENDS[backend]:
+        widths = ", ".join(str(b) for b in BACKENDS[backend])
+        raise SurgicalError(f"backend {backend!r} quantizes to {widths} bits here, not {bits}", "Use bits: 8")
+    _torchao()
+
+
 def _storage_bytes(t: torch.Tensor) -> int:
     """Bytes held by ``t``: its own for a plain tensor, its inner tensors' for a subclass."""
     if is_plain(t):
@@ -103,11 +113,7 @@ def quantize_base(
         SurgicalError: an unknown backend or bit width, the backend not installed, or a
             prepared model.
     """
-    if backend not in BACKENDS:
-        raise SurgicalError(f"unknown quantization backend {backend!r}", f"Use one of: {', '.join(BACKENDS)}")
-    if bits not in BACKENDS[backend]:
-        widths = ", ".join(str(b) for b in BACKENDS[backend])
-        raise SurgicalError(f"backend {backend!r} quantizes to {widths} bits here, not {bits}", "Use bits: 8")
+    check_backend(backend, bits)
     if is_prepared(model):
         raise SurgicalError(
             "cannot quantize a prepared model", "Quantize the base first, then call surgical.prepare"
