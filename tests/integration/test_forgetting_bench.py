@@ -1,0 +1,49 @@
+"""The forgetting benchmark's --quick mode (a tiny Llama with a chat template) writes a consistent
+report: task accuracy, forgetting and the token-selection row."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_forgetting_quick(tmp_path):
+    out = tmp_path / "f.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+    rows = "full,surgical-gradient-1pct,surgical-gradient-1pct-tokens60"
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "forgetting.py"),
+            "--quick",
+            "--rows",
+            rows,
+            "--out",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO / "benchmarks",
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads(out.read_text())
+    r = report["results"]
+    assert report["setup"]["complete"] and set(r) == set(rows.split(","))
+    assert 0 <= report["base"]["test"] <= 1  # the first row also measured the base
+    full, sur, tok = (r[n]["runs"][0] for n in rows.split(","))
+    assert sur["trainable"] == tok["trainable"] < 0.05 * full["trainable"]
+    for run in (full, sur, tok):
+        assert 0 <= run["test"] <= 1 and 0 <= run["validation"] <= 1
+        assert run["kl"] >= 0 and run["artifact_kib"] > 0 and run["steps"] == 6  # 24 examples / 4
+    assert sur["kl"] > 0  # the delta changed the model
+    # the token row reuses the plain row's lr (chosen on validation), never its own search
+    assert r["surgical-gradient-1pct-tokens60"]["lr_from"] == "surgical-gradient-1pct"
+    assert r["surgical-gradient-1pct-tokens60"]["lr"] == r["surgical-gradient-1pct"]["lr"]
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
