@@ -124,6 +124,14 @@ def demo(
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for selection, shuffling and the new head.")] = 0,
+    compare: Annotated[
+        bool,
+        typer.Option(
+            "--compare",
+            help="Also train full fine-tuning and PEFT LoRA on the same split and seed (3x the time); "
+            "without it, the baselines recorded for the default settings are shown, with their date.",
+        ),
+    ] = False,
     json_out: Annotated[
         str | None, typer.Option("--json", help="Also write the measurements to this JSON file.")
     ] = None,
@@ -131,7 +139,9 @@ def demo(
     """Fine-tune all-MiniLM-L6-v2 on Rotten Tomatoes with 1% of its weights; report ID/OOD accuracy."""
     from surgical.recipes.demo import DemoConfig, run_demo
 
-    overrides = dict(out=out, model=model, data=data, method=method, density=density, seed=seed)
+    overrides = dict(
+        out=out, model=model, data=data, method=method, density=density, seed=seed, compare=compare
+    )
     overrides.update(_flags({"targets": targets, "lr": lr, "epochs": epochs}))
     cfg = DemoConfig.quick(**overrides) if quick else DemoConfig(**overrides)
     result = run_demo(cfg, console)

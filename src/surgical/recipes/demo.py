@@ -72,6 +72,10 @@ class DemoConfig:
     ood_size: int = field(default=2000, metadata={"help": "IMDB reviews for OOD accuracy"})
     train_size: int | None = field(default=None, metadata={"help": "cap on training sentences"})
     seed: int = field(default=0, metadata={"help": "seed for selection, shuffling and the head"})
+    compare: bool = field(
+        default=False,
+        metadata={"help": "also train full fine-tuning and PEFT LoRA on the same split and seed"},
+    )
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
@@ -233,8 +237,14 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
         "steps": result.steps,
         "total_seconds": time.perf_counter() - t0,
         "reloaded_identical": identical,
+        "config": dataclasses.asdict(cfg),
     }
-    _print_summary(console, res)
+    if cfg.compare:
+        console.print("[bold]compare[/] training the baselines on the same split, seed and loop")
+        res["baselines"] = {
+            name: train_baseline(name, cfg, model_path, train_b, test_b, ood_b) for name in BASELINES
+        }
+    _print_summary(console, res, cfg)
     if not identical:
         raise SurgicalError(
             "the reloaded delta did not reproduce the fine-tuned predictions", "Report this bug"
@@ -246,7 +256,65 @@ def _head_size(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if n.startswith("classifier"))
 
 
-def _print_summary(console: Console, r: dict[str, Any]) -> None:
+#: The baselines ``--compare`` trains: the HF model fully, and PEFT LoRA r=8 on every Linear of the
+#: encoder with the head trained (the quality benchmark's rows, at their reference learning rates).
+BASELINES: dict[str, dict[str, Any]] = {
+    "full fine-tuning": {"lr": 5e-5},
+    "PEFT LoRA r=8": {"lr": 5e-4, "r": 8, "targets": ["query", "key", "value", "dense"]},
+}
+#: The settings a recorded comparison depends on (the method, density and lr of the surgical row do
+#: not change the baselines).
+SPLIT_KEYS = (
+    "model", "data", "epochs", "batch_size", "max_length", "ood_max_length", "held_out", "ood_size",
+    "train_size", "seed",
+)  # fmt: skip
+REFERENCE = Path(__file__).with_name("demo_reference.json")
+
+
+def train_baseline(name: str, cfg: DemoConfig, model_path: Path, train_b, test_b, ood_b) -> dict[str, Any]:
+    """Trains one baseline of :data:`BASELINES` with the demo's loop, data and seed; its accuracy."""
+    spec = BASELINES[name]
+    model, _ = load_classifier(model_path, seed=cfg.seed)
+    if "r" in spec:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise SurgicalError("--compare needs PEFT for its LoRA row", "Run `pip install peft`") from None
+        lora = LoraConfig(
+            r=spec["r"], lora_alpha=spec["r"], target_modules=spec["targets"], modules_to_save=["classifier"]
+        )
+        model = get_peft_model(model, lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    result = fit(model, train_b, epochs=cfg.epochs, lr=spec["lr"], seed=cfg.seed)
+    _, _, acc_id = predict(model, test_b, desc=f"{name}: ID")
+    _, _, acc_ood = predict(model, ood_b, desc=f"{name}: OOD")
+    return {
+        "id_accuracy": acc_id,
+        "ood_accuracy": acc_ood,
+        "trainable": trainable,
+        "lr": spec["lr"],
+        "seconds_per_step": result.seconds_per_step,
+    }
+
+
+def recorded_baselines(cfg: DemoConfig) -> dict[str, Any] | None:
+    """The packaged comparison recorded with ``surgical demo --compare`` for this split, if any.
+
+    ``{"date", "command", "baselines"}``, or None when the demo's split settings differ from the
+    recorded run's (the numbers would not be comparable) or nothing is recorded.
+    """
+    if not REFERENCE.is_file():
+        return None
+    import json
+
+    ref = json.loads(REFERENCE.read_text())
+    mine = dataclasses.asdict(cfg)
+    if any(ref["config"].get(k) != mine[k] for k in SPLIT_KEYS):
+        return None
+    return ref
+
+
+def _print_summary(console: Console, r: dict[str, Any], cfg: DemoConfig) -> None:
     t = Table(title="surgical demo", show_header=False)
     t.add_row("ID accuracy (RT held-out)", f"{r['id_accuracy']:.1%}")
     t.add_row("OOD accuracy (IMDB)", f"{r['ood_accuracy']:.1%}")
@@ -263,3 +331,30 @@ def _print_summary(console: Console, r: dict[str, Any]) -> None:
         "fresh base + delta", "identical predictions" if r["reloaded_identical"] else "[red]MISMATCH[/]"
     )
     console.print(t)
+    _print_comparison(console, r, cfg)
+
+
+def _print_comparison(console: Console, r: dict[str, Any], cfg: DemoConfig) -> None:
+    """surgical beside full fine-tuning and LoRA: measured now, or recorded (with the date)."""
+    baselines, source = r.get("baselines"), "measured now, same split, seed and loop"
+    if baselines is None:
+        ref = recorded_baselines(cfg)
+        if ref is None:
+            console.print("No recorded baselines for these settings: add --compare to measure them.")
+            return
+        baselines = ref["baselines"]
+        source = f"recorded {ref['date'][:10]} by `{ref['command']}` (same split and seed; not re-run)"
+    t = Table(title=f"beside the baselines ({source})")
+    for col in ("method", "trainable", "ID", "OOD", "s/step"):
+        t.add_column(col, justify="left" if col == "method" else "right")
+    rows = {f"surgical ({cfg.method}, this run)": r, **baselines}
+    for name, m in rows.items():
+        t.add_row(
+            name,
+            f"{m['trainable']:,}",
+            f"{m['id_accuracy']:.1%}",
+            f"{m['ood_accuracy']:.1%}",
+            f"{m['seconds_per_step']:.2f}",
+        )
+    console.print(t)
+    console.print("One seed: OOD accuracy moves by ~3 points between seeds (docs/benchmarks.md#quality).")
