@@ -1,0 +1,187 @@
+"""Writes the Markdown tables of the docs from the committed benchmark JSON, and the demo's
+recorded baselines, so that no figure in the docs is typed by hand.
+
+    python benchmarks/render.py            # every section whose JSON exists
+    python benchmarks/render.py --check    # exit 1 if a rendered section is out of date
+
+Sections live in ``docs/benchmarks.md`` between ``<!-- render:NAME -->`` and
+``<!-- /render:NAME -->`` markers; a section whose JSON is missing is left as it is. The demo's
+``surgical demo --compare --json benchmarks/results/demo.json`` record becomes
+``src/surgical/recipes/demo_reference.json``, the baselines ``surgical demo`` prints as recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from surgical.core.io import atomic_write_text
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DOC = REPO / "docs" / "benchmarks.md"
+RESULTS = HERE / "results"
+DEMO_REFERENCE = REPO / "src" / "surgical" / "recipes" / "demo_reference.json"
+
+
+def pct(stat: dict) -> str:
+    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+
+
+def count(n: float) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,.0f}"
+
+
+def size(kib: float) -> str:
+    return f"{kib / 1024:.1f} MiB" if kib >= 1024 else f"{kib:,.0f} KiB"
+
+
+def quality_table(report: dict) -> str:
+    rows = report["results"]
+    lines = [
+        "| row | lr (grid) | trainable | validation | ID | OOD | train s | peak RSS | artifact |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in rows.items():
+        s = r["summary"]
+        if "alpha" in r:  # a WiSE-FT row: the alpha chosen on validation
+            lr = f"alpha {r['alpha']:g}"
+        elif r.get("lr_from"):
+            lr = f"{r['lr']:g} (from {r['lr_from']})"
+        else:
+            lr = f"{r['lr']:g} ({', '.join(f'{x:g}' for x in r['lr_grid'])})"
+        lines.append(
+            f"| {name} | {lr} | {count(s['trainable']['mean'])} | {pct(s['validation'])} | "
+            f"{pct(s['id'])} | {pct(s['ood'])} | {s['train_seconds']['mean']:.0f} | "
+            f"{s['peak_rss_mib']['mean']:,.0f} MiB | {size(s['artifact_kib']['mean'])} |"
+        )
+    return "\n".join(lines) + "\n\n" + quality_verdict(report)
+
+
+def quality_verdict(report: dict) -> str:
+    """The default-recipe goal, checked: ID >= full fine-tuning's and OOD >= LoRA's, at <= 1%."""
+    rows = report["results"]
+    if "full" not in rows or "lora" not in rows:
+        return "The goal cannot be checked yet: the full and LoRA rows are missing."
+    full_id = rows["full"]["summary"]["id"]["mean"]
+    lora_ood = rows["lora"]["summary"]["ood"]["mean"]
+    encoder = rows["full"]["summary"]["trainable"]["mean"]
+    mine = {
+        n: r["summary"]
+        for n, r in rows.items()
+        if n.startswith("surgical-") and r["summary"]["trainable"]["mean"] <= 0.01 * encoder
+    }
+    if not mine:
+        return "No surgical row at <= 1% of the encoder has finished yet."
+    lines = [
+        f"Goal (means over seeds, <= 1% of the encoder): ID >= full fine-tuning's {100 * full_id:.1f} "
+        f"and OOD >= LoRA's {100 * lora_ood:.1f}."
+    ]
+    both = [n for n, s in mine.items() if s["id"]["mean"] >= full_id and s["ood"]["mean"] >= lora_ood]
+    best_id = max(mine, key=lambda n: mine[n]["id"]["mean"])
+    best_ood = max(mine, key=lambda n: mine[n]["ood"]["mean"])
+    if both:
+        lines.append(f"Reached by: {', '.join(both)}.")
+    else:
+        lines.append(
+            f"Not reached. Best ID: {best_id} at {100 * mine[best_id]['id']['mean']:.1f} "
+            f"({100 * (mine[best_id]['id']['mean'] - full_id):+.1f} against full fine-tuning); best OOD: "
+            f"{best_ood} at {100 * mine[best_ood]['ood']['mean']:.1f} "
+            f"({100 * (mine[best_ood]['ood']['mean'] - lora_ood):+.1f} against LoRA)."
+        )
+    return " ".join(lines)
+
+
+def forgetting_table(report: dict) -> str:
+    base = report.get("base") or {}
+    lines = [
+        "| row | lr (grid) | trainable | task accuracy | KL(base \\|\\| tuned) | reference loss change "
+        "| train s | peak RSS | artifact |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    if base:
+        lines.append(f"| base, zero-shot | | 0 | {100 * base['test']:.1f} | 0 | 0 | | | |")
+    for name, r in report["results"].items():
+        s = r["summary"]
+        lr = (
+            f"{r['lr']:g} (from {r['lr_from']})"
+            if r.get("lr_from")
+            else f"{r['lr']:g} ({', '.join(f'{x:g}' for x in r['lr_grid'])})"
+        )
+        lines.append(
+            f"| {name} | {lr} | {count(s['trainable']['mean'])} | {pct(s['test'])} | "
+            f"{s['kl']['mean']:.4f} ± {s['kl']['std']:.4f} | "
+            f"{s['loss_change']['mean']:+.4f} ± {s['loss_change']['std']:.4f} | "
+            f"{s['train_seconds']['mean']:.0f} | {s['peak_rss_mib']['mean']:,.0f} MiB | "
+            f"{size(s['artifact_kib']['mean'])} |"
+        )
+    return "\n".join(lines)
+
+
+SECTIONS = {
+    "quality": ("quality.json", quality_table),
+    "forgetting": ("forgetting.json", forgetting_table),
+}
+
+
+def header(report: dict) -> str:
+    seeds = report["setup"]["seeds"]
+    state = "" if report["setup"].get("complete", True) else ", cut short: the rows that finished"
+    return (
+        f"`{report['command']}` ({report['date'][:10]}, seeds {', '.join(map(str, seeds))}, "
+        f"torch {report['machine']['torch']}{state}):\n\n"
+    )
+
+
+def render_doc(text: str) -> str:
+    for name, (file, table) in SECTIONS.items():
+        path = RESULTS / file
+        begin, end = f"<!-- render:{name} -->", f"<!-- /render:{name} -->"
+        if not path.is_file() or begin not in text:
+            continue
+        report = json.loads(path.read_text())
+        body = f"{begin}\n{header(report)}{table(report)}\n{end}"
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _m, b=body: b, text, flags=re.S)
+    return text
+
+
+def demo_reference() -> str | None:
+    path = RESULTS / "demo.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if "baselines" not in record["result"]:
+        return None
+    ref = {
+        "date": record["date"],
+        "command": record["command"],
+        "config": record["result"]["config"],
+        "surgical": {k: record["result"][k] for k in ("id_accuracy", "ood_accuracy", "trainable")},
+        "baselines": record["result"]["baselines"],
+    }
+    return json.dumps(ref, indent=2) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="exit 1 if a rendered file is out of date")
+    args = p.parse_args()
+    outputs = {DOC: render_doc(DOC.read_text())}
+    ref = demo_reference()
+    if ref is not None:
+        outputs[DEMO_REFERENCE] = ref
+    stale = [path for path, text in outputs.items() if not path.is_file() or path.read_text() != text]
+    if args.check:
+        for path in stale:
+            print(f"out of date: {path.relative_to(REPO)} (run python benchmarks/render.py)")
+        sys.exit(1 if stale else 0)
+    for path in stale:
+        atomic_write_text(path, outputs[path])
+        print(f"wrote {path.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""benchmarks/render.py: the docs' tables and the demo's recorded baselines match the committed
+JSON, and the default-recipe goal is checked the way the quality issue states it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import render  # noqa: E402
+
+
+def test_rendered_files_are_up_to_date():
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    p = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "render.py"), "--check"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def _row(id_, ood, trainable):
+    s = lambda m: {"mean": m, "std": 0.01}  # noqa: E731
+    return {"summary": {"id": s(id_), "ood": s(ood), "trainable": s(trainable)}}
+
+
+def test_goal_check():
+    rows = {"full": _row(0.80, 0.78, 22.7e6), "lora": _row(0.75, 0.79, 339e3)}
+    report = {"results": {**rows, "surgical-a-1pct": _row(0.81, 0.80, 200e3)}}
+    assert "Reached by: surgical-a-1pct." in render.quality_verdict(report)
+    report = {
+        "results": {**rows, "surgical-a-1pct": _row(0.78, 0.80, 200e3), "surgical-b": _row(0.9, 0.9, 1e6)}
+    }
+    text = render.quality_verdict(report)  # surgical-b is above 1% of the encoder: not counted
+    assert "Not reached" in text and "-2.0 against full" in text and "+1.0 against LoRA" in text
+    assert "cannot be checked" in render.quality_verdict({"results": {"lora": rows["lora"]}})
+
+
+def test_sections_replace_only_their_markers(tmp_path, monkeypatch):
+    import json
+
+    report = {
+        "command": "python forgetting.py",
+        "date": "2026-11-30T00:00:00",
+        "machine": {"torch": "2.13.0"},
+        "setup": {"seeds": [0], "complete": True},
+        "base": {"test": 0.5},
+        "results": {},
+    }
+    (tmp_path / "forgetting.json").write_text(json.dumps(report))
+    monkeypatch.setattr(render, "RESULTS", tmp_path)
+    text = "before\n<!-- render:forgetting -->\nold\n<!-- /render:forgetting -->\nafter\n"
+    out = render.render_doc(text)
+    assert out.startswith("before\n<!-- render:forgetting -->\n`python forgetting.py` (2026-11-30")
+    assert "old" not in out and out.endswith("<!-- /render:forgetting -->\nafter\n")
+    assert "| base, zero-shot | | 0 | 50.0 |" in out
+    assert render.render_doc(out) == out  # idempotent
