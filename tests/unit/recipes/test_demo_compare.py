@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 
 from surgical.recipes import demo
-from surgical.recipes.demo import BASELINES, REFERENCE, SPLIT_KEYS, DemoConfig, recorded_baselines
+from surgical.recipes.demo import BASELINES, SPLIT_KEYS, DemoConfig, recorded_baselines
 
 REPO = Path(__file__).resolve().parents[3]
 
