@@ -106,3 +106,22 @@ def conversations(n: int = 16, seed: int = 0) -> list[list[dict[str, str]]]:
             ]
         )
     return out
+
+
+def save_tiny_chat_model(path: Path) -> Path:
+    """The tiny random Llama with the chat tokenizer (role words and a chat template)."""
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    model.config.pad_token_id = 0
+    model.save_pretrained(str(path))
+    tiny_chat_tokenizer().save_pretrained(str(path))
+    return path
+
+
+def write_chat_jsonl(path: Path, n: int = 16, seed: int = 0, convs: list | None = None) -> Path:
+    """JSON lines with a ``messages`` column: :func:`conversations` (or ``convs``)."""
+    with open(path, "w") as fh:
+        for conv in convs if convs is not None else conversations(n, seed):
+            fh.write(json.dumps({"messages": conv}) + "\n")
+    return path

@@ -3,6 +3,7 @@
 from surgical.data.criteria import DATA_CRITERIA, DataContext
 from surgical.data.examples import as_examples, batches_of, collate, data_hash, split_batches
 from surgical.data.instruct import instruction_batches, load_instructions
+from surgical.data.lazy import LazyBatches, lazy_chat_batches, lazy_instruction_batches
 from surgical.data.online import OnlineSelector
 from surgical.data.select_data import DataSelection, select_data
 from surgical.data.table import load_table
@@ -14,6 +15,7 @@ __all__ = [
     "TOKEN_CRITERIA",
     "DataContext",
     "DataSelection",
+    "LazyBatches",
     "OnlineSelector",
     "TextExamples",
     "as_examples",
@@ -21,6 +23,8 @@ __all__ = [
     "collate",
     "data_hash",
     "instruction_batches",
+    "lazy_chat_batches",
+    "lazy_instruction_batches",
     "load_instructions",
     "load_table",
     "select_data",

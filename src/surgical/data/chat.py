@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from surgical.core.errors import SurgicalError
-from surgical.data.instruct import IGNORE_INDEX, pad_batches
+from surgical.data.instruct import IGNORE_INDEX, causal_batches, pad_id
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -90,7 +90,8 @@ def chat_batches(
     *,
     packing: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
-    """Tokenized, right-padded causal-LM batches of conversations (loss on assistant turns).
+    """Tokenized, right-padded causal-LM batches of conversations (loss on assistant turns), all
+    in memory; :func:`surgical.data.lazy.lazy_chat_batches` gives the same batches tokenized on access.
 
     Examples longer than ``max_length`` are truncated from the right; one whose answer is
     truncated away entirely is dropped. With ``packing``, examples are concatenated into rows of
@@ -99,25 +100,14 @@ def chat_batches(
     """
     if not conversations:
         raise SurgicalError("the chat data is empty", "Pass at least one conversation")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    examples = []
-    for n, conv in enumerate(conversations):
-        ex = chat_example(tokenizer, conv, f"conversation {n + 1}")
-        cut = None if packing else max_length  # packed rows are cut after concatenation
-        ids, labels = ex["input_ids"][:cut], ex["labels"][:cut]
-        if any(x != IGNORE_INDEX for x in labels[1:]):  # HF shifts labels: the first never counts
-            examples.append((ids, labels))
-    if not examples:
-        raise SurgicalError("every answer was truncated away", "Raise data.max_length")
-    if packing:
-        flat_ids = [t for ids, _ in examples for t in ids]
-        flat_labels = [t for _, labels in examples for t in labels]
-        examples = [
-            (flat_ids[i : i + max_length], flat_labels[i : i + max_length])
-            for i in range(0, len(flat_ids), max_length)
-        ]
-        examples = [e for e in examples if any(x != IGNORE_INDEX for x in e[1][1:])]
-    return pad_batches(examples, batch_size, pad)
+    examples = (chat_pair(tokenizer, conv, n) for n, conv in enumerate(conversations))
+    return causal_batches(examples, batch_size, max_length, pad_id(tokenizer), packing=packing, what="answer")
+
+
+def chat_pair(tokenizer, conversation: Any, n: int) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of conversation number ``n`` (0-based), as :func:`chat_example`."""
+    ex = chat_example(tokenizer, conversation, f"conversation {n + 1}")
+    return ex["input_ids"], ex["labels"]
 
 
 def trl_dataset(tokenizer, conversations: Sequence[Sequence[dict[str, Any]]]):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -39,39 +39,88 @@ def load_instructions(
     return [str(r[prompt_column]) for r in rows], [str(r[response_column]) for r in rows]
 
 
+def pad_id(tokenizer) -> int:
+    """The id padding gets: the tokenizer's pad token, else its end-of-sequence token, else 0."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
+def instruction_example(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of one prompt/response pair, untruncated: labels are ``IGNORE_INDEX``
+    on the prompt and equal the ids on the response and the end-of-sequence token (if any)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + eos
+    return p + r, [IGNORE_INDEX] * len(p) + r
+
+
+def has_target(labels: Sequence[int]) -> bool:
+    """Whether ``labels`` hold a target the loss counts: HF shifts labels, the first never counts."""
+    return any(x != IGNORE_INDEX for x in labels[1:])
+
+
+def causal_batches(
+    examples: Iterable[tuple[list[int], list[int]]],
+    batch_size: int,
+    max_length: int,
+    pad: int,
+    *,
+    packing: bool = False,
+    what: str = "target",
+) -> list[dict[str, torch.Tensor]]:
+    """Untruncated (input ids, labels) examples as right-padded causal-LM batches, all in memory.
+
+    Without ``packing`` each example is truncated to ``max_length`` from the right; with it, the
+    examples are concatenated and cut into rows of ``max_length`` tokens (fewer padding tokens;
+    attention crosses example boundaries, as in plain packing). An example (or packed row) with
+    no target left is dropped. :class:`surgical.data.lazy.LazyBatches` builds the same batches
+    without holding them. Raises SurgicalError if nothing is left (naming ``what`` was lost).
+    """
+    kept = []
+    for ids, labels in examples:
+        cut = None if packing else max_length  # packed rows are cut after concatenation
+        if has_target(labels[:cut]):
+            kept.append((ids[:cut], labels[:cut]))
+    if packing:
+        flat_ids = [t for ids, _ in kept for t in ids]
+        flat_labels = [t for _, labels in kept for t in labels]
+        rows = range(0, len(flat_ids), max_length)
+        kept = [(flat_ids[i : i + max_length], flat_labels[i : i + max_length]) for i in rows]
+        kept = [e for e in kept if has_target(e[1])]
+    if not kept:
+        raise truncated_away(what)
+    return pad_batches(kept, batch_size, pad)
+
+
+def truncated_away(what: str) -> SurgicalError:
+    """The error when no example keeps a target within ``max_length``."""
+    return SurgicalError(f"every {what} was truncated away", "Raise data.max_length or shorten the prompts")
+
+
 def instruction_batches(
     tokenizer,
     prompts: Sequence[str],
     responses: Sequence[str],
     batch_size: int,
     max_length: int,
+    *,
+    packing: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """Tokenizes prompt/response pairs into right-padded causal-LM batches.
 
     ``labels`` equal ``input_ids`` on response tokens (and the end-of-sequence token, if the
     tokenizer has one) and ``IGNORE_INDEX`` on prompt and padding tokens, so the loss measures
     the response only. Examples longer than ``max_length`` are truncated from the right; an
-    example whose response is truncated away entirely is dropped.
+    example whose response is truncated away entirely is dropped. ``packing``: see
+    :func:`causal_batches`.
     """
     if len(prompts) != len(responses) or not prompts:
         raise SurgicalError("instruction data is empty", "Pass at least one prompt/response pair")
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    examples = []
-    for prompt, response in zip(prompts, responses, strict=True):
-        p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        r = tokenizer(response, add_special_tokens=False)["input_ids"] + eos
-        ids = (p + r)[:max_length]
-        labels = ([IGNORE_INDEX] * len(p) + r)[:max_length]
-        if any(x != IGNORE_INDEX for x in labels[1:]):  # HF shifts labels: the first never counts
-            examples.append((ids, labels))
-    if not examples:
-        raise SurgicalError(
-            "every response was truncated away", "Raise data.max_length or shorten the prompts"
-        )
-    return pad_batches(examples, batch_size, pad)
+    examples = (instruction_example(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True))
+    return causal_batches(
+        examples, batch_size, max_length, pad_id(tokenizer), packing=packing, what="response"
+    )
 
 
 def pad_batches(

@@ -99,7 +99,7 @@ class DataConfig:
         "messages",
         "Causal LM: column of conversations ([{role, content}, ...]) formatted by the chat template.",
     )
-    packing: bool = _f(False, "Chat data: concatenate conversations into rows of max_length tokens.")
+    packing: bool = _f(False, "Causal LM: concatenate examples into rows of max_length tokens (fewer pads).")
     max_length: int = _f(128, "Tokens per example (longer ones are truncated).", low=1)
     batch_size: int = _f(8, "Examples per batch.", low=1)
     limit: int | None = _f(None, "Use only the first N examples.", low=1)

@@ -11,13 +11,14 @@ IMDB-style ``<br />`` line breaks become spaces, here and nowhere else.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from surgical.core.errors import SurgicalError
-from surgical.data.chat import chat_batches
-from surgical.data.instruct import IGNORE_INDEX, instruction_batches
+from surgical.data.instruct import IGNORE_INDEX
+from surgical.data.lazy import LazyBatches, lazy_chat_batches, lazy_instruction_batches
 from surgical.data.table import load_table
 from surgical.data.text import TextExamples, text_batches
 from surgical.recipes.config import DataConfig
@@ -48,8 +49,11 @@ def make_batches(
     num_labels: int | None = None,
     sample: int | None = None,
     seed: int = 0,
-) -> list[dict[str, torch.Tensor]]:
+) -> Sequence[dict[str, torch.Tensor]]:
     """Reads ``d`` and tokenizes it into batches for ``task``.
+
+    Causal-LM batches are a :class:`surgical.data.lazy.LazyBatches`: tokenized when asked for,
+    holding an index of a few bytes per example instead of the tokens.
 
     Args:
         d: The data section.
@@ -65,15 +69,25 @@ def make_batches(
     """
     if task == "causal_lm" and _has_column(d, d.messages_column):
         rows = _sample(load_table(d.path, [d.messages_column], split=d.split, limit=d.limit), sample, seed)
-        conversations = [r[d.messages_column] for r in rows]
-        return chat_batches(tokenizer, conversations, d.batch_size, d.max_length, packing=d.packing)
-    instruct = task == "causal_lm" and _has_column(d, d.response_column)
-    if instruct:
+        return _indexed(
+            lazy_chat_batches(
+                tokenizer, rows, d.batch_size, d.max_length, packing=d.packing, column=d.messages_column
+            )
+        )
+    if task == "causal_lm" and _has_column(d, d.response_column):
         rows = load_table(d.path, [d.prompt_column, d.response_column], split=d.split, limit=d.limit)
-        rows = _sample(rows, sample, seed)
-        prompts = [clean_text(str(r[d.prompt_column])) for r in rows]
-        responses = [clean_text(str(r[d.response_column])) for r in rows]
-        return instruction_batches(tokenizer, prompts, responses, d.batch_size, d.max_length)
+        return _indexed(
+            lazy_instruction_batches(
+                tokenizer,
+                _sample(rows, sample, seed),
+                d.batch_size,
+                d.max_length,
+                prompt_column=d.prompt_column,
+                response_column=d.response_column,
+                packing=d.packing,
+                clean=clean_text,
+            )
+        )
     labelled = task == "classification"
     ex = read_examples(d.path, d.text_column, d.label_column if labelled else None, d.split, d.limit)
     if sample is not None:
@@ -90,6 +104,13 @@ def make_batches(
             labels[b["attention_mask"] == 0] = IGNORE_INDEX  # padding is not a target
             b["labels"] = labels
             b.pop("token_type_ids", None)
+    return batches
+
+
+def _indexed(batches: LazyBatches) -> LazyBatches:
+    """``batches`` with their index made: every example is tokenized (and checked) once, here,
+    so bad data fails before any model work, as when the batches were built up front."""
+    len(batches)
     return batches
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ from surgical.train.hooks import TrainHook
 from surgical.train.state import state_buffers
 
 
-def _digest(tensors: Sequence[tuple[str, torch.Tensor]]) -> str:
+def _digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     h = hashlib.sha256()
     for name, t in tensors:
         t = t.detach().cpu().contiguous()
@@ -40,8 +40,12 @@ def _digest(tensors: Sequence[tuple[str, torch.Tensor]]) -> str:
 
 
 def fingerprint_batches(batches: Sequence[Mapping[str, torch.Tensor]]) -> str:
-    """``"<n> batches, sha256 <hex>"`` over every tensor of every batch, in order."""
-    items = [(f"{i}.{k}", b[k]) for i, b in enumerate(batches) for k in sorted(b) if torch.is_tensor(b[k])]
+    """``"<n> batches, sha256 <hex>"`` over every tensor of every batch, in order.
+
+    One batch at a time: batches tokenized on access (:class:`surgical.data.lazy.LazyBatches`)
+    are tokenized once more here, and never held together.
+    """
+    items = ((f"{i}.{k}", b[k]) for i, b in enumerate(batches) for k in sorted(b) if torch.is_tensor(b[k]))
     return f"{len(batches)} batches, sha256 {_digest(items)}"
 
 
