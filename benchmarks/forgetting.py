@@ -33,6 +33,7 @@ import argparse
 import copy
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -56,7 +57,7 @@ ANSWERS = ("negative", "positive")  # label 0, label 1
 BLOCK_LINEARS = "re:layers\\.\\d+\\.(self_attn|mlp)\\.\\w+_proj\\.weight$"
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SIZES = {  # examples per split; the training steps are train / batch
-    "full": dict(train=256, validation=128, test=400, reference=48, batch=8, max_length=96, ref_length=128),
+    "full": dict(train=256, validation=100, test=300, reference=48, batch=8, max_length=96, ref_length=128),
     "quick": dict(train=24, validation=16, test=24, reference=4, batch=4, max_length=64, ref_length=32),
 }
 
@@ -202,7 +203,7 @@ def task_accuracy(model, batches) -> float:
 
 
 def train_row(spec: dict, lr: float, seed: int, quick: bool, workdir: Path) -> dict:
-    torch.set_num_threads(1 if quick else 2)
+    torch.set_num_threads(1 if quick else int(os.environ.get("BENCH_THREADS", "2")))
     size = SIZES["quick" if quick else "full"]
     (train, val, test), ref_texts = split_texts(quick)
     model, tok = load(quick, seed)
