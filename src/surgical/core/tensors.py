@@ -32,7 +32,7 @@ def is_plain(t: torch.Tensor) -> bool:
 def is_quantized(t: torch.Tensor) -> bool:
     """Whether ``t`` is a tensor subclass other than a DTensor: a quantized weight (torchao,
     bitsandbytes), whose stored data are not its values."""
-    return not is_plain(t) and not is_dtensor(t)
+    return isinstance(t, torch.Tensor) and not is_plain(t) and not is_dtensor(t)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

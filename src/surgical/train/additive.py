@@ -28,10 +28,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from surgical.core.errors import SurgicalError
-from surgical.core.tensors import full_tensor, is_plain
+from surgical.core.tensors import full_tensor, is_plain, is_quantized
 from surgical.train.sparse import index_dtype, sampled_weight_grad
 from surgical.train.state import SparseState, delta_attr, install
 
@@ -159,10 +160,47 @@ class _AdditiveFn(torch.autograd.Function):
         return gx, gd, None, None
 
 
+class _QuantizedLinearFn(torch.autograd.Function):
+    """``F.linear`` on a quantized weight without letting autograd keep a dequantized copy.
+
+    torchao's linear saves the dequantized (fp32) weight for the input gradient, so a quantized
+    model would hold a full-precision copy of every layer from forward to backward: more than
+    the fp32 base itself. Here the forward runs the quantized kernel without recording, and the
+    backward dequantizes one layer's weight for ``gy @ W`` and frees it at once.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bias, module):  # noqa: D102
+        ctx.module = module
+        with torch.no_grad():
+            return F.linear(x, module.weight, bias)
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: D102
+        gx = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = gy @ ctx.module.weight.dequantize().to(gy.dtype)
+        if ctx.needs_input_grad[1]:
+            gb = gy.reshape(-1, gy.shape[-1]).sum(0)
+        return gx, gb, None
+
+
+def _base_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The module's own forward; for a plain ``nn.Linear`` holding a dequantizable (torchao)
+    weight, the same product through :class:`_QuantizedLinearFn`."""
+    prev = module.__dict__.get("_sg_prev_forward")
+    if prev is not None:
+        return prev(x)
+    weight = module.weight
+    plain_linear = type(module).forward is nn.Linear.forward
+    if plain_linear and is_quantized(weight) and hasattr(weight, "dequantize") and torch.is_grad_enabled():
+        return _QuantizedLinearFn.apply(x, module.bias, module)
+    return type(module).forward(module, x)
+
+
 def _additive_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     state: AdditiveEntryState = module._sg_entries
-    prev = module.__dict__.get("_sg_prev_forward")
-    y = prev(x) if prev is not None else type(module).forward(module, x)
+    y = _base_forward(module, x)
     if not state.active:
         return y
     delta = state.delta(module)

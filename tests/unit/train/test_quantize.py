@@ -143,3 +143,42 @@ def test_a_missing_backend_is_one_line(monkeypatch):
     with pytest.raises(sg.SurgicalError, match="quantization backend 'torchao' is not installed") as e:
         sg.quantize_base(tiny_llama())
     assert "pip install 'surgical[quant]'" in str(e.value)
+
+
+def test_no_full_precision_copy_of_a_quantized_weight_is_kept_for_backward():
+    """torchao's own linear saves the dequantized weight for the input gradient; prepared
+    layers must not, or a quantized model would hold more than its fp32 base."""
+    model, plan, _ = _quantized()
+    sg.prepare(model, plan)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    shapes = {tuple(m.weight.shape) for m in linears if is_quantized(m.weight)}
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    batch = lm_batches(n=1)[0]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch).loss
+    assert not [t for t in saved if tuple(t.shape) in shapes or tuple(t.shape[::-1]) in shapes]
+    loss.backward()  # and the input gradients still flow: every layer's delta gets a gradient
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+
+
+def test_quantized_path_gradients_equal_those_of_the_dequantized_weights():
+    model, plan, _ = _quantized(density=0.2)
+    sg.prepare(model, plan)
+    ref = tiny_llama()  # the same model with the dequantized weights in full precision
+    for name, p in ref.named_parameters():
+        q = model.get_parameter(name)
+        with torch.no_grad():
+            p.copy_(q.dequantize() if is_quantized(q) else q)
+    sg.prepare(ref, plan, additive=True)
+    batch = lm_batches(n=1)[0]
+    model(**batch).loss.backward()
+    ref(**batch).loss.backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for n, p in ref.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6)
