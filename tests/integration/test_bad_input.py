@@ -870,6 +870,60 @@ CASES += [
 ]
 
 
+def _chat(w, t, messages=None, template: str | None = "", **data) -> list[str]:
+    """`surgical train` (causal_lm) on a messages file; ``template``: the tokenizer's chat template
+    ("" the tiny chat one, None the tokenizer without any); ``messages``: the first row's."""
+    from train_fixtures import conversations, tiny_chat_tokenizer
+
+    model = t / "chat-llama"
+    shutil.copytree(w["llama"], model)
+    if template is not None:
+        tok = tiny_chat_tokenizer()
+        tok.chat_template = template or tok.chat_template
+        tok.save_pretrained(str(model))
+    rows = conversations(4)
+    rows[0] = rows[0] if messages is None else messages
+    text = "".join(json.dumps({"messages": m}) + "\n" for m in rows)
+    return ["train", "-c", _cfg_with(w, t, model={"path": str(model), "task": "causal_lm"},
+                                     data={"path": _write(t, "chat.jsonl", text), **data},
+                                     selection={"always": []})]  # fmt: skip
+
+
+SYSTEMLESS = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{{ m['role'] }} : {{ m['content'] }} [EOS] {% endfor %}"
+)
+CASES += [
+    ("train-messages-without-chat-template", lambda w, t: _chat(w, t, template=None), "has no chat template"),
+    (
+        "train-messages-role-the-template-rejects",
+        lambda w, t: _chat(w, t, template=SYSTEMLESS),
+        "the chat template rejects conversation 1: System role not supported",
+    ),
+    (
+        "train-messages-template-not-growing-prefixes",
+        lambda w, t: _chat(w, t, template="{% for m in messages|reverse %}{{ m['content'] }} {% endfor %}"),
+        "does not render conversation 1 as growing prefixes",
+    ),
+    (
+        "train-messages-unknown-role",
+        lambda w, t: _chat(w, t, [{"role": "robot", "content": "beep"}]),
+        "conversation 1 has a message of role 'robot'",
+    ),
+    ("train-messages-not-a-list", lambda w, t: _chat(w, t, "hello"), "is not a non-empty list of messages"),
+    (
+        "train-messages-no-answer",
+        lambda w, t: _chat(w, t, [{"role": "user", "content": "the film"}]),
+        "conversation 1 has no assistant message",
+    ),
+    (
+        "train-messages-answers-truncated-away",
+        lambda w, t: _chat(w, t, max_length=4),
+        "every answer was truncated away",
+    ),
+]
+
+
 def _truncated_model(w, t) -> str:
     return _copy(w["bert"], t, _truncate("model.safetensors"))
 

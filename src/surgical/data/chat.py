@@ -23,8 +23,16 @@ from surgical.data.instruct import IGNORE_INDEX, causal_batches, pad_id
 ROLES = ("system", "user", "assistant", "tool")
 
 
-def _render(tokenizer, messages: list[dict[str, Any]], generation_prompt: bool) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+def _render(tokenizer, messages: list[dict[str, Any]], generation_prompt: bool, where: str) -> list[int]:
+    from jinja2 import TemplateError
+
+    try:
+        out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+    except TemplateError as e:  # raise_exception(...) in the template, or a field it lacks
+        raise SurgicalError(
+            f"the chat template rejects {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+            "Use the roles and order this template accepts, or prompt/response columns",
+        ) from None
     if isinstance(out, dict) or hasattr(out, "keys"):  # transformers may return a BatchEncoding
         out = out["input_ids"]
     return [int(i) for i in out]
@@ -66,13 +74,13 @@ def chat_example(
             "Use a chat model's tokenizer, or prompt/response columns",
         )
     messages = check_conversation(messages, where)
-    ids = _render(tokenizer, messages, False)
+    ids = _render(tokenizer, messages, False, where)
     labels = [IGNORE_INDEX] * len(ids)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], True) if i else []
-        upto = _render(tokenizer, messages[: i + 1], False)
+        before = _render(tokenizer, messages[:i], True, where) if i else []
+        upto = _render(tokenizer, messages[: i + 1], False, where)
         if upto[: len(before)] != before or ids[: len(upto)] != upto:
             raise SurgicalError(
                 f"the chat template does not render {where} as growing prefixes (turn {i + 1})",

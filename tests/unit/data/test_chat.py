@@ -61,3 +61,15 @@ def test_a_template_that_is_not_prefix_stable_is_refused():
     tok.chat_template = "{% for m in messages|reverse %}{{ m['content'] }} {% endfor %}"
     with pytest.raises(SurgicalError, match="growing prefixes"):
         chat_example(tok, conversations(1)[0])
+
+
+def test_a_template_that_raises_is_one_line_naming_the_conversation():
+    tok = tiny_chat_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+        "supported') }}{% endif %}{{ m['role'] }} : {{ m['content'] }} [EOS] {% endfor %}"
+    )
+    with pytest.raises(
+        SurgicalError, match="the chat template rejects conversation 3: System role not supported"
+    ):
+        chat_example(tok, conversations(1)[0], "conversation 3")
