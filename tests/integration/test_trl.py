@@ -127,3 +127,15 @@ def test_dpo_trainer_trains_the_selection_against_the_base_as_reference(tmp_path
         else:
             assert moved.numel() == 0, name
     assert sum(int((p != trained[n]).sum()) for n, p in base.named_parameters()) > 0
+
+
+def test_trl_dataset_maps_a_dataset_to_the_same_rows_as_a_list():
+    import datasets
+
+    tok = tiny_chat_tokenizer()
+    convs = conversations(6)
+    mapped = trl_dataset(
+        tok, datasets.Dataset.from_list([{"messages": c, "id": i} for i, c in enumerate(convs)])
+    )
+    assert mapped.column_names == ["input_ids", "labels"]
+    assert mapped.to_list() == trl_dataset(tok, convs).to_list()

@@ -118,15 +118,30 @@ def chat_pair(tokenizer, conversation: Any, n: int) -> tuple[list[int], list[int
     return ex["input_ids"], ex["labels"]
 
 
-def trl_dataset(tokenizer, conversations: Sequence[Sequence[dict[str, Any]]]):
+def trl_dataset(tokenizer, conversations: Any, column: str = "messages"):
     """Conversations as a tokenized ``datasets.Dataset`` for TRL's ``SFTTrainer``.
 
     Columns ``input_ids`` and ``labels`` (``IGNORE_INDEX`` outside the assistant turns), which
     TRL's collator uses as they are: the same tokens and the same loss mask as
     :func:`chat_batches`, whatever markers the chat template has (TRL's own assistant-only loss
     needs ``{% generation %}`` markers that many templates lack).
+
+    ``conversations``: a list of conversations, or a ``datasets.Dataset`` whose ``column`` holds
+    them; a Dataset is tokenized by ``Dataset.map`` (cached on disk when it is file-backed), so
+    the tokens are not held in Python lists.
     """
     import datasets
 
-    rows = [chat_example(tokenizer, conv, f"conversation {n + 1}") for n, conv in enumerate(conversations)]
-    return datasets.Dataset.from_list(rows)
+    if not isinstance(conversations, datasets.Dataset):
+        rows = [chat_example(tokenizer, c, f"conversation {n + 1}") for n, c in enumerate(conversations)]
+        return datasets.Dataset.from_list(rows)
+    if column not in conversations.column_names:
+        raise SurgicalError(
+            f"the dataset has no column {column!r} (it has {', '.join(conversations.column_names)})",
+            "Pass the column that holds the conversations",
+        )
+
+    def encode(row: dict[str, Any], n: int) -> dict[str, list[int]]:
+        return chat_example(tokenizer, row[column], f"conversation {n + 1}")
+
+    return conversations.map(encode, with_indices=True, remove_columns=conversations.column_names)
