@@ -65,3 +65,26 @@ def test_train_on_messages_with_packing_resumes_only_on_the_same_tokens(tmp_path
     code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(tmp_path / "other.yaml"), "--resume")
     err = " ".join(err.split())
     assert code == 2 and "batches was" in err and "data.path was" in err, err
+
+
+def test_a_save_to_disk_dataset_stays_a_dataset_under_the_lazy_batches(tmp_path):
+    import datasets
+
+    from surgical.core.errors import SurgicalError
+    from surgical.data.table import open_table
+
+    rows = [{"messages": c, "extra": i} for i, c in enumerate(conversations(10))]
+    datasets.DatasetDict(train=datasets.Dataset.from_list(rows)).save_to_disk(str(tmp_path / "dd"))
+    table = open_table(tmp_path / "dd", ["messages"], limit=9)
+    assert isinstance(table, datasets.Dataset) and table.column_names == ["messages"] and len(table) == 9
+    d = DataConfig(path=str(tmp_path / "dd"), batch_size=4, max_length=24, packing=True, limit=9)
+    lazy = make_batches(d, "causal_lm", tiny_chat_tokenizer())
+    assert isinstance(lazy.items, datasets.Dataset)  # rows read when a batch is asked for
+    eager = chat_batches(tiny_chat_tokenizer(), conversations(9), 4, 24, packing=True)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(lazy, eager, strict=True) for k in b)
+    with pytest.raises(SurgicalError, match="lacks column"):
+        open_table(tmp_path / "dd", ["prompt"])
+    with pytest.raises(SurgicalError, match="has no split 'test'"):
+        open_table(tmp_path / "dd", ["messages"], split="test")
+    with pytest.raises(SurgicalError, match="has no rows"):
+        open_table(tmp_path / "dd", ["messages"], limit=0)

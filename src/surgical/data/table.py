@@ -68,12 +68,7 @@ def _checked(
     """The checks every format ends in: at least one row, and every row has every column."""
     if not rows:
         raise SurgicalError(f"{where} has no rows", "Pass a non-empty dataset")
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise SurgicalError(
-            f"{where} lacks column(s) {', '.join(missing)} (it has {', '.join(names)})",
-            "Rename the columns or pass the right column names",
-        )
+    _check_columns(where, names, columns)
     # JSON lines may differ from row to row; a later row without a column would fail far away
     bad = next((i for i, r in enumerate(rows) if any(c not in r for c in columns)), None)
     if bad is not None:
@@ -86,15 +81,10 @@ def _read(
     source: Any, columns: Sequence[str], split: str, limit: int | None
 ) -> tuple[list[str], list[dict[str, Any]]]:
     """(column names, rows) of any accepted source, before any check."""
-    if not isinstance(source, (str, Path)):
-        return _from_dataset(_pick_split(source, split, "the dataset"), columns, limit)
+    data = _as_dataset(source, split)
+    if data is not None:
+        return _from_dataset(data, columns, limit)
     path = Path(source)
-    if not str(source) or not path.exists():
-        raise SurgicalError(f"data path {str(source)!r} does not exist", f"Pass {FORMS}")
-    if path.is_dir():
-        return _from_dataset(_load_from_disk(path, split), columns, limit)
-    if path.suffix in (".parquet", ".arrow"):
-        return _from_dataset(_load_file(path), columns, limit)
     try:
         if path.suffix in (".jsonl", ".json"):
             with open(path) as fh:
@@ -108,6 +98,53 @@ def _read(
         raise SurgicalError(f"cannot parse {str(path)!r}: {e}", "Check the file's format") from None
     rows = rows[:limit]
     return (list(rows[0]) if rows else []), rows
+
+
+def _check_columns(where: str, names: Sequence[str], columns: Sequence[str]) -> None:
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise SurgicalError(
+            f"{where} lacks column(s) {', '.join(missing)} (it has {', '.join(names)})",
+            "Rename the columns or pass the right column names",
+        )
+
+
+def _as_dataset(source: Any, split: str):
+    """The ``datasets.Dataset`` of a source ``datasets`` reads; None for CSV and JSON lines."""
+    if not isinstance(source, (str, Path)):
+        return _pick_split(source, split, "the dataset")
+    path = Path(source)
+    if not str(source) or not path.exists():
+        raise SurgicalError(f"data path {str(source)!r} does not exist", f"Pass {FORMS}")
+    if path.is_dir():
+        return _load_from_disk(path, split)
+    if path.suffix in (".parquet", ".arrow"):
+        return _load_file(path)
+    return None
+
+
+def open_table(
+    source: Any, columns: Sequence[str], *, split: str = "train", limit: int | None = None
+) -> Sequence[dict[str, Any]]:
+    """The rows of ``source``, checked as :func:`load_table` checks them, without reading every
+    row into Python where that can be avoided: for the sources ``datasets`` reads, a
+    ``datasets.Dataset`` of ``columns`` (memory-mapped for Arrow files and ``save_to_disk``
+    directories) whose rows are read when indexed; for CSV and JSON lines, :func:`load_table`'s
+    list.
+
+    Raises:
+        SurgicalError: as :func:`load_table`.
+    """
+    data = _as_dataset(source, split)
+    if data is None:
+        return load_table(source, columns, split=split, limit=limit)
+    where = describe(source, split)
+    if limit is not None:
+        data = data.select(range(min(max(limit, 0), len(data))))
+    if len(data) == 0:
+        raise SurgicalError(f"{where} has no rows", "Pass a non-empty dataset")
+    _check_columns(where, list(data.column_names), columns)
+    return data.select_columns(list(columns))
 
 
 def _datasets():

@@ -19,7 +19,7 @@ import torch
 from surgical.core.errors import SurgicalError
 from surgical.data.instruct import IGNORE_INDEX
 from surgical.data.lazy import LazyBatches, lazy_chat_batches, lazy_instruction_batches
-from surgical.data.table import load_table
+from surgical.data.table import load_table, open_table
 from surgical.data.text import TextExamples, text_batches
 from surgical.recipes.config import DataConfig
 
@@ -53,7 +53,8 @@ def make_batches(
     """Reads ``d`` and tokenizes it into batches for ``task``.
 
     Causal-LM batches are a :class:`surgical.data.lazy.LazyBatches`: tokenized when asked for,
-    holding an index of a few bytes per example instead of the tokens.
+    holding an index of a few bytes per example instead of the tokens, over rows that stay in
+    the dataset (:func:`surgical.data.table.open_table`) for Arrow, Parquet and save_to_disk data.
 
     Args:
         d: The data section.
@@ -68,14 +69,14 @@ def make_batches(
         SurgicalError: missing columns, empty data, labels out of range, responses truncated away.
     """
     if task == "causal_lm" and _has_column(d, d.messages_column):
-        rows = _sample(load_table(d.path, [d.messages_column], split=d.split, limit=d.limit), sample, seed)
+        rows = _sample(open_table(d.path, [d.messages_column], split=d.split, limit=d.limit), sample, seed)
         return _indexed(
             lazy_chat_batches(
                 tokenizer, rows, d.batch_size, d.max_length, packing=d.packing, column=d.messages_column
             )
         )
     if task == "causal_lm" and _has_column(d, d.response_column):
-        rows = load_table(d.path, [d.prompt_column, d.response_column], split=d.split, limit=d.limit)
+        rows = open_table(d.path, [d.prompt_column, d.response_column], split=d.split, limit=d.limit)
         return _indexed(
             lazy_instruction_batches(
                 tokenizer,
@@ -114,7 +115,7 @@ def _indexed(batches: LazyBatches) -> LazyBatches:
     return batches
 
 
-def _sample(rows: list, sample: int | None, seed: int) -> list:
+def _sample(rows: Sequence, sample: int | None, seed: int) -> Sequence:
     if sample is None:
         return rows
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
