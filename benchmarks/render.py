@@ -6,8 +6,9 @@ recorded baselines, so that no figure in the docs is typed by hand.
 
 Sections live in ``docs/benchmarks.md`` between ``<!-- render:NAME -->`` and
 ``<!-- /render:NAME -->`` markers; a section whose JSON is missing is left as it is. The demo's
-``surgical demo --compare --json benchmarks/results/demo.json`` record becomes
-``src/surgical/recipes/demo_reference.json``, the baselines ``surgical demo`` prints as recorded.
+recorded baselines (``src/surgical/recipes/demo_reference.json``, what ``surgical demo`` prints
+beside its own numbers) come from the quality benchmark's seed-0 runs of full fine-tuning and LoRA,
+which use the demo's split and loop.
 """
 
 from __future__ import annotations
@@ -149,18 +150,41 @@ def render_doc(text: str) -> str:
 
 
 def demo_reference() -> str | None:
-    path = RESULTS / "demo.json"
+    """The demo's recorded baselines: the quality benchmark's seed-0 runs of full fine-tuning and
+    LoRA (the demo's split and loop at seed 0), with the means over seeds beside them."""
+    from surgical.recipes.demo import BASELINES, RECIPE_ROW, SPLIT_KEYS, DemoConfig
+
+    path = RESULTS / "quality.json"
     if not path.is_file():
         return None
-    record = json.loads(path.read_text())
-    if "baselines" not in record["result"]:
+    report = json.loads(path.read_text())
+    rows = report["results"]
+    if report["setup"]["quick"] or any(spec["row"] not in rows for spec in BASELINES.values()):
         return None
+    baselines, means = {}, {}
+    for name, spec in BASELINES.items():
+        row = rows[spec["row"]]
+        run = row["runs"][0]  # seeds[0]
+        baselines[name] = {
+            "validation_accuracy": run["validation"],
+            "id_accuracy": run["id"],
+            "ood_accuracy": run["ood"],
+            "trainable": run["trainable"],
+            "lr": row["lr"],
+        }
+        means[name] = {"id": row["summary"]["id"]["mean"], "ood": row["summary"]["ood"]["mean"]}
+    if RECIPE_ROW in rows:
+        s = rows[RECIPE_ROW]["summary"]
+        means[f"surgical ({RECIPE_ROW})"] = {"id": s["id"]["mean"], "ood": s["ood"]["mean"]}
+    defaults = DemoConfig()
     ref = {
-        "date": record["date"],
-        "command": record["command"],
-        "config": record["result"]["config"],
-        "surgical": {k: record["result"][k] for k in ("id_accuracy", "ood_accuracy", "trainable")},
-        "baselines": record["result"]["baselines"],
+        "date": report["date"],
+        "command": report["command"],
+        "source": "benchmarks/results/quality.json",
+        "config": {k: getattr(defaults, k) for k in SPLIT_KEYS},
+        "seeds": report["setup"]["seeds"],
+        "baselines": baselines,
+        "means": means,
     }
     return json.dumps(ref, indent=2) + "\n"
 

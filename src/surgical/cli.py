@@ -114,10 +114,15 @@ def demo(
     data: Annotated[
         str | None, typer.Option(help="CSV with text,label,source (default: packaged movie reviews).")
     ] = None,
-    method: Annotated[str, typer.Option(help="Selection criterion.")] = "gradient",
+    method: Annotated[
+        str | None, typer.Option(help="Selection criterion (default: the recipe's, gradient).")
+    ] = None,
     density: Annotated[
-        float, typer.Option(help="Fraction of the encoder layers' Linear weights trained as sparse entries.")
-    ] = 0.004,
+        float | None,
+        typer.Option(
+            help="Fraction of the encoder layers' Linear weights trained as entries (default 0.01)."
+        ),
+    ] = None,
     targets: Annotated[
         list[str] | None, typer.Option("--target", help="Pattern of weights to select from (repeatable).")
     ] = None,
@@ -139,10 +144,10 @@ def demo(
     """Fine-tune all-MiniLM-L6-v2 on Rotten Tomatoes with 1% of its weights; report ID/OOD accuracy."""
     from surgical.recipes.demo import DemoConfig, run_demo
 
-    overrides = dict(
-        out=out, model=model, data=data, method=method, density=density, seed=seed, compare=compare
+    overrides = dict(out=out, model=model, data=data, seed=seed, compare=compare)
+    overrides.update(
+        _flags({"method": method, "density": density, "targets": targets, "lr": lr, "epochs": epochs})
     )
-    overrides.update(_flags({"targets": targets, "lr": lr, "epochs": epochs}))
     cfg = DemoConfig.quick(**overrides) if quick else DemoConfig(**overrides)
     result = run_demo(cfg, console)
     if json_out:

@@ -18,7 +18,13 @@ REPO = Path(__file__).resolve().parents[3]
 def _fake_reference(tmp_path, monkeypatch, **config) -> Path:
     ref = tmp_path / "ref.json"
     baselines = {
-        name: {"id_accuracy": 0.8, "ood_accuracy": 0.7, "trainable": 10, "seconds_per_step": 1.0}
+        name: {
+            "validation_accuracy": 0.75,
+            "id_accuracy": 0.8,
+            "ood_accuracy": 0.7,
+            "trainable": 10,
+            "lr": 1e-4,
+        }
         for name in BASELINES
     }
     cfg = {**dataclasses.asdict(DemoConfig()), **config}
@@ -41,7 +47,7 @@ def test_recorded_only_for_the_same_split(tmp_path, monkeypatch):
     assert recorded_baselines(DemoConfig()) is not None
     # the surgical row's own settings do not change the baselines
     assert recorded_baselines(DemoConfig(method="fisher", density=0.01, lr=1e-2)) is not None
-    for key, value in (("seed", 1), ("held_out", 500), ("train_size", 100), ("epochs", 2)):
+    for key, value in (("seed", 1), ("held_out", 500), ("train_size", 100), ("epochs", 2), ("validation", 9)):
         assert key in SPLIT_KEYS
         assert recorded_baselines(DemoConfig(**{key: value})) is None, key
     _fake_reference(tmp_path, monkeypatch, seed=3)
@@ -50,13 +56,13 @@ def test_recorded_only_for_the_same_split(tmp_path, monkeypatch):
 
 def test_comparison_table_is_labelled(tmp_path, monkeypatch):
     _fake_reference(tmp_path, monkeypatch)
-    r = {"id_accuracy": 0.81, "ood_accuracy": 0.79, "trainable": 5, "seconds_per_step": 0.5}
+    r = {"validation_accuracy": 0.8, "id_accuracy": 0.81, "ood_accuracy": 0.79, "trainable": 5}
     console = Console(record=True, width=200)
     demo._print_comparison(console, r, DemoConfig())
     text = console.export_text()
-    assert "recorded 2026-11-30" in text and "surgical demo --compare" in text
+    assert "recorded 2026-11-30 by benchmarks/quality.py, seed 0" in text
     assert all(name in text for name in BASELINES) and "81.0%" in text and "80.0%" in text
-    measured = {name: {**r, "id_accuracy": 0.5} for name in BASELINES}
+    measured = {name: {**r, "id_accuracy": 0.5, "lr": 1e-4} for name in BASELINES}
     console = Console(record=True, width=200)
     demo._print_comparison(console, {**r, "baselines": measured}, DemoConfig(seed=7))
     text = console.export_text()
@@ -64,4 +70,17 @@ def test_comparison_table_is_labelled(tmp_path, monkeypatch):
     console = Console(record=True, width=200)
     demo._print_comparison(console, r, DemoConfig(seed=7))
     assert "--compare" in console.export_text() and "recorded" not in console.export_text()
+
+
+def test_the_demo_split_is_the_quality_benchmarks():
+    """The recorded baselines are the quality benchmark's seed-0 runs: same split, same sentences."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import quality
+
+    train, val, test, ood = quality.split(quick=False)
+    mine = demo.demo_split(demo.default_data_path(), DemoConfig())
+    for theirs, ours in zip((train, val, test, ood), mine, strict=True):
+        assert theirs.texts == ours.texts and theirs.labels == ours.labels
 
