@@ -20,7 +20,7 @@ trained densely, and the gradient row again with Rho-1-style token selection (``
 and surgical-gradient each learning rate of a small grid is tried with seed 0 and the best on
 validation kept; the other surgical rows reuse surgical-gradient's. Then every seed.
 
-    python benchmarks/forgetting.py                       # full mode (~40 min on 2 quiet cores)
+    python benchmarks/forgetting.py                       # full mode (~60 min on 2 quiet cores)
     python benchmarks/forgetting.py --rows full,lora --seeds 0 1 2
     python benchmarks/forgetting.py --quick --out X.json  # tiny model from a config (a test runs it)
 
@@ -57,7 +57,7 @@ ANSWERS = ("negative", "positive")  # label 0, label 1
 BLOCK_LINEARS = "re:layers\\.\\d+\\.(self_attn|mlp)\\.\\w+_proj\\.weight$"
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SIZES = {  # examples per split; the training steps are train / batch
-    "full": dict(train=256, validation=100, test=300, reference=48, batch=8, max_length=96, ref_length=128),
+    "full": dict(train=128, validation=64, test=200, reference=32, batch=8, max_length=96, ref_length=128),
     "quick": dict(train=24, validation=16, test=24, reference=4, batch=4, max_length=64, ref_length=32),
 }
 
