@@ -49,10 +49,10 @@ def halves(batch: dict, n: int = 2) -> list[dict]:
     return [{k: v[i * size : (i + 1) * size] for k, v in batch.items()} for i in range(n)]
 
 
-def train_single(out: Path) -> None:
+def train_single(out: Path, additive: bool = True) -> None:
     """The reference: one process, the same plan, each global batch's halves averaged."""
     model, plan = model_and_plan()
-    sg.prepare(model, plan, additive=True)
+    sg.prepare(model, plan, additive=additive)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     for batch in global_batches():
         parts = halves(batch)

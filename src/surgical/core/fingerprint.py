@@ -13,13 +13,14 @@ training layer knows where they are.
 
 A quantized base (:func:`surgical.train.quantize_base`) is fingerprinted by the full-precision
 values recorded before quantizing, so a delta trained on it checks against the full-precision
-base it applies to; a sharded (FSDP2) parameter is read whole, which makes fingerprinting a
-sharded model a collective that every process must join.
+base it applies to; a sharded (FSDP2, DeepSpeed ZeRO-3) parameter is read whole, which makes
+fingerprinting a sharded model a collective that every process must join.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from surgical.core.marks import Saved, applied_stack, quantized_samples
-from surgical.core.tensors import full_tensor, is_quantized
+from surgical.core.tensors import full_tensor, is_quantized, logical_shape
 
 
 @dataclass
@@ -68,20 +69,21 @@ def base_samples(
     for name, p in model.named_parameters(remove_duplicate=True):
         if name in excluded:
             continue
-        pos = sample_positions(p.numel()).to(p.device)
+        shape = logical_shape(p)
+        pos = sample_positions(math.prod(shape)).to(p.device)
         if name in recorded:  # quantized: the full-precision values sampled before quantizing
             vals = recorded[name].float().clone().to(p.device)
         else:
-            flat = _readable(p.detach()).reshape(-1)
+            flat = _readable(p).detach().reshape(-1)
             vals = flat.index_select(0, pos).float().clone()
         overrides = [saved.values[name]] if saved and name in saved.values else []
         # the bottom-most application saved the true base
         overrides += [r.saved[name] for r in reversed(stack) if name in r.saved]
         for idx, old, axis in overrides:
             if axis is not None:  # a row or column block: locate the sampled positions in it
-                idx, old = _block_positions(tuple(p.shape), pos, idx, old, axis)
+                idx, old = _block_positions(shape, pos, idx, old, axis)
             _override(vals, pos, idx, old)
-        out[name] = (tuple(p.shape), vals.cpu())
+        out[name] = (shape, vals.cpu())
     return out
 
 

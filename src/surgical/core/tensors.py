@@ -1,10 +1,12 @@
-"""What kind of tensor a parameter is: plain, sharded (an FSDP2 DTensor) or quantized.
+"""What kind of tensor a parameter is: plain, sharded (an FSDP2 DTensor, a DeepSpeed ZeRO-3
+partition) or quantized.
 
 Training in place and applying a delta write into a weight's values; that only works for a
 plain tensor. A ``DTensor`` (FSDP2's ``fully_shard``) holds one shard per process and is
-re-gathered for each forward and backward pass, and a quantized weight (a torchao tensor
-subclass, bitsandbytes' ``Params4bit``) holds integers and scales, not the values. The library
-tells them apart here, in one place, and reads a sharded tensor whole with :func:`full_tensor`.
+re-gathered for each forward and backward pass; so is a parameter partitioned by DeepSpeed
+ZeRO-3 (its ``data`` is empty between passes); a quantized weight (a torchao tensor subclass,
+bitsandbytes' ``Params4bit``) holds integers and scales, not the values. The library tells them
+apart here, in one place, and reads a sharded tensor whole with :func:`full_tensor`.
 """
 
 from __future__ import annotations
@@ -35,10 +37,28 @@ def is_quantized(t: torch.Tensor) -> bool:
     return isinstance(t, torch.Tensor) and not is_plain(t) and not is_dtensor(t)
 
 
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself, or for a DTensor its whole value on every process.
+def is_zero3(t: object) -> bool:
+    """Whether ``t`` is a parameter partitioned by DeepSpeed ZeRO-3 (it carries ``ds_id``)."""
+    return isinstance(t, torch.Tensor) and hasattr(t, "ds_id") and hasattr(t, "ds_shape")
 
-    For a DTensor this is a collective (every process of its mesh must call it) that costs one
-    transient copy of the whole tensor.
+
+def logical_shape(t: torch.Tensor) -> tuple[int, ...]:
+    """The shape of the whole tensor (a ZeRO-3 partition's ``data`` is empty between passes)."""
+    return tuple(t.ds_shape) if is_zero3(t) else tuple(t.shape)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or for a sharded tensor its whole value on every process (detached).
+
+    For a DTensor or a ZeRO-3 parameter this is a collective (every process must call it, in the
+    same order) that costs one transient copy of the whole tensor. Pass the parameter itself: a
+    ``detach()``-ed ZeRO-3 parameter has lost what marks it.
     """
-    return t.full_tensor() if is_dtensor(t) else t
+    if is_dtensor(t):
+        return t.detach().full_tensor()
+    if is_zero3(t):
+        import deepspeed  # present wherever a ZeRO-3 parameter exists
+
+        with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
+            return t.detach().clone()
+    return t

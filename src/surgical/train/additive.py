@@ -89,7 +89,7 @@ class AdditiveEntryState(SparseState):
 
     def export(self, module: nn.Module) -> tuple[str, torch.Tensor, torch.Tensor]:
         idx = self.indices(module).detach().to("cpu", torch.int64, copy=True)
-        return "entries", idx, full_tensor(self.delta(module).detach()).float().cpu().clone()
+        return "entries", idx, full_tensor(self.delta(module)).detach().float().cpu().clone()
 
     def invalidate(self, module: nn.Module) -> None:
         self._rows_cols = None

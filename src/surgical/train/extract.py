@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from surgical.core.fingerprint import base_identity
-from surgical.core.tensors import full_tensor
+from surgical.core.tensors import full_tensor, logical_shape
 from surgical.delta.delta import Delta
 from surgical.select.plan import Plan
 from surgical.train.prepare import base_overlay, prepared, sync
@@ -34,8 +34,8 @@ def extract(model: nn.Module, scores: Plan | None = None, **meta) -> Delta:
     every tensor whose entries training kept where they were (a schedule that moved them drops
     that tensor's scores).
 
-    On a model sharded with FSDP2 (:func:`surgical.train.shard`) the sharded values are read
-    whole, so every process must call ``extract`` (each gets the same delta).
+    On a model sharded with FSDP2 (:func:`surgical.train.shard`) or DeepSpeed ZeRO-3 the sharded
+    values are read whole, so every process must call ``extract`` (each gets the same delta).
     """
     info = prepared(model)
     sync(model)
@@ -43,14 +43,14 @@ def extract(model: nn.Module, scores: Plan | None = None, **meta) -> Delta:
     for name, module in info.entry_modules.items():
         state = state_of(module, name.rpartition(".")[2])
         kind, idx, values = state.export(module)
-        delta.shapes[name] = tuple(getattr(module, state.param_name).shape)
+        delta.shapes[name] = logical_shape(getattr(module, state.param_name))
         if kind == "entries":
             delta.entries[name] = (idx, values)
         else:
             delta.blocks(kind)[name] = (idx, values)
     params = dict(model.named_parameters())
     for name in info.dense:
-        p = full_tensor(params[name].detach())
+        p = full_tensor(params[name]).detach()
         delta.shapes[name] = tuple(p.shape)
         change = _exact_change(p, info.dense_base.get(name))
         if change is None:

@@ -32,7 +32,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from surgical.core.errors import SurgicalError
 from surgical.core.marks import Saved
-from surgical.core.tensors import is_dtensor
+from surgical.core.tensors import is_dtensor, is_zero3
 
 _ATTR = "_sg_entries"  # the module's (first) state
 _STATES = "_sg_states"  # parameter name -> state
@@ -146,14 +146,19 @@ _LIVE: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules carrying a stat
 _HOOK_HANDLE = None
 
 
+def _sharded(t: torch.Tensor) -> bool:
+    return is_dtensor(t) or is_zero3(t)
+
+
 def check_writable(module: nn.Module, state: SparseState) -> None:
-    """Refuses an in-place state whose weight has become a DTensor: FSDP2's ``fully_shard``
-    sharded it after ``prepare``, so the values written into it would be lost at the next
-    gather (outside a forward pass FSDP2 shows the sharded parameter, which is when this runs)."""
-    if state.in_place and is_dtensor(getattr(module, state.param_name)):
+    """Refuses an in-place state whose weight has been sharded after ``prepare`` (a DTensor of
+    FSDP2's ``fully_shard``, a DeepSpeed ZeRO-3 partition): the values written into it would be
+    lost at the next gather (outside a forward pass the sharded parameter shows, which is when
+    this runs)."""
+    if state.in_place and _sharded(getattr(module, state.param_name)):
         raise SurgicalError(
             f"{type(module).__name__}.{state.param_name} was prepared for in-place training but has "
-            "been sharded (FSDP2 fully_shard), which would lose the trained values",
+            "been sharded (FSDP2 fully_shard or DeepSpeed ZeRO-3), which would lose the trained values",
             "Prepare with surgical.prepare(model, plan, additive=True) before sharding "
             "(surgical.train.shard does both checks), and train only entries of Linear weights or "
             "dense parameters",
@@ -164,7 +169,10 @@ def _mark_dirty_after_step(optimizer, args, kwargs) -> None:
     owned = None
     for module in list(_LIVE):
         for state in states_of(module).values():
-            if state.in_place and is_dtensor(getattr(module, state.param_name)):
+            weight = getattr(module, state.param_name)
+            if state.in_place and is_zero3(weight):  # DeepSpeed steps a flat copy: never "owned"
+                check_writable(module, state)
+            elif state.in_place and is_dtensor(weight):
                 if owned is None:  # refuse only for the model this optimizer trains
                     owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
                 if id(state.trainable(module)) in owned:
