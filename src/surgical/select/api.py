@@ -11,6 +11,7 @@ from torch import nn
 from surgical.core.errors import SurgicalError
 from surgical.core.names import head_dim, head_kind
 from surgical.core.patterns import as_patterns, select_names
+from surgical.core.tensors import is_quantized
 from surgical.select.allocate import ALLOCATIONS, allocate
 from surgical.select.criteria import CRITERIA, ScoreContext, default_granularity
 from surgical.select.experts import fused_expert_parameters, is_expert_parameter
@@ -225,6 +226,13 @@ def select(
             "Use granularity='tensor' or 'layer'",
         )
     params, always_names = resolve_targets(model, targets, exclude, always, granularity)
+    quantized = [n for n, p in params.items() if is_quantized(p)]
+    if quantized and method != "random":  # integers and scales: no values or gradient to score
+        kind = type(params[quantized[0]]).__name__
+        raise SurgicalError(
+            f"criterion {method!r} cannot score {quantized[0]!r}: it is quantized ({kind})",
+            "Select on the full-precision model before surgical.quantize_base (or use method='random')",
+        )
     hd = None
     if granularity == "head":
         hd = head_dim(model)

@@ -182,3 +182,13 @@ def test_quantized_path_gradients_equal_those_of_the_dequantized_weights():
     for n, p in ref.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_selection_on_a_quantized_model_is_random_or_refused():
+    model, plan, _ = _quantized()
+    assert (
+        sg.select(model, method="random", density=0.05, seed=0, progress=False).num_entries
+        == plan.num_entries
+    )
+    with pytest.raises(sg.SurgicalError, match="criterion 'gradient' cannot score .* it is quantized"):
+        sg.select(model, lm_batches(n=1), method="gradient", density=0.05, progress=False)
