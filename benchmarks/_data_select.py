@@ -1,0 +1,128 @@
+"""Shared by the data-selection benchmarks (data_fraction.py, data_select_cost.py).
+
+MiniLM on Rotten Tomatoes exactly as benchmarks/quality.py splits it (its ``split``), the plan of
+its ``surgical-gradient-1pct`` row (its ``_plan``: 1% of the six layers' Linear weights by
+gradient, always the classifier, biases and LayerNorms), and every data criterion as these
+benchmarks run it. quality.py is imported, not copied.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import quality  # noqa: E402  (benchmarks/ is a directory of scripts)
+
+RECIPE = "surgical-gradient-1pct"
+LR = 3e-3  # that row's reference learning rate
+BATCH, MAX_LENGTH = 32, 64
+
+# name -> (method, options); gradient+adam warms up at the training's own learning rate
+CRITERIA: dict[str, tuple[str, dict]] = {
+    "random": ("random", {}),
+    "loss": ("loss", {}),
+    "learnability": ("learnability", {}),
+    "trajectory": ("trajectory", {}),
+    "diversity": ("diversity", {}),
+    "dedup": ("dedup", {}),
+    "gradient": ("gradient", {}),
+    "gradient+adam": ("gradient", {"precondition": "adam", "warmup_lr": LR}),
+}
+QUICK_OPTIONS = {  # tiny data: fewer proxy-training steps
+    "learnability": {"steps": 2},
+    "trajectory": {"steps": 4, "clusters": 3},
+    "gradient+adam": {"warmup_steps": 2},
+}
+
+
+def criterion(name: str, quick: bool) -> tuple[str, dict]:
+    """The data method and its options for a benchmark criterion name."""
+    method, options = CRITERIA[name]
+    return method, {**options, **(QUICK_OPTIONS.get(name, {}) if quick else {})}
+
+
+def split(quick: bool):
+    """quality.py's split: (train, validation, id, ood) TextExamples."""
+    return quality.split(quick)
+
+
+def examples(tok, texts) -> list:
+    """Per-example dicts (input_ids, attention_mask, labels) at the training's max_length, in order."""
+    from surgical.data import split_batches, text_batches
+
+    return split_batches(text_batches(tok, texts, BATCH, MAX_LENGTH))
+
+
+def train_batches(tok, texts, seed: int) -> list:
+    """The training batches as quality.py builds them (batch 32, 64 tokens, shuffled by seed)."""
+    from surgical.data import text_batches
+
+    return text_batches(tok, texts, BATCH, MAX_LENGTH, shuffle=True, seed=seed)
+
+
+def plan(model, batches, seed: int):
+    """The recipe's plan, scored as quality.py scores it (its first 16 batches)."""
+    return quality._plan(quality.row_specs()[RECIPE], model, batches, seed)
+
+
+def select(name: str, model, tok, train, val, plan_, *, fraction: float, seed: int, quick: bool):
+    """Runs one data criterion on the base model and the training set (the validation split is the
+    gradient criteria's target); returns the DataSelection."""
+    import surgical as sg
+
+    method, options = criterion(name, quick)
+    extra = {}
+    if method == "gradient":
+        extra = {"validation": examples(tok, val), "params": plan_}
+    return sg.select_data(
+        model,
+        examples(tok, train),
+        method=method,
+        fraction=fraction,
+        seed=seed,
+        batch_size=BATCH,
+        pad_id=tok.pad_token_id or 0,
+        progress=False,
+        **extra,
+        **options,
+    )
+
+
+def parse_criteria(text: str | None, default: list[str]) -> list[str]:
+    """The criteria named by a ``--criteria`` value (comma-separated), or ``default``; exits on
+    an unknown name."""
+    names = text.split(",") if text else list(default)
+    unknown = [c for c in names if c not in CRITERIA]
+    if unknown:
+        raise SystemExit(f"unknown criteria {unknown}; known: {', '.join(CRITERIA)}")
+    return names
+
+
+def header(benchmark: str, **machine) -> dict:
+    """The report's head: name, exact command, date, machine and versions (plus ``machine``)."""
+    import torch
+    import transformers
+
+    import surgical as sg
+
+    return {
+        "benchmark": benchmark,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "surgical": sg.__version__,
+            **machine,
+        },
+    }
