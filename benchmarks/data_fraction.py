@@ -1,0 +1,279 @@
+"""Accuracy vs data fraction: which data criterion keeps full-data accuracy with the least data.
+
+MiniLM (all-MiniLM-L6-v2), Rotten Tomatoes -> IMDB, exactly benchmarks/quality.py's split
+(3,000 training sentences, 500 validation, 1,000 held-out RT as ID, 500 IMDB reviews at 256
+tokens as OOD). Every point trains with quality.py's ``surgical-gradient-1pct`` recipe (1% of
+the six layers' Linear weights by gradient, always the classifier, biases and LayerNorms; lr
+3e-3, batch 32, 1 epoch, 64 tokens) on the examples a data criterion keeps.
+
+For each criterion (random, loss, learnability, trajectory, diversity, dedup, gradient,
+gradient+adam) and fraction (10%, 30%, 50%), and each seed, plus 100% (once per seed, shared by
+all criteria): the plan is scored on all the training data (as ``surgical train`` does before
+its data selection), the selection is made on the base model from the training set only (the
+gradient criteria take the validation split as their target set; the ID and OOD test sets are
+never seen), then the model trains on the kept examples. The seed drives the selection, the plan
+and the training. Each point runs in a fresh worker process with one torch thread; ``--jobs 2``
+runs two at a time. The JSON is rewritten after every point (a run cut short keeps what it
+finished), with ID, OOD and validation mean ± std per (criterion, fraction), selection and
+training seconds; the PNG plots ID and OOD accuracy against the fraction, one line per criterion.
+
+    python benchmarks/data_fraction.py --jobs 2                 # full mode (75 points)
+    python benchmarks/data_fraction.py --criteria random,gradient --fractions 0.1 0.3 --seeds 0
+    python benchmarks/data_fraction.py --quick --out X.json     # tiny subsets (a test runs it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import _data_select as ds
+import torch
+
+HERE = Path(__file__).resolve().parent
+FULL = "all"  # the 100% points' criterion name
+FRACTIONS = (0.1, 0.3, 0.5, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# the worker: one point in its own process
+
+
+def run_point(name: str, fraction: float, seed: int, quick: bool) -> dict:
+    """Selects (unless 100%), trains and evaluates one point; returns its numbers."""
+    torch.set_num_threads(1)
+    import surgical as sg
+    from surgical.core.runtime import quiet_transformers
+    from surgical.data import text_batches
+    from surgical.recipes.demo import default_model_path
+    from surgical.recipes.models import load_model
+
+    quiet_transformers()
+    train, val, test, ood = ds.split(quick)
+    model, tok = load_model(default_model_path(), "classification", seed=seed)
+    base = copy.deepcopy(model)
+    plan = ds.plan(model, ds.train_batches(tok, train, seed), seed)
+    out: dict = {"criterion": name, "fraction": fraction, "seed": seed}
+    kept = train
+    if name != FULL:
+        sel = ds.select(name, model, tok, train, val, plan, fraction=fraction, seed=seed, quick=quick)
+        kept = train.subset(sel.indices.tolist())
+        out.update(
+            selection_seconds=sel.meta["seconds"],
+            selection_peak_rss_mib=sel.meta["peak_memory_bytes"] / 2**20,
+            options=sel.options,
+            info={k: sel.meta[k] for k in ("kept", "clusters", "unwarmed", "features") if k in sel.meta},
+        )
+    else:
+        out["selection_seconds"] = 0.0
+    out["examples"] = len(kept)
+    out["positive_share"] = sum(kept.labels) / len(kept)  # class balance of what was kept
+    t0 = time.perf_counter()
+    sg.prepare(model, plan)
+    sg.fit(model, ds.train_batches(tok, kept, seed), lr=ds.LR, seed=seed, show=False)
+    delta = sg.extract(model)
+    out["train_seconds"] = time.perf_counter() - t0
+    sets = {
+        "validation": text_batches(tok, val, 64, 64),
+        "id": text_batches(tok, test, 64, 64),
+        "ood": text_batches(tok, ood, 32, 128 if quick else 256),
+    }
+    with sg.applied(base, delta):
+        res = sg.evaluate(base, sets, task="classification", show=False)
+    out.update({k: res[k]["accuracy"] for k in sets})
+    return out
+
+
+def worker_main(args) -> None:
+    result = run_point(args.criterion, args.fraction, args.seed, args.quick)
+    args.result.write_text(json.dumps(result))
+
+
+# --------------------------------------------------------------------------------------------
+# the driver
+
+
+def run_worker(point: tuple[str, float, int], quick: bool, tmp: Path) -> dict:
+    name, fraction, seed = point
+    out = tmp / f"p{time.perf_counter_ns()}_{threading.get_ident()}.json"
+    cmd = [sys.executable, __file__, "--worker", "--criterion", name, "--fraction", str(fraction)]
+    cmd += ["--seed", str(seed), "--result", str(out)] + (["--quick"] if quick else [])
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return {**json.loads(out.read_text()), "worker_seconds": time.perf_counter() - t0}
+
+
+def plan_points(
+    criteria: list[str], fractions: list[float], seeds: list[int]
+) -> list[tuple[str, float, int]]:
+    """Seed by seed (a run cut short has whole seeds), 100% first, then fraction by criterion."""
+    points = []
+    for seed in seeds:
+        if 1.0 in fractions:
+            points.append((FULL, 1.0, seed))
+        points += [(c, f, seed) for f in fractions if f < 1.0 for c in criteria]
+    return points
+
+
+def _stat(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
+def summarise(points: list[dict]) -> dict:
+    """criterion -> fraction -> mean ± std of ID, OOD, validation, selection and training seconds."""
+    groups: dict[str, dict[str, list[dict]]] = {}
+    for p in points:
+        groups.setdefault(p["criterion"], {}).setdefault(str(p["fraction"]), []).append(p)
+    keys = ("id", "ood", "validation", "selection_seconds", "train_seconds")
+    order = [*ds.CRITERIA, FULL]
+    return {
+        c: {f: {k: _stat([r[k] for r in runs]) for k in keys} for f, runs in sorted(groups[c].items())}
+        for c in sorted(groups, key=order.index)
+    }
+
+
+def figure(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from surgical.core.io import atomic_save_figure
+
+    full = summary.get(FULL, {}).get("1.0")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    for ax, key, title in zip(axes, ("id", "ood"), ("ID: held-out RT", "OOD: IMDB"), strict=True):
+        for i, (name, by) in enumerate(s for s in summary.items() if s[0] != FULL):
+            fr = sorted(float(f) for f in by)
+            mean = [100 * by[str(f)][key]["mean"] for f in fr]
+            std = [100 * by[str(f)][key]["std"] for f in fr]
+            if full is not None:  # every line ends at the shared 100% point
+                fr, mean, std = fr + [1.0], mean + [100 * full[key]["mean"]], std + [100 * full[key]["std"]]
+            offset = [100 * f + 0.4 * (i - 3.5) for f in fr]  # error bars side by side
+            ax.errorbar(offset, mean, yerr=std, marker="o", markersize=4, capsize=2, label=name)
+        if full is not None:
+            ax.axhline(
+                100 * full[key]["mean"], color="black", linestyle="--", linewidth=0.8, label="all data"
+            )
+        ax.set_xlabel("share of the training data, %")
+        ax.set_ylabel("accuracy, %")
+        ax.set_title(f"{title} (mean ± std over seeds)", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    try:
+        atomic_save_figure(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def write(args, points: list[dict], failures: list[dict], complete: bool) -> None:
+    """Writes the report and the figure (after every point, so a long run keeps what it finished)."""
+    from surgical.core.io import atomic_write_text
+
+    summary = summarise(points)
+    report = {
+        **ds.header("data_fraction", torch_threads_per_worker=1, jobs=args.jobs),
+        "setup": {
+            "model": "all-MiniLM-L6-v2",
+            "split": "benchmarks/quality.py split()",
+            "train": 96 if args.quick else 3000,
+            "validation": 32 if args.quick else 500,
+            "id": "64 held-out RT" if args.quick else "1,000 held-out RT",
+            "ood": "32 IMDB reviews, 128 tokens" if args.quick else "500 IMDB reviews, 256 tokens",
+            "recipe": f"quality.py {ds.RECIPE}: lr {ds.LR}, batch {ds.BATCH}, 1 epoch, "
+            f"max_length {ds.MAX_LENGTH}",
+            "plan": "scored on all the training data; the selection on the base model, training set only",
+            "criteria": {
+                c: dict(zip(("method", "options"), ds.criterion(c, args.quick), strict=True))
+                for c in args.criteria
+            },  # fmt: skip
+            "fractions": args.fractions,
+            "seeds": args.seeds,
+            "quick": args.quick,
+            "complete": complete,
+        },
+        "summary": summary,
+        "points": points,
+        "failures": failures,
+    }
+    atomic_write_text(args.out, json.dumps(report, indent=2))
+    figure(summary, args.out.with_suffix(".png"))
+
+
+def _floats(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"a fraction must be in (0, 1], got {text}")
+    return value
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny subsets, random and gradient+adam at 50%%")
+    p.add_argument("--criteria", help=f"comma-separated, of {', '.join(ds.CRITERIA)} (default: all)")
+    p.add_argument("--fractions", type=_floats, nargs="+", help="default 0.1 0.3 0.5 1.0 (1.0: all data)")
+    p.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2 (quick: 0)")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes at a time")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "data_fraction.json")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--criterion", help=argparse.SUPPRESS)
+    p.add_argument("--fraction", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker_main(args)
+        return
+    args.criteria = ds.parse_criteria(
+        args.criteria, ["random", "gradient+adam"] if args.quick else ds.CRITERIA
+    )
+    args.fractions = sorted(set(args.fractions or ([0.5, 1.0] if args.quick else FRACTIONS)))
+    args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    if args.jobs < 1:
+        raise SystemExit("--jobs must be at least 1")
+    points = plan_points(args.criteria, args.fractions, args.seeds)
+    print(f"{len(points)} points, {args.jobs} at a time", flush=True)
+    done: list[dict] = []
+    failures: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
+        futures = {pool.submit(run_worker, pt, args.quick, Path(tmp)): pt for pt in points}
+        for fut in as_completed(futures):
+            name, fraction, seed = futures[fut]
+            try:
+                r = fut.result()
+            except subprocess.CalledProcessError as e:
+                failures.append({"criterion": name, "fraction": fraction, "seed": seed, "error": str(e)})
+                print(f"FAILED {name} {fraction:g} seed {seed}: {e}", flush=True)
+            else:
+                done.append(r)
+                print(
+                    f"[{len(done)}/{len(points)}] {name:14s} {100 * fraction:3.0f}% seed {seed}: "
+                    f"ID {100 * r['id']:.1f}, OOD {100 * r['ood']:.1f}, val {100 * r['validation']:.1f}; "
+                    f"select {r['selection_seconds']:.0f}s, train {r['train_seconds']:.0f}s, "
+                    f"worker {r['worker_seconds']:.0f}s",
+                    flush=True,
+                )
+            done.sort(key=lambda r: (r["seed"], r["fraction"], r["criterion"]))
+            write(args, done, failures, complete=False)
+    write(args, done, failures, complete=not failures)
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    if failures:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

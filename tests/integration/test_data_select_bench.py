@@ -1,0 +1,66 @@
+"""The data-selection benchmarks' --quick modes run end to end and write consistent reports
+(the numbers' consistency, not their values)."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "benchmarks" / script), "--quick", *args]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=REPO / "benchmarks")
+
+
+def test_data_select_cost_quick(tmp_path):
+    out = tmp_path / "cost.json"
+    p = _run("data_select_cost.py", "--criteria", "gradient+adam", "--out", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["setup"]["quick"] is True and "--quick" in r["command"]
+    assert r["machine"]["torch_threads"] == 1 and r["machine"]["torch"] and r["date"]
+    assert r["machine"]["note"].startswith("another benchmark") == (
+        max(r["machine"]["load_average_start"], r["machine"]["load_average_end"]) > 2
+    )
+    epoch = r["epoch"]
+    assert epoch["examples"] == 96 and epoch["steps"] == 3 and epoch["seconds"] > 0
+    assert epoch["peak_rss_bytes"] >= epoch["rss_before_bytes"] > 0
+    assert list(r["results"]) == ["gradient+adam"]
+    sel = r["results"]["gradient+adam"]
+    assert sel["options"]["precondition"] == "adam" and sel["validation_examples"] == 32
+    assert sel["selected"] == 29 and sel["examples"] == 96  # 30% of 96, rounded half up
+    assert sel["examples_per_second"] == pytest.approx(96 / sel["seconds"], rel=1e-2)
+    assert sel["time_vs_epoch"] == sel["seconds"] / epoch["seconds"]
+    assert sel["peak_rss_vs_epoch"] == sel["peak_rss_bytes"] / epoch["peak_rss_bytes"]
+    assert sel["peak_rss_above_start_bytes"] == sel["peak_rss_bytes"] - sel["rss_before_bytes"] >= 0
+
+
+def test_data_fraction_quick(tmp_path):
+    out = tmp_path / "df.json"
+    args = ["--criteria", "gradient+adam", "--fractions", "0.5", "1.0", "--jobs", "2", "--out", str(out)]
+    p = _run("data_fraction.py", *args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["setup"]["complete"] is True and not r["failures"] and r["setup"]["seeds"] == [0]
+    assert r["setup"]["criteria"]["gradient+adam"]["options"]["precondition"] == "adam"
+    points = {(q["criterion"], q["fraction"]): q for q in r["points"]}
+    assert set(points) == {("all", 1.0), ("gradient+adam", 0.5)}
+    full, half = points[("all", 1.0)], points[("gradient+adam", 0.5)]
+    assert full["examples"] == 96 and half["examples"] == 48
+    assert full["selection_seconds"] == 0 and half["selection_seconds"] > 0
+    assert half["options"]["warmup_lr"] == 3e-3 and half["info"]["unwarmed"] == 0
+    for q in r["points"]:
+        assert all(0 <= q[k] <= 1 for k in ("id", "ood", "validation")) and q["train_seconds"] > 0
+        s = r["summary"][q["criterion"]][str(q["fraction"])]
+        for k in ("id", "ood", "validation", "selection_seconds", "train_seconds"):
+            assert s[k]["mean"] == statistics.fmean([q[k]]) and s[k]["std"] == 0.0 and s[k]["n"] == 1
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
