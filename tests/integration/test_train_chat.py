@@ -88,3 +88,20 @@ def test_a_save_to_disk_dataset_stays_a_dataset_under_the_lazy_batches(tmp_path)
         open_table(tmp_path / "dd", ["messages"], split="test")
     with pytest.raises(SurgicalError, match="has no rows"):
         open_table(tmp_path / "dd", ["messages"], limit=0)
+
+
+def test_plain_text_causal_lm_batches_are_tokenized_per_batch_as_before(tmp_path):
+    from surgical.data.instruct import IGNORE_INDEX
+    from surgical.data.lazy import BatchesOf
+    from surgical.data.text import TextExamples, text_batches
+    from train_fixtures import tiny_tokenizer, write_cls_csv
+
+    path = write_cls_csv(tmp_path / "t.csv", n=11)
+    lazy = make_batches(DataConfig(path=str(path), batch_size=4, max_length=6), "causal_lm", tiny_tokenizer())
+    assert isinstance(lazy, BatchesOf) and len(lazy) == 3
+    eager = text_batches(tiny_tokenizer(), TextExamples.load(path, "text", None), 4, 6)
+    for a, b in zip(lazy, eager, strict=True):
+        labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, IGNORE_INDEX)
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], labels)
+        assert "token_type_ids" not in a and torch.equal(a["attention_mask"], b["attention_mask"])
+    assert torch.equal(lazy[-1]["input_ids"], eager[-1]["input_ids"])

@@ -39,7 +39,44 @@ from surgical.data.instruct import (
 Encode = Callable[[Any, int], tuple[list[int], list[int]]]
 
 
-class LazyBatches(Sequence[dict[str, torch.Tensor]]):
+class BatchSequence(Sequence[dict[str, torch.Tensor]]):
+    """A sequence of batches built when indexed (integers, negative ones, slices) or iterated;
+    subclasses give ``__len__`` and ``_batch(i)`` for ``0 <= i < len``."""
+
+    def _batch(self, i: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[dict[str, torch.Tensor]]: ...
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"batch {i} of {n}")
+        return self._batch(i % n)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for i in range(len(self)):
+            yield self[i]
+
+
+class BatchesOf(BatchSequence):
+    """``count`` batches, batch ``i`` made by ``make(i)`` each time it is asked for."""
+
+    def __init__(self, count: int, make: Callable[[int], dict[str, torch.Tensor]]) -> None:
+        self.count, self.make = count, make
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _batch(self, i: int) -> dict[str, torch.Tensor]:
+        return self.make(i)
+
+
+class LazyBatches(BatchSequence):
     """Right-padded causal-LM batches of ``items``, each tokenized by ``encode`` when asked for.
 
     Args:
@@ -113,17 +150,7 @@ class LazyBatches(Sequence[dict[str, torch.Tensor]]):
     def __len__(self) -> int:
         return -(-self._units() // self.batch_size)
 
-    @overload
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[dict[str, torch.Tensor]]: ...
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"batch {i} of {n}")
-        i %= n
+    def _batch(self, i: int) -> dict[str, torch.Tensor]:
         lo, hi = i * self.batch_size, (i + 1) * self.batch_size
         if self.packing:
             return pad_batches(self._packed(self._rows[lo:hi]), self.batch_size, self.pad)[0]
@@ -158,10 +185,6 @@ class LazyBatches(Sequence[dict[str, torch.Tensor]]):
                 k += 1
             out.append((ids, labels))
         return out
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for i in range(len(self)):
-            yield self[i]
 
     def __repr__(self) -> str:
         state = f"{len(self)} batches" if self._kept is not None else "not indexed yet"

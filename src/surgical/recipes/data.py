@@ -18,7 +18,7 @@ import torch
 
 from surgical.core.errors import SurgicalError
 from surgical.data.instruct import IGNORE_INDEX
-from surgical.data.lazy import LazyBatches, lazy_chat_batches, lazy_instruction_batches
+from surgical.data.lazy import BatchesOf, LazyBatches, lazy_chat_batches, lazy_instruction_batches
 from surgical.data.table import load_table, open_table
 from surgical.data.text import TextExamples, text_batches
 from surgical.recipes.config import DataConfig
@@ -52,9 +52,10 @@ def make_batches(
 ) -> Sequence[dict[str, torch.Tensor]]:
     """Reads ``d`` and tokenizes it into batches for ``task``.
 
-    Causal-LM batches are a :class:`surgical.data.lazy.LazyBatches`: tokenized when asked for,
-    holding an index of a few bytes per example instead of the tokens, over rows that stay in
-    the dataset (:func:`surgical.data.table.open_table`) for Arrow, Parquet and save_to_disk data.
+    Causal-LM batches are tokenized when asked for: a :class:`surgical.data.lazy.LazyBatches`
+    (chat and prompt/response data; an index of a few bytes per example instead of the tokens,
+    over rows that stay in the dataset for Arrow, Parquet and save_to_disk data, see
+    :func:`surgical.data.table.open_table`), or batches of texts tokenized per batch.
 
     Args:
         d: The data section.
@@ -98,14 +99,22 @@ def make_batches(
         bad = [x for x in ex.labels if not 0 <= x < num_labels]
         if bad:
             raise SurgicalError(f"label {bad[0]} is outside 0..{num_labels - 1}", "Set model.num_labels")
-    batches = text_batches(tokenizer, ex, d.batch_size, d.max_length)
-    if not labelled:
-        for b in batches:
-            labels = b["input_ids"].clone()
-            labels[b["attention_mask"] == 0] = IGNORE_INDEX  # padding is not a target
-            b["labels"] = labels
-            b.pop("token_type_ids", None)
-    return batches
+    if labelled:
+        return text_batches(tokenizer, ex, d.batch_size, d.max_length)
+    if not len(ex):
+        raise SurgicalError("the dataset is empty", "Pass a dataset with at least one example")
+    size = d.batch_size
+
+    def text_lm_batch(i: int) -> dict[str, torch.Tensor]:
+        chunk = ex.subset(range(i * size, min((i + 1) * size, len(ex))))
+        (b,) = text_batches(tokenizer, chunk, size, d.max_length)
+        labels = b["input_ids"].clone()
+        labels[b["attention_mask"] == 0] = IGNORE_INDEX  # padding is not a target
+        b["labels"] = labels
+        b.pop("token_type_ids", None)
+        return b
+
+    return BatchesOf(-(-len(ex) // size), text_lm_batch)  # tokenized when asked for
 
 
 def _indexed(batches: LazyBatches) -> LazyBatches:
