@@ -123,13 +123,18 @@ class RunConfig:
             check_backend(self.model.quantization.backend, self.model.quantization.bits)
 
 
-def select_training_data(cfg: RunConfig, model, tokenizer, task: str, plan: Plan, show: bool) -> list[dict]:
-    """The batches the run trains on: every example, or the ``data_selection`` made on the base
-    model (kept as ``data-selection/`` in the run directory and reused by ``--resume``)."""
+def select_training_data(
+    cfg: RunConfig, model, tokenizer, task: str, plan: Plan, show: bool, every: Sequence[dict]
+) -> Sequence[dict]:
+    """The batches the run trains on: ``every`` (the batches of every example, already built),
+    or the ``data_selection`` made on the base model (kept as ``data-selection/`` in the run
+    directory and reused by ``--resume``)."""
     section = cfg.data_selection
     own = selection_dir(cfg.out)
     if cfg.training.resume and (own / "selection.json").is_file():
         section = dataclasses.replace(section, manifest=str(own))
+    if section.manifest is None and section.method == "none":
+        return every  # not built (tokenized) twice
     batches, sel = selected_batches(
         section,
         model,
@@ -281,7 +286,7 @@ def run_train(
     )
     batches = make_batches(cfg.data, task, tokenizer, num_labels=m.num_labels)
     plan = make_plan(cfg, model, batches)  # scored on all the data
-    batches = select_training_data(cfg, model, tokenizer, task, plan, show)
+    batches = select_training_data(cfg, model, tokenizer, task, plan, show, batches)
     quant = m.quantization
     if quant.backend != "none":  # selected on the full-precision model; the base trains quantized
         check_plan(model, plan)  # a plan for another model: its shapes named before quantizing
