@@ -15,13 +15,37 @@ from train_fixtures import conversations, tiny_chat_tokenizer
 trl = pytest.importorskip("trl")
 
 
-def test_sft_trainer_trains_the_selection_and_saves_an_exact_delta(tmp_path):
-    tok = tiny_chat_tokenizer()
+def _prepared():
+    """A tiny Llama prepared on a 5% magnitude plan, its base copy and the plan."""
     model = tiny_llama()
     base = copy.deepcopy(model)
     plan = sg.select(model, None, method="magnitude", density=0.05, progress=False)
     sg.prepare(model, plan)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return model, base, plan
+
+
+def _check_delta(out, model, base, plan) -> None:
+    """The delta saved at the end, applied to the base, is the trained model exactly; only
+    selected entries moved, and some did."""
+    delta = sg.Delta.load(out / "surgical-delta")
+    assert delta.num_entries == plan.num_entries
+    fresh = copy.deepcopy(base)
+    sg.apply(fresh, delta)
+    sg.sync(model)
+    trained = dict(model.named_parameters())
+    assert all(torch.equal(p, trained[n]) for n, p in fresh.named_parameters())  # round-trips exactly
+    for name, p in base.named_parameters():
+        moved = (p != trained[name]).view(-1).nonzero().view(-1)
+        if name in plan.sparse_names:
+            assert set(moved.tolist()) <= set(plan.entry_indices(name).tolist()), name
+        else:
+            assert moved.numel() == 0, name
+    assert sum(int((p != trained[n]).sum()) for n, p in base.named_parameters()) > 0
+
+
+def test_sft_trainer_trains_the_selection_and_saves_an_exact_delta(tmp_path):
+    tok = tiny_chat_tokenizer()
+    model, base, plan = _prepared()
     args = trl.SFTConfig(
         output_dir=str(tmp_path),
         per_device_train_batch_size=4,
@@ -41,16 +65,8 @@ def test_sft_trainer_trains_the_selection_and_saves_an_exact_delta(tmp_path):
         callbacks=[sg.SurgicalCallback(save_delta=True)],
     )
     trainer.train()
-    delta = sg.Delta.load(tmp_path / "surgical-delta")
     assert (tmp_path / "checkpoint-2" / "surgical-delta").is_dir()  # a delta in each checkpoint
-    assert delta.num_entries == plan.num_entries and delta.names()
-    fresh = copy.deepcopy(base)
-    sg.apply(fresh, delta)
-    sg.sync(model)
-    trained = dict(model.named_parameters())
-    assert all(torch.equal(p, trained[n]) for n, p in fresh.named_parameters())
-    moved = sum(int((trained[n] != before[n]).sum()) for n in before if not n.endswith("_sg_delta"))
-    assert 0 < moved <= plan.num_entries  # only the selected entries changed
+    _check_delta(tmp_path, model, base, plan)
 
 
 def test_trl_collates_the_same_tokens_and_loss_mask_as_surgical():
@@ -83,10 +99,7 @@ def _preferences(n: int):
 
 def test_dpo_trainer_trains_the_selection_against_the_base_as_reference(tmp_path):
     tok = tiny_chat_tokenizer()
-    model = tiny_llama()
-    base = copy.deepcopy(model)
-    plan = sg.select(model, None, method="magnitude", density=0.05, progress=False)
-    sg.prepare(model, plan)
+    model, base, plan = _prepared()
     args = trl.DPOConfig(
         output_dir=str(tmp_path),
         per_device_train_batch_size=4,
@@ -113,20 +126,7 @@ def test_dpo_trainer_trains_the_selection_against_the_base_as_reference(tmp_path
     assert logs[0]["rewards/margins"] == 0.0  # the first step's policy is the reference
     assert logs[-1]["rewards/margins"] > 0 and logs[-1]["loss"] < logs[0]["loss"]
     assert (tmp_path / "checkpoint-3" / "surgical-delta").is_dir()
-    delta = sg.Delta.load(tmp_path / "surgical-delta")
-    assert delta.num_entries == plan.num_entries
-    fresh = copy.deepcopy(base)
-    sg.apply(fresh, delta)
-    sg.sync(model)
-    trained = dict(model.named_parameters())
-    assert all(torch.equal(p, trained[n]) for n, p in fresh.named_parameters())  # round-trips exactly
-    for name, p in base.named_parameters():  # moved only at the selected entries
-        moved = (p != trained[name]).view(-1).nonzero().view(-1)
-        if name in plan.sparse_names:
-            assert set(moved.tolist()) <= set(plan.entry_indices(name).tolist()), name
-        else:
-            assert moved.numel() == 0, name
-    assert sum(int((p != trained[n]).sum()) for n, p in base.named_parameters()) > 0
+    _check_delta(tmp_path, model, base, plan)
 
 
 def test_trl_dataset_maps_a_dataset_to_the_same_rows_as_a_list():
