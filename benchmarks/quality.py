@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -243,7 +244,18 @@ def worker_main(args) -> None:
 # the driver
 
 
-def run_worker(spec: dict, lr: float, seed: int, quick: bool, tmp: Path) -> dict:
+def run_key(spec: dict, lr: float, seed: int, quick: bool) -> str:
+    """What a worker's result depends on: the row's settings (not its grid), the lr and the seed."""
+    settings = {k: v for k, v in spec.items() if k not in ("lrs", "lr_from")}
+    blob = json.dumps({"spec": settings, "lr": lr, "seed": seed, "quick": quick}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_worker(spec: dict, lr: float, seed: int, quick: bool, tmp: Path, cache: Path | None = None) -> dict:
+    """One training run in a fresh process; with ``cache``, a run already made is read back."""
+    key = run_key(spec, lr, seed, quick)
+    if cache is not None and (cache / f"{key}.json").is_file():
+        return json.loads((cache / f"{key}.json").read_text())
     out = tmp / f"r{time.perf_counter_ns()}.json"
     cmd = [
         sys.executable,
@@ -259,7 +271,11 @@ def run_worker(spec: dict, lr: float, seed: int, quick: bool, tmp: Path) -> dict
         str(out),
     ] + (["--quick"] if quick else [])
     subprocess.run(cmd, check=True)
-    return json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache / f"{key}.json", json.dumps(result))
+    return result
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -353,6 +369,12 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--no-lr-search", action="store_true", help="each row's first (reference) lr, no search")
     p.add_argument("--out", type=Path, default=HERE / "results" / "quality.json")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        help="directory of finished runs (one JSON per row settings, lr and seed): a run found there "
+        "is read back instead of trained again, so an interrupted full run resumes",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--lr", type=float, help=argparse.SUPPRESS)
@@ -380,9 +402,11 @@ def main() -> None:
             grid = spec["lrs"][:1] if args.quick or args.no_lr_search else spec["lrs"]
             if spec.get("lr_from") in results and not args.no_lr_search:
                 grid = [results[spec["lr_from"]]["lr"]]
-            tried = {lr: run_worker(spec, lr, seeds[0], args.quick, Path(tmp)) for lr in grid}
+            tried = {lr: run_worker(spec, lr, seeds[0], args.quick, Path(tmp), args.cache) for lr in grid}
             lr = max(grid, key=lambda x: tried[x]["validation"])
-            runs = [tried[lr]] + [run_worker(spec, lr, s, args.quick, Path(tmp)) for s in seeds[1:]]
+            runs = [tried[lr]] + [
+                run_worker(spec, lr, s, args.quick, Path(tmp), args.cache) for s in seeds[1:]
+            ]
             results[name] = {
                 "lr": lr,
                 "lr_grid": grid,
