@@ -125,3 +125,41 @@ def write_chat_jsonl(path: Path, n: int = 16, seed: int = 0, convs: list | None 
         for conv in convs if convs is not None else conversations(n, seed):
             fh.write(json.dumps({"messages": conv}) + "\n")
     return path
+
+
+def run_two_processes(
+    script: Path, *args: str, launcher: list[str] | None = None, env: dict | None = None, timeout: int = 240
+) -> str:
+    """Runs ``script args`` as 2 processes (default: ``torchrun --standalone``, found next to the
+    interpreter) with ``src/`` on PYTHONPATH, one thread each and ``env`` added; returns stderr.
+
+    Skips the calling test when the launcher is missing; fails it when the run exits non-zero or
+    outlives ``timeout``, after killing the launcher and every worker.
+    """
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    import pytest
+
+    cmd = list(launcher or ["torchrun", "--standalone", "--nproc_per_node", "2"])
+    exe = shutil.which(cmd[0], path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip(f"no {cmd[0]} next to the interpreter")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])
+    p = subprocess.Popen(
+        [exe, *cmd[1:], str(script), *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # the launcher and both workers: never leave them running
+        p.communicate()
+        pytest.fail(f"the two-process run did not finish in {timeout} s")
+    assert p.returncode == 0, err[-3000:]
+    return err

@@ -24,7 +24,7 @@ import surgical as sg  # noqa: E402
 from conftest import lm_batches, tiny_llama  # noqa: E402
 from surgical.core.tensors import is_dtensor  # noqa: E402
 from surgical.select.plan import Plan  # noqa: E402
-from surgical.train import shard  # noqa: E402
+from surgical.train import Regrow, StepState, shard  # noqa: E402
 
 STEPS = 4
 LR = 1e-2
@@ -113,10 +113,16 @@ def main(out: str) -> None:
         loss.backward()
         opt.step()
         losses.append(loss.item())
+    regrow_refused = None
+    try:  # prune-and-regrow ranks each tensor's entries on one process: refused when sharded
+        Regrow(every=2).on_train_begin(StepState(model, opt, None, 0, STEPS))
+    except sg.SurgicalError as e:
+        regrow_refused = str(e)
     delta = sg.extract(model)  # a collective: every rank reads the sharded values whole
     delta.meta["world_size"] = world
     delta.save(out / f"rank{rank}")
-    info = {"frozen_held": held, "frozen_total": total, "losses": losses, "refused": refusals(rank)}
+    refused = {**refusals(rank), "regrow_sharded": regrow_refused}
+    info = {"frozen_held": held, "frozen_total": total, "losses": losses, "refused": refused}
     (out / f"rank{rank}.json").write_text(json.dumps(info))
     dist.barrier()
     if rank == 0:

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import surgical as sg
+from train_fixtures import run_two_processes
 
 SCRIPT = Path(__file__).with_name("ddp_train_script.py")
-REPO = Path(__file__).resolve().parents[2]
 
 
 LAUNCHERS = {
@@ -28,22 +23,7 @@ LAUNCHERS = {
 
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_two_process_ddp_ranks_end_with_identical_deltas(tmp_path, launcher):
-    cmd = list(LAUNCHERS[launcher])
-    exe = shutil.which(cmd[0], path=str(Path(sys.executable).parent))
-    if exe is None:
-        pytest.skip(f"no {cmd[0]} next to the interpreter")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"), ACCELERATE_USE_CPU="1")
-    p = subprocess.Popen(
-        [exe, *cmd[1:], str(SCRIPT), str(tmp_path)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        _, err = p.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)  # the launcher and both workers: never leave them running
-        p.communicate()
-        pytest.fail("the two-process run did not finish in 240 s")
-    assert p.returncode == 0, err[-3000:]
+    run_two_processes(SCRIPT, str(tmp_path), launcher=LAUNCHERS[launcher], env={"ACCELERATE_USE_CPU": "1"})
     d0, d1 = sg.Delta.load(tmp_path / "rank0"), sg.Delta.load(tmp_path / "rank1")
     assert d0.meta["world_size"] == 2 and "MULTI_CPU" in d0.meta["distributed_type"]
     assert d0.num_entries > 0 and d0.entries.keys() == d1.entries.keys()
@@ -59,21 +39,7 @@ def test_two_process_ddp_ranks_end_with_identical_deltas(tmp_path, launcher):
 def test_two_process_ddp_with_a_tied_embedding_row_block(tmp_path):
     """The shared (r, dim) block of a tied embedding gets its gradient from the lookup and the
     head on each rank; DDP must still end with the same block (and entries) on both."""
-    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    if exe is None:
-        pytest.skip("no torchrun next to the interpreter")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
-    p = subprocess.Popen(
-        [exe, *LAUNCHERS["torchrun"][1:], str(SCRIPT), str(tmp_path), "tied"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        _, err = p.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.communicate()
-        pytest.fail("the two-process run did not finish in 240 s")
-    assert p.returncode == 0, err[-3000:]
+    run_two_processes(SCRIPT, str(tmp_path), "tied")
     d0, d1 = sg.Delta.load(tmp_path / "rank0"), sg.Delta.load(tmp_path / "rank1")
     assert d0.meta["world_size"] == 2
     emb = "model.embed_tokens.weight"

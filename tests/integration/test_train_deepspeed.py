@@ -5,41 +5,21 @@ from source, needs --no-build-isolation, and compiles a CPU communication op on 
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import surgical as sg
+from train_fixtures import run_two_processes
 
 SCRIPT = Path(__file__).with_name("deepspeed_train_script.py")
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_ranks_end_with_the_single_process_delta(tmp_path, stage):
     pytest.importorskip("deepspeed", reason="deepspeed is not installed")
-    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    if exe is None:
-        pytest.skip("no torchrun next to the interpreter")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
-    p = subprocess.Popen(
-        [exe, "--standalone", "--nproc_per_node", "2", str(SCRIPT), str(tmp_path), str(stage)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        _, err = p.communicate(timeout=400)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.communicate()
-        pytest.fail("the two-process run did not finish in 400 s")
-    assert p.returncode == 0, err[-3000:]
+    run_two_processes(SCRIPT, str(tmp_path), str(stage), timeout=400)
     d0, d1, single = (sg.Delta.load(tmp_path / k) for k in ("rank0", "rank1", "single"))
     assert (
         d0.meta["zero_stage"] == stage

@@ -4,38 +4,18 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 import surgical as sg
+from train_fixtures import run_two_processes
 
 SCRIPT = Path(__file__).with_name("fsdp_train_script.py")
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_two_process_fsdp2_matches_one_process_bit_for_bit(tmp_path):
-    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    if exe is None:
-        pytest.skip("no torchrun next to the interpreter")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
-    p = subprocess.Popen(
-        [exe, "--standalone", "--nproc_per_node", "2", str(SCRIPT), str(tmp_path)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        _, err = p.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)  # the launcher and both workers: never leave them running
-        p.communicate()
-        pytest.fail("the two-process run did not finish in 240 s")
-    assert p.returncode == 0, err[-3000:]
+    run_two_processes(SCRIPT, str(tmp_path))
     d0, d1, single = (sg.Delta.load(tmp_path / k) for k in ("rank0", "rank1", "single"))
     assert d0.meta["world_size"] == 2 and d0.num_entries > 0
     # the sharded run names the same (unsharded) base
@@ -58,3 +38,4 @@ def test_two_process_fsdp2_matches_one_process_bit_for_bit(tmp_path):
         assert "trains by writing its weight" in refused["shard_in_place"]
         assert "additive=True" in refused["step_in_place_sharded"]
         assert "already sharded" in refused["prepare_sharded"]
+        assert "prune-and-regrow cannot run on a sharded model" in refused["regrow_sharded"]

@@ -22,6 +22,7 @@ from torch import nn
 from surgical.core.errors import SurgicalError
 from surgical.core.names import layer_index, split_layer
 from surgical.core.registry import Option, Registry
+from surgical.core.tensors import is_dtensor, is_zero3
 from surgical.train.hooks import StepState, TrainHook
 from surgical.train.state import state_of, stateful_modules
 
@@ -183,6 +184,13 @@ class Regrow(TrainHook):
             st.grad_acc = None
 
     def on_train_begin(self, state: StepState) -> None:
+        for m, st in self._states(state):
+            if is_dtensor(st.delta(m)) or is_zero3(st.delta(m)):
+                raise SurgicalError(
+                    "prune-and-regrow cannot run on a sharded model (FSDP2 or DeepSpeed ZeRO-3): it "
+                    "ranks and moves each tensor's entries on one process",
+                    "Train without the regrow schedule, or unsharded (one process or DDP)",
+                )
         self._arm(state)
 
     def on_step_end(self, state: StepState) -> None:
