@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/merge_cost.py
 	$(BIN)/python benchmarks/module_speed.py
 	$(BIN)/python benchmarks/vision_surgical.py
+	$(BIN)/python benchmarks/scale_memory.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
