@@ -95,6 +95,23 @@ def select(name: str, model, tok, train, val, plan_, *, fraction: float, seed: i
     )
 
 
+def stratified(scores, labels: list[int], fraction: float) -> list[int]:
+    """Positions of the highest ``scores`` within each class: ``fraction`` of every class
+    (rounded half up, at least one), so the kept examples have the classes' shares; ties to the
+    earlier position. For ``--stratify``: loss- and gradient-based scores on a base model whose
+    head is untrained favour one class."""
+    import torch
+
+    from surgical.data.examples import budget_of
+
+    kept: list[int] = []
+    for label in sorted(set(labels)):
+        pos = torch.tensor([i for i, y in enumerate(labels) if y == label])
+        order = torch.sort(scores[pos].double(), descending=True, stable=True).indices
+        kept += pos[order[: budget_of(fraction, len(pos))]].tolist()
+    return sorted(kept)
+
+
 def parse_criteria(text: str | None, default: list[str]) -> list[str]:
     """The criteria named by a ``--criteria`` value (comma-separated), or ``default``; exits on
     an unknown name."""

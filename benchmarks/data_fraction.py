@@ -17,7 +17,11 @@ runs two at a time. The JSON is rewritten after every point (a run cut short kee
 finished), with ID, OOD and validation mean ± std per (criterion, fraction), selection and
 training seconds; the PNG plots ID and OOD accuracy against the fraction, one line per criterion.
 
+``--stratify``: score-based criteria keep the top ``fraction`` of each class (the base model's
+untrained head makes loss and gradient scores favour one class); the JSON records it.
+
     python benchmarks/data_fraction.py --jobs 2                 # full mode (75 points)
+    python benchmarks/data_fraction.py --jobs 2 --stratify      # the same, class shares kept
     python benchmarks/data_fraction.py --criteria random,gradient --fractions 0.1 0.3 --seeds 0
     python benchmarks/data_fraction.py --quick --out X.json     # tiny subsets (a test runs it)
 """
@@ -48,7 +52,7 @@ FRACTIONS = (0.1, 0.3, 0.5, 1.0)
 # the worker: one point in its own process
 
 
-def run_point(name: str, fraction: float, seed: int, quick: bool) -> dict:
+def run_point(name: str, fraction: float, seed: int, quick: bool, stratify: bool = False) -> dict:
     """Selects (unless 100%), trains and evaluates one point; returns its numbers."""
     torch.set_num_threads(1)
     import surgical as sg
@@ -66,7 +70,10 @@ def run_point(name: str, fraction: float, seed: int, quick: bool) -> dict:
     kept = train
     if name != FULL:
         sel = ds.select(name, model, tok, train, val, plan, fraction=fraction, seed=seed, quick=quick)
-        kept = train.subset(sel.indices.tolist())
+        indices = sel.indices.tolist()
+        if stratify and sel.scores is not None:  # the same scores, the top of each class
+            indices = ds.stratified(sel.scores, train.labels, fraction)
+        kept = train.subset(indices)
         out.update(
             selection_seconds=sel.meta["seconds"],
             selection_peak_rss_mib=sel.meta["peak_memory_bytes"] / 2**20,
@@ -94,7 +101,7 @@ def run_point(name: str, fraction: float, seed: int, quick: bool) -> dict:
 
 
 def worker_main(args) -> None:
-    result = run_point(args.criterion, args.fraction, args.seed, args.quick)
+    result = run_point(args.criterion, args.fraction, args.seed, args.quick, args.stratify)
     args.result.write_text(json.dumps(result))
 
 
@@ -102,11 +109,12 @@ def worker_main(args) -> None:
 # the driver
 
 
-def run_worker(point: tuple[str, float, int], quick: bool, tmp: Path) -> dict:
+def run_worker(point: tuple[str, float, int], quick: bool, stratify: bool, tmp: Path) -> dict:
     name, fraction, seed = point
     out = tmp / f"p{time.perf_counter_ns()}_{threading.get_ident()}.json"
     cmd = [sys.executable, __file__, "--worker", "--criterion", name, "--fraction", str(fraction)]
     cmd += ["--seed", str(seed), "--result", str(out)] + (["--quick"] if quick else [])
+    cmd += ["--stratify"] if stratify else []
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
     return {**json.loads(out.read_text()), "worker_seconds": time.perf_counter() - t0}
@@ -201,6 +209,11 @@ def write(args, points: list[dict], failures: list[dict], complete: bool) -> Non
                 c: dict(zip(("method", "options"), ds.criterion(c, args.quick), strict=True))
                 for c in args.criteria
             },  # fmt: skip
+            "stratify": (
+                "score-based criteria keep the top of each class, the classes' shares kept"
+                if args.stratify
+                else False
+            ),
             "fractions": args.fractions,
             "seeds": args.seeds,
             "quick": args.quick,
@@ -228,6 +241,11 @@ def main() -> None:
     p.add_argument("--fractions", type=_floats, nargs="+", help="default 0.1 0.3 0.5 1.0 (1.0: all data)")
     p.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2 (quick: 0)")
     p.add_argument("--jobs", type=int, default=1, help="worker processes at a time")
+    p.add_argument(
+        "--stratify",
+        action="store_true",
+        help="score-based criteria keep the same fraction of each class (the top scores within it)",
+    )
     p.add_argument("--out", type=Path, default=HERE / "results" / "data_fraction.json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--criterion", help=argparse.SUPPRESS)
@@ -250,7 +268,7 @@ def main() -> None:
     done: list[dict] = []
     failures: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
-        futures = {pool.submit(run_worker, pt, args.quick, Path(tmp)): pt for pt in points}
+        futures = {pool.submit(run_worker, pt, args.quick, args.stratify, Path(tmp)): pt for pt in points}
         for fut in as_completed(futures):
             name, fraction, seed = futures[fut]
             try:
