@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +49,9 @@ from surgical.core.runtime import peak_rss_bytes, reset_peak_rss
 from surgical.data.chat import chat_batches, chat_example
 from surgical.data.instruct import pad_batches
 from surgical.recipes.demo import DemoConfig, default_data_path, load_movie_reviews
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import run_worker as _run_worker  # noqa: E402  (benchmarks/ is a directory of scripts)
 
 HERE = Path(__file__).resolve().parent
 QUESTION = "Is this movie review positive or negative? Answer with one word.\n\n{text}"
@@ -318,14 +320,6 @@ KEYS = (
 )
 
 
-def run_worker(spec: dict, lr: float, seed: int, quick: bool, tmp: Path) -> dict:
-    out = tmp / f"r{time.perf_counter_ns()}.json"
-    cmd = [sys.executable, __file__, "--worker", "--spec", json.dumps(spec), "--lr", str(lr)]
-    cmd += ["--seed", str(seed), "--result", str(out)] + (["--quick"] if quick else [])
-    subprocess.run(cmd, check=True)
-    return json.loads(out.read_text())
-
-
 def summarise(runs: list[dict]) -> dict:
     out = {}
     for key in KEYS:
@@ -382,6 +376,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--no-lr-search", action="store_true", help="each row's first (reference) lr, no search")
     p.add_argument("--out", type=Path, default=HERE / "results" / "forgetting.json")
+    p.add_argument("--cache", type=Path, help="directory of finished runs, read back instead of re-run")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--lr", type=float, help=argparse.SUPPRESS)
@@ -400,18 +395,20 @@ def main() -> None:
     results: dict[str, dict] = {}
     base: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
+
+        def run(spec: dict, lr: float, seed: int) -> dict:
+            return _run_worker(spec, lr, seed, args.quick, Path(tmp), args.cache, script=__file__)
+
         for n, name in enumerate(names):
             spec = {**specs[name], "base": n == 0}  # the first worker also measures the base
             grid = spec["lrs"][:1] if args.quick or args.no_lr_search else spec["lrs"]
             if spec.get("lr_from") in results:
                 grid = [results[spec["lr_from"]]["lr"]]
-            tried = {lr: run_worker(spec, lr, seeds[0], args.quick, Path(tmp)) for lr in grid}
+            tried = {lr: run(spec, lr, seeds[0]) for lr in grid}
             lr = max(grid, key=lambda x: tried[x]["validation"])
             if spec["base"]:
                 base = tried[lr]["base"]
-            runs = [tried[lr]] + [
-                run_worker({**spec, "base": False}, lr, s, args.quick, Path(tmp)) for s in seeds[1:]
-            ]
+            runs = [tried[lr]] + [run({**spec, "base": False}, lr, s) for s in seeds[1:]]
             results[name] = {
                 "lr": lr,
                 "lr_grid": grid,

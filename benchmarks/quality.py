@@ -251,15 +251,24 @@ def run_key(spec: dict, lr: float, seed: int, quick: bool) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def run_worker(spec: dict, lr: float, seed: int, quick: bool, tmp: Path, cache: Path | None = None) -> dict:
-    """One training run in a fresh process; with ``cache``, a run already made is read back."""
+def run_worker(
+    spec: dict,
+    lr: float,
+    seed: int,
+    quick: bool,
+    tmp: Path,
+    cache: Path | None = None,
+    script: str = __file__,
+) -> dict:
+    """One training run of ``script``'s worker in a fresh process; with ``cache``, a run already
+    made is read back (the forgetting benchmark's workers take the same arguments)."""
     key = run_key(spec, lr, seed, quick)
     if cache is not None and (cache / f"{key}.json").is_file():
         return json.loads((cache / f"{key}.json").read_text())
     out = tmp / f"r{time.perf_counter_ns()}.json"
     cmd = [
         sys.executable,
-        __file__,
+        script,
         "--worker",
         "--spec",
         json.dumps(spec),
