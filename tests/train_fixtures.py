@@ -163,3 +163,36 @@ def run_two_processes(
         pytest.fail(f"the two-process run did not finish in {timeout} s")
     assert p.returncode == 0, err[-3000:]
     return err
+
+
+def assert_resume_with_regrow_is_exact(prepared, batches: list[dict], ckpt: Path, stop_at: int, **run):
+    """Trains ``prepared()`` with prune-and-regrow once uninterrupted (some entries must move),
+    once stopped after step ``stop_at`` and resumed from its checkpoints in ``ckpt``; the two
+    deltas must be identical (indices and values). Returns the uninterrupted model."""
+    import pytest
+    import torch
+
+    import surgical as sg
+    from surgical.train import Regrow
+    from surgical.train.hooks import TrainHook
+
+    class Stop(TrainHook):
+        def on_step_end(self, state):
+            if state.step == stop_at:
+                raise KeyboardInterrupt
+
+    def hooks():
+        return [Regrow(every=2, fraction=0.2)]
+
+    whole = prepared()
+    grow = hooks()
+    sg.fit(whole, batches, hooks=grow, **run)
+    assert grow[0].changes > 0  # entries moved
+    with pytest.raises(KeyboardInterrupt):
+        sg.fit(prepared(), batches, checkpoint_dir=ckpt, hooks=[*hooks(), Stop()], **run)
+    resumed = prepared()
+    sg.fit(resumed, batches, checkpoint_dir=ckpt, resume=True, hooks=hooks(), **run)
+    dw, dr = sg.extract(whole), sg.extract(resumed)
+    for name, (idx, vals) in dw.entries.items():
+        assert torch.equal(dr.entries[name][0], idx) and torch.equal(dr.entries[name][1], vals), name
+    return whole

@@ -10,10 +10,10 @@ from torch import nn
 import surgical as sg
 from conftest import lm_batches, tiny_bert, tiny_llama
 from surgical.select.plan import Plan
-from surgical.train import LISA, Regrow, shard, sparse
+from surgical.train import LISA, shard, sparse
 from surgical.train.additive import AdditiveEntryState, attach_additive
-from surgical.train.hooks import TrainHook
 from surgical.train.state import state_of, stateful_modules
+from train_fixtures import assert_resume_with_regrow_is_exact
 
 
 @pytest.mark.parametrize("force_sampled", [True, False])
@@ -92,42 +92,15 @@ def test_base_values_leave_the_delta_out_and_unprepare_writes_it_in():
         assert torch.equal(p, q), n  # unprepare writes base + delta as apply does
 
 
-class _Stop(TrainHook):
-    def on_step_end(self, state):
-        if state.step == 5:
-            raise KeyboardInterrupt
-
-
 def test_resume_and_regrow_give_the_uninterrupted_result(tmp_path):
-    batches = lm_batches(n=6)
-    run = dict(max_steps=6, lr=1e-2, show=False, checkpoint_every=2)
-
     def prepared():
         m = tiny_llama()
-        return sg.prepare(
-            m, sg.select(m, method="random", density=0.05, seed=0, progress=False), additive=True
-        )
+        plan = sg.select(m, method="random", density=0.05, seed=0, progress=False)
+        return sg.prepare(m, plan, additive=True)
 
-    whole = prepared()
-    grow = Regrow(every=2, fraction=0.2)
-    sg.fit(whole, batches, hooks=[grow], **run)
-    assert grow.changes > 0  # entries moved, and the weights still hold the base
-    with pytest.raises(KeyboardInterrupt):
-        sg.fit(
-            prepared(),
-            batches,
-            checkpoint_dir=tmp_path,
-            hooks=[Regrow(every=2, fraction=0.2), _Stop()],
-            **run,
-        )
-    resumed = prepared()
-    sg.fit(
-        resumed, batches, checkpoint_dir=tmp_path, resume=True, hooks=[Regrow(every=2, fraction=0.2)], **run
-    )
-    dw, dr = sg.extract(whole), sg.extract(resumed)
-    for name, (idx, vals) in dw.entries.items():
-        assert torch.equal(dr.entries[name][0], idx) and torch.equal(dr.entries[name][1], vals), name
-    assert _unchanged(tiny_llama(), whole)
+    run = dict(max_steps=6, lr=1e-2, show=False, checkpoint_every=2)
+    whole = assert_resume_with_regrow_is_exact(prepared, lm_batches(n=6), tmp_path, stop_at=5, **run)
+    assert _unchanged(tiny_llama(), whole)  # entries moved, and the weights still hold the base
 
 
 def test_a_frozen_delta_still_counts_in_the_forward_pass():

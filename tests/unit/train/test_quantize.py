@@ -12,9 +12,9 @@ import surgical as sg
 from conftest import cls_batches, lm_batches, tiny_bert, tiny_llama
 from surgical.core.tensors import is_quantized
 from surgical.select.plan import Plan
-from surgical.train import Regrow
 from surgical.train.additive import AdditiveEntryState
 from surgical.train.state import stateful_modules
+from train_fixtures import assert_resume_with_regrow_is_exact
 
 pytest.importorskip("torchao", reason="the quant extra (torchao) is not installed")
 
@@ -72,32 +72,12 @@ def test_training_on_the_quantized_base_decreases_the_loss_and_the_delta_applies
 
 
 def test_resume_and_regrow_on_a_quantized_base(tmp_path):
-    batches = lm_batches(n=4)
-    run = dict(max_steps=4, lr=1e-2, show=False, checkpoint_every=2)
-
     def prepared():
         model, plan, _ = _quantized()
         return sg.prepare(model, plan)
 
-    whole = prepared()
-    sg.fit(whole, batches, hooks=[Regrow(every=2, fraction=0.2)], **run)
-
-    class Stop(sg.train.TrainHook):
-        def on_step_end(self, state):
-            if state.step == 3:
-                raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        sg.fit(
-            prepared(), batches, checkpoint_dir=tmp_path, hooks=[Regrow(every=2, fraction=0.2), Stop()], **run
-        )
-    resumed = prepared()
-    sg.fit(
-        resumed, batches, checkpoint_dir=tmp_path, resume=True, hooks=[Regrow(every=2, fraction=0.2)], **run
-    )
-    dw, dr = sg.extract(whole), sg.extract(resumed)
-    for name, (idx, vals) in dw.entries.items():
-        assert torch.equal(dr.entries[name][0], idx) and torch.equal(dr.entries[name][1], vals), name
+    run = dict(max_steps=4, lr=1e-2, show=False, checkpoint_every=2)
+    assert_resume_with_regrow_is_exact(prepared, lm_batches(n=4), tmp_path, stop_at=3, **run)
 
 
 def test_what_a_quantized_weight_cannot_do_is_refused_in_one_line():
