@@ -72,15 +72,29 @@ def plan(model, batches, seed: int):
     return quality._plan(quality.row_specs()[RECIPE], model, batches, seed)
 
 
-def select(name: str, model, tok, train, val, plan_, *, fraction: float, seed: int, quick: bool):
+def select(
+    name: str,
+    model,
+    tok,
+    train,
+    val,
+    plan_,
+    *,
+    fraction: float,
+    seed: int,
+    quick: bool,
+    stratify: bool = False,
+):
     """Runs one data criterion on the base model and the training set (the validation split is the
-    gradient criteria's target); returns the DataSelection."""
+    gradient criteria's target); returns the DataSelection. ``stratify``: the library's per-class
+    selection, for the criteria that score examples (the others choose a set and ignore it)."""
     import surgical as sg
+    from surgical.data.criteria import picks
 
     method, options = criterion(name, quick)
-    extra = {}
+    extra = {"stratify": True} if stratify and not picks(method) else {}
     if method == "gradient":
-        extra = {"validation": examples(tok, val), "params": plan_}
+        extra.update(validation=examples(tok, val), params=plan_)
     return sg.select_data(
         model,
         examples(tok, train),
@@ -93,23 +107,6 @@ def select(name: str, model, tok, train, val, plan_, *, fraction: float, seed: i
         **extra,
         **options,
     )
-
-
-def stratified(scores, labels: list[int], fraction: float) -> list[int]:
-    """Positions of the highest ``scores`` within each class: ``fraction`` of every class
-    (rounded half up, at least one), so the kept examples have the classes' shares; ties to the
-    earlier position. For ``--stratify``: loss- and gradient-based scores on a base model whose
-    head is untrained favour one class."""
-    import torch
-
-    from surgical.data.examples import budget_of
-
-    kept: list[int] = []
-    for label in sorted(set(labels)):
-        pos = torch.tensor([i for i, y in enumerate(labels) if y == label])
-        order = torch.sort(scores[pos].double(), descending=True, stable=True).indices
-        kept += pos[order[: budget_of(fraction, len(pos))]].tolist()
-    return sorted(kept)
 
 
 def parse_criteria(text: str | None, default: list[str]) -> list[str]:

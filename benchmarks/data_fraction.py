@@ -17,8 +17,9 @@ runs two at a time. The JSON is rewritten after every point (a run cut short kee
 finished), with ID, OOD and validation mean ± std per (criterion, fraction), selection and
 training seconds; the PNG plots ID and OOD accuracy against the fraction, one line per criterion.
 
-``--stratify``: score-based criteria keep the top ``fraction`` of each class (the base model's
-untrained head makes loss and gradient scores favour one class); the JSON records it.
+``--stratify``: score-based criteria select with ``sg.select_data(..., stratify=True)``, the best
+of each class with the budget split by class size (the base model's untrained head makes loss and
+gradient scores favour one class); the JSON records it.
 
     python benchmarks/data_fraction.py --jobs 2                 # full mode (75 points)
     python benchmarks/data_fraction.py --jobs 2 --stratify      # the same, class shares kept
@@ -69,11 +70,10 @@ def run_point(name: str, fraction: float, seed: int, quick: bool, stratify: bool
     out: dict = {"criterion": name, "fraction": fraction, "seed": seed}
     kept = train
     if name != FULL:
-        sel = ds.select(name, model, tok, train, val, plan, fraction=fraction, seed=seed, quick=quick)
-        indices = sel.indices.tolist()
-        if stratify and sel.scores is not None:  # the same scores, the top of each class
-            indices = ds.stratified(sel.scores, train.labels, fraction)
-        kept = train.subset(indices)
+        sel = ds.select(
+            name, model, tok, train, val, plan, fraction=fraction, seed=seed, quick=quick, stratify=stratify
+        )
+        kept = train.subset(sel.indices.tolist())
         out.update(
             selection_seconds=sel.meta["seconds"],
             selection_peak_rss_mib=sel.meta["peak_memory_bytes"] / 2**20,
@@ -210,7 +210,7 @@ def write(args, points: list[dict], failures: list[dict], complete: bool) -> Non
                 for c in args.criteria
             },  # fmt: skip
             "stratify": (
-                "score-based criteria keep the top of each class, the classes' shares kept"
+                "select_data(stratify=True) for score-based criteria: the best of each class, by class size"
                 if args.stratify
                 else False
             ),

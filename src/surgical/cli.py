@@ -487,6 +487,10 @@ def select_data_cmd(
     plan: Annotated[str | None, typer.Option(help="A plan: gradient features on its support.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of every random choice.")] = None,
     task: Annotated[str | None, typer.Option(help="auto, classification or causal_lm.")] = None,
+    stratify: Annotated[
+        bool | None,
+        typer.Option("--stratify/--no-stratify", help="Keep the best of each class (classification)."),
+    ] = None,
     keys: Annotated[bool, typer.Option("--keys", help="List every config key and data criterion.")] = False,
 ) -> None:
     """Choose which training examples are worth training on; write a manifest with a data hash."""
@@ -502,6 +506,7 @@ def select_data_cmd(
         _flags({
             "model.path": model, "model.task": task, "data.path": data, "out": out, "method": method,
             "fraction": fraction, "count": count, "validation": validation, "plan": plan, "seed": seed,
+            "stratify": stratify,
         })
     )  # fmt: skip
     for key, value in _options(option).items():

@@ -46,7 +46,8 @@ def test_data_select_cost_quick(tmp_path):
 
 def test_data_fraction_quick(tmp_path):
     out = tmp_path / "df.json"
-    args = ["--criteria", "gradient+adam", "--fractions", "0.5", "1.0", "--jobs", "2", "--out", str(out)]
+    args = ["--criteria", "gradient+adam", "--fractions", "0.5", "1.0", "--jobs", "2", "--stratify"]
+    args += ["--out", str(out)]
     p = _run("data_fraction.py", *args)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())
@@ -56,6 +57,7 @@ def test_data_fraction_quick(tmp_path):
     assert set(points) == {("all", 1.0), ("gradient+adam", 0.5)}
     full, half = points[("all", 1.0)], points[("gradient+adam", 0.5)]
     assert full["examples"] == 96 and half["examples"] == 48
+    assert half["positive_share"] == pytest.approx(full["positive_share"], abs=1 / 48)  # stratified
     assert full["selection_seconds"] == 0 and half["selection_seconds"] > 0
     assert half["options"]["warmup_lr"] == 3e-3 and half["info"]["unwarmed"] == 0
     for q in r["points"]:
@@ -64,17 +66,3 @@ def test_data_fraction_quick(tmp_path):
         for k in ("id", "ood", "validation", "selection_seconds", "train_seconds"):
             assert s[k]["mean"] == statistics.fmean([q[k]]) and s[k]["std"] == 0.0 and s[k]["n"] == 1
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
-
-
-def test_stratified_keeps_the_top_of_each_class_in_its_share():
-    import torch
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from _data_select import stratified
-
-    labels = [1, 1, 1, 1, 1, 1, 0, 0, 0, 0]
-    scores = torch.tensor([9.0, 8, 7, 6, 5, 4, 3, 2, 1, 1])  # class 1 scores all higher
-    assert stratified(scores, labels, 0.5) == [0, 1, 2, 6, 7]  # 3 of 6 and 2 of 4
-    assert stratified(scores, labels, 0.25) == [0, 1, 6]  # 1.5 -> 2 and 1, rounded half up
-    assert stratified(scores, labels, 0.1) == [0, 6]  # at least one per class
-    assert stratified(torch.zeros(4), [0, 1, 0, 1], 0.5) == [0, 1]  # ties to the earlier position

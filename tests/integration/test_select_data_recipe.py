@@ -121,6 +121,7 @@ def test_yaml_config_and_bad_configs(world, tmp_path):
         ({"fraction": None}, "fraction and count are both unset"),
         ({"count": 21}, "count 21 exceeds the 20 examples"),
         ({"model.path": ""}, "needs a model and data"),
+        ({"method": "diversity", "stratify": True}, "stratify applies to criteria that score examples"),
     ]:
         with pytest.raises(SurgicalError, match=message) as e:
             _run(load_config(SelectDataConfig, None, {**base, **overrides}))
@@ -216,3 +217,33 @@ def test_the_command_line_writes_the_same_manifest(world, tmp_path, monkeypatch,
         "1.5",
     )
     assert code == 2 and "fraction" in err and "Traceback" not in err
+
+
+def test_stratified_selection_from_the_config_and_the_training_section(world, tmp_path):
+    """stratify: the class shares of the data are kept (within one example per class)."""
+    cfg = SelectDataConfig(
+        out=str(tmp_path / "sel"),
+        model=ModelConfig(path=world["bert"]),
+        data=dataclasses.replace(DATA, path=world["cls"]),
+        method="loss",
+        fraction=0.5,
+        stratify=True,
+    )
+    sel, _ = _run(cfg)
+    _, tok = load_model(world["bert"], "classification")
+    examples = build_examples(cfg.data, "classification", tok, num_labels=2)
+    labels = [int(e["labels"]) for e in examples]
+    kept = [labels[i] for i in sel.indices.tolist()]
+    assert len(sel) == 10 and sel.meta["stratify"] is True
+    assert all(abs(kept.count(c) - labels.count(c) / 2) <= 1 for c in set(labels))
+    model, tok = load_model(world["bert"], "classification")
+    section = DataSelectionConfig(method="loss", fraction=0.5, stratify=True)
+    data = dataclasses.replace(DATA, path=world["cls"])
+    _, sel2 = selected_batches(section, model, tok, data, "classification", num_labels=2, show=False)
+    assert torch.equal(sel2.indices, sel.indices)
+    with pytest.raises(SurgicalError, match="one class label per example"):
+        section = DataSelectionConfig(method="loss", fraction=0.5, stratify=True)
+        llama, ltok = load_model(world["llama"], "causal_lm")
+        selected_batches(
+            section, llama, ltok, dataclasses.replace(DATA, path=world["ins"]), "causal_lm", show=False
+        )

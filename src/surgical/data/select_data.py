@@ -29,7 +29,7 @@ from surgical.core.runtime import peak_rss_bytes, reset_peak_rss
 from surgical.core.version import __version__
 from surgical.data import dedup, diversity, gradient, loss_score, trajectory  # noqa: F401  (register)
 from surgical.data.criteria import DATA_CRITERIA, DataContext, picks
-from surgical.data.examples import Example, as_examples, budget_of, data_hash
+from surgical.data.examples import Example, as_examples, budget_of, data_hash, is_token_labelled
 from surgical.data.losses import LogitsFn
 
 SELECTION_FORMAT = "surgical-data-selection/1"
@@ -188,6 +188,33 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return order[:k]
 
 
+def stratified_top_k(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the highest ``scores`` within each class, ``k`` in all, split over the
+    classes in proportion to their sizes (largest remainders; ties to the smaller class id), ties
+    within a class to the earlier position."""
+    classes, sizes = torch.unique(labels, return_counts=True)
+    quotas = sizes.double() * k / len(labels)
+    take = quotas.floor().long()
+    short = k - int(take.sum())
+    if short:
+        rest = torch.sort(quotas - take, descending=True, stable=True).indices[:short]
+        take[rest] += 1
+    chosen = []
+    for c, n in zip(classes.tolist(), take.tolist(), strict=True):
+        pos = (labels == c).nonzero().reshape(-1)
+        chosen.append(pos[top_k(scores[pos], n)])
+    return torch.cat(chosen)
+
+
+def _class_labels(examples: list, method: str) -> torch.Tensor:
+    if is_token_labelled(examples):
+        raise SurgicalError(
+            f"stratify needs one class label per example; these examples label tokens ({method!r})",
+            "Drop stratify for causal-LM data",
+        )
+    return torch.tensor([int(torch.as_tensor(e["labels"]).reshape(-1)[0]) for e in examples])
+
+
 def select_data(
     model: nn.Module | None,
     examples: Any,
@@ -201,6 +228,7 @@ def select_data(
     reference: nn.Module | LogitsFn | None = None,
     batch_size: int = 8,
     pad_id: int = 0,
+    stratify: bool = False,
     progress: bool = True,
     **options: Any,
 ) -> DataSelection:
@@ -225,6 +253,11 @@ def select_data(
             function to use instead of tuning one.
         batch_size: Examples per forward pass.
         pad_id: Token id used to pad ``input_ids`` when examples are batched.
+        stratify: Classification, score-based criteria: keep the best-scored examples of each
+            class, the budget split over the classes in proportion to their sizes. Loss and
+            gradient scores on a base whose head is new favour one class; this keeps the class
+            shares of the data. Refused for criteria that choose a set (trajectory, diversity,
+            dedup) and for token-labelled examples.
         progress: Show progress bars.
         **options: The criterion's own options (``DATA_CRITERIA.describe()``).
 
@@ -242,6 +275,12 @@ def select_data(
         raise SurgicalError(f"batch_size must be a positive integer, got {batch_size!r}", "Pass e.g. 8")
     ex = as_examples(examples)
     budget = resolve_budget(len(ex), fraction, count)
+    if stratify and picks(method):
+        raise SurgicalError(
+            f"stratify applies to criteria that score examples; {method!r} chooses a set itself",
+            "Drop stratify, or use a scoring criterion (loss, learnability, gradient, random)",
+        )
+    class_labels = _class_labels(ex, method) if stratify else None
     if entry.extra.get("needs_model") and model is None:
         raise SurgicalError(
             f"data criterion {method!r} needs a model", "Pass the model to score the examples with"
@@ -275,7 +314,9 @@ def select_data(
             raise RuntimeError(
                 f"data criterion {method!r} returned {scores.numel()} scores for {len(ex)} examples"
             )
-        chosen = top_k(scores, budget)
+        chosen = (
+            top_k(scores, budget) if class_labels is None else stratified_top_k(scores, class_labels, budget)
+        )
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else peak_rss_bytes()
     meta = {
         "seed": seed,
@@ -283,6 +324,7 @@ def select_data(
         "fraction": fraction,
         "count": count,
         "batch_size": batch_size,
+        "stratify": stratify,
         "seconds": round(seconds, 4),
         "examples_per_second": round(len(ex) / seconds, 2) if seconds > 0 else None,
         "peak_memory_bytes": peak,

@@ -34,6 +34,7 @@ from surgical.data import (
     split_batches,
     token_mask,
 )
+from surgical.data.criteria import picks
 from surgical.data.select_data import INFO_FILE
 from surgical.recipes.config import DataConfig, ModelConfig, _f
 from surgical.recipes.data import make_batches
@@ -68,6 +69,9 @@ class SelectDataConfig:
     plan: str | None = _f(
         None, "gradient: a saved plan whose support the gradient features are restricted to."
     )
+    stratify: bool = _f(
+        False, "Classification: keep the best of each class, the budget split by class size (score criteria)."
+    )
     show: int = _f(5, "Examples shown in the summary (highest scores, or first picks).", low=0)
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,7 +88,16 @@ class SelectDataConfig:
         """Checks what the dataclasses alone cannot, before anything is loaded."""
         if not self.model.path or not self.data.path:
             raise SurgicalError("select-data needs a model and data", "Pass MODEL and --data FILE")
-        check_section(self.method, self.options, self.fraction, self.count, self.validation, self.plan, "")
+        check_section(
+            self.method,
+            self.options,
+            self.fraction,
+            self.count,
+            self.validation,
+            self.plan,
+            "",
+            self.stratify,
+        )
 
 
 def check_section(
@@ -95,9 +108,15 @@ def check_section(
     validation: str | None,
     plan: str | None,
     prefix: str,
+    stratify: bool = False,
 ) -> None:
     """The checks a data-selection config shares with the ``data_selection:`` section of a run."""
     DATA_CRITERIA.resolve(method, options, f"{prefix}options.")
+    if stratify and picks(method):
+        raise SurgicalError(
+            f"{prefix}stratify applies to criteria that score examples; {method!r} chooses a set itself",
+            f"Set {prefix}stratify false, or use loss, learnability, gradient or random",
+        )
     extra = DATA_CRITERIA.entry(method).extra
     if fraction is None and count is None:
         raise SurgicalError(f"{prefix}fraction and {prefix}count are both unset", "Set one of them")
@@ -151,7 +170,8 @@ def run_select_data(
         validation = build_examples(d, task, tok, num_labels=cfg.model.num_labels)
     sel = select_data(
         model, examples, method=cfg.method, **cfg.budget(), seed=cfg.seed, validation=validation,
-        params=params, batch_size=cfg.data.batch_size, pad_id=_pad_id(tok), progress=show, **cfg.options,
+        params=params, batch_size=cfg.data.batch_size, pad_id=_pad_id(tok), stratify=cfg.stratify,
+        progress=show, **cfg.options,
     )  # fmt: skip
     sel.meta.update(model=str(cfg.model.path), data=str(cfg.data.path), task=task, config=cfg.to_dict())
     sel.save(out)
@@ -205,14 +225,18 @@ class DataSelectionConfig:
     manifest: str | None = _f(
         None, "A saved selection (surgical select-data) to train on instead of selecting."
     )
+    stratify: bool = _f(
+        False, "Classification: keep the best of each class, the budget split by class size (score criteria)."
+    )
 
     def check(self) -> None:
         """Checks before anything is loaded."""
         if self.manifest is not None or self.method == "none":
             return
         check_section(
-            self.method, self.options, self.fraction, self.count, self.validation, None, "data_selection."
-        )
+            self.method, self.options, self.fraction, self.count, self.validation, None, "data_selection.",
+            self.stratify,
+        )  # fmt: skip
 
 
 def selected_batches(
@@ -255,7 +279,8 @@ def selected_batches(
         budget = {"count": section.count} if section.count is not None else {"fraction": section.fraction}
         sel = select_data(
             model, examples, method=section.method, **budget, seed=seed, validation=validation, params=params,
-            batch_size=data.batch_size, pad_id=_pad_id(tokenizer), progress=show, **section.options,
+            batch_size=data.batch_size, pad_id=_pad_id(tokenizer), stratify=section.stratify, progress=show,
+            **section.options,
         )  # fmt: skip
     return batches_of(examples, sel.indices, data.batch_size, _pad_id(tokenizer)), sel
 

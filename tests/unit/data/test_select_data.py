@@ -622,3 +622,43 @@ def test_registry_conformance(label):
             reg.resolve(e.name, {"no_such_option": 1})
     with pytest.raises(SurgicalError, match="Use one of: " + ", ".join(reg.names())):
         reg.get("no-such-name")
+
+
+def _labels(data) -> list[int]:
+    return [int(torch.as_tensor(e["labels"]).reshape(-1)[0]) for e in data]
+
+
+@pytest.mark.parametrize("method", ["loss", "gradient", "random"])
+def test_stratify_keeps_the_class_shares_and_the_best_of_each_class(method):
+    model = tiny_bert()
+    labels = _labels(CLS)
+    shares = {c: labels.count(c) / len(labels) for c in set(labels)}
+    for kw, k in (({"fraction": 0.5}, 12), ({"count": 7}, 7), ({"fraction": 1.0}, 24)):
+        sel = _select(model, CLS, method, stratify=True, **kw)
+        assert len(sel) == k and torch.equal(sel.indices, torch.unique(sel.indices))  # budget exact
+        kept = [labels[i] for i in sel.indices.tolist()]
+        for c, share in shares.items():  # within one example of the class's share
+            assert abs(kept.count(c) - share * k) <= 1, (method, kw, c)
+        for c in shares:  # the kept ones of a class are its best-scored
+            mine = [i for i in range(len(labels)) if labels[i] == c]
+            kept_c = [i for i in sel.indices.tolist() if labels[i] == c]
+            worst_kept = min(sel.scores[kept_c].tolist(), default=float("inf"))
+            dropped = [sel.scores[i].item() for i in mine if i not in kept_c]
+            assert all(d <= worst_kept for d in dropped)
+        assert sel.meta["stratify"] is True
+
+
+def test_stratified_top_k_splits_by_largest_remainder():
+    from surgical.data.select_data import stratified_top_k
+
+    labels = torch.tensor([0] * 5 + [1] * 3 + [2] * 2)
+    scores = torch.arange(10, dtype=torch.float)
+    picked = stratified_top_k(scores, labels, 5)  # quotas 2.5, 1.5, 1.0 -> 3 (tie: class 0), 1, 1
+    assert sorted(picked.tolist()) == [2, 3, 4, 7, 9]
+
+
+def test_stratify_refuses_set_choosing_criteria_and_token_labels():
+    with pytest.raises(SurgicalError, match="chooses a set itself"):
+        _select(tiny_bert(), CLS, "diversity", fraction=0.5, stratify=True)
+    with pytest.raises(SurgicalError, match="one class label per example"):
+        _select(tiny_llama(), LM, "loss", fraction=0.5, stratify=True)
