@@ -51,7 +51,8 @@ from surgical.data.instruct import pad_batches
 from surgical.recipes.demo import DemoConfig, default_data_path, load_movie_reviews
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import run_worker as _run_worker  # noqa: E402  (benchmarks/ is a directory of scripts)
+from quality import run_row  # noqa: E402  (benchmarks/ is a directory of scripts)
+from quality import run_worker as _run_worker  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 QUESTION = "Is this movie review positive or negative? Answer with one word.\n\n{text}"
@@ -397,26 +398,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
 
         def run(spec: dict, lr: float, seed: int) -> dict:
+            spec = {**spec, "base": bool(spec.get("base")) and seed == seeds[0]}  # the base: measured once
             return _run_worker(spec, lr, seed, args.quick, Path(tmp), args.cache, script=__file__)
 
         for n, name in enumerate(names):
             spec = {**specs[name], "base": n == 0}  # the first worker also measures the base
-            grid = spec["lrs"][:1] if args.quick or args.no_lr_search else spec["lrs"]
-            if spec.get("lr_from") in results:
-                grid = [results[spec["lr_from"]]["lr"]]
-            tried = {lr: run(spec, lr, seeds[0]) for lr in grid}
-            lr = max(grid, key=lambda x: tried[x]["validation"])
+            row = run_row(spec, results, seeds, run, search=not (args.quick or args.no_lr_search))
+            runs, lr = row["runs"], row["lr"]
             if spec["base"]:
-                base = tried[lr]["base"]
-            runs = [tried[lr]] + [run({**spec, "base": False}, lr, s) for s in seeds[1:]]
-            results[name] = {
-                "lr": lr,
-                "lr_grid": grid,
-                "lr_from": spec.get("lr_from") if spec.get("lr_from") in results else None,
-                "validation_by_lr": {str(k): v["validation"] for k, v in tried.items()},
-                "runs": runs,
-                "summary": summarise(runs),
-            }
+                base = runs[0]["base"]
+            results[name] = {**row, "summary": summarise(runs)}
             s = results[name]["summary"]
             print(
                 f"{name:32s} lr {lr:g}: task {100 * s['test']['mean']:.1f} ± {100 * s['test']['std']:.1f}, "

@@ -287,6 +287,23 @@ def run_worker(
     return result
 
 
+def run_row(spec: dict, results: dict, seeds: list[int], run, *, search: bool) -> dict:
+    """One row: each lr of its grid with ``seeds[0]`` (only the first without ``search``; the lr
+    its ``lr_from`` row chose when that row ran), the best on validation kept, then the other
+    seeds at it. ``run(spec, lr, seed) -> result``. The row's record, without its summary."""
+    source = spec.get("lr_from") if spec.get("lr_from") in results else None
+    grid = [results[source]["lr"]] if source else list(spec["lrs"] if search else spec["lrs"][:1])
+    tried = {lr: run(spec, lr, seeds[0]) for lr in grid}
+    lr = max(grid, key=lambda x: tried[x]["validation"])
+    return {
+        "lr": lr,
+        "lr_grid": grid,
+        "lr_from": source,
+        "validation_by_lr": {str(k): v["validation"] for k, v in tried.items()},
+        "runs": [tried[lr]] + [run(spec, lr, s) for s in seeds[1:]],
+    }
+
+
 def summarise(runs: list[dict]) -> dict:
     out = {}
     for key in ("validation", "id", "ood", "train_seconds", "peak_rss_mib", "artifact_kib", "trainable"):
@@ -408,22 +425,13 @@ def main() -> None:
         for name in names:
             spec = dict(specs[name])
             spec["wise_ft"] = wants_wise_ft(name)
-            grid = spec["lrs"][:1] if args.quick or args.no_lr_search else spec["lrs"]
-            if spec.get("lr_from") in results and not args.no_lr_search:
-                grid = [results[spec["lr_from"]]["lr"]]
-            tried = {lr: run_worker(spec, lr, seeds[0], args.quick, Path(tmp), args.cache) for lr in grid}
-            lr = max(grid, key=lambda x: tried[x]["validation"])
-            runs = [tried[lr]] + [
-                run_worker(spec, lr, s, args.quick, Path(tmp), args.cache) for s in seeds[1:]
-            ]
-            results[name] = {
-                "lr": lr,
-                "lr_grid": grid,
-                "lr_from": spec.get("lr_from") if spec.get("lr_from") in results else None,
-                "validation_by_lr": {str(k): v["validation"] for k, v in tried.items()},
-                "runs": runs,
-                "summary": summarise(runs),
-            }
+
+            def run(spec: dict, lr: float, seed: int) -> dict:
+                return run_worker(spec, lr, seed, args.quick, Path(tmp), args.cache)
+
+            row = run_row(spec, results, seeds, run, search=not (args.quick or args.no_lr_search))
+            runs, lr = row["runs"], row["lr"]
+            results[name] = {**row, "summary": summarise(runs)}
             s = results[name]["summary"]
             print(
                 f"{name:28s} lr {lr:g}: ID {100 * s['id']['mean']:.1f} ± {100 * s['id']['std']:.1f}, "
