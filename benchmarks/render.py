@@ -122,10 +122,57 @@ def forgetting_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def demo_table(record: dict) -> str:
+    """The demo's own run beside the recorded baselines (the quality benchmark's seed-0 runs)."""
+    r = record["result"]
+    ref = json.loads(demo_reference() or "null")
+    cols = {"surgical demo (this recipe)": r}
+    if ref is not None:
+        cols.update(ref["baselines"])
+    lines = [
+        "| | " + " | ".join(cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
+    for label, key in (
+        ("validation accuracy (500 RT, for choices)", "validation_accuracy"),
+        ("ID accuracy (1,000 held-out RT)", "id_accuracy"),
+        ("OOD accuracy (500 IMDB reviews)", "ood_accuracy"),
+    ):
+        lines.append(
+            f"| {label} | "
+            + " | ".join(f"{100 * c[key]:.1f}%" if c.get(key) is not None else "" for c in cols.values())
+            + " |"
+        )
+    lines.append("| trainable values | " + " | ".join(count(c["trainable"]) for c in cols.values()) + " |")
+    lines.append(
+        "| learning rate | "
+        + " | ".join(f"{c['lr']:g}" for c in [{"lr": r["config"]["lr"]}, *list(cols.values())[1:]])
+        + " |"
+    )
+    text = "\n".join(lines)
+    text += (
+        f"\n\nsurgical demo: `{record['command']}` ({record['date'][:10]}, seed {r['config']['seed']}): "
+        f"{r['entries']:,} entries + {r['dense']:,} values trained densely, a "
+        f"{r['delta_bytes'] / 1024:,.0f} KiB delta, {r['steps']} steps at "
+        f"{r['seconds_per_step']:.2f} s/step, peak RSS "
+        f"{r['peak_rss_bytes'] / 2**20:,.0f} MiB, {r['total_seconds']:.0f} s in all"
+        + (", reloaded bit for bit." if r["reloaded_identical"] else ", RELOAD MISMATCH.")
+    )
+    if ref is not None:
+        means = "; ".join(f"{n} {100 * m['id']:.1f} / {100 * m['ood']:.1f}" for n, m in ref["means"].items())
+        text += (
+            f" Baselines: the seed-{ref['seeds'][0]} runs of `{ref['command']}` ({ref['date'][:10]}), same "
+            f"split and loop. ID / OOD means over seeds {', '.join(map(str, ref['seeds']))}: {means}."
+        )
+    return text
+
+
 SECTIONS = {
     "quality": ("quality.json", quality_table),
     "forgetting": ("forgetting.json", forgetting_table),
+    "demo": ("demo.json", demo_table),
 }
+DOCS = (DOC, REPO / "README.md")
 
 
 def header(report: dict) -> str:
@@ -144,7 +191,8 @@ def render_doc(text: str) -> str:
         if not path.is_file() or begin not in text:
             continue
         report = json.loads(path.read_text())
-        body = f"{begin}\n{header(report)}{table(report)}\n{end}"
+        head = "" if name == "demo" else header(report)
+        body = f"{begin}\n{head}{table(report)}\n{end}"
         text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _m, b=body: b, text, flags=re.S)
     return text
 
@@ -193,7 +241,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true", help="exit 1 if a rendered file is out of date")
     args = p.parse_args()
-    outputs = {DOC: render_doc(DOC.read_text())}
+    outputs = {doc: render_doc(doc.read_text()) for doc in DOCS}
     ref = demo_reference()
     if ref is not None:
         outputs[DEMO_REFERENCE] = ref

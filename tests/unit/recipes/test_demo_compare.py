@@ -84,3 +84,23 @@ def test_the_demo_split_is_the_quality_benchmarks():
     for theirs, ours in zip((train, val, test, ood), mine, strict=True):
         assert theirs.texts == ours.texts and theirs.labels == ours.labels
 
+
+def test_packaged_reference_is_the_quality_benchmarks():
+    """What the demo prints as recorded comes from benchmarks/results/quality.json (render.py
+    --check keeps the file in step), and the demo's defaults are that benchmark's recipe row."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import quality
+
+    ref = json.loads(demo.REFERENCE.read_text())
+    report = json.loads((REPO / "benchmarks" / "results" / "quality.json").read_text())
+    assert ref["date"] == report["date"] and set(ref["baselines"]) == set(BASELINES)
+    assert recorded_baselines(DemoConfig()) == ref  # shown for the defaults
+    for name, spec in BASELINES.items():
+        assert spec["lr"] == report["results"][spec["row"]]["lr"] == ref["baselines"][name]["lr"]
+    recipe = quality.row_specs()[demo.RECIPE_ROW]
+    cfg = DemoConfig()
+    assert (cfg.method, cfg.density) == (recipe["method"], recipe["density"])
+    assert cfg.lr == report["results"][demo.RECIPE_ROW]["lr"]  # chosen on validation
+    assert list(cfg.always) == quality.ALWAYS and list(cfg.targets) == [quality.LAYER_LINEARS]
