@@ -48,7 +48,9 @@ def quality_table(report: dict) -> str:
     ]
     for name, r in rows.items():
         s = r["summary"]
-        if "alpha" in r:  # a WiSE-FT row: the alpha chosen on validation
+        if "alphas" in r:  # a WiSE-FT row: the alpha each run's validation chose
+            lr = "alpha " + ", ".join(f"{a:g}" for a in r["alphas"])
+        elif "alpha" in r:
             lr = f"alpha {r['alpha']:g}"
         elif r.get("lr_from"):
             lr = f"{r['lr']:g} (from {r['lr_from']})"
