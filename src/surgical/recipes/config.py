@@ -187,6 +187,12 @@ class TrainingConfig:
     seed: int = _f(0, "Seed for selection, batch order, dropout and a new head.")
     checkpoint_every: int = _f(0, "Checkpoint every N steps (0: only at the end).", low=0)
     resume: bool = _f(False, "Continue from the newest checkpoint in the output directory.")
+    fsdp: bool = _f(
+        False,
+        "Shard the model with FSDP2 across the processes of a launch (torchrun --nproc_per_node N, "
+        "N >= 2): each holds 1/N of the frozen weights, deltas and optimizer state and trains on "
+        "1/N of every batch.",
+    )
 
 
 def _check_type(path: str, value: Any, tp: Any) -> Any:

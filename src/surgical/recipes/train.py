@@ -32,10 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from rich.console import Console
 
 from surgical.core.errors import SurgicalError
 from surgical.core.io import atomic_write_text, check_output
+from surgical.core.processes import RankShares, launched_processes, on_first_rank, start_process_group
 from surgical.core.runtime import peak_rss_bytes
 from surgical.recipes.config import (
     DataConfig,
@@ -55,7 +57,7 @@ from surgical.recipes.select_data import (
     token_filter,
 )
 from surgical.select import CRITERIA, Plan, select
-from surgical.train import base_values, extract, fit, prepare, trainable_count
+from surgical.train import base_values, extract, fit, prepare, shard, trainable_count
 from surgical.train.checkpoint import latest_checkpoint
 from surgical.train.prepare import check_plan
 from surgical.train.quantize import check_backend, quantize_base
@@ -121,6 +123,42 @@ class RunConfig:
         self.data_selection.check()
         if self.model.quantization.backend != "none":  # a missing backend shows before any work
             check_backend(self.model.quantization.backend, self.model.quantization.bits)
+        if self.training.fsdp:
+            self._check_fsdp()
+
+    def _check_fsdp(self) -> None:
+        """What a sharded run needs: a launch of 2+ processes that split every batch evenly, and
+        none of the features not yet carried over to sharded training."""
+        n = launched_processes()
+        if n < 2:
+            raise SurgicalError(
+                f"training.fsdp needs at least 2 processes, this run has {n}",
+                "Launch it with torchrun --nproc_per_node N -m surgical train ... (N >= 2), "
+                "or set training.fsdp: false",
+            )
+        if self.data.batch_size % n:
+            raise SurgicalError(
+                f"data.batch_size {self.data.batch_size} does not split evenly between {n} processes",
+                f"Use a multiple of {n}",
+            )
+        unsupported = {
+            "schedule.name": self.schedule.name != "none",
+            "token_selection.method": self.token_selection.method != "none",
+            "model.quantization.backend": self.model.quantization.backend != "none",
+            "training.checkpoint_every": self.training.checkpoint_every > 0,
+            "training.resume": self.training.resume,
+        }
+        for key, used in unsupported.items():
+            if used:
+                raise SurgicalError(
+                    f"training.fsdp does not support {key} yet",
+                    f"Remove {key}, or train without training.fsdp",
+                )
+        if self.data_selection.manifest is None and self.data_selection.method != "none":
+            raise SurgicalError(
+                "training.fsdp does not select data itself (data_selection.method)",
+                "Select it first with `surgical select-data` and pass data_selection.manifest",
+            )
 
 
 def select_training_data(
@@ -268,10 +306,15 @@ def run_train(
             on stderr has said how to resume; no delta is written.
     """
     cfg.check()
-    console = console or Console()
+    fsdp = cfg.training.fsdp
+    own_group = fsdp and not dist.is_initialized()
+    device = start_process_group() if fsdp else None
+    rank = dist.get_rank() if fsdp else 0
+    console = (console or Console()) if rank == 0 else Console(quiet=True)
+    show = show and rank == 0
     out = Path(cfg.out)
     check_output(out, {"model": cfg.model.path, "data": cfg.data.path}, "out")
-    claim_run_dir(out, cfg.training.resume, overwrite)
+    on_first_rank(lambda: claim_run_dir(out, cfg.training.resume, overwrite))
     t0 = time.perf_counter()
     m = cfg.model
     task = task_of(cfg)
@@ -285,22 +328,29 @@ def run_train(
         gradient_checkpointing=m.gradient_checkpointing,
     )
     batches = make_batches(cfg.data, task, tokenizer, num_labels=m.num_labels)
-    plan = make_plan(cfg, model, batches)  # scored on all the data
+    plan = on_first_rank(lambda: make_plan(cfg, model, batches))  # scored on all the data, once
     batches = select_training_data(cfg, model, tokenizer, task, plan, show, batches)
     quant = m.quantization
     if quant.backend != "none":  # selected on the full-precision model; the base trains quantized
         check_plan(model, plan)  # a plan for another model: its shapes named before quantizing
         report = quantize_base(model, quant.bits, quant.backend, exclude=[*quant.exclude, *plan.dense])
         console.print(report.summary())
-    prepare(model, plan)  # a plan for another model fails here with the mismatching shape
-    if not (out / "plan" / "plan.json").is_file():
+    if fsdp:
+        model.to(device)
+    # a plan for another model fails here with the mismatching shape; sharding needs the additive path
+    prepare(model, plan, additive=fsdp)
+    if rank == 0 and not (out / "plan" / "plan.json").is_file():
         plan.save(out / "plan")
+    if fsdp:
+        shard(model)
+        batches = RankShares(batches, rank, dist.get_world_size())
     hooks = make_schedule(cfg.schedule.name, cfg.schedule.options, seed=cfg.training.seed)
     t = cfg.training
     plan_summary = plan.summary()
     del plan  # its int64 indices (8 bytes per entry) are not needed while training
     console.print(f"training {trainable_count(model):,} values: {plan_summary}")
-    with stop_on_signals() as stop:
+    # sharded: signals are the launcher's (it stops every rank; one rank stopping alone would hang)
+    with stop_on_signals() if not fsdp else contextlib.nullcontext(None) as stop:
         result = fit(
             model,
             batches,
@@ -314,7 +364,7 @@ def run_train(
             bf16=t.bf16,
             seed=t.seed,
             hooks=hooks,
-            checkpoint_dir=out / "checkpoints",
+            checkpoint_dir=None if fsdp else out / "checkpoints",
             checkpoint_every=t.checkpoint_every,
             resume=t.resume,
             allow_changes=allow_changes,
@@ -339,6 +389,12 @@ def run_train(
             "peak_rss_bytes": peak_rss_bytes(),
             "config": cfg.to_dict(),
         }
+        if fsdp:
+            n = dist.get_world_size()
+            rss: list[Any] = [None] * n
+            dist.all_gather_object(rss, peak_rss_bytes())
+            summary["tokens_per_second"] = round(summary["tokens_per_second"] * n, 1)
+            summary["fsdp"] = {"processes": n, "peak_rss_bytes": rss}
         # still inside: a repeated signal is absorbed until everything is written
         if result.stopped in SIGNAL_EXIT:
             ckpt, name = latest_checkpoint(out / "checkpoints"), result.stopped.upper()
@@ -355,7 +411,8 @@ def run_train(
     if result.stopped == "nan":
         ckpt = latest_checkpoint(out / "checkpoints")
         summary["last_good_checkpoint"] = str(ckpt) if ckpt else None
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        if rank == 0:
+            atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         kept = f"kept the last good checkpoint {ckpt}" if ckpt else "no checkpoint had been written yet"
         raise SurgicalError(
             f"the loss became NaN/inf at step {result.steps + 1}; training stopped, {kept}, no delta written",
@@ -363,12 +420,20 @@ def run_train(
             "with --resume --allow-change training.lr (or training.max_grad_norm)",
         )
     # the plan's selection scores ride along for Fisher merging (read back: not held while training)
+    # sharded: every rank gathers the values (a collective), rank 0 writes them
     delta = extract(
-        model, scores=Plan.load(out / "plan"), training={k: v for k, v in summary.items() if k != "losses"}
+        model,
+        scores=Plan.load(out / "plan") if rank == 0 else None,
+        training={k: v for k, v in summary.items() if k != "losses"},
     )
-    delta.save(out / "delta")
     summary["delta"] = str(out / "delta")
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    if rank == 0:
+        delta.save(out / "delta")
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    if fsdp:
+        dist.barrier()  # no rank returns before the files are written
+        if own_group:
+            dist.destroy_process_group()
     # a resume of a finished run takes no step and has no loss to report
     loss = "" if summary["final_loss"] is None else f", final loss {summary['final_loss']:.4f}"
     console.print(

@@ -24,6 +24,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from surgical.core.errors import SurgicalError
 from surgical.core.loss import batch_to, model_loss
+from surgical.core.processes import all_true, mean_over_ranks
 from surgical.core.registry import check_range
 from surgical.core.runtime import progress
 from surgical.train.hooks import StepState, TrainHook
@@ -120,6 +121,9 @@ def fit(
     grad_accum`` steps, or ``max_steps``. The optimizer is given every parameter that requires
     grad at the start, so hooks may freeze and unfreeze them later (see
     :mod:`surgical.train.schedules`); a frozen parameter has no gradient and AdamW skips it.
+    Run on every process of a process group (each with its share of every batch, the model
+    sharded as ``surgical train``'s ``training.fsdp`` does), the ranks stop on a non-finite loss
+    together and the losses reported are means over the ranks.
 
     Args:
         model: A model (usually prepared with :func:`surgical.prepare`) returning ``.loss``.
@@ -224,7 +228,7 @@ def fit(
                     batch = batch_filter(model, batch, state.step)
                 with _autocast(bf16, device):
                     loss = model_loss(model, batch)
-                if not torch.isfinite(loss):
+                if not all_true(bool(torch.isfinite(loss))):  # every rank stops together
                     stopped = "nan"
                     break
                 (loss / grad_accum).backward()
@@ -245,6 +249,7 @@ def fit(
             opt.step()
             sched.step()
             state.step += 1
+            step_loss = mean_over_ranks(step_loss)  # several processes: each trained its share
             state.loss = step_loss
             losses.append(step_loss)
             for h in hooks:

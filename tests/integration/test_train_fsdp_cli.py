@@ -1,0 +1,91 @@
+"""``surgical train`` with ``training.fsdp``: 2 gloo processes under torchrun shard a tiny Llama and
+end with the delta one process trains on the same data; the settings it cannot honour are refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+import surgical as sg
+from conftest import run_main
+from train_fixtures import run_two_processes, save_tiny_model, write_instruct_jsonl
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp_cli")
+    # every example has the same number of tokens: a rank's mean loss over its half of a batch
+    # then averages (FSDP's gradient mean) to the whole batch's mean, as one process computes it
+    return {"llama": save_tiny_model(root / "llama", "llama"), "jsonl": write_instruct_jsonl(root / "d.jsonl")}
+
+
+def _config(path, files, out, **training) -> str:
+    cfg = {
+        "out": str(out),
+        "model": {"path": str(files["llama"]), "task": "causal_lm"},
+        "data": {"path": str(files["jsonl"]), "batch_size": 4, "max_length": 16},
+        "selection": {"method": "random", "density": 0.05, "always": ["model.norm"]},
+        "training": {"max_steps": 5, "lr": 0.01, "warmup": 0.0, **training},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_two_processes_train_the_delta_of_one(tmp_path, files, monkeypatch, capsys):
+    single = _config(tmp_path / "single.yaml", files, tmp_path / "single")
+    code, _, err = run_main(monkeypatch, capsys, "train", "-c", single)
+    assert code == 0, err
+    sharded = _config(tmp_path / "fsdp.yaml", files, tmp_path / "fsdp", fsdp=True)
+    run_two_processes(
+        "surgical", "train", "-c", sharded, launcher=["torchrun", "--standalone", "--nproc_per_node", "2", "-m"]
+    )
+    one = sg.Delta.load(tmp_path / "single" / "delta")
+    two = sg.Delta.load(tmp_path / "fsdp" / "delta")
+    # the same plan, and the delta names the same unsharded base
+    assert two.entries.keys() == one.entries.keys() and two.dense.keys() == one.dense.keys()
+    assert two.meta["base"]["fingerprint"] == one.meta["base"]["fingerprint"]
+    moved = sum(int((v != 0).sum()) for _, v in one.entries.values())
+    assert moved > 0.9 * one.num_entries  # training happened
+    for name, (idx, vals) in one.entries.items():
+        assert torch.equal(two.entries[name][0], idx), name
+        # additive (sharded) against in-place (one process) path: float rounding only
+        torch.testing.assert_close(two.entries[name][1], vals, rtol=1e-3, atol=1e-5), name
+    for name, value in one.dense.items():
+        torch.testing.assert_close(two.dense[name], value, rtol=1e-3, atol=1e-5)
+    s1 = json.loads((tmp_path / "single" / "summary.json").read_text())
+    s2 = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    assert s2["steps"] == s1["steps"] == 5
+    assert s2["losses"] == pytest.approx(s1["losses"], rel=1e-4)  # the mean over the ranks' halves
+    assert s2["fsdp"]["processes"] == 2 and len(s2["fsdp"]["peak_rss_bytes"]) == 2
+    assert not (tmp_path / "fsdp" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("world", "training", "sections", "needle"),
+    [
+        (None, {}, {}, "training.fsdp needs at least 2 processes, this run has 1. Launch it with torchrun"),
+        ("2", {}, {"data": {"batch_size": 3}}, "data.batch_size 3 does not split evenly between 2 processes"),
+        ("2", {"checkpoint_every": 2}, {}, "training.fsdp does not support training.checkpoint_every yet"),
+        ("2", {}, {"schedule": {"name": "lisa"}}, "training.fsdp does not support schedule.name yet"),
+        ("2", {}, {"data_selection": {"method": "random", "fraction": 0.5}}, "select-data"),
+    ],
+)
+def test_what_a_sharded_run_cannot_do_is_refused_in_one_line(
+    tmp_path, files, monkeypatch, capsys, world, training, sections, needle
+):
+    if world is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world)  # checked before any process group is joined
+    cfg_path = _config(tmp_path / "c.yaml", files, tmp_path / "run", fsdp=True, **training)
+    cfg = yaml.safe_load(open(cfg_path))
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    code, out, err = run_main(monkeypatch, capsys, "train", "-c", cfg_path)
+    assert code == 2 and needle in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
