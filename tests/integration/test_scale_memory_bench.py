@@ -16,13 +16,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_scale_memory_quick(tmp_path):
     pytest.importorskip("torchao", reason="the quant extra (torchao) is not installed")
+    pytest.importorskip("bitsandbytes", reason="the quant extra (bitsandbytes) is not installed")
     if shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("no torchrun next to the interpreter")
     out = tmp_path / "scale_memory.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "scale_memory.py"), "--quick", "--out", str(out)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "FSDP2/DDP" in p.stdout and "int8/fp32" in p.stdout
+    assert "FSDP2/DDP" in p.stdout and "int8/fp32" in p.stdout and "nf4/fp32" in p.stdout
     res = json.loads(out.read_text())
     assert res["quick"] is True and res["versions"]["torchao"] and "--quick" in res["command"]
     dist = res["fsdp_vs_ddp"]
@@ -40,3 +41,11 @@ def test_scale_memory_quick(tmp_path):
         q["last_loss"] < q["first_loss"] + 1e-3 and q["eval_after"]["loss"] <= q["eval_before"]["loss"] + 1e-3
     )
     assert abs(q["eval_after_delta_on_fp32"]["loss"] - q["eval_after"]["loss"]) < 0.05
+    # NF4: half a byte per value plus 8-bit block scales, below int8 (the tied LM head stays fp32
+    # in both, and the tiny weights carry each about 1 KiB of fixed scales)
+    n4 = quant["nf4"]
+    ratio = {base: quant[f"{base}_over_fp32"]["linear_weight_bytes"] for base in ("int8", "nf4")}
+    assert ratio["nf4"] < 0.8 * ratio["int8"]
+    assert n4["delta_entries"] == fp["delta_entries"] and n4["last_loss"] < n4["first_loss"] + 1e-3
+    assert abs(n4["eval_after_delta_on_fp32"]["loss"] - n4["eval_after"]["loss"]) < 0.1
+    assert quant["run"]["command"] == res["command"]

@@ -55,6 +55,19 @@ def test_train_on_a_quantized_base_and_apply_to_the_full_precision_one(tmp_path,
     assert delta.num_entries == sg.Plan.load(tmp_path / "run" / "plan").num_entries
 
 
+def test_train_on_an_nf4_base_and_apply_to_the_full_precision_one(tmp_path, files, monkeypatch, capsys):
+    pytest.importorskip("bitsandbytes", reason="the quant extra (bitsandbytes) is not installed")
+    cfg = _config(tmp_path, files, {"backend": "bnb"})  # bits: the backend's own, 4
+    code, out, err = run_main(monkeypatch, capsys, "train", "-c", cfg)
+    assert code == 0, err
+    # the tiny Llama is 32 wide: only the MLP down projections (64 in) are whole NF4 blocks
+    assert "quantized 2 Linear weights to NF4 (bnb)" in out and "13 kept in full precision" in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["losses"][-1] < summary["losses"][0]
+    delta = sg.Delta.load(tmp_path / "run" / "delta")
+    sg.apply(AutoModelForCausalLM.from_pretrained(str(files["llama"])), delta)  # names the fp32 base
+
+
 def test_densely_trained_heads_stay_in_full_precision(tmp_path, files, monkeypatch, capsys):
     pytest.importorskip("torchao", reason="the quant extra (torchao) is not installed")
     cfg = _config(
@@ -75,17 +88,24 @@ def test_densely_trained_heads_stay_in_full_precision(tmp_path, files, monkeypat
     ("quantization", "sections", "needle"),
     [
         ({"backend": "torchao"}, {}, "quantization backend 'torchao' is not installed"),
-        ({"backend": "bnb"}, {}, "config key 'model.quantization.backend' must be one of none, torchao"),
+        (
+            {"backend": "gptq"},
+            {},
+            "config key 'model.quantization.backend' must be one of none, torchao, bnb",
+        ),
+        ({"backend": "bnb"}, {}, "quantization backend 'bnb' is not installed"),
+        ({"backend": "bnb", "bits": 8}, {}, "backend 'bnb' quantizes to 4 bits here, not 8. Use bits: 4"),
         ({"backend": "torchao", "bits": 4}, {}, "backend 'torchao' quantizes to 8 bits here, not 4"),
     ],
 )
 def test_bad_quantization_settings_are_one_line_exit_2(
     tmp_path, files, monkeypatch, capsys, quantization, sections, needle
 ):
+    module = {"torchao": "torchao.quantization", "bnb": "bitsandbytes"}.get(quantization["backend"])
     if "not installed" in needle:
-        monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # as if torchao were absent
-    elif quantization.get("bits") == 4:
-        pytest.importorskip("torchao", reason="the quant extra (torchao) is not installed")
+        monkeypatch.setitem(sys.modules, module, None)  # as if the backend were absent
+    elif module is not None:
+        pytest.importorskip(module, reason="the quant extra is not installed")
     cfg = _config(tmp_path, files, quantization, **sections)
     code, _, err = run_main(monkeypatch, capsys, "train", "-c", cfg)
     assert code == 2 and needle in " ".join(err.split()), err

@@ -80,7 +80,10 @@ def quiet_optional_imports() -> None:
     transformers imports torchao whenever it is installed (the ``quant`` extra), and on a machine
     without its CUDA kernels torchao logs one "Failed to load" warning per optional kernel and
     torch one deprecation warning per Enum torchao registers: four lines on stderr before any
-    output of a command, which would bury a one-line error. Only those records are dropped.
+    output of a command, which would bury a one-line error. bitsandbytes (imported by peft, which
+    transformers' trainer utilities import) logs that the optional ``kernels`` package is absent;
+    its built-in CPU path is the one surgical uses. Only those records are dropped.
     """
     logging.getLogger("torchao").addFilter(_DropImportNoise("Failed to load"))
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropImportNoise("Failed to load CPU"))
     logging.getLogger("torch.utils._pytree").addFilter(_DropImportNoise("%s is an Enum subclass"))

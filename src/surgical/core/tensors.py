@@ -43,8 +43,12 @@ def is_zero3(t: object) -> bool:
 
 
 def logical_shape(t: torch.Tensor) -> tuple[int, ...]:
-    """The shape of the whole tensor (a ZeRO-3 partition's ``data`` is empty between passes)."""
-    return tuple(t.ds_shape) if is_zero3(t) else tuple(t.shape)
+    """The shape of the whole tensor (a ZeRO-3 partition's ``data`` is empty between passes; a
+    bitsandbytes 4-bit weight stores packed bytes and keeps its shape in its ``quant_state``)."""
+    if is_zero3(t):
+        return tuple(t.ds_shape)
+    packed = getattr(getattr(t, "quant_state", None), "shape", None)  # bitsandbytes 4-bit: packed bytes
+    return tuple(packed) if packed is not None else tuple(t.shape)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -59,10 +59,13 @@ class QuantizationConfig:
 
     backend: str = _f(
         "none",
-        "'none', or 'torchao' (int8 weight-only Linear weights; pip install 'surgical[quant]').",
-        choices=("none", "torchao"),
+        "'none', 'torchao' (int8 weight-only Linear weights) or 'bnb' (bitsandbytes NF4, QLoRA's "
+        "format); pip install 'surgical[quant]'.",
+        choices=("none", "torchao", "bnb"),
     )
-    bits: int = _f(8, "Bits per quantized weight (torchao: 8).", low=1)
+    bits: int | None = _f(
+        None, "Bits per quantized weight (default: the backend's; torchao: 8, bnb: 4).", low=1
+    )
     exclude: tuple[str, ...] = _f(
         (),
         "Patterns of Linear weights kept in full precision (LM/task heads, tied weights and the "

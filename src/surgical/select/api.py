@@ -11,7 +11,7 @@ from torch import nn
 from surgical.core.errors import SurgicalError
 from surgical.core.names import head_dim, head_kind
 from surgical.core.patterns import as_patterns, select_names
-from surgical.core.tensors import is_quantized
+from surgical.core.tensors import is_quantized, logical_shape
 from surgical.select.allocate import ALLOCATIONS, allocate
 from surgical.select.criteria import CRITERIA, ScoreContext, default_granularity
 from surgical.select.experts import fused_expert_parameters, is_expert_parameter
@@ -227,11 +227,14 @@ def select(
         )
     params, always_names = resolve_targets(model, targets, exclude, always, granularity)
     quantized = [n for n, p in params.items() if is_quantized(p)]
-    if quantized and method != "random":  # integers and scales: no values or gradient to score
-        kind = type(params[quantized[0]]).__name__
+    packed = [n for n in quantized if logical_shape(params[n]) != tuple(params[n].shape)]
+    if packed or (quantized and method != "random"):  # integers and scales: nothing to score
+        name = (packed or quantized)[0]
+        kind = type(params[name]).__name__
         raise SurgicalError(
-            f"criterion {method!r} cannot score {quantized[0]!r}: it is quantized ({kind})",
-            "Select on the full-precision model before surgical.quantize_base (or use method='random')",
+            f"criterion {method!r} cannot score {name!r}: it is quantized ({kind})",
+            "Select on the full-precision model before surgical.quantize_base"
+            + ("" if packed else " (or use method='random')"),
         )
     hd = None
     if granularity == "head":

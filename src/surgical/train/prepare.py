@@ -26,6 +26,7 @@ and the HF ``Trainer`` picks the same set by itself.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -36,7 +37,7 @@ from surgical.core.errors import SurgicalError
 from surgical.core.fingerprint import BaseOverlay
 from surgical.core.marks import Saved, is_prepared, prepared_record, set_prepared
 from surgical.core.patterns import as_patterns, matches
-from surgical.core.tensors import is_dtensor, is_plain
+from surgical.core.tensors import is_dtensor, is_plain, logical_shape
 from surgical.select.api import is_transposed_linear
 from surgical.select.plan import Plan
 from surgical.train.additive import attach_additive
@@ -111,16 +112,16 @@ def check_plan(model: nn.Module, plan: Plan) -> None:
     for name, shape in plan.shapes.items():
         if name not in params:
             _module_of(model, name)  # raises with the standard message
-        if tuple(params[name].shape) != tuple(shape):
+        if logical_shape(params[name]) != tuple(shape):
             raise SurgicalError(
                 f"the plan was made for another model: {name!r} has shape {tuple(shape)} in the "
-                f"plan but {tuple(params[name].shape)} in this model",
+                f"plan but {logical_shape(params[name])} in this model",
                 "Use the plan with the base model it was selected on",
             )
     for name in plan.sparse_names:
-        shape = tuple(params[name].shape)
+        shape = logical_shape(params[name])
         if name in plan.entries:
-            idx, bound = plan.entries[name], params[name].numel()
+            idx, bound = plan.entries[name], math.prod(shape)
         elif name in plan.rows:  # a 0-d parameter has no rows: refused with the reason by _kind
             idx, bound = plan.rows[name], shape[0] if shape else None
         else:
