@@ -196,3 +196,24 @@ def assert_resume_with_regrow_is_exact(prepared, batches: list[dict], ckpt: Path
     for name, (idx, vals) in dw.entries.items():
         assert torch.equal(dr.entries[name][0], idx) and torch.equal(dr.entries[name][1], vals), name
     return whole
+
+
+def assert_grads_match_dequantized(model, ref, plan, dequantize, batch: dict) -> None:
+    """``model`` (prepared on a quantized base) and ``ref`` (the same architecture, given the
+    dequantized weights here and prepared additively) must give the delta the same gradients."""
+    import torch
+
+    import surgical as sg
+    from surgical.core.tensors import is_quantized
+
+    for name, p in ref.named_parameters():
+        q = model.get_parameter(name)
+        with torch.no_grad():
+            p.copy_(dequantize(q) if is_quantized(q) else q)
+    sg.prepare(ref, plan, additive=True)
+    model(**batch).loss.backward()
+    ref(**batch).loss.backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for n, p in ref.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6)

@@ -19,7 +19,10 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp_cli")
     # every example has the same number of tokens: a rank's mean loss over its half of a batch
     # then averages (FSDP's gradient mean) to the whole batch's mean, as one process computes it
-    return {"llama": save_tiny_model(root / "llama", "llama"), "jsonl": write_instruct_jsonl(root / "d.jsonl")}
+    return {
+        "llama": save_tiny_model(root / "llama", "llama"),
+        "jsonl": write_instruct_jsonl(root / "d.jsonl"),
+    }
 
 
 def _config(path, files, out, **training) -> str:
@@ -40,7 +43,11 @@ def test_two_processes_train_the_delta_of_one(tmp_path, files, monkeypatch, caps
     assert code == 0, err
     sharded = _config(tmp_path / "fsdp.yaml", files, tmp_path / "fsdp", fsdp=True)
     run_two_processes(
-        "surgical", "train", "-c", sharded, launcher=["torchrun", "--standalone", "--nproc_per_node", "2", "-m"]
+        "surgical",
+        "train",
+        "-c",
+        sharded,
+        launcher=["torchrun", "--standalone", "--nproc_per_node", "2", "-m"],
     )
     one = sg.Delta.load(tmp_path / "single" / "delta")
     two = sg.Delta.load(tmp_path / "fsdp" / "delta")

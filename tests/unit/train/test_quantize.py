@@ -14,7 +14,7 @@ from surgical.core.tensors import is_quantized
 from surgical.select.plan import Plan
 from surgical.train.additive import AdditiveEntryState
 from surgical.train.state import stateful_modules
-from train_fixtures import assert_resume_with_regrow_is_exact
+from train_fixtures import assert_grads_match_dequantized, assert_resume_with_regrow_is_exact
 
 pytest.importorskip("torchao", reason="the quant extra (torchao) is not installed")
 
@@ -149,19 +149,7 @@ def test_no_full_precision_copy_of_a_quantized_weight_is_kept_for_backward():
 def test_quantized_path_gradients_equal_those_of_the_dequantized_weights():
     model, plan, _ = _quantized(density=0.2)
     sg.prepare(model, plan)
-    ref = tiny_llama()  # the same model with the dequantized weights in full precision
-    for name, p in ref.named_parameters():
-        q = model.get_parameter(name)
-        with torch.no_grad():
-            p.copy_(q.dequantize() if is_quantized(q) else q)
-    sg.prepare(ref, plan, additive=True)
-    batch = lm_batches(n=1)[0]
-    model(**batch).loss.backward()
-    ref(**batch).loss.backward()
-    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    for n, p in ref.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6)
+    assert_grads_match_dequantized(model, tiny_llama(), plan, lambda q: q.dequantize(), lm_batches(n=1)[0])
 
 
 def test_selection_on_a_quantized_model_is_random_or_refused():

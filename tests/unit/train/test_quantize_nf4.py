@@ -13,7 +13,7 @@ from conftest import lm_batches
 from surgical.core.tensors import is_quantized, logical_shape
 from surgical.train.additive import AdditiveEntryState
 from surgical.train.state import stateful_modules
-from train_fixtures import assert_resume_with_regrow_is_exact
+from train_fixtures import assert_grads_match_dequantized, assert_resume_with_regrow_is_exact
 
 bnb = pytest.importorskip("bitsandbytes", reason="the quant extra (bitsandbytes) is not installed")
 
@@ -91,19 +91,7 @@ def test_training_on_nf4_decreases_the_loss_and_the_delta_applies_to_fp32():
 def test_nf4_path_gradients_equal_those_of_the_dequantized_weights():
     model, plan, _ = _quantized(density=0.2)
     sg.prepare(model, plan)
-    ref = tiny_llama()  # the same model with the dequantized weights in full precision
-    for name, p in ref.named_parameters():
-        q = model.get_parameter(name)
-        with torch.no_grad():
-            p.copy_(_dequantized(q) if is_quantized(q) else q)
-    sg.prepare(ref, plan, additive=True)
-    batch = lm_batches(n=1)[0]
-    model(**batch).loss.backward()
-    ref(**batch).loss.backward()
-    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    for n, p in ref.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6)
+    assert_grads_match_dequantized(model, tiny_llama(), plan, _dequantized, lm_batches(n=1)[0])
 
 
 def test_resume_and_regrow_on_an_nf4_base(tmp_path):
