@@ -71,6 +71,14 @@ def row_specs() -> dict[str, dict]:
             "density": 0.01,
             "lrs": [3e-3, 5e-3],  # 1e-2 diverged for gradient (validation 49%, results/quality_runs)
         }
+    # the 1% rows above train 0.6% of the encoder (1% of the layers' Linear weights plus 31,874
+    # dense values); this one spends the goal's whole budget, 1% of the encoder's 22.7M parameters
+    rows["surgical-gradient-1pct-of-encoder"] = {
+        "kind": "surgical",
+        "method": "gradient",
+        "density": 0.0183,  # 194,288 entries + 31,874 dense = 226,162 <= 227,139
+        "lrs": [2e-3, 3e-3],
+    }
     rows["head"] = {"kind": "head", "lrs": [3e-3, 1e-3]}
     rows["surgical-rows-1pct"] = {
         "kind": "surgical",
