@@ -662,3 +662,23 @@ def test_stratify_refuses_set_choosing_criteria_and_token_labels():
         _select(tiny_bert(), CLS, "diversity", fraction=0.5, stratify=True)
     with pytest.raises(SurgicalError, match="one class label per example"):
         _select(tiny_llama(), LM, "loss", fraction=0.5, stratify=True)
+
+
+def test_rademacher_projection_is_signs_of_one_scale_seeded_and_chunked():
+    from surgical.data.gradient import _CHUNK, Projection
+
+    p = Projection(_CHUNK + 100, 12, "rademacher", seed=3)  # a dim that is not a whole byte of signs
+    first, second = p._chunk(0, torch.device("cpu")), p._chunk(_CHUNK, torch.device("cpu"))
+    assert first.shape == (_CHUNK, 12) and second.shape == (100, 12)
+    assert set((first * 12**0.5).round().unique().tolist()) == {-1.0, 1.0}
+    assert abs(float((first > 0).float().mean()) - 0.5) < 0.01
+    assert torch.equal(
+        first, Projection(_CHUNK + 100, 12, "rademacher", seed=3)._chunk(0, torch.device("cpu"))
+    )
+    assert not torch.equal(
+        first, Projection(_CHUNK + 100, 12, "rademacher", seed=4)._chunk(0, torch.device("cpu"))
+    )
+    assert not torch.equal(first[:100], second)  # each chunk draws its own signs
+    x = torch.randn(5, _CHUNK + 100)
+    torch.testing.assert_close(p(x), x[:, :_CHUNK] @ first + x[:, _CHUNK:] @ second)
+    assert p.kept and not Projection(1 << 20, 64, "rademacher", seed=0).kept  # regenerated per call
