@@ -18,16 +18,14 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from surgical.core.errors import SurgicalError
 
-FORMS = (
-    "a .csv, .jsonl/.json, .parquet or .arrow file, or a directory written by "
-    "datasets' save_to_disk"
-)
+FORMS = "a .csv, .jsonl/.json, .parquet or .arrow file, or a directory written by datasets' save_to_disk"
 
 
 def load_table(
@@ -126,18 +124,18 @@ def _as_dataset(source: Any, split: str):
 def open_table(
     source: Any, columns: Sequence[str], *, split: str = "train", limit: int | None = None
 ) -> Sequence[dict[str, Any]]:
-    """The rows of ``source``, checked as :func:`load_table` checks them, without reading every
-    row into Python where that can be avoided: for the sources ``datasets`` reads, a
-    ``datasets.Dataset`` of ``columns`` (memory-mapped for Arrow files and ``save_to_disk``
-    directories) whose rows are read when indexed; for CSV and JSON lines, :func:`load_table`'s
-    list.
+    """The rows of ``source``, checked as :func:`load_table` checks them, without holding every
+    row in memory: for the sources ``datasets`` reads, a ``datasets.Dataset`` of ``columns``
+    (memory-mapped for Arrow files and ``save_to_disk`` directories) whose rows are read when
+    indexed; for CSV and JSON lines, :class:`FileRows` (each row's byte offset, 8 bytes a row, the
+    row parsed again when indexed). Every row is parsed once here, for the checks.
 
     Raises:
         SurgicalError: as :func:`load_table`.
     """
     data = _as_dataset(source, split)
     if data is None:
-        return load_table(source, columns, split=split, limit=limit)
+        return FileRows(Path(source), columns, limit)
     where = describe(source, split)
     if limit is not None:
         data = data.select(range(min(max(limit, 0), len(data))))
@@ -221,3 +219,87 @@ def _from_dataset(data: Any, columns: Sequence[str], limit: int | None) -> tuple
     # keep one column even when none asked for exists, so an empty table still reads as empty
     keep = [c for c in columns if c in names] or names[:1]
     return names, data.select_columns(keep).to_list()
+
+
+class FileRows(Sequence):
+    """The rows of a CSV or JSON-lines file, read from disk when indexed (``open_table``).
+
+    One pass at construction parses every row (the same checks and messages as
+    :func:`load_table`) and keeps only where each row starts in the file (a CSV row may span
+    lines inside quotes); ``rows[i]`` seeks there and parses that row again. Each row is a dict
+    restricted to ``columns``.
+    """
+
+    def __init__(self, path: Path, columns: Sequence[str], limit: int | None = None) -> None:
+        self.path, self.columns = path, list(columns)
+        self.json = path.suffix in (".jsonl", ".json")
+        self.offsets = array("q")
+        where = describe(path)
+        names: list[str] = []
+        try:
+            with open(path, "rb") as fh:
+                if not self.json:
+                    header = next(csv.reader(_lines(fh, [0])), None)
+                    names = header or []
+                for i, (start, row) in enumerate(self._scan(fh, names)):
+                    if limit is not None and i >= limit:
+                        break
+                    if i == 0 and self.json:
+                        names = list(row)
+                    if any(c not in row for c in self.columns):
+                        _check_columns(where, names, self.columns)  # the header (or first row) first
+                        lacking = ", ".join(c for c in self.columns if c not in row)
+                        raise SurgicalError(
+                            f"row {i + 1} of {where} lacks column(s) {lacking}", "Fix that row"
+                        )
+                    self.offsets.append(start)
+        except (ValueError, csv.Error, UnicodeDecodeError) as e:
+            raise SurgicalError(f"cannot parse {str(path)!r}: {e}", "Check the file's format") from None
+        if not self.offsets:
+            raise SurgicalError(f"{where} has no rows", "Pass a non-empty dataset")
+        self.names = names
+
+    def _scan(self, fh, names: list[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(byte offset, row) of every row from the file position on."""
+        where = [fh.tell()]
+        if self.json:
+            for line in iter(fh.readline, b""):
+                start, where[0] = where[0], where[0] + len(line)
+                if line.strip():
+                    row = json.loads(line)
+                    if not isinstance(row, dict):
+                        raise ValueError("every line must be a JSON object")
+                    yield start, row
+            return
+        start = where[0]
+        for values in csv.reader(_lines(fh, where)):
+            if values:  # blank lines are skipped, as csv.DictReader does
+                yield start, _as_row(names, values)
+            start = where[0]
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offsets[i])
+            if self.json:
+                row = json.loads(fh.readline())
+            else:
+                row = _as_row(self.names, next(csv.reader(_lines(fh, [self.offsets[i]]))))
+        return {c: row[c] for c in self.columns}
+
+
+def _as_row(names: list[str], values: list[str]) -> dict[str, Any]:
+    """A CSV row as csv.DictReader gives it: a short row's missing values are None."""
+    return {name: values[k] if k < len(values) else None for k, name in enumerate(names)}
+
+
+def _lines(fh, where: list[int]) -> Iterator[str]:
+    """The file's lines decoded as UTF-8 (newlines kept, as the csv module needs), advancing
+    ``where[0]`` to the byte after each line handed out."""
+    for line in iter(fh.readline, b""):
+        where[0] += len(line)
+        yield line.decode("utf-8")
