@@ -30,7 +30,6 @@ Then every seed.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime
 import json
@@ -52,7 +51,7 @@ from surgical.data.instruct import pad_batches
 from surgical.recipes.demo import DemoConfig, default_data_path, load_movie_reviews
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import run_row  # noqa: E402  (benchmarks/ is a directory of scripts)
+from quality import driver_args, run_row  # noqa: E402  (benchmarks/ is a directory of scripts)
 from quality import run_worker as _run_worker  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -378,19 +377,9 @@ def figure(results: dict, base: dict, path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--rows", help="comma-separated row names (default: all)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--no-lr-search", action="store_true", help="each row's first (reference) lr, no search")
-    p.add_argument("--out", type=Path, default=HERE / "results" / "forgetting.json")
-    p.add_argument("--cache", type=Path, help="directory of finished runs, read back instead of re-run")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--spec", help=argparse.SUPPRESS)
-    p.add_argument("--lr", type=float, help=argparse.SUPPRESS)
-    p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = driver_args(
+        __doc__, HERE / "results" / "forgetting.json", "comma-separated row names (default: all)"
+    )
     if args.worker:
         worker_main(args)
         return

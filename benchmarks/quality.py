@@ -396,13 +396,15 @@ def figure(results: dict, path: Path) -> None:
         plt.close(fig)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def driver_args(doc: str, out: Path, rows_help: str) -> argparse.Namespace:
+    """The command line of a row-by-row benchmark driver (this one and forgetting.py): the public
+    flags, and the hidden ones :func:`run_worker` passes to the script's worker."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--rows", help="comma-separated row names (default: all; quick: a few)")
+    p.add_argument("--rows", help=rows_help)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--no-lr-search", action="store_true", help="each row's first (reference) lr, no search")
-    p.add_argument("--out", type=Path, default=HERE / "results" / "quality.json")
+    p.add_argument("--out", type=Path, default=out)
     p.add_argument(
         "--cache",
         type=Path,
@@ -414,7 +416,13 @@ def main() -> None:
     p.add_argument("--lr", type=float, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> None:
+    args = driver_args(
+        __doc__, HERE / "results" / "quality.json", "comma-separated row names (default: all; quick: a few)"
+    )
     if args.worker:
         worker_main(args)
         return
