@@ -252,6 +252,10 @@ def worker_main(args) -> None:
 # the driver
 
 
+class NotCached(Exception):
+    """A run ``--cached-only`` found no result for (its cache key)."""
+
+
 def run_key(spec: dict, lr: float, seed: int, quick: bool) -> str:
     """What a worker's result depends on: the row's settings (not its grid), the lr and the seed."""
     settings = {k: v for k, v in spec.items() if k not in ("lrs", "lr_from")}
@@ -267,12 +271,16 @@ def run_worker(
     tmp: Path,
     cache: Path | None = None,
     script: str = __file__,
+    cached_only: bool = False,
 ) -> dict:
     """One training run of ``script``'s worker in a fresh process; with ``cache``, a run already
-    made is read back (the forgetting benchmark's workers take the same arguments)."""
+    made is read back (the forgetting benchmark's workers take the same arguments). With
+    ``cached_only``, a run not in the cache raises :class:`NotCached` instead of training."""
     key = run_key(spec, lr, seed, quick)
     if cache is not None and (cache / f"{key}.json").is_file():
         return json.loads((cache / f"{key}.json").read_text())
+    if cached_only:
+        raise NotCached(key)
     out = tmp / f"r{time.perf_counter_ns()}.json"
     cmd = [
         sys.executable,
@@ -396,7 +404,7 @@ def figure(results: dict, path: Path) -> None:
         plt.close(fig)
 
 
-def driver_args(doc: str, out: Path, rows_help: str) -> argparse.Namespace:
+def driver_args(doc: str, out: Path, rows_help: str, assemble: bool = False) -> argparse.Namespace:
     """The command line of a row-by-row benchmark driver (this one and forgetting.py): the public
     flags, and the hidden ones :func:`run_worker` passes to the script's worker."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -411,6 +419,12 @@ def driver_args(doc: str, out: Path, rows_help: str) -> argparse.Namespace:
         help="directory of finished runs (one JSON per row settings, lr and seed): a run found there "
         "is read back instead of trained again, so an interrupted full run resumes",
     )
+    if assemble:
+        p.add_argument(
+            "--cached-only",
+            action="store_true",
+            help="train nothing: assemble the report from --cache, listing the rows with a run missing",
+        )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--lr", type=float, help=argparse.SUPPRESS)
@@ -421,8 +435,13 @@ def driver_args(doc: str, out: Path, rows_help: str) -> argparse.Namespace:
 
 def main() -> None:
     args = driver_args(
-        __doc__, HERE / "results" / "quality.json", "comma-separated row names (default: all; quick: a few)"
+        __doc__,
+        HERE / "results" / "quality.json",
+        "comma-separated row names (default: all; quick: a few)",
+        assemble=True,
     )
+    if args.cached_only and args.cache is None:
+        raise SystemExit("--cached-only reads finished runs from --cache: pass --cache DIR")
     if args.worker:
         worker_main(args)
         return
@@ -437,15 +456,22 @@ def main() -> None:
         raise SystemExit(f"unknown rows {unknown}; known: {', '.join(specs)}")
     seeds = args.seeds[:1] if args.quick else args.seeds
     results: dict[str, dict] = {}
+    missing: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             spec = dict(specs[name])
             spec["wise_ft"] = wants_wise_ft(name)
 
             def run(spec: dict, lr: float, seed: int) -> dict:
-                return run_worker(spec, lr, seed, args.quick, Path(tmp), args.cache)
+                return run_worker(
+                    spec, lr, seed, args.quick, Path(tmp), args.cache, cached_only=args.cached_only
+                )
 
-            row = run_row(spec, results, seeds, run, search=not (args.quick or args.no_lr_search))
+            try:
+                row = run_row(spec, results, seeds, run, search=not (args.quick or args.no_lr_search))
+            except NotCached:
+                missing.append(name)
+                continue
             runs, lr = row["runs"], row["lr"]
             results[name] = {**row, "summary": summarise(runs)}
             s = results[name]["summary"]
@@ -457,12 +483,14 @@ def main() -> None:
             wf = wise_ft_row(runs)
             if wf is not None:
                 results[f"{name} + wise-ft"] = {"lr": lr, **wf}
-            write(args, seeds, results, complete=False)
-    write(args, seeds, results, complete=True)
+            write(args, seeds, results, complete=False, missing=missing)
+    write(args, seeds, results, complete=not missing, missing=missing)
+    if missing:
+        print(f"not in the cache (left out): {', '.join(missing)}")
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 
-def write(args, seeds: list[int], results: dict, complete: bool) -> None:
+def write(args, seeds: list[int], results: dict, complete: bool, missing: list[str] = ()) -> None:
     """Writes the report (after every row too, so a long run keeps what it finished)."""
     report = {
         "benchmark": "quality",
@@ -488,6 +516,7 @@ def write(args, seeds: list[int], results: dict, complete: bool) -> None:
             + "; WiSE-FT alpha on each run's validation",
             "wise_ft_alphas": [*WISE_ALPHAS, 1.0],
             "complete": complete,
+            "missing_rows": list(missing),
         },
         "results": results,
     }

@@ -61,7 +61,9 @@ def quality_table(report: dict) -> str:
             f"{pct(s['id'])} | {pct(s['ood'])} | {s['train_seconds']['mean']:.0f} | "
             f"{s['peak_rss_mib']['mean']:,.0f} MiB | {size(s['artifact_kib']['mean'])} |"
         )
-    return "\n".join(lines) + "\n\n" + quality_verdict(report)
+    missing = report["setup"].get("missing_rows") or []
+    tail = f"\n\nNot run yet (no finished runs in the cache): {', '.join(missing)}." if missing else ""
+    return "\n".join(lines) + "\n\n" + quality_verdict(report) + tail
 
 
 def quality_verdict(report: dict) -> str:

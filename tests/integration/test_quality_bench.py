@@ -11,25 +11,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_quality_quick(tmp_path):
-    out = tmp_path / "q.json"
+def _quality(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
-    p = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "quality.py"),
-            "--quick",
-            "--rows",
-            "surgical-gradient-1pct",
-            "--out",
-            str(out),
-        ],
+    return subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "quality.py"), "--quick", *args],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
         cwd=REPO / "benchmarks",
     )
+
+
+def test_quality_quick(tmp_path):
+    out, cache = tmp_path / "q.json", tmp_path / "runs"
+    p = _quality("--rows", "surgical-gradient-1pct", "--out", str(out), "--cache", str(cache))
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())["results"]
     row = r["surgical-gradient-1pct"]
@@ -40,3 +36,18 @@ def test_quality_quick(tmp_path):
     alphas = {float(a): v["validation"] for a, v in run["wise_ft"].items()}
     assert wf["alpha"] == max(alphas, key=lambda a: (alphas[a], a))  # chosen on validation only
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+    # --cached-only assembles the same report from the cache, trains nothing, lists what is missing
+    again = tmp_path / "again.json"
+    p = _quality(
+        "--rows", "surgical-gradient-1pct,head", "--out", str(again), "--cache", str(cache), "--cached-only"
+    )
+    assert p.returncode == 0 and "not in the cache (left out): head" in p.stdout, p.stderr[-3000:]
+    report = json.loads(again.read_text())
+    assert (
+        report["results"]["surgical-gradient-1pct"]
+        == json.loads(out.read_text())["results"]["surgical-gradient-1pct"]
+    )
+    assert report["setup"]["missing_rows"] == ["head"] and not report["setup"]["complete"]
+    assert len(list(cache.glob("*.json"))) == 1  # the one run, read back
+    assert _quality("--cached-only", "--out", str(again)).returncode != 0  # needs --cache
