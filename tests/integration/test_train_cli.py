@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -274,10 +275,9 @@ def test_train_expresses_every_plan_select_builds(tmp_path, files, monkeypatch, 
     batches = make_batches(
         DataConfig(path=str(files["csv"]), batch_size=8, max_length=16), "classification", tok
     )
-    kwargs = dict(selection)
-    kwargs.update(kwargs.pop("options", {}))
-    direct = sg.select(model, batches, progress=False, seed=0, **kwargs)
-    assert SelectionConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in selection.items()})
+    # the keys the section leaves unset take the default recipe's values (surgical.recipes.defaults)
+    section = SelectionConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in selection.items()})
+    direct = sg.select(model, batches, progress=False, **section.select_kwargs(0, model, "classification"))
     for kind in ("entries", "rows", "cols"):
         a, b = getattr(trained, kind), getattr(direct, kind)
         assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), kind
@@ -334,3 +334,29 @@ def test_token_selection_trains_a_causal_lm_on_part_of_each_answer(tmp_path, fil
     cfg = _config(tmp_path, files, token_selection={"method": "random"})
     code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(cfg))
     assert code == 2 and "token_selection needs a causal LM" in err
+
+
+def test_unset_targets_always_and_lr_follow_the_benchmarked_recipe(tmp_path, files, monkeypatch, capsys):
+    """Classification: entries of the blocks' Linear weights, the head, biases and LayerNorms dense,
+    lr 3e-3 (the quality benchmark's surgical rows); an explicit [] switches a default off."""
+    cfg = _config(tmp_path, files, training={"max_steps": 1})
+    raw = yaml.safe_load(cfg.read_text())
+    raw["selection"] = {"method": "gradient", "density": 0.05}
+    raw["training"].pop("lr", None)
+    cfg.write_text(yaml.safe_dump(raw))
+    code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(cfg))
+    assert code == 0, err
+    plan = sg.Plan.load(tmp_path / "run" / "plan")
+    assert plan.entries and all(re.match(r"bert\.encoder\.layer\.\d+\..*\.weight$", n) for n in plan.entries)
+    assert not any("LayerNorm" in n for n in plan.entries)
+    assert {"classifier.weight", "classifier.bias"} <= set(plan.dense)
+    assert all(n.endswith(".bias") or "LayerNorm" in n or n.startswith("classifier.") for n in plan.dense)
+    assert any(n.endswith("LayerNorm.weight") for n in plan.dense)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["lr"] == 3e-3
+    raw["selection"].update(always=[], targets=[])
+    raw["out"] = str(tmp_path / "bare")
+    cfg.write_text(yaml.safe_dump(raw))
+    code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(cfg))
+    assert code == 0, err
+    bare = sg.Plan.load(tmp_path / "bare" / "plan")
+    assert not bare.dense and "classifier.weight" in bare.entries  # every Linear weight, nothing dense

@@ -130,10 +130,16 @@ class SelectionConfig:
         "global", "global, per_tensor or per_layer.", choices=("global", "per_tensor", "per_layer")
     )
     aggregate: str = _f("sum", "A unit's score: sum or mean of its entries' scores.", choices=("sum", "mean"))
-    targets: tuple[str, ...] = _f((), "Patterns of weights to select from (default: every Linear weight).")
+    targets: tuple[str, ...] | None = _f(
+        None,
+        "Patterns of weights to select from (default: the Linear weights inside the transformer "
+        "blocks; [] for every Linear weight).",
+    )
     exclude: tuple[str, ...] = _f((), "Patterns removed from the targets.")
-    always: tuple[str, ...] = _f(
-        (), "Patterns of parameters trained in full (heads, norms), outside the budget."
+    always: tuple[str, ...] | None = _f(
+        None,
+        "Patterns of parameters trained in full, outside the budget (default: classification the "
+        "task head, biases and norms; causal LM the final norm; [] for none).",
     )
     max_batches: int = _f(16, "Calibration batches for data-driven criteria.", low=1)
     options: dict[str, Any] = field(
@@ -155,12 +161,17 @@ class SelectionConfig:
             return {"density": DEFAULT_DENSITY, "count": None, "optimizer_bytes": None}
         return {"density": self.density, "count": self.count, "optimizer_bytes": self.optimizer_bytes}
 
-    def select_kwargs(self, seed: int) -> dict[str, Any]:
-        """Keyword arguments of :func:`surgical.select` (beside model and data)."""
+    def select_kwargs(self, seed: int, model: Any = None, task: str = "classification") -> dict[str, Any]:
+        """Keyword arguments of :func:`surgical.select` (beside model and data); unset targets and
+        always take the default recipe's for ``model`` and ``task`` (:mod:`surgical.recipes.defaults`)."""
+        from surgical.recipes.defaults import default_always, default_targets
+
+        targets = default_targets(model) if self.targets is None else list(self.targets)
+        always = default_always(model, task) if self.always is None else list(self.always)
         return dict(
             method=self.method, **self.budget(), granularity=self.granularity,
-            allocation=self.allocation, aggregate=self.aggregate, targets=list(self.targets) or None,
-            exclude=list(self.exclude) or None, always=list(self.always) or None,
+            allocation=self.allocation, aggregate=self.aggregate, targets=targets or None,
+            exclude=list(self.exclude) or None, always=always or None,
             max_batches=self.max_batches, seed=seed, **self.options,
         )  # fmt: skip
 
@@ -181,7 +192,13 @@ class TrainingConfig:
 
     epochs: int = _f(1, "Passes over the data (ignored when max_steps is set).", low=1)
     max_steps: int | None = _f(None, "Stop after this many optimizer steps.", low=1)
-    lr: float = _f(1e-3, "Peak learning rate (AdamW).", low=0, low_open=True)
+    lr: float | None = _f(
+        None,
+        "Peak learning rate (AdamW; default by task: 3e-3 classification, 1e-4 causal LM, as the "
+        "benchmarks chose).",
+        low=0,
+        low_open=True,
+    )
     weight_decay: float = _f(0.0, "AdamW weight decay.", low=0)
     warmup: float = _f(0.1, "Share of the steps spent warming the learning rate up.", low=0, high=1)
     grad_accum: int = _f(1, "Batches per optimizer step.", low=1)

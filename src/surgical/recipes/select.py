@@ -58,7 +58,7 @@ def run_select(cfg: SelectConfig, console: Console | None = None, show: bool = T
         cfg.data, task, tok, num_labels=cfg.model.num_labels,
         sample=s.max_batches * cfg.data.batch_size, seed=cfg.seed,
     )  # fmt: skip
-    plan = select(model, calib, progress=show, **s.select_kwargs(cfg.seed))
+    plan = select(model, calib, progress=show, **s.select_kwargs(cfg.seed, model, task))
     plan.meta.update(model=str(cfg.model.path), data=str(cfg.data.path), task=task)
     plan.save(out)
     console.print(f"wrote plan {cfg.out}: {plan.summary()}")

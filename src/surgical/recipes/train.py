@@ -48,6 +48,7 @@ from surgical.recipes.config import (
     _f,
 )
 from surgical.recipes.data import make_batches
+from surgical.recipes.defaults import DEFAULT_LR
 from surgical.recipes.models import detect_task, load_model
 from surgical.recipes.select_data import (
     DataSelectionConfig,
@@ -212,7 +213,8 @@ def make_plan(cfg: RunConfig, model, batches) -> Plan:
         return Plan.load(own)
     if cfg.selection.plan:
         return Plan.load(cfg.selection.plan)
-    return select(model, batches, progress=False, **cfg.selection.select_kwargs(cfg.training.seed))
+    kwargs = cfg.selection.select_kwargs(cfg.training.seed, model, task_of(cfg))
+    return select(model, batches, progress=False, **kwargs)
 
 
 RUN_FILES = ("plan", "checkpoints", "delta", "summary.json", "data-selection")
@@ -346,6 +348,7 @@ def run_train(
         batches = RankShares(batches, rank, dist.get_world_size())
     hooks = make_schedule(cfg.schedule.name, cfg.schedule.options, seed=cfg.training.seed)
     t = cfg.training
+    lr = t.lr if t.lr is not None else DEFAULT_LR[task]
     plan_summary = plan.summary()
     del plan  # its int64 indices (8 bytes per entry) are not needed while training
     console.print(f"training {trainable_count(model):,} values: {plan_summary}")
@@ -356,7 +359,7 @@ def run_train(
             batches,
             epochs=t.epochs,
             max_steps=t.max_steps,
-            lr=t.lr,
+            lr=lr,
             weight_decay=t.weight_decay,
             warmup=t.warmup,
             grad_accum=t.grad_accum,
@@ -376,6 +379,7 @@ def run_train(
         )
         summary: dict[str, Any] = {
             "status": "nan" if result.stopped == "nan" else "done",
+            "lr": lr,
             "steps": result.steps,
             "resumed_from": result.resumed_from,
             "trainable": trainable_count(model),

@@ -1,0 +1,54 @@
+"""The default recipe (unset selection.targets / always, training.lr) is the benchmarks' rows."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_bert, tiny_llama
+from surgical.core.patterns import matches
+from surgical.recipes.defaults import DEFAULT_LR, default_always, default_targets
+
+BENCH = Path(__file__).resolve().parents[3] / "benchmarks"
+
+
+def _targeted(model, patterns):
+    return {n for n, _ in model.named_parameters() if any(matches(n, p) for p in patterns)}
+
+
+def test_causal_lm_defaults_are_the_forgetting_benchmarks_surgical_rows():
+    sys.path.insert(0, str(BENCH))
+    import forgetting
+
+    model = tiny_llama()
+    assert default_always(model, "causal_lm") == ["model.norm"]  # the final norm only
+    assert _targeted(model, default_targets(model)) == _targeted(model, [forgetting.BLOCK_LINEARS])
+    assert DEFAULT_LR["causal_lm"] == forgetting.row_specs()["surgical-gradient-1pct"]["lrs"][0]
+
+
+def test_classification_defaults_are_the_quality_benchmarks_surgical_rows():
+    sys.path.insert(0, str(BENCH))
+    import quality
+
+    model = tiny_bert()
+    always = default_always(model, "classification")
+    assert always == quality.ALWAYS  # classifier, bias, LayerNorm
+    dense = _targeted(model, always)
+    # the benchmark's targets minus what trains densely anyway (its pattern also matches norms)
+    assert _targeted(model, default_targets(model)) == _targeted(model, [quality.LAYER_LINEARS]) - dense
+    assert DEFAULT_LR["classification"] == quality.row_specs()["surgical-gradient-1pct"]["lrs"][0]
+
+
+def test_gpt2_conv1d_blocks_and_models_without_blocks():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16))
+    targets = _targeted(gpt2, default_targets(gpt2))
+    assert "transformer.h.0.attn.c_attn.weight" in targets and "transformer.h.1.mlp.c_proj.weight" in targets
+    assert not any("ln_" in n or "wte" in n for n in targets)
+    assert default_always(gpt2, "causal_lm") == ["transformer.ln_f"]
+    torch = pytest.importorskip("torch")
+    flat = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    assert default_targets(flat) == []  # no numbered blocks: every Linear weight
