@@ -120,7 +120,7 @@ def demo(
     density: Annotated[
         float | None,
         typer.Option(
-            help="Fraction of the encoder layers' Linear weights trained as entries (default 0.01)."
+            help="Fraction of the encoder layers' Linear weights trained as entries (default 0.0183)."
         ),
     ] = None,
     targets: Annotated[

@@ -338,7 +338,7 @@ def test_token_selection_trains_a_causal_lm_on_part_of_each_answer(tmp_path, fil
 
 def test_unset_targets_always_and_lr_follow_the_benchmarked_recipe(tmp_path, files, monkeypatch, capsys):
     """Classification: entries of the blocks' Linear weights, the head, biases and LayerNorms dense,
-    lr 3e-3 (the quality benchmark's surgical rows); an explicit [] switches a default off."""
+    lr 2e-3 (the quality benchmark's recipe row); an explicit [] switches a default off."""
     cfg = _config(tmp_path, files, training={"max_steps": 1})
     raw = yaml.safe_load(cfg.read_text())
     raw["selection"] = {"method": "gradient", "density": 0.05}
@@ -352,7 +352,7 @@ def test_unset_targets_always_and_lr_follow_the_benchmarked_recipe(tmp_path, fil
     assert {"classifier.weight", "classifier.bias"} <= set(plan.dense)
     assert all(n.endswith(".bias") or "LayerNorm" in n or n.startswith("classifier.") for n in plan.dense)
     assert any(n.endswith("LayerNorm.weight") for n in plan.dense)
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["lr"] == 3e-3
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["lr"] == 2e-3
     raw["selection"].update(always=[], targets=[])
     raw["out"] = str(tmp_path / "bare")
     cfg.write_text(yaml.safe_dump(raw))

@@ -115,7 +115,8 @@ class SelectionConfig:
     method: str = _f("gradient", "Selection criterion (`surgical list criteria`).")
     density: float | None = _f(
         None,
-        "Fraction of the targeted parameters to train (0.01 when no count or byte budget is given).",
+        "Fraction of the targeted parameters to train (when no count or byte budget is given: "
+        "0.0183 for classification, 0.01 for causal LM).",
         low=0,
         high=1,
         low_open=True,
@@ -147,9 +148,9 @@ class SelectionConfig:
     )
     plan: str | None = _f(None, "Directory of a saved plan to use instead of selecting.")
 
-    def budget(self) -> dict[str, Any]:
+    def budget(self, default_density: float = DEFAULT_DENSITY) -> dict[str, Any]:
         """density / count / optimizer_bytes as ``select`` takes them (at most one may be set;
-        none: a density of 0.01)."""
+        none: ``default_density``)."""
         given = [k for k in ("density", "count", "optimizer_bytes") if getattr(self, k) is not None]
         if len(given) > 1:
             raise SurgicalError(
@@ -158,18 +159,20 @@ class SelectionConfig:
                 "Remove one of them",
             )
         if not given:
-            return {"density": DEFAULT_DENSITY, "count": None, "optimizer_bytes": None}
+            return {"density": default_density, "count": None, "optimizer_bytes": None}
         return {"density": self.density, "count": self.count, "optimizer_bytes": self.optimizer_bytes}
 
     def select_kwargs(self, seed: int, model: Any = None, task: str = "classification") -> dict[str, Any]:
         """Keyword arguments of :func:`surgical.select` (beside model and data); unset targets and
         always take the default recipe's for ``model`` and ``task`` (:mod:`surgical.recipes.defaults`)."""
+        from surgical.recipes.defaults import DEFAULT_DENSITY as BY_TASK
         from surgical.recipes.defaults import default_always, default_targets
 
         targets = default_targets(model) if self.targets is None else list(self.targets)
         always = default_always(model, task) if self.always is None else list(self.always)
+        budget = self.budget(BY_TASK.get(task, DEFAULT_DENSITY))
         return dict(
-            method=self.method, **self.budget(), granularity=self.granularity,
+            method=self.method, **budget, granularity=self.granularity,
             allocation=self.allocation, aggregate=self.aggregate, targets=targets or None,
             exclude=list(self.exclude) or None, always=always or None,
             max_batches=self.max_batches, seed=seed, **self.options,
@@ -194,7 +197,7 @@ class TrainingConfig:
     max_steps: int | None = _f(None, "Stop after this many optimizer steps.", low=1)
     lr: float | None = _f(
         None,
-        "Peak learning rate (AdamW; default by task: 3e-3 classification, 1e-4 causal LM, as the "
+        "Peak learning rate (AdamW; default by task: 2e-3 classification, 1e-4 causal LM, as the "
         "benchmarks chose).",
         low=0,
         low_open=True,

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import tiny_bert, tiny_llama
 from surgical.core.patterns import matches
-from surgical.recipes.defaults import DEFAULT_LR, default_always, default_targets
+from surgical.recipes.defaults import DEFAULT_DENSITY, DEFAULT_LR, default_always, default_targets
 
 BENCH = Path(__file__).resolve().parents[3] / "benchmarks"
 
@@ -25,7 +25,8 @@ def test_causal_lm_defaults_are_the_forgetting_benchmarks_surgical_rows():
     model = tiny_llama()
     assert default_always(model, "causal_lm") == ["model.norm"]  # the final norm only
     assert _targeted(model, default_targets(model)) == _targeted(model, [forgetting.BLOCK_LINEARS])
-    assert DEFAULT_LR["causal_lm"] == forgetting.row_specs()["surgical-gradient-1pct"]["lrs"][0]
+    row = forgetting.row_specs()["surgical-gradient-1pct"]
+    assert DEFAULT_LR["causal_lm"] == row["lrs"][0] and DEFAULT_DENSITY["causal_lm"] == 0.01
 
 
 def test_classification_defaults_are_the_quality_benchmarks_surgical_rows():
@@ -38,7 +39,11 @@ def test_classification_defaults_are_the_quality_benchmarks_surgical_rows():
     dense = _targeted(model, always)
     # the benchmark's targets minus what trains densely anyway (its pattern also matches norms)
     assert _targeted(model, default_targets(model)) == _targeted(model, [quality.LAYER_LINEARS]) - dense
-    assert DEFAULT_LR["classification"] == quality.row_specs()["surgical-gradient-1pct"]["lrs"][0]
+    from surgical.recipes.demo import RECIPE_ROW, DemoConfig
+
+    row = quality.row_specs()[RECIPE_ROW]  # the demo's row: the best surgical row on validation
+    assert DEFAULT_DENSITY["classification"] == row["density"] == DemoConfig().density
+    assert DEFAULT_LR["classification"] == DemoConfig().lr in row["lrs"]
 
 
 def test_gpt2_conv1d_blocks_and_models_without_blocks():
