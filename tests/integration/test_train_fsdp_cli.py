@@ -96,3 +96,17 @@ def test_what_a_sharded_run_cannot_do_is_refused_in_one_line(
     assert code == 2 and needle in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_rank_shares_split_every_batch_and_drop_a_last_batch_too_small_to_split():
+    from surgical.core.processes import RankShares
+
+    batches = [{"input_ids": torch.arange(8).reshape(4, 2)}, {"input_ids": torch.arange(2).reshape(1, 2)}]
+    shares = [RankShares(batches, r, 2) for r in (0, 1)]
+    assert [len(s) for s in shares] == [1, 1]  # the one-row last batch cannot be split
+    assert torch.equal(torch.cat([s[0]["input_ids"] for s in shares]), batches[0]["input_ids"])
+    with pytest.raises(IndexError):
+        shares[0][1]
+    assert len(RankShares(batches[:1], 0, 4)) == 1 and RankShares(batches[:1], 3, 4)[0][
+        "input_ids"
+    ].shape == (1, 2)

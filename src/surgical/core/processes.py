@@ -84,18 +84,21 @@ def _collective_device() -> torch.device:
 
 class RankShares(Sequence):
     """This process's share of every batch: part ``rank`` of the batch's rows cut into ``n``
-    contiguous parts (``torch.tensor_split``), read lazily. A batch with fewer rows than
-    processes (a short last batch) is left out, so that no process gets an empty share."""
+    contiguous parts (``torch.tensor_split``), read lazily. The batches are full but for the
+    last (the batch size splits evenly between the processes); a last batch with fewer rows than
+    processes is left out, so that no process gets an empty share."""
 
     def __init__(self, batches: Sequence[dict], rank: int, n: int) -> None:
         self.batches, self.rank, self.n = batches, rank, n
-        self.kept = [i for i in range(len(batches)) if _rows(batches[i]) >= n]
+        self.count = len(batches) - (1 if len(batches) and _rows(batches[len(batches) - 1]) < n else 0)
 
     def __len__(self) -> int:
-        return len(self.kept)
+        return self.count
 
     def __getitem__(self, i: int) -> dict:  # type: ignore[override]
-        batch = self.batches[self.kept[i]]
+        if not -self.count <= i < self.count:
+            raise IndexError(i)
+        batch = self.batches[i % self.count]
         return {
             k: torch.tensor_split(v, self.n)[self.rank] if torch.is_tensor(v) else v for k, v in batch.items()
         }
