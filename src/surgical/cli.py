@@ -115,12 +115,12 @@ def demo(
         str | None, typer.Option(help="CSV with text,label,source (default: packaged movie reviews).")
     ] = None,
     method: Annotated[
-        str | None, typer.Option(help="Selection criterion (default: the recipe's, gradient).")
+        str | None, typer.Option(help="Selection criterion (default: the recipe's, salience).")
     ] = None,
     density: Annotated[
         float | None,
         typer.Option(
-            help="Fraction of the encoder layers' Linear weights trained as entries (default 0.0183)."
+            help="Fraction of the encoder layers' Linear weights trained as entries (default 0.01)."
         ),
     ] = None,
     targets: Annotated[

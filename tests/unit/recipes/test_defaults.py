@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 from conftest import tiny_bert, tiny_llama
 from surgical.core.patterns import matches
-from surgical.recipes.defaults import DEFAULT_DENSITY, DEFAULT_LR, default_always, default_targets
+from surgical.recipes.defaults import DEFAULT_DENSITY, DEFAULT_LR, ROWS, default_always, default_targets
 
 BENCH = Path(__file__).resolve().parents[3] / "benchmarks"
 
@@ -39,11 +40,17 @@ def test_classification_defaults_are_the_quality_benchmarks_surgical_rows():
     dense = _targeted(model, always)
     # the benchmark's targets minus what trains densely anyway (its pattern also matches norms)
     assert _targeted(model, default_targets(model)) == _targeted(model, [quality.LAYER_LINEARS]) - dense
-    from surgical.recipes.demo import RECIPE_ROW, DemoConfig
-
-    row = quality.row_specs()[RECIPE_ROW]  # the demo's row: the best surgical row on validation
-    assert DEFAULT_DENSITY["classification"] == row["density"] == DemoConfig().density
-    assert DEFAULT_LR["classification"] == DemoConfig().lr in row["lrs"]
+    row = quality.row_specs()[ROWS["classification"]]  # the best gradient row on validation
+    assert row["method"] == "gradient" and DEFAULT_DENSITY["classification"] == row["density"]
+    report = json.loads((BENCH / "results" / "quality.json").read_text())["results"]
+    assert DEFAULT_LR["classification"] == report[ROWS["classification"]]["lr"]  # chosen on validation
+    gradient_rows = [
+        n
+        for n, r in report.items()
+        if "wise-ft" not in n and quality.row_specs().get(n, {}).get("method") == "gradient"
+    ]
+    best = max(gradient_rows, key=lambda n: report[n]["summary"]["validation"]["mean"])
+    assert best == ROWS["classification"]
 
 
 def test_gpt2_conv1d_blocks_and_models_without_blocks():
