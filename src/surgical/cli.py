@@ -115,7 +115,7 @@ def demo(
         str | None, typer.Option(help="CSV with text,label,source (default: packaged movie reviews).")
     ] = None,
     method: Annotated[
-        str | None, typer.Option(help="Selection criterion (default: the recipe's, salience).")
+        str | None, typer.Option(help="Selection criterion (default: the recipe's, lottery).")
     ] = None,
     density: Annotated[
         float | None,
