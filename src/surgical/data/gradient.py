@@ -152,7 +152,7 @@ class Projection:
         scale = 1 / math.sqrt(self.dim)
         if self.kind == "gaussian":
             r = torch.randn((rows, self.dim), generator=g).mul_(scale)
-        else:  # eight signs per random byte: 3.5x faster than one draw per sign (measured)
+        else:  # eight signs per random byte: far fewer draws than one per sign
             packed = torch.randint(0, 256, (rows, -(-self.dim // 8)), generator=g, dtype=torch.uint8)
             bits = (packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1
             r = bits.reshape(rows, -1)[:, : self.dim].to(torch.float32).mul_(2 * scale).sub_(scale)
