@@ -22,6 +22,8 @@ import yaml
 
 from surgical.core.errors import SurgicalError
 from surgical.core.registry import check_range, coerce
+from surgical.recipes.defaults import DEFAULT_DENSITY as DENSITY_BY_TASK
+from surgical.recipes.defaults import default_always, default_targets
 
 T = TypeVar("T")
 
@@ -162,15 +164,12 @@ class SelectionConfig:
             return {"density": default_density, "count": None, "optimizer_bytes": None}
         return {"density": self.density, "count": self.count, "optimizer_bytes": self.optimizer_bytes}
 
-    def select_kwargs(self, seed: int, model: Any = None, task: str = "classification") -> dict[str, Any]:
+    def select_kwargs(self, seed: int, model: Any, task: str) -> dict[str, Any]:
         """Keyword arguments of :func:`surgical.select` (beside model and data); unset targets and
         always take the default recipe's for ``model`` and ``task`` (:mod:`surgical.recipes.defaults`)."""
-        from surgical.recipes.defaults import DEFAULT_DENSITY as BY_TASK
-        from surgical.recipes.defaults import default_always, default_targets
-
         targets = default_targets(model) if self.targets is None else list(self.targets)
         always = default_always(model, task) if self.always is None else list(self.always)
-        budget = self.budget(BY_TASK.get(task, DEFAULT_DENSITY))
+        budget = self.budget(DENSITY_BY_TASK.get(task, DEFAULT_DENSITY))
         return dict(
             method=self.method, **budget, granularity=self.granularity,
             allocation=self.allocation, aggregate=self.aggregate, targets=targets or None,

@@ -68,15 +68,13 @@ def default_always(model: nn.Module, task: str) -> list[str]:
     """What trains densely by default: see the module docstring."""
     norms = [n for n, m in model.named_modules() if n and _is_norm(m)]
     if task == "causal_lm":  # the final norm: a norm module outside the numbered blocks
-        return [
-            n for n in norms if split_layer(f"{n}.weight")[0] is None and any(True for _ in _params(model, n))
-        ]
+        return [n for n in norms if split_layer(f"{n}.weight")[0] is None and _has_params(model, n)]
     base = getattr(model, "base_model_prefix", "")
-    head = [n for n, _ in model.named_children() if n != base and any(True for _ in _params(model, n))]
+    head = [n for n, _ in model.named_children() if n != base and _has_params(model, n)]
     kinds = sorted({n.rsplit(".", 1)[-1] for n in norms})
     has_bias = any(n.endswith(".bias") for n, _ in model.named_parameters())
     return [*head, *(["bias"] if has_bias else []), *kinds]
 
 
-def _params(model: nn.Module, module_name: str):
-    return model.get_submodule(module_name).parameters()
+def _has_params(model: nn.Module, module_name: str) -> bool:
+    return next(model.get_submodule(module_name).parameters(), None) is not None
