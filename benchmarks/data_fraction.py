@@ -25,12 +25,22 @@ gradient scores favour one class); the JSON records it.
     python benchmarks/data_fraction.py --jobs 2 --stratify      # the same, class shares kept
     python benchmarks/data_fraction.py --criteria random,gradient --fractions 0.1 0.3 --seeds 0
     python benchmarks/data_fraction.py --quick --out X.json     # tiny subsets (a test runs it)
+
+``--cache DIR`` keeps each finished point as one JSON file there (named by a hash of what it
+depends on: criterion and options, fraction, seed, stratify, the recipe), and reads a point found
+there back instead of running it again: a long run resumes where it stopped, and drivers started
+with disjoint ``--seeds`` or ``--criteria`` can share the work. ``--cached-only`` runs nothing and
+assembles the report from the cache, listing the points it lacks in ``setup.missing``.
+
+    python benchmarks/data_fraction.py --stratify --cache results/data_fraction_runs --seeds 0
+    python benchmarks/data_fraction.py --stratify --cache results/data_fraction_runs --cached-only
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import statistics
 import subprocess
@@ -120,6 +130,15 @@ def run_worker(point: tuple[str, float, int], quick: bool, stratify: bool, tmp: 
     return {**json.loads(out.read_text()), "worker_seconds": time.perf_counter() - t0}
 
 
+def point_key(point: tuple[str, float, int], quick: bool, stratify: bool) -> str:
+    """What a point's result depends on, hashed: its cache file's name."""
+    name, fraction, seed = point
+    method = ds.criterion(name, quick) if name != FULL else None
+    blob = {"criterion": name, "method": method, "fraction": fraction, "seed": seed, "quick": quick}
+    blob |= {"stratify": stratify, "recipe": [ds.RECIPE, ds.LR, ds.BATCH, ds.MAX_LENGTH]}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def plan_points(
     criteria: list[str], fractions: list[float], seeds: list[int]
 ) -> list[tuple[str, float, int]]:
@@ -188,7 +207,7 @@ def figure(summary: dict, path: Path) -> None:
         plt.close(fig)
 
 
-def write(args, points: list[dict], failures: list[dict], complete: bool) -> None:
+def write(args, points: list[dict], failures: list[dict], complete: bool, missing: list[tuple] = ()) -> None:
     """Writes the report and the figure (after every point, so a long run keeps what it finished)."""
     from surgical.core.io import atomic_write_text
 
@@ -218,6 +237,7 @@ def write(args, points: list[dict], failures: list[dict], complete: bool) -> Non
             "seeds": args.seeds,
             "quick": args.quick,
             "complete": complete,
+            "missing": [{"criterion": c, "fraction": f, "seed": sd} for c, f, sd in missing],
         },
         "summary": summary,
         "points": points,
@@ -247,6 +267,8 @@ def main() -> None:
         help="score-based criteria keep the same fraction of each class (the top scores within it)",
     )
     p.add_argument("--out", type=Path, default=HERE / "results" / "data_fraction.json")
+    p.add_argument("--cache", type=Path, help="directory of finished points: read back, not run again")
+    p.add_argument("--cached-only", action="store_true", help="run nothing: assemble the report from --cache")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--criterion", help=argparse.SUPPRESS)
     p.add_argument("--fraction", type=float, help=argparse.SUPPRESS)
@@ -263,12 +285,26 @@ def main() -> None:
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     if args.jobs < 1:
         raise SystemExit("--jobs must be at least 1")
+    if args.cached_only and args.cache is None:
+        raise SystemExit("--cached-only reads finished points from --cache: pass --cache DIR")
     points = plan_points(args.criteria, args.fractions, args.seeds)
-    print(f"{len(points)} points, {args.jobs} at a time", flush=True)
     done: list[dict] = []
     failures: list[dict] = []
+    todo = []
+    for pt in points:
+        path = args.cache / f"{point_key(pt, args.quick, args.stratify)}.json" if args.cache else None
+        if path is not None and path.is_file():
+            done.append(json.loads(path.read_text()))
+        else:
+            todo.append(pt)
+    done.sort(key=lambda r: (r["seed"], r["fraction"], r["criterion"]))
+    if args.cached_only:
+        write(args, done, failures, complete=not todo, missing=todo)
+        print(f"{len(done)} points from {args.cache}, {len(todo)} missing; wrote {args.out}")
+        return
+    print(f"{len(points)} points ({len(done)} cached), {args.jobs} at a time", flush=True)
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
-        futures = {pool.submit(run_worker, pt, args.quick, args.stratify, Path(tmp)): pt for pt in points}
+        futures = {pool.submit(run_worker, pt, args.quick, args.stratify, Path(tmp)): pt for pt in todo}
         for fut in as_completed(futures):
             name, fraction, seed = futures[fut]
             try:
@@ -278,6 +314,12 @@ def main() -> None:
                 print(f"FAILED {name} {fraction:g} seed {seed}: {e}", flush=True)
             else:
                 done.append(r)
+                if args.cache is not None:
+                    from surgical.core.io import atomic_write_text
+
+                    args.cache.mkdir(parents=True, exist_ok=True)
+                    key = point_key((name, fraction, seed), args.quick, args.stratify)
+                    atomic_write_text(args.cache / f"{key}.json", json.dumps(r))
                 print(
                     f"[{len(done)}/{len(points)}] {name:14s} {100 * fraction:3.0f}% seed {seed}: "
                     f"ID {100 * r['id']:.1f}, OOD {100 * r['ood']:.1f}, val {100 * r['validation']:.1f}; "
