@@ -18,6 +18,10 @@ process), artifact size. Each training runs in a fresh worker process (its peak 
     python benchmarks/quality.py                         # full mode (~2 h on 2 CPU cores)
     python benchmarks/quality.py --rows full,lora,surgical-gradient-1pct --seeds 0 1 2
     python benchmarks/quality.py --quick --out X.json    # tiny subsets, a few rows (a test runs it)
+
+``--curves full,lora,...`` adds a whole WiSE-FT curve per named row (ID and OOD at every alpha,
+at the row's chosen lr, with ``--curve-seeds``; the first seed by default): the scatter draws
+them as lines. The row runs themselves score every alpha on validation only.
 """
 
 from __future__ import annotations
@@ -167,7 +171,13 @@ def train_row(spec: dict, lr: float, seed: int, quick: bool, workdir: Path) -> d
     with sg.applied(base, delta):
         res = sg.evaluate(base, sets, task="classification", show=False)
     points = {}
-    if spec.get("wise_ft"):  # every alpha on validation (cheap); ID and OOD at this run's best only
+    if spec.get("wise_ft_curve"):  # a whole curve: validation, ID and OOD at every alpha
+        for alpha in WISE_ALPHAS:
+            with sg.applied(base, sg.merge([delta], "wise_ft", alpha=alpha)):
+                r = sg.evaluate(base, sets, task="classification", show=False)
+            points[str(alpha)] = {k: v["accuracy"] for k, v in r.items()}
+        points["1.0"] = {k: v["accuracy"] for k, v in res.items()}
+    elif spec.get("wise_ft"):  # every alpha on validation (cheap); ID and OOD at this run's best only
         val = {"validation": sets["validation"]}
         for alpha in WISE_ALPHAS:
             with sg.applied(base, sg.merge([delta], "wise_ft", alpha=alpha)):
@@ -345,7 +355,28 @@ def wise_ft_row(runs: list[dict]) -> dict | None:
     return {"alpha": statistics.fmean(alphas), "alphas": alphas, "runs": chosen, "summary": summarise(chosen)}
 
 
-def figure(results: dict, path: Path) -> None:
+def curve_spec(spec: dict) -> dict:
+    """A row's settings for its WiSE-FT curve runs (their own cache keys: the row's runs stay)."""
+    return {**spec, "wise_ft": False, "wise_ft_curve": True}
+
+
+def wise_ft_curve(runs: list[dict], lr: float, seeds: list[int]) -> dict:
+    """One row's WiSE-FT curve: per alpha, mean ± std over the curve runs of each accuracy."""
+    alphas = sorted(runs[0]["wise_ft"], key=float)
+    curve = {
+        a: {
+            k: {
+                "mean": statistics.fmean(r["wise_ft"][a][k] for r in runs),
+                "std": statistics.stdev(r["wise_ft"][a][k] for r in runs) if len(runs) > 1 else 0.0,
+            }
+            for k in ("validation", "id", "ood")
+        }
+        for a in alphas
+    }
+    return {"lr": lr, "seeds": seeds, "alphas": curve}
+
+
+def figure(results: dict, path: Path, curves: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -388,6 +419,15 @@ def figure(results: dict, path: Path) -> None:
             xytext=(3, 3),
             textcoords="offset points",
         )
+    for name, c in (curves or {}).items():  # alpha 0.5 ... 1.0, the tuned end marked by its row
+        pts = [(100 * v["id"]["mean"], 100 * v["ood"]["mean"]) for v in c["alphas"].values()]
+        (line,) = ax.plot(*zip(*pts, strict=True), "-", linewidth=1, alpha=0.7, marker=".")
+        line.set_label(f"{name} WiSE-FT, alpha {', '.join(c['alphas'])} (seeds {c['seeds']})")
+        ax.annotate(
+            "a=" + next(iter(c["alphas"])), pts[0], fontsize=6, xytext=(-4, -9), textcoords="offset points"
+        )
+    if curves:
+        ax.legend(fontsize=6, loc="lower right")
     ax.set_xlabel("ID accuracy, % (RT held-out)")
     ax.set_ylabel("OOD accuracy, % (IMDB)")
     ax.set_title("ID vs OOD (mean ± std over seeds; stars: WiSE-FT)", fontsize=9)
@@ -425,6 +465,15 @@ def driver_args(doc: str, out: Path, rows_help: str, assemble: bool = False) -> 
             action="store_true",
             help="train nothing: assemble the report from --cache, listing the rows with a run missing",
         )
+    if assemble:
+        p.add_argument(
+            "--curves",
+            help="comma-separated rows of this run to draw a whole WiSE-FT curve for (ID and OOD at "
+            "every alpha: three more evaluations a run), each at its chosen lr",
+        )
+        p.add_argument(
+            "--curve-seeds", type=int, nargs="+", help="the seeds of the curve runs (default: the first)"
+        )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--lr", type=float, help=argparse.SUPPRESS)
@@ -454,8 +503,16 @@ def main() -> None:
     unknown = [n for n in names if n not in specs]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; known: {', '.join(specs)}")
+    curve_rows = args.curves.split(",") if args.curves else []
+    if [n for n in curve_rows if n not in names]:
+        raise SystemExit(
+            f"--curves names rows this run does not run: {[n for n in curve_rows if n not in names]}; "
+            "add them to --rows"
+        )
     seeds = args.seeds[:1] if args.quick else args.seeds
+    curve_seeds = args.curve_seeds or seeds[:1]
     results: dict[str, dict] = {}
+    curves: dict[str, dict] = {}
     missing: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
@@ -483,14 +540,27 @@ def main() -> None:
             wf = wise_ft_row(runs)
             if wf is not None:
                 results[f"{name} + wise-ft"] = {"lr": lr, **wf}
-            write(args, seeds, results, complete=False, missing=missing)
-    write(args, seeds, results, complete=not missing, missing=missing)
+            write(args, seeds, results, complete=False, missing=missing, curves=curves)
+        for name in curve_rows:
+            if name not in results:
+                continue  # its row is missing (listed already)
+            lr = results[name]["lr"]
+            try:
+                runs = [run(curve_spec(specs[name]), lr, s) for s in curve_seeds]
+            except NotCached:
+                missing.append(f"{name} (WiSE-FT curve)")
+                continue
+            curves[name] = wise_ft_curve(runs, lr, curve_seeds)
+            write(args, seeds, results, complete=False, missing=missing, curves=curves)
+    write(args, seeds, results, complete=not missing, missing=missing, curves=curves)
     if missing:
         print(f"not in the cache (left out): {', '.join(missing)}")
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 
-def write(args, seeds: list[int], results: dict, complete: bool, missing: list[str] = ()) -> None:
+def write(
+    args, seeds: list[int], results: dict, complete: bool, missing: list[str] = (), curves: dict | None = None
+) -> None:
     """Writes the report (after every row too, so a long run keeps what it finished)."""
     report = {
         "benchmark": "quality",
@@ -519,9 +589,10 @@ def write(args, seeds: list[int], results: dict, complete: bool, missing: list[s
             "missing_rows": list(missing),
         },
         "results": results,
+        "wise_ft_curves": curves or {},
     }
     atomic_write_text(args.out, json.dumps(report, indent=2))
-    figure(results, args.out.with_suffix(".png"))
+    figure(results, args.out.with_suffix(".png"), curves)
 
 
 if __name__ == "__main__":
