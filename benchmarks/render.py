@@ -97,7 +97,29 @@ def quality_verdict(report: dict) -> str:
             f"{best_ood} at {100 * mine[best_ood]['ood']['mean']:.1f} "
             f"({100 * (mine[best_ood]['ood']['mean'] - lora_ood):+.1f} against LoRA)."
         )
+    paired = [paired_gaps(rows, n) for n in dict.fromkeys([best_id, best_ood, *both])]
+    if all(paired):
+        lines.append(
+            "Paired by seed (each run minus the baseline's run at the same seed, mean ± std): "
+            + "; ".join(paired)
+            + "."
+        )
     return " ".join(lines)
+
+
+def paired_gaps(rows: dict, name: str) -> str | None:
+    """A row's ID gap to full fine-tuning and OOD gap to LoRA, seed by seed (runs are in seed
+    order in every row), as 'name: ID +a ± b, OOD +c ± d'; None without three paired runs."""
+    import statistics
+
+    out = []
+    for key, ref in (("id", "full"), ("ood", "lora")):
+        mine, theirs = rows[name].get("runs", []), rows[ref].get("runs", [])
+        if len(mine) != len(theirs) or len(mine) < 2:
+            return None
+        gaps = [100 * (a[key] - b[key]) for a, b in zip(mine, theirs, strict=True)]
+        out.append(f"{key.upper()} {statistics.fmean(gaps):+.1f} ± {statistics.stdev(gaps):.1f}")
+    return f"{name}: {', '.join(out)}"
 
 
 def forgetting_table(report: dict) -> str:

@@ -43,6 +43,20 @@ def test_goal_check():
     assert "cannot be checked" in render.quality_verdict({"results": {"lora": rows["lora"]}})
 
 
+def test_goal_check_pairs_runs_by_seed():
+    runs = lambda *pairs: [{"id": i, "ood": o} for i, o in pairs]  # noqa: E731
+    rows = {
+        "full": {**_row(0.80, 0.78, 22.7e6), "runs": runs((0.80, 0.70), (0.80, 0.86))},
+        "lora": {**_row(0.75, 0.79, 339e3), "runs": runs((0.75, 0.72), (0.75, 0.86))},
+        "surgical-a-1pct": {**_row(0.81, 0.78, 2e5), "runs": runs((0.82, 0.71), (0.80, 0.85))},
+    }
+    text = render.quality_verdict({"results": rows})
+    # ID: +2, 0 -> +1.0 ± 1.4; OOD: -1, -1 -> -1.0 ± 0.0 (the means alone say -1.0 as well)
+    assert "surgical-a-1pct: ID +1.0 ± 1.4, OOD -1.0 ± 0.0." in text
+    del rows["surgical-a-1pct"]["runs"][1]  # unpaired: no paired line
+    assert "Paired" not in render.quality_verdict({"results": rows})
+
+
 def test_sections_replace_only_their_markers(tmp_path, monkeypatch):
     import json
 
