@@ -83,6 +83,14 @@ def row_specs() -> dict[str, dict]:
         "density": 0.0183,  # 194,288 entries + 31,874 dense = 226,162 <= 227,139
         "lrs": [2e-3, 3e-3],
     }
+    # the two criteria best on validation at 0.6%, given the whole budget too
+    for crit, lrs in (("lottery", [2e-3, 3e-3]), ("salience", [3e-3, 5e-3])):
+        rows[f"surgical-{crit}-1pct-of-encoder"] = {
+            "kind": "surgical",
+            "method": crit,
+            "density": 0.0183,
+            "lrs": lrs,
+        }
     rows["head"] = {"kind": "head", "lrs": [3e-3, 1e-3]}
     rows["surgical-rows-1pct"] = {
         "kind": "surgical",

@@ -47,7 +47,7 @@ def test_data_select_cost_quick(tmp_path):
 def test_data_fraction_quick(tmp_path):
     out = tmp_path / "df.json"
     args = ["--criteria", "gradient+adam", "--fractions", "0.5", "1.0", "--jobs", "2", "--stratify"]
-    args += ["--out", str(out)]
+    args += ["--out", str(out), "--cache", str(tmp_path / "points")]
     p = _run("data_fraction.py", *args)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())
@@ -66,3 +66,13 @@ def test_data_fraction_quick(tmp_path):
         for k in ("id", "ood", "validation", "selection_seconds", "train_seconds"):
             assert s[k]["mean"] == statistics.fmean([q[k]]) and s[k]["std"] == 0.0 and s[k]["n"] == 1
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+    # --cached-only: the same points read back from --cache, nothing run, what is missing listed
+    again = tmp_path / "again.json"
+    args[1] = "gradient+adam,random"
+    p = _run("data_fraction.py", *args[:-3], str(again), "--cache", str(tmp_path / "points"), "--cached-only")
+    assert p.returncode == 0 and "2 points from" in p.stdout and "1 missing" in p.stdout, p.stderr[-3000:]
+    r2 = json.loads(again.read_text())
+    assert r2["points"] == r["points"] and r2["setup"]["complete"] is False
+    assert r2["setup"]["missing"] == [{"criterion": "random", "fraction": 0.5, "seed": 0}]
+    assert len(list((tmp_path / "points").glob("*.json"))) == 2
