@@ -28,7 +28,6 @@ from surgical.merge import MERGE_METHODS, interference, merge
 from surgical.select import CRITERIA, Plan, select
 from surgical.train import (
     SCHEDULES,
-    SurgicalCallback,
     base_values,
     extract,
     fit,
@@ -77,8 +76,13 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name == "SurgicalTrainer":  # transformers.Trainer is a heavy import: only on first use
+    # transformers.Trainer and its callbacks are heavy imports (seconds): only on first use
+    if name == "SurgicalTrainer":
         from surgical.train.trainer import SurgicalTrainer
 
         return SurgicalTrainer
+    if name == "SurgicalCallback":
+        from surgical.train.callback import SurgicalCallback
+
+        return SurgicalCallback
     raise AttributeError(f"module 'surgical' has no attribute {name!r}")

@@ -3,7 +3,7 @@ tied rows), prepare/extract, the fit loop with hooks, schedules, checkpoints and
 
 from surgical.train.distributed import shard
 from surgical.train.extract import extract
-from surgical.train.hooks import StepState, SurgicalCallback, TrainHook
+from surgical.train.hooks import StepState, TrainHook
 from surgical.train.loop import FitResult, fit
 from surgical.train.prepare import base_values, prepare, prepared, sync, trainable_count, unprepare
 from surgical.train.quantize import QuantizeReport, quantize_base
@@ -33,8 +33,13 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name == "SurgicalTrainer":  # transformers.Trainer is a heavy import: only on first use
+    # transformers.Trainer and its callbacks are heavy imports (seconds): only on first use
+    if name == "SurgicalTrainer":
         from surgical.train.trainer import SurgicalTrainer
 
         return SurgicalTrainer
+    if name == "SurgicalCallback":
+        from surgical.train.callback import SurgicalCallback
+
+        return SurgicalCallback
     raise AttributeError(f"module 'surgical.train' has no attribute {name!r}")

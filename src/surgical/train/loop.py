@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import get_linear_schedule_with_warmup
 
 from surgical.core.errors import SurgicalError
 from surgical.core.loss import batch_to, model_loss
@@ -183,6 +182,10 @@ def fit(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     per_epoch = max(1, len(batches) // grad_accum)
     total = max_steps if max_steps is not None else epochs * per_epoch
+    # imported here: transformers.optimization pulls in the Trainer's utilities, peft and
+    # bitsandbytes (seconds), which `import surgical` and the command line should not pay
+    from transformers import get_linear_schedule_with_warmup
+
     sched = get_linear_schedule_with_warmup(opt, int(warmup * total), total)
     state = StepState(model=model, optimizer=opt, scheduler=sched, step=0, total_steps=total)
     identity = None

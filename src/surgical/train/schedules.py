@@ -1,7 +1,7 @@
 """Dynamic schedules: change what is trained during a run (LISA, prune-and-regrow, HFT).
 
 Each schedule is a :class:`~surgical.train.hooks.TrainHook`: pass it to ``fit(hooks=[...])``,
-wrap it in :class:`~surgical.train.hooks.SurgicalCallback` for the HF ``Trainer``, or name it
+wrap it in :class:`~surgical.train.callback.SurgicalCallback` for the HF ``Trainer``, or name it
 in the ``schedule:`` section of a ``surgical train`` config (``name:`` and ``options:``, checked
 against the options each one declares in :data:`SCHEDULES`).
 

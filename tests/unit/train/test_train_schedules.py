@@ -9,7 +9,8 @@ import torch
 import surgical as sg
 from conftest import cls_batches, tiny_bert
 from surgical.select.plan import Plan
-from surgical.train.hooks import SurgicalCallback, TrainHook
+from surgical.train.callback import SurgicalCallback
+from surgical.train.hooks import TrainHook
 from surgical.train.loop import fit
 from surgical.train.schedules import HFT, LISA, Regrow
 
