@@ -384,66 +384,75 @@ def wise_ft_curve(runs: list[dict], lr: float, seeds: list[int]) -> dict:
     return {"lr": lr, "seeds": seeds, "alphas": curve}
 
 
+def _colour(name: str) -> str:
+    if name.startswith("full"):
+        return "#4477aa"
+    if name.startswith(("lora", "shira")):
+        return "#228833"
+    if name.startswith(("surgical", "fim", "lisa")):
+        return "#ee6677"
+    return "#999999"
+
+
 def figure(results: dict, path: Path, curves: dict | None = None) -> None:
+    """Three panels: every row's ID vs OOD (means ± std over seeds; WiSE-FT at the alpha each run's
+    validation chose as stars), the goal's corner zoomed with the whole WiSE-FT curves, and ID
+    accuracy against trainable parameters. Dashed: full fine-tuning's ID and LoRA's OOD (the goal)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.8))
+    fig, (ax, zoom, ax2) = plt.subplots(1, 3, figsize=(17, 5.4))
+    mean = {
+        n: (100 * r["summary"]["id"]["mean"], 100 * r["summary"]["ood"]["mean"]) for n, r in results.items()
+    }
     for name, r in results.items():
-        s = r["summary"]
-        colour = (
-            "#4477aa"
-            if name.startswith("full")
-            else "#228833"
-            if name.startswith(("lora", "shira"))
-            else "#ee6677"
-            if name.startswith(("surgical", "fim", "lisa"))
-            else "#999999"
-        )
-        marker = "*" if "wise-ft" in name else "o"
+        s, colour, wise = r["summary"], _colour(name), "wise-ft" in name
+        x, y = mean[name]
         ax.errorbar(
-            100 * s["id"]["mean"],
-            100 * s["ood"]["mean"],
-            xerr=100 * s["id"]["std"],
-            yerr=100 * s["ood"]["std"],
-            fmt=marker,
-            color=colour,
-            markersize=8 if marker == "*" else 5,
+            x, y, xerr=100 * s["id"]["std"], yerr=100 * s["ood"]["std"], fmt="*" if wise else "o",
+            color=colour, markersize=8 if wise else 5, elinewidth=0.6, alpha=0.45 if wise else 0.8,
+        )  # fmt: skip
+        if not wise:  # a WiSE-FT star sits by its row's label
+            ax.annotate(
+                name.removeprefix("surgical-"), (x, y), fontsize=5, xytext=(3, 3), textcoords="offset points"
+            )
+            ax2.plot(max(1, s["trainable"]["mean"]), x, "o", color=colour)
+            ax2.annotate(
+                name.removeprefix("surgical-"), (max(1, s["trainable"]["mean"]), x), fontsize=5,
+                xytext=(3, 3), textcoords="offset points",
+            )  # fmt: skip
+    # the goal's corner: rows near both references, and the WiSE-FT curves (alpha 0.5 -> 1)
+    near = [n for n, (x, y) in mean.items() if "wise-ft" not in n and x >= 74 and y >= 76]
+    for name in near:
+        zoom.plot(*mean[name], "o", color=_colour(name))
+        zoom.annotate(
+            name.removeprefix("surgical-"), mean[name], fontsize=6, xytext=(3, 3), textcoords="offset points"
         )
-        ax.annotate(
-            name,
-            (100 * s["id"]["mean"], 100 * s["ood"]["mean"]),
-            fontsize=6,
-            xytext=(3, 3),
-            textcoords="offset points",
-        )
-        ax2.plot(max(1, s["trainable"]["mean"]), 100 * s["id"]["mean"], marker, color=colour)
-        ax2.annotate(
-            name,
-            (max(1, s["trainable"]["mean"]), 100 * s["id"]["mean"]),
-            fontsize=6,
-            xytext=(3, 3),
-            textcoords="offset points",
-        )
-    for name, c in (curves or {}).items():  # alpha 0.5 ... 1.0, the tuned end marked by its row
+    for name, c in (curves or {}).items():
         pts = [(100 * v["id"]["mean"], 100 * v["ood"]["mean"]) for v in c["alphas"].values()]
-        (line,) = ax.plot(*zip(*pts, strict=True), "-", linewidth=1, alpha=0.7, marker=".")
-        line.set_label(f"{name} WiSE-FT, alpha {', '.join(c['alphas'])} (seeds {c['seeds']})")
-        ax.annotate(
-            "a=" + next(iter(c["alphas"])), pts[0], fontsize=6, xytext=(-4, -9), textcoords="offset points"
+        seeds = ", ".join(map(str, c["seeds"]))
+        zoom.plot(*zip(*pts, strict=True), "--", marker=".", linewidth=1, label=f"{name} (seed {seeds})")
+        zoom.annotate(
+            "a=" + next(iter(c["alphas"])), pts[0], fontsize=6, xytext=(-6, -10), textcoords="offset points"
         )
+    if "full" in mean and "lora" in mean:
+        for a in (ax, zoom):
+            a.axvline(mean["full"][0], color="#4477aa", linestyle=":", linewidth=0.8)
+            a.axhline(mean["lora"][1], color="#228833", linestyle=":", linewidth=0.8)
     if curves:
-        ax.legend(fontsize=6, loc="lower right")
-    ax.set_xlabel("ID accuracy, % (RT held-out)")
-    ax.set_ylabel("OOD accuracy, % (IMDB)")
-    ax.set_title("ID vs OOD (mean ± std over seeds; stars: WiSE-FT)", fontsize=9)
-    ax.grid(alpha=0.3)
+        zoom.legend(fontsize=6, loc="lower right", title="WiSE-FT curves, alpha 0.5 to 1", title_fontsize=6)
+    for a in (ax, zoom):
+        a.set_xlabel("ID accuracy, % (RT held-out)")
+        a.set_ylabel("OOD accuracy, % (IMDB)")
+        a.grid(alpha=0.3)
+    ax.set_title("ID vs OOD, every row (mean ± std over seeds; stars: WiSE-FT)", fontsize=9)
+    zoom.set_title("the goal's corner (dotted: full's ID, LoRA's OOD); dots: means", fontsize=9)
     ax2.set_xscale("log")
     ax2.set_xlabel("trainable parameters")
     ax2.set_ylabel("ID accuracy, %")
-    ax2.set_title("accuracy vs trainable parameters", fontsize=9)
+    ax2.set_title("ID accuracy vs trainable parameters (means)", fontsize=9)
     ax2.grid(alpha=0.3)
     fig.tight_layout()
     try:
