@@ -4,7 +4,7 @@ recorded baselines, so that no figure in the docs is typed by hand.
     python benchmarks/render.py            # every section whose JSON exists
     python benchmarks/render.py --check    # exit 1 if a rendered section is out of date
 
-Sections live in ``docs/benchmarks.md`` between ``<!-- render:NAME -->`` and
+Sections live in ``docs/benchmarks.md``, ``docs/data.md`` and the README between ``<!-- render:NAME -->`` and
 ``<!-- /render:NAME -->`` markers; a section whose JSON is missing is left as it is. The demo's
 recorded baselines (``src/surgical/recipes/demo_reference.json``, what ``surgical demo`` prints
 beside its own numbers) come from the quality benchmark's seed-0 runs of full fine-tuning and LoRA,
@@ -193,12 +193,75 @@ def demo_table(record: dict) -> str:
     return text
 
 
+def data_fraction_table(report: dict) -> str:
+    """ID / OOD accuracy per criterion and data fraction (mean ± std over the seeds that finished),
+    the 100% row first, then the issue's goal checked: full-data ID and OOD at <= 30% of the data."""
+    summary = report["summary"]
+    full = summary.get("all", {}).get("1.0")
+    fractions = sorted({f for c, by in summary.items() if c != "all" for f in by}, key=float)
+
+    seeds = len(report["setup"]["seeds"])
+
+    def cell(st: dict) -> str:
+        n = st["id"]["n"]
+        one = lambda k: f"{100 * st[k]['mean']:.1f}" if n == 1 else pct(st[k])  # noqa: E731
+        return f"{one('id')} / {one('ood')}" + (f" (n={n})" if n != seeds else "")
+
+    lines = [
+        "| criterion | "
+        + " | ".join(f"{100 * float(f):.0f}%: ID / OOD" for f in fractions)
+        + " | selection s |",
+        "|---|" + "---:|" * (len(fractions) + 1),
+    ]
+    if full is not None:
+        lines.append("| all data (100%) | " + cell(full) + " |" * len(fractions) + " |")
+    for name, by in summary.items():
+        if name == "all":
+            continue
+        secs = [by[f]["selection_seconds"]["mean"] for f in by]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(cell(by[f]) if f in by else "" for f in fractions)
+            + f" | {sum(secs) / len(secs):.0f} |"
+        )
+    text = "\n".join(lines)
+    if full is None:
+        return text + "\n\nThe goal cannot be checked yet: the 100% points are missing."
+    fid, food = full["id"]["mean"], full["ood"]["mean"]
+    hits = [
+        f"{name} at {100 * float(f):.0f}%"
+        for name, by in summary.items()
+        if name != "all"
+        for f in by
+        if float(f) <= 0.3 and by[f]["id"]["mean"] >= fid and by[f]["ood"]["mean"] >= food
+    ]
+    text += (
+        f"\n\nGoal (means over seeds): full-data ID {100 * fid:.1f} and OOD {100 * food:.1f} with at most "
+        "30% of the data. "
+    )
+    nmin = min(st["id"]["n"] for by in summary.values() for st in by.values())
+    if nmin < 3:
+        text += f"Some points have {nmin} of the 3 seeds, so this is not a result yet. "
+    if hits:
+        return text + f"Reached by: {', '.join(hits)}."
+    at30 = {n: by["0.3"] for n, by in summary.items() if n != "all" and "0.3" in by}
+    if not at30:
+        return text + "Not reached; no 30% point has finished."
+    best = max(at30, key=lambda n: at30[n]["id"]["mean"] + at30[n]["ood"]["mean"])
+    b_id, b_ood = at30[best]["id"]["mean"], at30[best]["ood"]["mean"]
+    return text + (
+        f"Not reached. Best at 30% (ID + OOD): {best}, {100 * b_id:.1f} / {100 * b_ood:.1f} "
+        f"({100 * (b_id - fid):+.1f} / {100 * (b_ood - food):+.1f})."
+    )
+
+
 SECTIONS = {
     "quality": ("quality.json", quality_table),
+    "data_fraction": ("data_fraction.json", data_fraction_table),
     "forgetting": ("forgetting.json", forgetting_table),
     "demo": ("demo.json", demo_table),
 }
-DOCS = (DOC, REPO / "README.md")
+DOCS = (DOC, REPO / "docs" / "data.md", REPO / "README.md")
 
 
 def header(report: dict) -> str:

@@ -76,3 +76,31 @@ def test_sections_replace_only_their_markers(tmp_path, monkeypatch):
     assert "old" not in out and out.endswith("<!-- /render:forgetting -->\nafter\n")
     assert "| base, zero-shot | | 0 | 50.0 |" in out
     assert render.render_doc(out) == out  # idempotent
+
+
+def _point(id_, ood, n=3):
+    s = lambda m: {"mean": m, "std": 0.01, "n": n}  # noqa: E731
+    return {"id": s(id_), "ood": s(ood), "selection_seconds": s(10.0)}
+
+
+def test_data_fraction_goal():
+    summary = {
+        "all": {"1.0": _point(0.80, 0.78)},
+        "random": {"0.1": _point(0.60, 0.60), "0.3": _point(0.79, 0.80), "0.5": _point(0.81, 0.80)},
+        "gradient": {"0.1": _point(0.70, 0.70), "0.3": _point(0.78, 0.77), "0.5": _point(0.80, 0.79)},
+    }
+    report = {"setup": {"seeds": [0, 1, 2]}, "summary": summary}
+    text = render.data_fraction_table(report)
+    assert "| all data (100%) | 80.0 ± 1.0 / 78.0 ± 1.0 |" in text
+    assert (
+        "| gradient | 70.0 ± 1.0 / 70.0 ± 1.0 | 78.0 ± 1.0 / 77.0 ± 1.0 | 80.0 ± 1.0 / 79.0 ± 1.0 | 10 |"
+        in text
+    )
+    # random at 30% misses ID by a point: not reached (50% is above the goal's 30%)
+    assert "Not reached. Best at 30% (ID + OOD): random, 79.0 / 80.0 (-1.0 / +2.0)." in text
+    summary["gradient"]["0.1"] = _point(0.80, 0.78, n=1)  # equal counts as matching; one seed only
+    text = render.data_fraction_table(report)
+    assert "| 80.0 / 78.0 (n=1) |" in text
+    assert (
+        "Some points have 1 of the 3 seeds, so this is not a result yet. Reached by: gradient at 10%." in text
+    )
