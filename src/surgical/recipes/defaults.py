@@ -17,8 +17,9 @@ chose on validation (docs/benchmarks.md):
 
 An explicit value replaces the default: ``targets: []`` selects from every Linear weight,
 ``always: []`` trains nothing densely. The criterion stays ``gradient`` for every task: on MiniLM
-``lottery`` and ``salience`` scored higher on validation (the demo uses ``lottery``), one
-benchmark too few to change the default criterion of every model.
+``lottery`` at the same budget and lr scored higher on validation (the demo uses it), but its
+warm-up costs dense fine-tuning memory for the targets, and one benchmark is too few to change
+the default criterion of every model.
 """
 
 from __future__ import annotations

@@ -104,3 +104,12 @@ def test_packaged_reference_is_the_quality_benchmarks():
     assert (cfg.method, cfg.density) == (recipe["method"], recipe["density"])
     assert cfg.lr == report["results"][demo.RECIPE_ROW]["lr"]  # chosen on validation
     assert list(cfg.always) == quality.ALWAYS and list(cfg.targets) == [quality.LAYER_LINEARS]
+    # the recipe is the surgical row best on validation among those within 1% of the encoder
+    rows = report["results"]
+    budget = 0.01 * rows["full"]["summary"]["trainable"]["mean"]
+    mine = {
+        n: r["summary"]["validation"]["mean"]
+        for n, r in rows.items()
+        if n.startswith("surgical-") and r["summary"]["trainable"]["mean"] <= budget
+    }
+    assert demo.RECIPE_ROW == max(mine, key=mine.get)
