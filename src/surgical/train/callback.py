@@ -69,4 +69,3 @@ class SurgicalCallback(TrainerCallback):
     @staticmethod
     def _write(model: nn.Module, path: Path) -> None:
         extract(model).save(path)
-
