@@ -62,8 +62,9 @@ def row_specs() -> dict[str, dict]:
 
     The order is the order of the run, most telling first, so that a run cut short keeps the rows
     that decide the default recipe. A row with ``lr_from`` takes the lr its named row chose on
-    validation instead of searching its own (none does now: the 0.5% rows, which once reused their
-    criterion's 1% choice, search the same grid themselves).
+    validation instead of searching its own (no row here does: the 0.5% rows, which once reused
+    their criterion's 1% choice, search the same grid themselves; ``forgetting.py``'s
+    token-selection rows, which share :func:`run_row`, still do).
     """
     rows: dict[str, dict] = {
         "full": {"kind": "full", "lrs": [5e-5, 2e-5]},

@@ -43,6 +43,7 @@ class BaseOverlay:
     values: Mapping[str, Saved] = field(default_factory=dict)
     skip: Iterable[str] = ()
 
+
 SAMPLE = 64
 
 
@@ -141,16 +142,12 @@ def fingerprint_of(samples: dict[str, tuple[tuple, torch.Tensor]]) -> str:
     return h.hexdigest()[:16]
 
 
-def model_fingerprint(
-    model: nn.Module, exclude: Iterable[str] = (), saved: BaseOverlay | None = None
-) -> str:
+def model_fingerprint(model: nn.Module, exclude: Iterable[str] = (), saved: BaseOverlay | None = None) -> str:
     """Fingerprint of ``model`` as a base, ignoring the parameters in ``exclude``."""
     return fingerprint_of(base_samples(model, exclude, saved))
 
 
-def base_identity(
-    model: nn.Module, exclude: Iterable[str] = (), saved: BaseOverlay | None = None
-) -> dict:
+def base_identity(model: nn.Module, exclude: Iterable[str] = (), saved: BaseOverlay | None = None) -> dict:
     """The ``base`` metadata of a delta made on ``model`` (name, architecture, fingerprint)."""
     config = getattr(model, "config", None)
     excludes = sorted(exclude)

@@ -29,4 +29,3 @@ def fim_layer_scores(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """Per tensor, sum over calibration batches of ||dL/dW||_F^2 (0-d tensors)."""
     sums, _ = accumulate_gradients(ctx, _squared_norm, fisher_loss(ctx))
     return sums
-

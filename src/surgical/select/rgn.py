@@ -29,4 +29,3 @@ def rgn_scores(ctx: ScoreContext) -> dict[str, torch.Tensor]:
         w = torch.linalg.vector_norm(p.detach().float())
         out[n] = sums[n] / w if w > 0 else torch.zeros_like(sums[n])
     return out
-
