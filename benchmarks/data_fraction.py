@@ -34,6 +34,15 @@ assembles the report from the cache, listing the points it lacks in ``setup.miss
 
     python benchmarks/data_fraction.py --stratify --cache results/data_fraction_runs --seeds 0
     python benchmarks/data_fraction.py --stratify --cache results/data_fraction_runs --cached-only
+
+``--equal-steps`` separates which data from how much training: every point takes as many optimizer
+steps as one epoch of all the data (cycling through the kept examples), so 10% is ten epochs of
+its 300 examples instead of ten steps. The 100% points are the same run either way (one cache
+entry); the other points have their own.
+
+    python benchmarks/data_fraction.py --stratify --equal-steps --criteria random,learnability \
+        --fractions 0.1 0.3 1.0 --seeds 0 --cache results/data_fraction_runs \
+        --out results/data_fraction_equal_steps.json
 """
 
 from __future__ import annotations
@@ -63,8 +72,11 @@ FRACTIONS = (0.1, 0.3, 0.5, 1.0)
 # the worker: one point in its own process
 
 
-def run_point(name: str, fraction: float, seed: int, quick: bool, stratify: bool = False) -> dict:
-    """Selects (unless 100%), trains and evaluates one point; returns its numbers."""
+def run_point(
+    name: str, fraction: float, seed: int, quick: bool, stratify: bool = False, equal_steps: bool = False
+) -> dict:
+    """Selects (unless 100%), trains and evaluates one point; returns its numbers. ``equal_steps``:
+    train as many optimizer steps as one epoch of all the data takes, not one epoch of the kept."""
     torch.set_num_threads(1)
     import surgical as sg
     from surgical.core.runtime import quiet_transformers
@@ -76,7 +88,8 @@ def run_point(name: str, fraction: float, seed: int, quick: bool, stratify: bool
     train, val, test, ood = ds.split(quick)
     model, tok = load_model(default_model_path(), "classification", seed=seed)
     base = copy.deepcopy(model)
-    plan = ds.plan(model, ds.train_batches(tok, train, seed), seed)
+    all_batches = ds.train_batches(tok, train, seed)
+    plan = ds.plan(model, all_batches, seed)
     out: dict = {"criterion": name, "fraction": fraction, "seed": seed}
     kept = train
     if name != FULL:
@@ -96,7 +109,10 @@ def run_point(name: str, fraction: float, seed: int, quick: bool, stratify: bool
     out["positive_share"] = sum(kept.labels) / len(kept)  # class balance of what was kept
     t0 = time.perf_counter()
     sg.prepare(model, plan)
-    sg.fit(model, ds.train_batches(tok, kept, seed), lr=ds.LR, seed=seed, show=False)
+    batches = ds.train_batches(tok, kept, seed)
+    steps = len(all_batches) if equal_steps else None  # None: one epoch of the kept examples
+    sg.fit(model, batches, max_steps=steps, lr=ds.LR, seed=seed, show=False)
+    out["steps"] = steps or len(batches)
     delta = sg.extract(model)
     out["train_seconds"] = time.perf_counter() - t0
     sets = {
@@ -111,7 +127,7 @@ def run_point(name: str, fraction: float, seed: int, quick: bool, stratify: bool
 
 
 def worker_main(args) -> None:
-    result = run_point(args.criterion, args.fraction, args.seed, args.quick, args.stratify)
+    result = run_point(args.criterion, args.fraction, args.seed, args.quick, args.stratify, args.equal_steps)
     args.result.write_text(json.dumps(result))
 
 
@@ -119,23 +135,29 @@ def worker_main(args) -> None:
 # the driver
 
 
-def run_worker(point: tuple[str, float, int], quick: bool, stratify: bool, tmp: Path) -> dict:
+def run_worker(
+    point: tuple[str, float, int], quick: bool, stratify: bool, tmp: Path, equal_steps: bool = False
+) -> dict:
     name, fraction, seed = point
     out = tmp / f"p{time.perf_counter_ns()}_{threading.get_ident()}.json"
     cmd = [sys.executable, __file__, "--worker", "--criterion", name, "--fraction", str(fraction)]
     cmd += ["--seed", str(seed), "--result", str(out)] + (["--quick"] if quick else [])
     cmd += ["--stratify"] if stratify else []
+    cmd += ["--equal-steps"] if equal_steps else []
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
     return {**json.loads(out.read_text()), "worker_seconds": time.perf_counter() - t0}
 
 
-def point_key(point: tuple[str, float, int], quick: bool, stratify: bool) -> str:
-    """What a point's result depends on, hashed: its cache file's name."""
+def point_key(point: tuple[str, float, int], quick: bool, stratify: bool, equal_steps: bool = False) -> str:
+    """What a point's result depends on, hashed: its cache file's name (``equal_steps`` enters only
+    when it changes the run: a point below 100%)."""
     name, fraction, seed = point
     method = ds.criterion(name, quick) if name != FULL else None
     blob = {"criterion": name, "method": method, "fraction": fraction, "seed": seed, "quick": quick}
     blob |= {"stratify": stratify, "recipe": [ds.RECIPE, ds.LR, ds.BATCH, ds.MAX_LENGTH]}
+    if equal_steps and fraction < 1.0:
+        blob["equal_steps"] = True
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -221,8 +243,10 @@ def write(args, points: list[dict], failures: list[dict], complete: bool, missin
             "validation": 32 if args.quick else 500,
             "id": "64 held-out RT" if args.quick else "1,000 held-out RT",
             "ood": "32 IMDB reviews, 128 tokens" if args.quick else "500 IMDB reviews, 256 tokens",
-            "recipe": f"quality.py {ds.RECIPE}: lr {ds.LR}, batch {ds.BATCH}, 1 epoch, "
-            f"max_length {ds.MAX_LENGTH}",
+            "recipe": f"quality.py {ds.RECIPE}: lr {ds.LR}, batch {ds.BATCH}, "
+            + ("the steps of one epoch of all the data" if args.equal_steps else "1 epoch")
+            + f", max_length {ds.MAX_LENGTH}",
+            "equal_steps": args.equal_steps,
             "plan": "scored on all the training data; the selection on the base model, training set only",
             "criteria": {
                 c: dict(zip(("method", "options"), ds.criterion(c, args.quick), strict=True))
@@ -266,6 +290,11 @@ def main() -> None:
         action="store_true",
         help="score-based criteria keep the same fraction of each class (the top scores within it)",
     )
+    p.add_argument(
+        "--equal-steps",
+        action="store_true",
+        help="every point trains the optimizer steps of one epoch of all the data (not one epoch of its own)",
+    )
     p.add_argument("--out", type=Path, default=HERE / "results" / "data_fraction.json")
     p.add_argument("--cache", type=Path, help="directory of finished points: read back, not run again")
     p.add_argument("--cached-only", action="store_true", help="run nothing: assemble the report from --cache")
@@ -292,7 +321,8 @@ def main() -> None:
     failures: list[dict] = []
     todo = []
     for pt in points:
-        path = args.cache / f"{point_key(pt, args.quick, args.stratify)}.json" if args.cache else None
+        key = point_key(pt, args.quick, args.stratify, args.equal_steps)
+        path = args.cache / f"{key}.json" if args.cache else None
         if path is not None and path.is_file():
             done.append(json.loads(path.read_text()))
         else:
@@ -304,7 +334,10 @@ def main() -> None:
         return
     print(f"{len(points)} points ({len(done)} cached), {args.jobs} at a time", flush=True)
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
-        futures = {pool.submit(run_worker, pt, args.quick, args.stratify, Path(tmp)): pt for pt in todo}
+        futures = {
+            pool.submit(run_worker, pt, args.quick, args.stratify, Path(tmp), args.equal_steps): pt
+            for pt in todo
+        }
         for fut in as_completed(futures):
             name, fraction, seed = futures[fut]
             try:
@@ -318,7 +351,7 @@ def main() -> None:
                     from surgical.core.io import atomic_write_text
 
                     args.cache.mkdir(parents=True, exist_ok=True)
-                    key = point_key((name, fraction, seed), args.quick, args.stratify)
+                    key = point_key((name, fraction, seed), args.quick, args.stratify, args.equal_steps)
                     atomic_write_text(args.cache / f"{key}.json", json.dumps(r))
                 print(
                     f"[{len(done)}/{len(points)}] {name:14s} {100 * fraction:3.0f}% seed {seed}: "

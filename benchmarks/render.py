@@ -258,6 +258,7 @@ def data_fraction_table(report: dict) -> str:
 SECTIONS = {
     "quality": ("quality.json", quality_table),
     "data_fraction": ("data_fraction.json", data_fraction_table),
+    "data_fraction_equal_steps": ("data_fraction_equal_steps.json", data_fraction_table),
     "forgetting": ("forgetting.json", forgetting_table),
     "demo": ("demo.json", demo_table),
 }

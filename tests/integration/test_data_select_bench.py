@@ -57,6 +57,7 @@ def test_data_fraction_quick(tmp_path):
     assert set(points) == {("all", 1.0), ("gradient+adam", 0.5)}
     full, half = points[("all", 1.0)], points[("gradient+adam", 0.5)]
     assert full["examples"] == 96 and half["examples"] == 48
+    assert full["steps"] == 3 and half["steps"] == 2  # one epoch of what was kept, batch 32
     assert half["positive_share"] == pytest.approx(full["positive_share"], abs=1 / 48)  # stratified
     assert full["selection_seconds"] == 0 and half["selection_seconds"] > 0
     assert half["options"]["warmup_lr"] == 3e-3 and half["info"]["unwarmed"] == 0
@@ -76,3 +77,15 @@ def test_data_fraction_quick(tmp_path):
     assert r2["points"] == r["points"] and r2["setup"]["complete"] is False
     assert r2["setup"]["missing"] == [{"criterion": "random", "fraction": 0.5, "seed": 0}]
     assert len(list((tmp_path / "points").glob("*.json"))) == 2
+
+    # --equal-steps: the 100% point is the same run (read back), the others train its 3 steps
+    same = tmp_path / "same.json"
+    args = ["--criteria", "random", "--fractions", "0.5", "1.0", "--stratify", "--equal-steps"]
+    p = _run("data_fraction.py", *args, "--out", str(same), "--cache", str(tmp_path / "points"))
+    assert p.returncode == 0 and "2 points (1 cached)" in p.stdout, p.stderr[-3000:]
+    r3 = json.loads(same.read_text())
+    assert r3["setup"]["equal_steps"] is True and "one epoch of all the data" in r3["setup"]["recipe"]
+    points = {(q["criterion"], q["fraction"]): q for q in r3["points"]}
+    assert points[("all", 1.0)] == full
+    assert points[("random", 0.5)]["examples"] == 48 and points[("random", 0.5)]["steps"] == 3
+    assert len(list((tmp_path / "points").glob("*.json"))) == 3
