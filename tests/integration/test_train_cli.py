@@ -335,6 +335,40 @@ def test_token_selection_trains_a_causal_lm_on_part_of_each_answer(tmp_path, fil
     code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(cfg))
     assert code == 2 and "token_selection needs a causal LM" in err
 
+    # Rho-1's reference: the base with a delta tuned on target data (here the excess_loss run's)
+    tuned = tmp_path / "excess_loss" / "run" / "delta"
+    (tmp_path / "rho").mkdir()
+    cfg = _config(
+        tmp_path / "rho",
+        files,
+        model={"path": str(files["llama"]), "task": "causal_lm"},
+        data={"path": str(files["jsonl"]), "batch_size": 4, "max_length": 32},
+        selection={"method": "gradient", "density": 0.05, "always": []},
+        training={"max_steps": 2},
+        token_selection={"method": "excess_loss", "fraction": 0.5, "reference": str(tuned)},
+    )
+    code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(cfg))
+    assert code == 0, err
+    with_base, with_tuned = sg.Delta.load(tuned), sg.Delta.load(tmp_path / "rho" / "run" / "delta")
+    assert with_base.entries.keys() == with_tuned.entries.keys()  # the same plan (same seed and data)
+    # against the base every excess loss starts at 0 (ties keep the earliest tokens); the tuned
+    # reference ranks other tokens first, so other tokens train
+    assert any(not torch.equal(with_base.entries[k][1], with_tuned.entries[k][1]) for k in with_base.entries)
+    for reference, method, expected in (
+        (str(tmp_path / "nowhere"), "excess_loss", "is not a delta directory"),
+        (str(tuned), "random", "token_selection.reference is used by excess_loss only"),
+    ):
+        cfg = _config(
+            tmp_path / "rho",  # its finished run stays as it is: the config is refused first
+            files,
+            model={"path": str(files["llama"]), "task": "causal_lm"},
+            data={"path": str(files["jsonl"]), "batch_size": 4, "max_length": 32},
+            token_selection={"method": method, "reference": reference},
+        )
+        code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(cfg), "--overwrite")
+        assert code == 2 and expected in err and "Traceback" not in err, err
+        assert sg.Delta.load(tmp_path / "rho" / "run" / "delta").entries.keys() == with_tuned.entries.keys()
+
 
 def test_unset_targets_always_and_lr_follow_the_benchmarked_recipe(tmp_path, files, monkeypatch, capsys):
     """Classification: entries of the blocks' Linear weights, the head, biases and LayerNorms dense,

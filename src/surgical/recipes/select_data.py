@@ -36,6 +36,7 @@ from surgical.data import (
 )
 from surgical.data.criteria import picks
 from surgical.data.select_data import INFO_FILE
+from surgical.delta.delta import CONFIG_FILE
 from surgical.recipes.config import DataConfig, ModelConfig, _f
 from surgical.recipes.data import make_batches
 from surgical.recipes.models import check_model_dir, detect_task, load_model
@@ -297,9 +298,31 @@ class TokenSelectionConfig:
     method: str = _f("none", "'none' (every target token) or a token criterion: excess_loss, random.")
     fraction: float = _f(0.6, "Share of each example's target tokens trained.", low=0, high=1, low_open=True)
     options: dict[str, Any] = field(default_factory=dict, metadata={"help": "The criterion's own options."})
+    reference: str = _f(
+        "base",
+        "excess_loss's reference: 'base' (the model with its trained values toggled off, no extra memory) "
+        "or a delta directory trained on target data (Rho-1's reference: a second copy of the model, "
+        "the base with that delta applied).",
+    )
+
+    def check_reference(self) -> None:
+        """The reference's checks, which need no task: run with the config's first checks."""
+        if self.reference != "base":
+            if self.method != "excess_loss":
+                raise SurgicalError(
+                    f"token_selection.reference is used by excess_loss only, the method is {self.method}",
+                    "Remove token_selection.reference, or set token_selection.method excess_loss",
+                )
+            if not (Path(self.reference) / CONFIG_FILE).is_file():
+                raise SurgicalError(
+                    f"token_selection.reference {self.reference!r} is not a delta directory "
+                    f"(no {CONFIG_FILE})",
+                    "Pass 'base', or a directory written by `surgical train` or Delta.save",
+                )
 
     def check(self, task: str) -> None:
         """Checks before anything is loaded."""
+        self.check_reference()
         if self.method == "none":
             return
         TOKEN_CRITERIA.resolve(self.method, self.options, "token_selection.options.")

@@ -18,6 +18,7 @@ absorbed (the checkpoint write is atomic either way).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import shlex
@@ -39,6 +40,7 @@ from surgical.core.errors import SurgicalError
 from surgical.core.io import atomic_write_text, check_output
 from surgical.core.processes import RankShares, launched_processes, on_first_rank, start_process_group
 from surgical.core.runtime import peak_rss_bytes
+from surgical.delta import Delta, apply
 from surgical.recipes.config import (
     DataConfig,
     ScheduleConfig,
@@ -122,6 +124,7 @@ class RunConfig:
         elif self.schedule.options:
             raise SurgicalError("schedule 'none' takes no options", "Remove schedule.options")
         self.data_selection.check()
+        self.token_selection.check_reference()
         if self.model.quantization.backend != "none":  # a missing backend shows before any work
             check_backend(self.model.quantization.backend, self.model.quantization.bits)
         if self.training.fsdp:
@@ -199,6 +202,18 @@ def _base_logits(model):
             return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
 
     return logits
+
+
+def token_reference(section: TokenSelectionConfig, model) -> Any:
+    """``excess_loss``'s reference: the base (``(batch) -> logits`` of the prepared model with its
+    trained values swapped back, no second copy) or, with ``reference: DELTA_DIR``, a frozen copy
+    of the base with that delta applied (Rho-1's reference tuned on target data). Call it before
+    ``model`` is quantized or prepared: the copy is taken of the full-precision base."""
+    if section.method != "excess_loss" or section.reference == "base":
+        return _base_logits(model)
+    reference = copy.deepcopy(model)
+    apply(reference, Delta.load(section.reference))  # refuses a delta made on another base
+    return reference.requires_grad_(False).eval()
 
 
 def task_of(cfg: RunConfig) -> str:
@@ -332,6 +347,7 @@ def run_train(
     batches = make_batches(cfg.data, task, tokenizer, num_labels=m.num_labels)
     plan = on_first_rank(lambda: make_plan(cfg, model, batches))  # scored on all the data, once
     batches = select_training_data(cfg, model, tokenizer, task, plan, show, batches)
+    reference = token_reference(cfg.token_selection, model)
     quant = m.quantization
     if quant.backend != "none":  # selected on the full-precision model; the base trains quantized
         check_plan(model, plan)  # a plan for another model: its shapes named before quantizing
@@ -374,7 +390,7 @@ def run_train(
             run_config=cfg.trajectory(),  # a resume with other settings is refused, naming them
             on_nan="stop",
             stop=stop,
-            batch_filter=token_filter(cfg.token_selection, reference=_base_logits(model), seed=t.seed),
+            batch_filter=token_filter(cfg.token_selection, reference=reference, seed=t.seed),
             show=show,
         )
         summary: dict[str, Any] = {
