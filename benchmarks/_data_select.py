@@ -34,10 +34,15 @@ CRITERIA: dict[str, tuple[str, dict]] = {
     "dedup": ("dedup", {}),
     "gradient": ("gradient", {}),
     "gradient+adam": ("gradient", {"precondition": "adam", "warmup_lr": LR}),
+    "trajectory+classes": ("trajectory", {}),
 }
+# criteria that always keep the class shares (select_data(stratify=True)), with or without
+# --stratify: trajectory chooses a set, so --stratify leaves the plain ``trajectory`` as it is
+CLASS_SHARES = {"trajectory+classes"}
 QUICK_OPTIONS = {  # tiny data: fewer proxy-training steps
     "learnability": {"steps": 2},
     "trajectory": {"steps": 4, "clusters": 3},
+    "trajectory+classes": {"steps": 4, "clusters": 3},
     "gradient+adam": {"warmup_steps": 2},
 }
 
@@ -87,12 +92,13 @@ def select(
 ):
     """Runs one data criterion on the base model and the training set (the validation split is the
     gradient criteria's target); returns the DataSelection. ``stratify``: the library's per-class
-    selection, for the criteria that score examples (the others choose a set and ignore it)."""
+    selection, for the criteria that score examples (the others choose a set and ignore it); the
+    criteria in ``CLASS_SHARES`` use it always."""
     import surgical as sg
     from surgical.data.criteria import picks
 
     method, options = criterion(name, quick)
-    extra = {"stratify": True} if stratify and not picks(method) else {}
+    extra = {"stratify": True} if (stratify and not picks(method)) or name in CLASS_SHARES else {}
     if method == "gradient":
         extra.update(validation=examples(tok, val), params=plan_)
     return sg.select_data(

@@ -7,21 +7,22 @@ the six layers' Linear weights by gradient, always the classifier, biases and La
 3e-3, batch 32, 1 epoch, 64 tokens) on the examples a data criterion keeps.
 
 For each criterion (random, loss, learnability, trajectory, diversity, dedup, gradient,
-gradient+adam) and fraction (10%, 30%, 50%), and each seed, plus 100% (once per seed, shared by
-all criteria): the plan is scored on all the training data (as ``surgical train`` does before
-its data selection), the selection is made on the base model from the training set only (the
-gradient criteria take the validation split as their target set; the ID and OOD test sets are
-never seen), then the model trains on the kept examples. The seed drives the selection, the plan
-and the training. Each point runs in a fresh worker process with one torch thread; ``--jobs 2``
-runs two at a time. The JSON is rewritten after every point (a run cut short keeps what it
-finished), with ID, OOD and validation mean ± std per (criterion, fraction), selection and
-training seconds; the PNG plots ID and OOD accuracy against the fraction, one line per criterion.
+gradient+adam, trajectory+classes: trajectory keeping the class shares) and fraction (10%, 30%,
+50%), and each seed, plus 100% (once per seed, shared by all criteria): the plan is scored on
+all the training data (as ``surgical train`` does before its data selection), the selection is
+made on the base model from the training set only (the gradient criteria take the validation
+split as their target set; the ID and OOD test sets are never seen), then the model trains on
+the kept examples. The seed drives the selection, the plan and the training. Each point runs in
+a fresh worker process with one torch thread; ``--jobs 2`` runs two at a time. The JSON is
+rewritten after every point (a run cut short keeps what it finished), with ID, OOD and
+validation mean ± std per (criterion, fraction), selection and training seconds; the PNG plots
+ID and OOD accuracy against the fraction, one line per criterion.
 
 ``--stratify``: score-based criteria select with ``sg.select_data(..., stratify=True)``, the best
 of each class with the budget split by class size (the base model's untrained head makes loss and
 gradient scores favour one class); the JSON records it.
 
-    python benchmarks/data_fraction.py --jobs 2                 # full mode (75 points)
+    python benchmarks/data_fraction.py --jobs 2                 # full mode (84 points)
     python benchmarks/data_fraction.py --jobs 2 --stratify      # the same, class shares kept
     python benchmarks/data_fraction.py --criteria random,gradient --fractions 0.1 0.3 --seeds 0
     python benchmarks/data_fraction.py --quick --out X.json     # tiny subsets (a test runs it)

@@ -121,7 +121,7 @@ def test_yaml_config_and_bad_configs(world, tmp_path):
         ({"fraction": None}, "fraction and count are both unset"),
         ({"count": 21}, "count 21 exceeds the 20 examples"),
         ({"model.path": ""}, "needs a model and data"),
-        ({"method": "diversity", "stratify": True}, "stratify applies to criteria that score examples"),
+        ({"method": "dedup", "stratify": True}, "stratify does not apply to 'dedup'"),
     ]:
         with pytest.raises(SurgicalError, match=message) as e:
             _run(load_config(SelectDataConfig, None, {**base, **overrides}))

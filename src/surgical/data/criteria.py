@@ -5,7 +5,9 @@ score per example (higher = keep) and :func:`surgical.data.select_data` keeps th
 best (ties to the earlier example). A criterion that chooses a *set* rather than scoring examples
 one by one (``diversity``, ``trajectory``, ``dedup``) registers ``picks=True`` and returns the
 chosen positions itself (at most ``ctx.budget``; exactly that many unless it documents
-otherwise).
+otherwise). A set-choosing criterion that registers ``stratifies=True`` also keeps class shares
+when ``ctx.class_labels`` is given (``select_data(stratify=True)``): :func:`class_quotas` says how
+many of each class.
 
 Registered with ``help``, declared ``options`` (``ctx.options`` arrives checked and completed
 with defaults) and, where it applies, ``needs_model=True`` / ``needs_validation=True``, checked
@@ -46,6 +48,8 @@ class DataContext:
         progress: Whether to show progress bars.
         pad_id: Token id that pads ``input_ids`` when examples are batched.
         info: Facts a criterion reports for the selection's provenance (e.g. ``kept`` by dedup).
+        class_labels: ``(N,)`` class ids when the selection keeps class shares (``stratify``),
+            else None; only criteria registered with ``stratifies=True`` see it set.
     """
 
     model: nn.Module | None
@@ -60,6 +64,7 @@ class DataContext:
     progress: bool = False
     pad_id: int = 0
     info: dict[str, Any] = field(default_factory=dict)
+    class_labels: torch.Tensor | None = None
 
     def batches(
         self, examples: Sequence[Example] | None = None, what: str = "scoring"
@@ -98,6 +103,27 @@ DATA_CRITERIA: Registry[DataCriterion] = Registry("data criterion")
 def picks(method: str) -> bool:
     """Whether the criterion chooses the examples itself (True) or scores them (False)."""
     return bool(DATA_CRITERIA.entry(method).extra.get("picks", False))
+
+
+def stratifies(method: str) -> bool:
+    """Whether ``stratify`` applies: a scoring criterion, or a set-choosing one that keeps class
+    shares itself (registered ``stratifies=True``)."""
+    return not picks(method) or bool(DATA_CRITERIA.entry(method).extra.get("stratifies", False))
+
+
+def class_quotas(labels: torch.Tensor, k: int) -> list[tuple[int, torch.Tensor]]:
+    """``(quota, positions)`` per class of ``labels`` (in class order): ``k`` in all, split over the
+    classes in proportion to their sizes by largest remainders (ties to the smaller class id)."""
+    classes, sizes = torch.unique(labels, return_counts=True)
+    quotas = sizes.double() * k / len(labels)
+    take = quotas.floor().long()
+    short = k - int(take.sum())
+    if short:
+        rest = torch.sort(quotas - take, descending=True, stable=True).indices[:short]
+        take[rest] += 1
+    return [
+        (n, (labels == c).nonzero().reshape(-1)) for c, n in zip(classes.tolist(), take.tolist(), strict=True)
+    ]
 
 
 @DATA_CRITERIA.register("random", help="a seeded uniform sample (the baseline)")

@@ -28,7 +28,7 @@ from surgical.core.registry import check_range
 from surgical.core.runtime import peak_rss_bytes, reset_peak_rss
 from surgical.core.version import __version__
 from surgical.data import dedup, diversity, gradient, loss_score, trajectory  # noqa: F401  (register)
-from surgical.data.criteria import DATA_CRITERIA, DataContext, picks
+from surgical.data.criteria import DATA_CRITERIA, DataContext, class_quotas, picks, stratifies
 from surgical.data.examples import Example, as_examples, budget_of, data_hash, is_token_labelled
 from surgical.data.losses import LogitsFn
 
@@ -192,18 +192,12 @@ def stratified_top_k(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torc
     """Positions of the highest ``scores`` within each class, ``k`` in all, split over the
     classes in proportion to their sizes (largest remainders; ties to the smaller class id), ties
     within a class to the earlier position."""
-    classes, sizes = torch.unique(labels, return_counts=True)
-    quotas = sizes.double() * k / len(labels)
-    take = quotas.floor().long()
-    short = k - int(take.sum())
-    if short:
-        rest = torch.sort(quotas - take, descending=True, stable=True).indices[:short]
-        take[rest] += 1
-    chosen = []
-    for c, n in zip(classes.tolist(), take.tolist(), strict=True):
-        pos = (labels == c).nonzero().reshape(-1)
-        chosen.append(pos[top_k(scores[pos], n)])
-    return torch.cat(chosen)
+    return torch.cat([pos[top_k(scores[pos], n)] for n, pos in class_quotas(labels, k)])
+
+
+def _stratifying() -> list[str]:
+    """The criteria ``stratify`` applies to."""
+    return [name for name in DATA_CRITERIA.names() if stratifies(name)]
 
 
 def _class_labels(examples: list, method: str) -> torch.Tensor:
@@ -253,11 +247,13 @@ def select_data(
             function to use instead of tuning one.
         batch_size: Examples per forward pass.
         pad_id: Token id used to pad ``input_ids`` when examples are batched.
-        stratify: Classification, score-based criteria: keep the best-scored examples of each
-            class, the budget split over the classes in proportion to their sizes. Loss and
-            gradient scores on a base whose head is new favour one class; this keeps the class
-            shares of the data. Refused for criteria that choose a set (trajectory, diversity,
-            dedup) and for token-labelled examples.
+        stratify: Classification: split the budget over the classes in proportion to their
+            sizes; score-based criteria keep the best-scored examples of each class, ``trajectory``
+            samples each class's quota evenly over the clusters, ``diversity`` runs k-center
+            within each class. Loss and gradient scores on a base whose head is new favour one
+            class, and so can trajectories; this keeps the class shares of the data. Refused
+            for ``dedup`` (it removes copies, it does not choose a share) and for token-labelled
+            examples.
         progress: Show progress bars.
         **options: The criterion's own options (``DATA_CRITERIA.describe()``).
 
@@ -275,10 +271,10 @@ def select_data(
         raise SurgicalError(f"batch_size must be a positive integer, got {batch_size!r}", "Pass e.g. 8")
     ex = as_examples(examples)
     budget = resolve_budget(len(ex), fraction, count)
-    if stratify and picks(method):
+    if stratify and not stratifies(method):
         raise SurgicalError(
-            f"stratify applies to criteria that score examples; {method!r} chooses a set itself",
-            "Drop stratify, or use a scoring criterion (loss, learnability, gradient, random)",
+            f"stratify does not apply to {method!r}, which chooses a set without regard to classes",
+            f"Drop stratify, or use a criterion that keeps class shares ({', '.join(_stratifying())})",
         )
     class_labels = _class_labels(ex, method) if stratify else None
     if entry.extra.get("needs_model") and model is None:
@@ -296,6 +292,7 @@ def select_data(
     ctx = DataContext(
         model=model, examples=ex, budget=budget, batch_size=batch_size, seed=seed, options=opts,
         validation=val, params=params, reference=reference, progress=progress, pad_id=pad_id,
+        class_labels=class_labels,
     )  # fmt: skip
     start = time.perf_counter()
     if torch.cuda.is_available():
@@ -308,6 +305,11 @@ def select_data(
         chosen, scores = result.to(torch.long).reshape(-1), None
         if chosen.numel() != torch.unique(chosen).numel() or chosen.numel() > budget:
             raise RuntimeError(f"data criterion {method!r} picked repeated or too many examples")
+        if class_labels is not None:  # a stratifying criterion must meet every class's quota
+            wanted = class_quotas(class_labels, budget)
+            got = [int((class_labels[chosen] == class_labels[pos[0]]).sum()) for _, pos in wanted]
+            if got != [n for n, _ in wanted]:
+                raise RuntimeError(f"data criterion {method!r} did not keep the class shares")
     else:
         scores = result.detach().float().cpu().reshape(-1)
         if scores.numel() != len(ex):

@@ -7,7 +7,9 @@ A copy of the model is tuned for ``steps`` AdamW steps on all the examples (see
 clustered by a seeded k-means into ``clusters`` groups, and the budget is spread over the
 groups, smallest first: each takes an equal share of what is left (all of it if it is smaller),
 chosen at random within it, so small groups (rare behaviours) are kept whole and the budget is
-met exactly.
+met exactly. With class labels (``select_data(stratify=True)``) each class's quota is spread so
+over the clusters' members of that class: on a classifier whose head starts random the
+trajectories follow the class, and sampling the clusters evenly alone skews the class mix.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from surgical.core.registry import Option
-from surgical.data.criteria import DATA_CRITERIA, DataContext
+from surgical.data.criteria import DATA_CRITERIA, DataContext, class_quotas
 from surgical.data.examples import batches_of
 from surgical.data.loss_score import LR
 from surgical.data.losses import brief_tune
@@ -80,6 +82,7 @@ def sample_evenly(labels: torch.Tensor, budget: int, generator: torch.Generator)
     ],
     needs_model=True,
     picks=True,
+    stratifies=True,
 )
 def trajectory_picks(ctx: DataContext) -> torch.Tensor:
     """Positions of ``ctx.budget`` examples sampled evenly across loss-trajectory clusters."""
@@ -101,4 +104,9 @@ def trajectory_picks(ctx: DataContext) -> torch.Tensor:
     )
     labels = kmeans(torch.stack(record, 1), ctx.options["clusters"], ctx.generator(1))
     ctx.info["clusters"] = int(labels.max()) + 1
-    return sample_evenly(labels, ctx.budget, ctx.generator(2))
+    if ctx.class_labels is None:
+        return sample_evenly(labels, ctx.budget, ctx.generator(2))
+    g = ctx.generator(2)
+    return torch.cat(
+        [pos[sample_evenly(labels[pos], n, g)] for n, pos in class_quotas(ctx.class_labels, ctx.budget)]
+    )

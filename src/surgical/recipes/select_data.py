@@ -34,7 +34,7 @@ from surgical.data import (
     split_batches,
     token_mask,
 )
-from surgical.data.criteria import picks
+from surgical.data.criteria import stratifies
 from surgical.data.select_data import INFO_FILE
 from surgical.delta.delta import CONFIG_FILE
 from surgical.recipes.config import DataConfig, ModelConfig, _f
@@ -113,10 +113,11 @@ def check_section(
 ) -> None:
     """The checks a data-selection config shares with the ``data_selection:`` section of a run."""
     DATA_CRITERIA.resolve(method, options, f"{prefix}options.")
-    if stratify and picks(method):
+    if stratify and not stratifies(method):
         raise SurgicalError(
-            f"{prefix}stratify applies to criteria that score examples; {method!r} chooses a set itself",
-            f"Set {prefix}stratify false, or use loss, learnability, gradient or random",
+            f"{prefix}stratify does not apply to {method!r}, which chooses a set without regard to classes",
+            f"Set {prefix}stratify false, or use another criterion "
+            f"({', '.join(n for n in DATA_CRITERIA.names() if stratifies(n))})",
         )
     extra = DATA_CRITERIA.entry(method).extra
     if fraction is None and count is None:

@@ -657,9 +657,36 @@ def test_stratified_top_k_splits_by_largest_remainder():
     assert sorted(picked.tolist()) == [2, 3, 4, 7, 9]
 
 
-def test_stratify_refuses_set_choosing_criteria_and_token_labels():
-    with pytest.raises(SurgicalError, match="chooses a set itself"):
-        _select(tiny_bert(), CLS, "diversity", fraction=0.5, stratify=True)
+@pytest.mark.parametrize("method", ["trajectory", "diversity"])
+def test_set_choosing_criteria_keep_exact_class_quotas_when_stratified(method):
+    from surgical.data.criteria import class_quotas
+
+    model = tiny_bert()
+    labels = torch.tensor(_labels(CLS))
+    for budget in ({"fraction": 0.5}, {"count": 7}, {"fraction": 1.0}):
+        sel = _select(model, CLS, method, stratify=True, **budget)
+        k = len(sel)
+        assert k == (7 if "count" in budget else round(budget["fraction"] * len(CLS)))
+        assert torch.equal(sel.indices, torch.unique(sel.indices))
+        for n, pos in class_quotas(labels, k):  # exactly each class's quota
+            assert int(torch.isin(sel.indices, pos).sum()) == n
+        again = _select(model, CLS, method, stratify=True, **budget)
+        assert torch.equal(sel.indices, again.indices)  # seeded
+
+
+def test_stratified_diversity_never_repeats_an_input_within_a_class_while_others_remain():
+    model = tiny_bert()
+    data = [dict(e) for e in CLS[:8]] * 2  # every input twice, same label
+    labels = torch.tensor(_labels(data))
+    sel = _select(model, data, "diversity", count=8, stratify=True)
+    picked = [tuple(data[i]["input_ids"].tolist()) for i in sel.indices.tolist()]
+    assert len(set(picked)) == 8  # 8 distinct inputs, quotas met by distinct ones first
+    assert sorted(labels[sel.indices].tolist()) == sorted(_labels(CLS[:8]))
+
+
+def test_stratify_refuses_dedup_and_token_labels():
+    with pytest.raises(SurgicalError, match="stratify does not apply to 'dedup'.*Drop stratify.*trajectory"):
+        _select(None, CLS, "dedup", fraction=0.5, stratify=True)
     with pytest.raises(SurgicalError, match="one class label per example"):
         _select(tiny_llama(), LM, "loss", fraction=0.5, stratify=True)
 
