@@ -489,7 +489,10 @@ def select_data_cmd(
     task: Annotated[str | None, typer.Option(help="auto, classification or causal_lm.")] = None,
     stratify: Annotated[
         bool | None,
-        typer.Option("--stratify/--no-stratify", help="Keep the best of each class (classification)."),
+        typer.Option(
+            "--stratify/--no-stratify",
+            help="Keep each class's share of the budget (classification; not dedup).",
+        ),
     ] = None,
     keys: Annotated[bool, typer.Option("--keys", help="List every config key and data criterion.")] = False,
 ) -> None:

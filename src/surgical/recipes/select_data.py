@@ -71,7 +71,7 @@ class SelectDataConfig:
         None, "gradient: a saved plan whose support the gradient features are restricted to."
     )
     stratify: bool = _f(
-        False, "Classification: keep the best of each class, the budget split by class size (score criteria)."
+        False, "Classification: keep each class's share of the budget (every criterion but dedup)."
     )
     show: int = _f(5, "Examples shown in the summary (highest scores, or first picks).", low=0)
 
@@ -228,7 +228,7 @@ class DataSelectionConfig:
         None, "A saved selection (surgical select-data) to train on instead of selecting."
     )
     stratify: bool = _f(
-        False, "Classification: keep the best of each class, the budget split by class size (score criteria)."
+        False, "Classification: keep each class's share of the budget (every criterion but dedup)."
     )
 
     def check(self) -> None:
