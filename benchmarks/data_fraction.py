@@ -206,13 +206,14 @@ def figure(summary: dict, path: Path) -> None:
     full = summary.get(FULL, {}).get("1.0")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     for ax, key, title in zip(axes, ("id", "ood"), ("ID: held-out RT", "OOD: IMDB"), strict=True):
-        for i, (name, by) in enumerate(s for s in summary.items() if s[0] != FULL):
+        lines = [s for s in summary.items() if s[0] != FULL]
+        for i, (name, by) in enumerate(lines):
             fr = sorted(float(f) for f in by)
             mean = [100 * by[str(f)][key]["mean"] for f in fr]
             std = [100 * by[str(f)][key]["std"] for f in fr]
             if full is not None:  # every line ends at the shared 100% point
                 fr, mean, std = fr + [1.0], mean + [100 * full[key]["mean"]], std + [100 * full[key]["std"]]
-            offset = [100 * f + 0.4 * (i - 3.5) for f in fr]  # error bars side by side
+            offset = [100 * f + 0.4 * (i - (len(lines) - 1) / 2) for f in fr]  # error bars side by side
             ax.errorbar(offset, mean, yerr=std, marker="o", markersize=4, capsize=2, label=name)
         if full is not None:
             ax.axhline(
