@@ -195,7 +195,7 @@ def summarise(points: list[dict]) -> dict:
     }
 
 
-def figure(summary: dict, path: Path) -> None:
+def figure(summary: dict, path: Path, heading: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -224,6 +224,8 @@ def figure(summary: dict, path: Path) -> None:
         ax.set_title(f"{title} (mean ± std over seeds)", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
+    if heading:
+        fig.suptitle(heading, fontsize=10)
     fig.tight_layout()
     try:
         atomic_save_figure(fig, path)
@@ -270,7 +272,8 @@ def write(args, points: list[dict], failures: list[dict], complete: bool, missin
         "failures": failures,
     }
     atomic_write_text(args.out, json.dumps(report, indent=2))
-    figure(summary, args.out.with_suffix(".png"))
+    steps = "the steps of one epoch of all the data" if args.equal_steps else "one epoch of the kept examples"
+    figure(summary, args.out.with_suffix(".png"), heading=f"Every point trains {steps}")
 
 
 def _floats(text: str) -> float:
