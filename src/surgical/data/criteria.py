@@ -111,6 +111,11 @@ def stratifies(method: str) -> bool:
     return not picks(method) or bool(DATA_CRITERIA.entry(method).extra.get("stratifies", False))
 
 
+def stratifying() -> list[str]:
+    """The registered criteria ``stratify`` applies to (for error messages)."""
+    return [name for name in DATA_CRITERIA.names() if stratifies(name)]
+
+
 def class_quotas(labels: torch.Tensor, k: int) -> list[tuple[int, torch.Tensor]]:
     """``(quota, positions)`` per class of ``labels`` (in class order): ``k`` in all, split over the
     classes in proportion to their sizes by largest remainders (ties to the smaller class id)."""

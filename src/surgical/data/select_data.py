@@ -28,7 +28,7 @@ from surgical.core.registry import check_range
 from surgical.core.runtime import peak_rss_bytes, reset_peak_rss
 from surgical.core.version import __version__
 from surgical.data import dedup, diversity, gradient, loss_score, trajectory  # noqa: F401  (register)
-from surgical.data.criteria import DATA_CRITERIA, DataContext, class_quotas, picks, stratifies
+from surgical.data.criteria import DATA_CRITERIA, DataContext, class_quotas, picks, stratifies, stratifying
 from surgical.data.examples import Example, as_examples, budget_of, data_hash, is_token_labelled
 from surgical.data.losses import LogitsFn
 
@@ -195,11 +195,6 @@ def stratified_top_k(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torc
     return torch.cat([pos[top_k(scores[pos], n)] for n, pos in class_quotas(labels, k)])
 
 
-def _stratifying() -> list[str]:
-    """The criteria ``stratify`` applies to."""
-    return [name for name in DATA_CRITERIA.names() if stratifies(name)]
-
-
 def _class_labels(examples: list, method: str) -> torch.Tensor:
     if is_token_labelled(examples):
         raise SurgicalError(
@@ -274,7 +269,7 @@ def select_data(
     if stratify and not stratifies(method):
         raise SurgicalError(
             f"stratify does not apply to {method!r}, which chooses a set without regard to classes",
-            f"Drop stratify, or use a criterion that keeps class shares ({', '.join(_stratifying())})",
+            f"Drop stratify, or use a criterion that keeps class shares ({', '.join(stratifying())})",
         )
     class_labels = _class_labels(ex, method) if stratify else None
     if entry.extra.get("needs_model") and model is None:

@@ -7,8 +7,8 @@ A copy of the model is tuned for ``steps`` AdamW steps on all the examples (see
 clustered by a seeded k-means into ``clusters`` groups, and the budget is spread over the
 groups, smallest first: each takes an equal share of what is left (all of it if it is smaller),
 chosen at random within it, so small groups (rare behaviours) are kept whole and the budget is
-met exactly. With class labels (``select_data(stratify=True)``) each class's quota is spread so
-over the clusters' members of that class: on a classifier whose head starts random the
+met exactly. With class labels (``select_data(stratify=True)``) each class's quota is spread the
+same way over that class's members of each cluster: on a classifier whose head starts random the
 trajectories follow the class, and sampling the clusters evenly alone skews the class mix.
 """
 

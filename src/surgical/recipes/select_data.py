@@ -34,7 +34,7 @@ from surgical.data import (
     split_batches,
     token_mask,
 )
-from surgical.data.criteria import stratifies
+from surgical.data.criteria import stratifies, stratifying
 from surgical.data.select_data import INFO_FILE
 from surgical.delta.delta import CONFIG_FILE
 from surgical.recipes.config import DataConfig, ModelConfig, _f
@@ -116,8 +116,7 @@ def check_section(
     if stratify and not stratifies(method):
         raise SurgicalError(
             f"{prefix}stratify does not apply to {method!r}, which chooses a set without regard to classes",
-            f"Set {prefix}stratify false, or use another criterion "
-            f"({', '.join(n for n in DATA_CRITERIA.names() if stratifies(n))})",
+            f"Set {prefix}stratify false, or use another criterion ({', '.join(stratifying())})",
         )
     extra = DATA_CRITERIA.entry(method).extra
     if fraction is None and count is None:
