@@ -16,7 +16,9 @@ only (``surgical.data.chat``). Measured for every run:
 Rows: full fine-tuning (the HF model), PEFT LoRA r=8 on every projection of every block, surgical
 entries at 1% of the blocks' Linear weights by two criteria (gradient, fisher), with the norms
 trained densely, and the gradient row again with Rho-1-style token selection (``excess_loss``,
-60% of the target tokens, the base with the delta toggled off as the reference). Full
+60% of the target tokens) twice: with the base (the delta toggled off) as the reference, and
+with a reference tuned on the training set first (a surgical-gradient run at another seed, as
+Rho-1 means it; its time is reported apart as ``reference_seconds``). Full
 fine-tuning and LoRA run at their reference learning rates; surgical-gradient tries each lr of
 its grid with seed 0 and keeps the best on validation, and the other surgical rows reuse it.
 Then every seed.
@@ -88,6 +90,16 @@ def row_specs() -> dict[str, dict]:
             **surgical,
             "method": "gradient",
             "tokens": 0.6,
+            "lrs": [1e-4],
+            "lr_from": "surgical-gradient-1pct",
+        },
+        # Rho-1 as its paper means it: the reference is tuned on target data (here a first
+        # surgical-gradient run on the same training set, another seed), not the base
+        "surgical-gradient-1pct-tokens60-tuned-ref": {
+            **surgical,
+            "method": "gradient",
+            "tokens": 0.6,
+            "reference": "tuned",
             "lrs": [1e-4],
             "lr_from": "surgical-gradient-1pct",
         },
@@ -231,6 +243,7 @@ def train_row(spec: dict, lr: float, seed: int, quick: bool, workdir: Path) -> d
     t0 = time.perf_counter()
     kind = spec["kind"]
     artifact = workdir / "artifact"
+    extra: dict = {}
     if kind == "full":
         trainable = sum(p.numel() for p in model.parameters())
         sg.fit(model, train_b, lr=lr, seed=seed, show=False)
@@ -245,24 +258,19 @@ def train_row(spec: dict, lr: float, seed: int, quick: bool, workdir: Path) -> d
         peft_model.save_pretrained(str(artifact))
         delta = sg.Delta.from_models(base, peft_model.merge_and_unload())
     else:
-        plan = sg.select(
-            model,
-            train_b,
-            method=spec["method"],
-            density=spec["density"],
-            targets=[BLOCK_LINEARS],
-            always=["norm"],
-            max_batches=min(8, len(train_b)),
-            seed=seed,
-            progress=False,
+        tuned_reference = None
+        if spec.get("reference") == "tuned":  # trained first; its time is reported on its own
+            reference_delta, _ = _surgical_run(spec, copy.deepcopy(base), train_b, lr, seed + REFERENCE_SEED)
+            tuned_reference = copy.deepcopy(base)
+            sg.apply(tuned_reference, reference_delta)
+            tuned_reference.requires_grad_(False).eval()
+            extra["reference_seconds"] = time.perf_counter() - t0
+            reset_peak_rss()
+            t0 = time.perf_counter()
+        batch_filter = (
+            _token_filter(model, spec["tokens"], seed, tuned_reference) if spec.get("tokens") else None
         )
-        sg.prepare(model, plan)
-        trainable = sg.trainable_count(model)
-        batch_filter = None
-        if spec.get("tokens"):
-            batch_filter = _token_filter(model, spec["tokens"], seed)
-        sg.fit(model, train_b, lr=lr, seed=seed, batch_filter=batch_filter, show=False)
-        delta = sg.extract(model)
+        delta, trainable = _surgical_run(spec, model, train_b, lr, seed, batch_filter)
         delta.save(artifact)
     seconds = time.perf_counter() - t0
     peak = peak_rss_bytes()
@@ -282,15 +290,43 @@ def train_row(spec: dict, lr: float, seed: int, quick: bool, workdir: Path) -> d
         "steps": len(train_b),
         "peak_rss_mib": peak / 2**20,
         "artifact_kib": _size(artifact) / 1024,
+        **extra,
     }
 
 
-def _token_filter(model, fraction: float, seed: int):
-    """Excess-loss token selection each step: the model against itself with the delta off."""
+REFERENCE_SEED = 1000  # the tuned reference's seed offset: its own selection batches and order
+
+
+def _surgical_run(spec: dict, model, train_b, lr: float, seed: int, batch_filter=None):
+    """Selects, prepares and trains ``model`` in place as ``spec`` says: ``(delta, trainable)``."""
+    plan = sg.select(
+        model,
+        train_b,
+        method=spec["method"],
+        density=spec["density"],
+        targets=[BLOCK_LINEARS],
+        always=["norm"],
+        max_batches=min(8, len(train_b)),
+        seed=seed,
+        progress=False,
+    )
+    sg.prepare(model, plan)
+    trainable = sg.trainable_count(model)
+    sg.fit(model, train_b, lr=lr, seed=seed, batch_filter=batch_filter, show=False)
+    return sg.extract(model), trainable
+
+
+def _token_filter(model, fraction: float, seed: int, tuned=None):
+    """Excess-loss token selection each step: the model against a reference, ``tuned`` (a frozen
+    model tuned on target data) or, without it, the model itself with the delta off (the base)."""
 
     def reference(batch):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if tuned is not None:
+            with torch.no_grad():
+                return tuned(**inputs).logits
         with sg.base_values(model), torch.no_grad():
-            return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            return model(**inputs).logits
 
     def keep(m, batch, step):
         labels = sg.token_mask(

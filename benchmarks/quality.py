@@ -120,6 +120,24 @@ def row_specs() -> dict[str, dict]:
     return rows
 
 
+#: the rows that collapsed to one class at one seed (seed 1, each at the lr it chose on seed 0's
+#: validation), and that lr: run again with the gradient norm clipped to 1 (HF Trainer's default)
+COLLAPSED = {
+    "surgical-magnitude-1pct": 5e-3,
+    "surgical-random-1pct": 5e-3,
+    "surgical-principal-1pct": 5e-3,
+    "surgical-fisher-0.5pct": 3e-3,
+    "surgical-salience-0.5pct": 3e-3,
+}
+
+
+def clip_specs() -> dict[str, dict]:
+    """``<row>-clip1`` for every collapsed row: the same settings and lr, gradients clipped at norm 1.
+    Not part of the default run (``--rows`` names them)."""
+    rows = row_specs()
+    return {f"{n}-clip1": {**rows[n], "max_grad_norm": 1.0, "lrs": [lr]} for n, lr in COLLAPSED.items()}
+
+
 def wants_wise_ft(name: str) -> bool:
     """WiSE-FT curves for full fine-tuning, LoRA and every surgical entries row at 1%."""
     return name in ("full", "lora") or (name.startswith("surgical-") and name.endswith("-1pct"))
@@ -159,7 +177,7 @@ def train_row(spec: dict, lr: float, seed: int, quick: bool, workdir: Path) -> d
         for n, p in model.named_parameters():
             p.requires_grad_(kind == "full" or n.startswith("classifier"))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        sg.fit(model, train_b, lr=lr, seed=seed, show=False)
+        sg.fit(model, train_b, lr=lr, seed=seed, max_grad_norm=spec.get("max_grad_norm"), show=False)
         delta = _as_delta(base, model)
         delta.save(artifact)
     elif kind in ("lora", "shira"):
@@ -172,7 +190,9 @@ def train_row(spec: dict, lr: float, seed: int, quick: bool, workdir: Path) -> d
         hooks = [LISA(gamma=2, every=max(1, len(train_b) // 6), seed=seed)] if kind == "lisa" else []
         sg.prepare(model, plan)
         trainable = sg.trainable_count(model)
-        sg.fit(model, train_b, lr=lr, seed=seed, hooks=hooks, show=False)
+        sg.fit(
+            model, train_b, lr=lr, seed=seed, hooks=hooks, max_grad_norm=spec.get("max_grad_norm"), show=False
+        )
         delta = sg.extract(model)
         delta.save(artifact)
     seconds = time.perf_counter() - t0
@@ -518,6 +538,7 @@ def main() -> None:
         if args.rows
         else (["head", "full", "surgical-gradient-1pct"] if args.quick else list(specs))
     )
+    specs |= clip_specs()
     unknown = [n for n in names if n not in specs]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; known: {', '.join(specs)}")

@@ -1,5 +1,5 @@
 """The forgetting benchmark's --quick mode (a tiny Llama with a chat template) writes a consistent
-report: task accuracy, forgetting and the token-selection row."""
+report: task accuracy, forgetting and the token-selection rows (the base, and a tuned reference)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[2]
 def test_forgetting_quick(tmp_path):
     out = tmp_path / "f.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
-    rows = "full,surgical-gradient-1pct,surgical-gradient-1pct-tokens60"
+    tokens = "surgical-gradient-1pct-tokens60"
+    rows = f"full,surgical-gradient-1pct,{tokens},{tokens}-tuned-ref"
     p = subprocess.run(
         [
             sys.executable,
@@ -37,13 +38,16 @@ def test_forgetting_quick(tmp_path):
     r = report["results"]
     assert report["setup"]["complete"] and set(r) == set(rows.split(","))
     assert 0 <= report["base"]["test"] <= 1  # the first row also measured the base
-    full, sur, tok = (r[n]["runs"][0] for n in rows.split(","))
-    assert sur["trainable"] == tok["trainable"] < 0.05 * full["trainable"]
-    for run in (full, sur, tok):
+    full, sur, tok, tuned = (r[n]["runs"][0] for n in rows.split(","))
+    assert sur["trainable"] == tok["trainable"] == tuned["trainable"] < 0.05 * full["trainable"]
+    # the tuned reference is trained first, timed on its own; the other rows have none
+    assert tuned["reference_seconds"] > 0 and "reference_seconds" not in tok
+    for run in (full, sur, tok, tuned):
         assert 0 <= run["test"] <= 1 and 0 <= run["validation"] <= 1
         assert run["kl"] >= 0 and run["artifact_kib"] > 0 and run["steps"] == 6  # 24 examples / 4
     assert sur["kl"] > 0  # the delta changed the model
-    # the token row reuses the plain row's lr (chosen on validation), never its own search
-    assert r["surgical-gradient-1pct-tokens60"]["lr_from"] == "surgical-gradient-1pct"
-    assert r["surgical-gradient-1pct-tokens60"]["lr"] == r["surgical-gradient-1pct"]["lr"]
+    # the token rows reuse the plain row's lr (chosen on validation), never their own search
+    for name in ("surgical-gradient-1pct-tokens60", "surgical-gradient-1pct-tokens60-tuned-ref"):
+        assert r[name]["lr_from"] == "surgical-gradient-1pct"
+        assert r[name]["lr"] == r["surgical-gradient-1pct"]["lr"]
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
