@@ -194,7 +194,12 @@ def train(
     max_steps: Annotated[int | None, typer.Option(help="Override training.max_steps.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint.")] = False,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace the files of an earlier run in the run directory.")
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace the files of an earlier run in the run directory, once this run's input "
+            "is checked.",
+        ),
     ] = False,
     allow_change: Annotated[
         list[str] | None,

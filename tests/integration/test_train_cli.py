@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import yaml
 
 import surgical as sg
 from conftest import run_main
+from surgical.recipes.models import load_model
 from surgical.train.checkpoint import latest_checkpoint
 from train_fixtures import save_tiny_model, write_cls_csv, write_cls_dataset_dict, write_instruct_jsonl
 
@@ -92,6 +94,9 @@ def test_train_on_a_save_to_disk_dataset_dict_split(tmp_path, files, monkeypatch
     code, _, err = run_main(monkeypatch, capsys, *again)
     err = " ".join(err.split())
     assert code == 2 and "has no split 'valid' (it has train, test)" in err and "Traceback" not in err
+    # --overwrite replaces a run only once the new one's input is checked: the refused run kept it
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
+    assert sg.Delta.load(tmp_path / "run" / "delta").num_values > 0
 
 
 @pytest.mark.parametrize(
@@ -127,6 +132,16 @@ def test_plan_for_another_model_is_a_shape_error(tmp_path, files, monkeypatch, c
     code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(_config(
         tmp_path, files, selection={"plan": str(tmp_path / "wide-plan")})))  # fmt: skip
     assert code == 2 and "plan was made for another model" in " ".join(err.split())
+    # refused before an earlier run that --overwrite would replace is touched
+    code, _, err = run_main(
+        monkeypatch, capsys, "train", "-c", str(_config(tmp_path, files, training={"max_steps": 1}))
+    )
+    assert code == 0, err
+    done = (tmp_path / "run" / "summary.json").read_text()
+    code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(_config(
+        tmp_path, files, selection={"plan": str(tmp_path / "wide-plan")})), "--overwrite")  # fmt: skip
+    assert code == 2 and "plan was made for another model" in " ".join(err.split())
+    assert (tmp_path / "run" / "summary.json").read_text() == done and (tmp_path / "run" / "delta").is_dir()
 
 
 def _wider_bert():
@@ -354,9 +369,21 @@ def test_token_selection_trains_a_causal_lm_on_part_of_each_answer(tmp_path, fil
     # against the base every excess loss starts at 0 (ties keep the earliest tokens); the tuned
     # reference ranks other tokens first, so other tokens train
     assert any(not torch.equal(with_base.entries[k][1], with_tuned.entries[k][1]) for k in with_base.entries)
+    # a reference delta made on another base (the tiny BERT's), refused before the plan is scored
+    bert, _ = load_model(files["bert"], "classification")
+    moved = copy.deepcopy(bert)
+    with torch.no_grad():
+        next(moved.parameters()).add_(1)
+    sg.Delta.from_models(bert, moved).save(tmp_path / "bert-delta")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the plan was scored before the reference was checked")
+
+    monkeypatch.setattr("surgical.recipes.train.make_plan", never)
     for reference, method, expected in (
         (str(tmp_path / "nowhere"), "excess_loss", "is not a delta directory"),
         (str(tuned), "random", "token_selection.reference is used by excess_loss only"),
+        (str(tmp_path / "bert-delta"), "excess_loss", "which this model does not have"),
     ):
         cfg = _config(
             tmp_path / "rho",  # its finished run stays as it is: the config is refused first

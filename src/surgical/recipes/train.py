@@ -235,8 +235,10 @@ def make_plan(cfg: RunConfig, model, batches) -> Plan:
 RUN_FILES = ("plan", "checkpoints", "delta", "summary.json", "data-selection")
 
 
-def claim_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Makes sure a run never mixes with or destroys another run's files.
+def claim_run_dir(out: Path, resume: bool, overwrite: bool) -> list[str]:
+    """Makes sure a run never mixes with or destroys another run's files; returns the earlier
+    run's files that ``overwrite`` will replace (removed by :func:`clear_run_files` once the run's
+    input has been checked, so a refused run leaves them as they were).
 
     A fresh run needs an empty (or absent) directory, unless ``overwrite`` says to replace the
     earlier run's files; a resume needs something to resume.
@@ -249,14 +251,19 @@ def claim_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
             raise SurgicalError(
                 f"nothing to resume in {str(out)!r} (no checkpoint)", "Start the run without --resume"
             )
-        return
+        return []
     if present and not overwrite:
         raise SurgicalError(
             f"run directory {str(out)!r} already holds a run ({', '.join(present)})",
             "Continue it with --resume, replace it with --overwrite, or choose another out",
         )
-    for f in present:
-        shutil.rmtree(out / f) if (out / f).is_dir() else (out / f).unlink()
+    return present
+
+
+def clear_run_files(out: Path, files: Sequence[str]) -> None:
+    """Removes the earlier run's ``files`` (names from :func:`claim_run_dir`) from ``out``."""
+    for f in files:
+        shutil.rmtree(out / f) if (out / f).is_dir() else (out / f).unlink(missing_ok=True)
 
 
 # exit status of a run stopped by a signal: 128 + the signal's number, as a shell reports it
@@ -331,7 +338,7 @@ def run_train(
     show = show and rank == 0
     out = Path(cfg.out)
     check_output(out, {"model": cfg.model.path, "data": cfg.data.path}, "out")
-    on_first_rank(lambda: claim_run_dir(out, cfg.training.resume, overwrite))
+    replaced = on_first_rank(lambda: claim_run_dir(out, cfg.training.resume, overwrite))
     t0 = time.perf_counter()
     m = cfg.model
     task = task_of(cfg)
@@ -344,13 +351,16 @@ def run_train(
         label="model.path",
         gradient_checkpointing=m.gradient_checkpointing,
     )
+    # first: a reference delta made on another base is refused before any scoring time is spent
+    reference = token_reference(cfg.token_selection, model)
     batches = make_batches(cfg.data, task, tokenizer, num_labels=m.num_labels)
     plan = on_first_rank(lambda: make_plan(cfg, model, batches))  # scored on all the data, once
+    check_plan(model, plan)  # a given plan made for another model: refused before anything is lost
+    # the input is checked: the earlier run's files (--overwrite) go before this run writes its own
+    on_first_rank(lambda: clear_run_files(out, replaced))
     batches = select_training_data(cfg, model, tokenizer, task, plan, show, batches)
-    reference = token_reference(cfg.token_selection, model)
     quant = m.quantization
     if quant.backend != "none":  # selected on the full-precision model; the base trains quantized
-        check_plan(model, plan)  # a plan for another model: its shapes named before quantizing
         report = quantize_base(model, quant.bits, quant.backend, exclude=[*quant.exclude, *plan.dense])
         console.print(report.summary())
     if fsdp:
