@@ -148,6 +148,39 @@ def forgetting_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+COLLAPSED_BELOW = 0.55  # validation accuracy of a run that stayed at one class (balanced classes)
+
+
+def clip_table(report: dict) -> str:
+    """Each collapsed quality row beside its ``-clip1`` rerun: validation by seed, ID and OOD."""
+    rows = report["results"]
+    lines = [
+        "| row | lr | validation by seed, no clip | clipped at 1 | ID, no clip / clipped "
+        "| OOD, no clip / clipped |",
+        "|---|---:|---|---|---:|---:|",
+    ]
+    collapsed = {"no clip": 0, "clipped": 0}
+    runs = 0
+    for name, r in rows.items():
+        c = rows.get(f"{name}-clip1")
+        if c is None or name.endswith("-clip1"):
+            continue
+        s, cs = r["summary"], c["summary"]
+        by_seed = [" / ".join(f"{100 * x['validation']:.1f}" for x in row["runs"]) for row in (r, c)]
+        lines.append(
+            f"| {name} | {r['lr']:g} | {by_seed[0]} | {by_seed[1]} | {pct(s['id'])} / {pct(cs['id'])} | "
+            f"{pct(s['ood'])} / {pct(cs['ood'])} |"
+        )
+        runs += len(c["runs"])
+        collapsed["no clip"] += sum(x["validation"] < COLLAPSED_BELOW for x in r["runs"])
+        collapsed["clipped"] += sum(x["validation"] < COLLAPSED_BELOW for x in c["runs"])
+    verdict = (
+        f"Runs that stayed at one class (validation below {100 * COLLAPSED_BELOW:.0f}%): "
+        f"{collapsed['no clip']} of {runs} without clipping, {collapsed['clipped']} of {runs} clipped."
+    )
+    return "\n".join(lines) + "\n\n" + verdict
+
+
 def demo_table(record: dict) -> str:
     """The demo's own run beside the recorded baselines (the quality benchmark's seed-0 runs)."""
     r = record["result"]
@@ -260,6 +293,7 @@ SECTIONS = {
     "data_fraction": ("data_fraction.json", data_fraction_table),
     "data_fraction_equal_steps": ("data_fraction_equal_steps.json", data_fraction_table),
     "forgetting": ("forgetting.json", forgetting_table),
+    "quality_clip": ("quality_clip.json", clip_table),
     "demo": ("demo.json", demo_table),
 }
 DOCS = (DOC, REPO / "docs" / "data.md", REPO / "README.md")

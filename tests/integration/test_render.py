@@ -104,3 +104,23 @@ def test_data_fraction_goal():
     assert (
         "Some points have 1 of the 3 seeds, so this is not a result yet. Reached by: gradient at 10%." in text
     )
+
+
+def test_clip_table_pairs_each_row_with_its_clipped_rerun():
+    def row(vals, lr=5e-3):
+        runs = [{"validation": v, "id": v, "ood": v} for v in vals]
+        mean = sum(vals) / len(vals)
+        stat = {"mean": mean, "std": 0.0}
+        return {"lr": lr, "runs": runs, "summary": {"validation": stat, "id": stat, "ood": stat}}
+
+    report = {
+        "results": {
+            "surgical-random-1pct": row([0.80, 0.50, 0.78]),
+            "surgical-random-1pct-clip1": row([0.81, 0.79, 0.78]),
+            "surgical-lonely-1pct": row([0.5, 0.5, 0.5]),  # no clipped rerun: not in the table
+        }
+    }
+    text = render.clip_table(report)
+    assert "| surgical-random-1pct | 0.005 | 80.0 / 50.0 / 78.0 | 81.0 / 79.0 / 78.0 |" in text
+    assert "lonely" not in text
+    assert text.endswith("1 of 3 without clipping, 0 of 3 clipped.")
