@@ -31,7 +31,9 @@ from surgical.train.sparse import (
     EntryState,
     attach_entries,
     csr_pattern,
+    grad_dtype,
     index_dtype,
+    product_operands,
 )
 
 
@@ -58,16 +60,23 @@ class Conv1DEntryState(EntryState):
             self.inverse = torch.argsort(order).to(index_dtype(idx.numel()))
         return self.pattern, self.inverse
 
-    def entry_grad(self, module: nn.Module, gy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The delta's gradient from the output gradient (tokens, out) and the input (tokens, in)."""
+    def entry_grad(
+        self, module: nn.Module, gy: torch.Tensor, x: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The delta's gradient from the output gradient (tokens, out) and the input (tokens, in),
+        computed as Linear entries' are (``dtype``: :func:`surgical.train.sparse.grad_dtype`)."""
         idx = self.indices(module)
         n_in, n_out = self.shape
         threshold = CUDA_DENSE_GATHER_DENSITY if gy.is_cuda else DENSE_GATHER_DENSITY
         if idx.numel() > threshold * n_in * n_out:
+            gy, x = product_operands(gy, x, dtype)
             return (x.t() @ gy).view(-1).index_select(0, idx)
-        pattern, inverse = self.transposed(module, gy.dtype)
-        grad = cpu_kernel.sampled_grad(gy, x, pattern) if gy.device.type == "cpu" else None
+        pattern, inverse = self.transposed(module, dtype)
+        grad = None
+        if gy.device.type == "cpu" and dtype == torch.float32:
+            grad = cpu_kernel.sampled_grad(gy, x, pattern)
         if grad is None:
+            gy, x = gy.to(dtype), x.to(dtype)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 grad = torch.sparse.sampled_addmm(pattern, gy.t(), x, beta=0.0).values()
@@ -104,15 +113,12 @@ class _EntryConv1DFn(torch.autograd.Function):
             module = ctx.module
             state: Conv1DEntryState = module._sg_entries
             delta = state.delta(module)
-            gdt = delta.dtype  # as for Linear entries: fp32 on CPU for a half-precision delta
-            if not gy.is_cuda and gdt not in (torch.float32, torch.float64):
-                gdt = torch.float32
-            gy2 = gy2.to(gdt)
-            x2 = x.reshape(-1, x.shape[-1]).to(gdt)
+            gdt = grad_dtype(delta, gy.device)  # operands as for Linear entries: kept as they come
+            x2 = x.reshape(-1, x.shape[-1])
             if state.accumulate:  # a prune-and-regrow schedule asked for one dense gradient
-                dense = x2.t() @ gy2
+                dense = x2.to(gdt).t() @ gy2.to(gdt)
                 state.grad_acc = dense if state.grad_acc is None else state.grad_acc.add_(dense)
-            gd = state.entry_grad(module, gy2, x2).to(delta.dtype)
+            gd = state.entry_grad(module, gy2, x2, gdt).to(delta.dtype)
         return gx, None, gb, gd, None
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("sampled_grad.cpp")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what sampled_grad's operands may be
 _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None = None
 _TRIED = False
@@ -124,6 +125,9 @@ def load(path: Path) -> ctypes.CDLL:
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.sg_sampled_grad_f32.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int]
     lib.sg_sampled_grad_f32.restype = None
+    lib.sg_sampled_grad_mixed.argtypes = [ptr, ctypes.c_int, ptr, ctypes.c_int, i64, i64, i64, ptr, ptr, ptr,
+                                          ctypes.c_int]  # fmt: skip
+    lib.sg_sampled_grad_mixed.restype = None
     lib.sg_sampled_grad_avx512.restype = ctypes.c_int
     lib.sg_write_entries_f32.argtypes = [ptr, ptr, ptr, ptr, i64, ctypes.c_int]
     lib.sg_write_entries_f32.restype = None
@@ -153,13 +157,17 @@ def library() -> ctypes.CDLL | None:
 def sampled_grad(gy: torch.Tensor, x: torch.Tensor, pattern: torch.Tensor, lib: ctypes.CDLL | None = None):
     """``(gy^T @ x)`` at the non-zeros of the CSR ``pattern``, or None when the kernel can't do it.
 
+    Each operand may be float32 or bfloat16 (bf16 autocast): a bfloat16 operand is widened to
+    float32 as the kernel transposes it, so the result is bit for bit the one its float32 copy
+    gives, without making the copy. The sums are float32; so is the result.
+
     Args:
-        gy: Output gradient (tokens, out), float32 on CPU.
-        x: Layer input (tokens, in), float32 on CPU.
+        gy: Output gradient (tokens, out), float32 or bfloat16 on CPU.
+        x: Layer input (tokens, in), float32 or bfloat16 on CPU.
         pattern: CSR tensor (out, in) with int32 row pointers and column indices.
         lib: A loaded kernel (default: :func:`library`).
     """
-    if gy.device.type != "cpu" or gy.dtype != torch.float32 or x.dtype != torch.float32:
+    if gy.device.type != "cpu" or gy.dtype not in KERNEL_DTYPES or x.dtype not in KERNEL_DTYPES:
         return None
     crow, col = pattern.crow_indices(), pattern.col_indices()
     if crow.dtype != torch.int32 or col.dtype != torch.int32:
@@ -173,10 +181,17 @@ def sampled_grad(gy: torch.Tensor, x: torch.Tensor, pattern: torch.Tensor, lib: 
         raise ValueError(f"sampled_grad: shapes {shapes} do not fit the pattern's {(n_out, n_in)}")
     gy, x = gy.contiguous(), x.contiguous()
     out = torch.empty(col.numel(), dtype=torch.float32)
-    lib.sg_sampled_grad_f32(
-        gy.data_ptr(), x.data_ptr(), gy.shape[0], n_out, n_in,
-        crow.data_ptr(), col.data_ptr(), out.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
+    if gy.dtype == x.dtype == torch.float32:
+        lib.sg_sampled_grad_f32(
+            gy.data_ptr(), x.data_ptr(), gy.shape[0], n_out, n_in,
+            crow.data_ptr(), col.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+    else:
+        half = [int(t.dtype == torch.bfloat16) for t in (gy, x)]
+        lib.sg_sampled_grad_mixed(
+            gy.data_ptr(), half[0], x.data_ptr(), half[1], gy.shape[0], n_out, n_in,
+            crow.data_ptr(), col.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
     return out
 
 

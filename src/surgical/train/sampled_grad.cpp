@@ -2,7 +2,9 @@
 //
 //   out[e] = sum_t gy[t, row(e)] * x[t, col[e]]      for the k entries of a CSR pattern
 //
-// gy (T, n_out) and x (T, n_in) arrive row-major, as autograd hands them over. A dot product
+// gy (T, n_out) and x (T, n_in) arrive row-major, as autograd hands them over, each in float32
+// or bfloat16 (bf16 autocast; widened to float32 exactly while transposed, so a bf16 operand
+// gives bit for bit what its float32 copy would, without the copy). A dot product
 // per entry needs both operands contiguous along the token axis, so the tokens are processed in
 // chunks of TC: each chunk of gy and x is transposed (16 x 16 register tiles) into buffers that
 // stay in cache, and the entries of a row read that row's gradient once while four entries share
@@ -36,11 +38,28 @@ inline float* align64(float* p) {
   return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
 }
 
+// one element as float32: bfloat16 is the top half of a float32's bits
+inline float widen(float v) { return v; }
+inline float widen(uint16_t v) {
+  const uint32_t bits = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
 #ifdef SG_AVX512
+// 16 consecutive elements as float32
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 // dst[c * dstride + r] = src[r * sstride + c] for a 16 x 16 tile
-inline void transpose16(const float* src, int64_t sstride, float* dst, int64_t dstride) {
+template <typename S>
+inline void transpose16(const S* src, int64_t sstride, float* dst, int64_t dstride) {
   __m512 r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * sstride);
+  for (int i = 0; i < 16; ++i) r[i] = load16(src + i * sstride);
   for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
     t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
@@ -80,7 +99,8 @@ inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
 #endif
 
 // dst[i * ld + t] = src[t * n + i] for the columns [i0, i1) of a (tl, n) chunk
-void transpose_cols(const float* src, int64_t n, int64_t tl, int64_t i0, int64_t i1, float* dst, int64_t ld) {
+template <typename S>
+void transpose_cols(const S* src, int64_t n, int64_t tl, int64_t i0, int64_t i1, float* dst, int64_t ld) {
   int64_t t16 = 0;
 #ifdef SG_AVX512
   t16 = tl & ~int64_t(15);
@@ -91,7 +111,7 @@ void transpose_cols(const float* src, int64_t n, int64_t tl, int64_t i0, int64_t
   }
 #endif
   for (int64_t i = i0; i < i1; ++i)
-    for (int64_t t = t16; t < tl; ++t) dst[i * ld + t] = src[t * n + i];
+    for (int64_t t = t16; t < tl; ++t) dst[i * ld + t] = widen(src[t * n + i]);
 }
 
 // out[e] += <g, xT[col[e]]> over tv tokens for the entries [e0, e1) of one row
@@ -124,21 +144,13 @@ void dot_row(const float* g, const float* xT, int64_t ld, int64_t tv, const int3
   }
 }
 
-}  // namespace
+// per-thread buffers, reused across calls and shared by every operand type: the partial sums of
+// threads 1.. (on the calling thread), and each thread's transposed chunks
+thread_local std::vector<float> partial_buf, gbuf, xbuf;
 
-extern "C" {
-
-// 1 when this build uses the AVX-512 path (reported by surgical's benchmarks)
-int sg_sampled_grad_avx512() {
-#ifdef SG_AVX512
-  return 1;
-#else
-  return 0;
-#endif
-}
-
-void sg_sampled_grad_f32(const float* gy, const float* x, int64_t T, int64_t n_out, int64_t n_in,
-                         const int32_t* crow, const int32_t* col, float* out, int nthreads) {
+template <typename G, typename X>
+void sampled_grad(const G* gy, const X* x, int64_t T, int64_t n_out, int64_t n_in, const int32_t* crow,
+                  const int32_t* col, float* out, int nthreads) {
   const int64_t nnz = crow[n_out];
   std::memset(out, 0, sizeof(float) * nnz);
   if (T == 0 || nnz == 0) return;
@@ -158,7 +170,6 @@ void sg_sampled_grad_f32(const float* gy, const float* x, int64_t T, int64_t n_o
   const int64_t nchunks = (T + tc - 1) / tc;
   const int nt = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, nchunks)));
   // partial sums of threads 1.. (thread 0 writes into out), reused across calls
-  static thread_local std::vector<float> partial_buf;
   if (nt > 1 && partial_buf.size() < size_t((nt - 1) * nnz)) partial_buf.resize((nt - 1) * nnz);
   float* const partial = partial_buf.data();
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -170,7 +181,6 @@ void sg_sampled_grad_f32(const float* gy, const float* x, int64_t T, int64_t n_o
     float* const acc = tid == 0 ? out : partial + (tid - 1) * nnz;
     if (tid > 0) std::memset(acc, 0, sizeof(float) * nnz);
     // chunk buffers of this thread, reused across calls: no allocation per layer and step
-    static thread_local std::vector<float> gbuf, xbuf;
     const int64_t ld = tc + LD_PAD;
     if (gbuf.size() < size_t(n_out * ld + 16)) gbuf.resize(n_out * ld + 16);
     if (xbuf.size() < size_t(n_in * ld + 16)) xbuf.resize(n_in * ld + 16);
@@ -196,6 +206,37 @@ void sg_sampled_grad_f32(const float* gy, const float* x, int64_t T, int64_t n_o
         for (int p = 0; p < nt - 1; ++p) out[e] += partial[p * nnz + e];
     }
   }
+}
+
+}  // namespace
+
+extern "C" {
+
+// 1 when this build uses the AVX-512 path (reported by surgical's benchmarks)
+int sg_sampled_grad_avx512() {
+#ifdef SG_AVX512
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+void sg_sampled_grad_f32(const float* gy, const float* x, int64_t T, int64_t n_out, int64_t n_in,
+                         const int32_t* crow, const int32_t* col, float* out, int nthreads) {
+  sampled_grad(gy, x, T, n_out, n_in, crow, col, out, nthreads);
+}
+
+// the same with each operand float32 (0) or bfloat16 (1); out is float32
+void sg_sampled_grad_mixed(const void* gy, int gy_bf16, const void* x, int x_bf16, int64_t T, int64_t n_out,
+                           int64_t n_in, const int32_t* crow, const int32_t* col, float* out, int nthreads) {
+  const auto* gf = static_cast<const float*>(gy);
+  const auto* gh = static_cast<const uint16_t*>(gy);
+  const auto* xf = static_cast<const float*>(x);
+  const auto* xh = static_cast<const uint16_t*>(x);
+  if (gy_bf16 && x_bf16) sampled_grad(gh, xh, T, n_out, n_in, crow, col, out, nthreads);
+  else if (gy_bf16) sampled_grad(gh, xf, T, n_out, n_in, crow, col, out, nthreads);
+  else if (x_bf16) sampled_grad(gf, xh, T, n_out, n_in, crow, col, out, nthreads);
+  else sampled_grad(gf, xf, T, n_out, n_in, crow, col, out, nthreads);
 }
 
 // w[idx[i]] = orig[i] + delta[i]: writes the trained values of an entry-sparse weight into it in

@@ -132,36 +132,73 @@ def csr_pattern(
         return torch.sparse_csr_tensor(crow, cols.to(itype), values, size=shape, check_invariants=False)
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
+def grad_dtype(delta: torch.Tensor, device: torch.device) -> torch.dtype:
+    """The dtype an entry gradient is computed in: the delta's, except that on CPU a half-precision
+    delta (a model loaded in bf16/fp16) is computed in fp32, since neither the CPU kernel's sums
+    nor ``sampled_addmm`` take half precision there."""
+    if device.type != "cuda" and delta.dtype not in (torch.float32, torch.float64):
+        return torch.float32
+    return delta.dtype
+
+
+def product_operands(
+    gy: torch.Tensor, x: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gy`` and ``x`` for a dense weight-gradient product computed in ``dtype``, except on CUDA
+    under half-precision autocast (``gy`` in bf16/fp16): there the product stays in ``gy``'s
+    precision (``x`` cast to it, as autocast casts a Linear's input), so it runs on the tensor
+    cores with fp32 accumulation inside the matmul, as autocast's own weight gradients (and
+    LoRA's) do, instead of in fp32 on copies of both operands."""
+    if gy.is_cuda and gy.dtype in HALF:
+        return gy, x.to(gy.dtype)
+    return gy.to(dtype), x.to(dtype)
+
+
 def sampled_weight_grad(
     gy: torch.Tensor,
     x: torch.Tensor,
     indices: torch.Tensor,
     pattern: torch.Tensor | Callable[[], torch.Tensor],
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``(gy^T @ x).flatten()[indices]``, without the dense product when sparse enough.
 
     On CPU the product at the entries is :mod:`surgical.train.cpu_kernel`'s when it could be
-    built, else ``torch.sparse.sampled_addmm``. On CUDA the dense product is gathered (see
-    ``CUDA_DENSE_GATHER_DENSITY``).
+    built (it takes fp32 and bf16 operands as they are, summing in fp32), else
+    ``torch.sparse.sampled_addmm``. On CUDA the dense product is gathered (see
+    ``CUDA_DENSE_GATHER_DENSITY``), in bf16/fp16 on tensor cores under autocast
+    (:func:`product_operands`).
 
     Args:
         gy: Output gradient, (tokens, out).
         x: Layer input, (tokens, in).
         indices: Sorted flat indices into the (out, in) weight.
-        pattern: CSR tensor of shape (out, in) with non-zeros at ``indices`` and dtype of ``gy``,
+        pattern: CSR tensor of shape (out, in) with non-zeros at ``indices`` and dtype ``dtype``,
             or a function returning it, called only when the sampled product needs it (so that
             the dense-product path, CUDA's default, never builds it: 4 bytes per entry).
+        dtype: What the gradient is computed in where the operands must share a dtype (default
+            ``gy``'s; see :func:`grad_dtype`).
+
+    Returns:
+        The k gradient values: float32 from the CPU kernel, else in the product's dtype (bf16
+        under CUDA autocast); callers cast them to the delta's dtype.
     """
+    dtype = dtype or gy.dtype
     out_f, in_f = gy.shape[-1], x.shape[-1]
     threshold = CUDA_DENSE_GATHER_DENSITY if gy.is_cuda else DENSE_GATHER_DENSITY
     if indices.numel() > threshold * out_f * in_f:
+        gy, x = product_operands(gy, x, dtype)
         return (gy.t() @ x).view(-1).index_select(0, indices)
     if callable(pattern):
         pattern = pattern()
-    if gy.device.type == "cpu":
+    if gy.device.type == "cpu" and dtype == torch.float32:
         grad = cpu_kernel.sampled_grad(gy, x, pattern)
         if grad is not None:
             return grad
+    gy, x = gy.to(dtype), x.to(dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse.sampled_addmm(pattern, gy.t(), x, beta=0.0).values()
@@ -189,20 +226,16 @@ class _EntryLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             module = ctx.module
             state: EntryState = module._sg_entries
-            # the delta's gradient is computed in the delta's dtype, which keeps bf16-autocast
-            # gradients of fp32 deltas accurate; on CPU a half-precision delta (a model loaded in
-            # bf16/fp16) is computed in fp32, since neither the CPU kernel nor sampled_addmm
-            # takes half precision there
-            gdt = state.delta(module).dtype
-            if not gy.is_cuda and gdt not in (torch.float32, torch.float64):
-                gdt = torch.float32
-            gy2 = gy2.to(gdt)
-            x2 = x.reshape(-1, x.shape[-1]).to(gdt)
+            # the operands keep their dtypes (bf16 under autocast): the CPU kernel widens them as
+            # it reads, CUDA multiplies them on tensor cores, the rest computes in ``gdt``
+            delta = state.delta(module)
+            gdt = grad_dtype(delta, gy.device)
+            x2 = x.reshape(-1, x.shape[-1])
             if state.accumulate:  # a prune-and-regrow schedule asked for one dense gradient
-                dense = gy2.t() @ x2
+                dense = gy2.to(gdt).t() @ x2.to(gdt)
                 state.grad_acc = dense if state.grad_acc is None else state.grad_acc.add_(dense)
-            pattern = functools.partial(state.csr, module, gy2.dtype)
-            gd = sampled_weight_grad(gy2, x2, state.indices(module), pattern).to(state.delta(module).dtype)
+            pattern = functools.partial(state.csr, module, gdt)
+            gd = sampled_weight_grad(gy2, x2, state.indices(module), pattern, gdt).to(delta.dtype)
         return gx, None, gb, gd, None
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgical.core.marks import Saved
+from surgical.train.sparse import product_operands
 from surgical.train.state import SparseState, install
 
 
@@ -95,12 +96,13 @@ class _BlockLinearFn(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy2.sum(0)
         if ctx.needs_input_grad[3]:
-            x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
-            gy2 = gy2.to(torch.float32)
+            # fp32, or bf16 tensor-core products under CUDA autocast (as for entries)
+            gy2, x2 = product_operands(gy2, x.reshape(-1, x.shape[-1]), torch.float32)
             if ctx.axis == 0:
                 gblock = gy2.index_select(1, sel).t() @ x2  # (r, in)
             else:
                 gblock = gy2.t() @ x2.index_select(1, sel)  # (out, c)
+            gblock = gblock.to(torch.float32)
         return gx, None, gb, gblock, None, None
 
 

@@ -73,6 +73,55 @@ def test_threads_split_the_tokens_and_agree(lib, tokens):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bf16_operands_give_the_bits_of_their_fp32_copies(lib, shape, threads):
+    """bf16 autocast hands the kernel bf16 gradients and inputs: widened as they are transposed,
+    they give exactly what upcasting them first would, in each mix of dtypes."""
+    gy, x, idx, pat = _case(*shape)
+    gy, x = gy.bfloat16(), x.bfloat16()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        want = cpu_kernel.sampled_grad(gy.float(), x.float(), pat, lib)
+        for a, b in ((gy, x), (gy, x.float()), (gy.float(), x)):
+            got = cpu_kernel.sampled_grad(a, b, pat, lib)
+            assert got.dtype == torch.float32 and torch.equal(got, want)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_portable_build_takes_bf16_operands(tmp_path):
+    try:
+        lib = cpu_kernel.load(cpu_kernel.build(("-mno-avx512f",), directory=tmp_path))
+    except cpu_kernel.KernelBuildError as e:
+        pytest.skip(f"no portable build here: {e}")
+    gy, x, idx, pat = _case(100, 33, 50, 200)
+    gy, x = gy.bfloat16(), x.bfloat16()
+    want = cpu_kernel.sampled_grad(gy.float(), x.float(), pat, lib)
+    assert torch.equal(cpu_kernel.sampled_grad(gy, x, pat, lib), want)
+
+
+def test_sampled_weight_grad_keeps_bf16_operands_on_cpu(lib, monkeypatch):
+    """Under CPU autocast the entry gradient reaches the kernel without fp32 copies of the
+    operands, with the bits the copies would give; above the gather density (and without the
+    kernel) the operands are cast to the compute dtype."""
+    gy, x, idx, pat = _case(256, 64, 64, 400)
+    gy, x = gy.bfloat16(), x.bfloat16()
+    seen = []
+    real = cpu_kernel.sampled_grad
+    monkeypatch.setattr(
+        cpu_kernel, "sampled_grad", lambda a, b, p: seen.append((a.dtype, b.dtype)) or real(a, b, p)
+    )
+    got = sampled_weight_grad(gy, x, idx, pat, torch.float32)
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    assert torch.equal(got, sampled_weight_grad(gy.float(), x.float(), idx, pat))
+    dense_idx = torch.arange(0, 64 * 64, 2, dtype=torch.int32)  # 50% density: the dense product
+    got = sampled_weight_grad(gy, x, dense_idx, lambda: None, torch.float32)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, (gy.float().t() @ x.float()).view(-1)[dense_idx.long()])
+
+
 def test_sampled_weight_grad_uses_it_and_agrees_with_sampled_addmm(lib):
     gy, x, idx, pat = _case(256, 64, 64, 400)
     ours = sampled_weight_grad(gy, x, idx, pat)

@@ -2,8 +2,8 @@
 
 Everything else in the suite runs on CPU; these tests check that the same numbers come out on a
 GPU: entry gradients (the dense product gathered, and cuSPARSE's SDDMM when forced), row/column
-and tied-embedding blocks, bf16 autocast, ``sg.fit`` followed by a delta applied to a CPU model,
-selection scores, and delta apply/revert. Tiny models: seconds on one GPU.
+and tied-embedding blocks, bf16 autocast (bf16 entry products), ``sg.fit`` followed by a delta
+applied to a CPU model, selection scores, and delta apply/revert. Tiny models: seconds on one GPU.
 """
 
 from __future__ import annotations
@@ -250,6 +250,23 @@ def test_bf16_autocast_on_cuda_gives_fp32_like_grads_and_trains():
     assert res.steps == 4 and all(torch.isfinite(torch.tensor(res.losses)))
     assert all(_delta_of(model, n).dtype == torch.float32 and _delta_of(model, n).abs().sum() > 0
                for n in plan.entries)  # fmt: skip
+
+
+def test_bf16_autocast_entry_products_run_in_bf16_on_cuda():
+    """Under bf16 autocast an entry gradient is a bf16 tensor-core product (fp32 accumulation in
+    the matmul), as autocast's own weight gradients and LoRA's are, not an fp32 product of
+    upcast copies; an fp32 input (a block's first) is cast to bf16 as autocast casts it."""
+    g = torch.Generator().manual_seed(0)
+    gy = torch.randn(1024, 256, generator=g).to(CUDA, torch.bfloat16)
+    x = torch.randn(1024, 512, generator=g).to(CUDA)
+    idx = torch.randperm(256 * 512, generator=g)[:1310].sort().values.to(torch.int32).to(CUDA)
+    got = sampled_weight_grad(gy, x, idx, lambda: None, torch.float32)
+    assert got.dtype == torch.bfloat16  # the caller casts to the delta's dtype
+    assert torch.equal(got, (gy.t() @ x.bfloat16()).reshape(-1)[idx.long()])
+    fp32 = (gy.float().t() @ x).reshape(-1)[idx.long()]
+    _close(got.float(), fp32, rtol=0.02)  # as close as bf16 inputs and output allow
+    # fp32 operands (no autocast) stay fp32
+    assert sampled_weight_grad(gy.float(), x, idx, lambda: None).dtype == torch.float32
 
 
 def _mixed_plan(model) -> Plan:
