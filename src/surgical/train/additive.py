@@ -33,7 +33,7 @@ from torch import nn
 
 from surgical.core.errors import SurgicalError
 from surgical.core.tensors import full_tensor, is_plain, is_quantized
-from surgical.train.sparse import index_dtype, sampled_weight_grad
+from surgical.train.sparse import grad_dtype, index_dtype, sampled_weight_grad
 from surgical.train.state import SparseState, delta_attr, install
 
 
@@ -114,14 +114,6 @@ class AdditiveEntryState(SparseState):
             flat.index_copy_(0, idx, new.to(weight.dtype))
 
 
-def _compute_dtype(delta: torch.Tensor, device: torch.device) -> torch.dtype:
-    # as the in-place path: the delta's dtype, but fp32 on CPU for a half-precision delta (the
-    # CPU kernel and the sparse products there take single precision)
-    if device.type != "cuda" and delta.dtype not in (torch.float32, torch.float64):
-        return torch.float32
-    return delta.dtype
-
-
 def _delta_term(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """``x @ D^T`` for a sparse (out, in) ``D``, shaped like the Linear's output, in ``D``'s dtype
     (autocast off: the sparse products have no half-precision kernels on CPU)."""
@@ -137,14 +129,14 @@ class _AdditiveFn(torch.autograd.Function):
     def forward(ctx, x, delta, module, state):  # noqa: D102
         ctx.module, ctx.state = module, state
         ctx.save_for_backward(x, delta)
-        dt = _compute_dtype(delta, x.device)
+        dt = grad_dtype(delta, x.device)
         return _delta_term(x, state.matrix(module, delta.detach().to(dt)))
 
     @staticmethod
     def backward(ctx, gy):  # noqa: D102
         x, delta = ctx.saved_tensors
         module, state = ctx.module, ctx.state
-        dt = _compute_dtype(delta, gy.device)
+        dt = grad_dtype(delta, gy.device)
         d = state.matrix(module, delta.detach().to(dt))
         gy2 = gy.reshape(-1, gy.shape[-1]).to(dt)
         gx = gd = None
@@ -152,11 +144,13 @@ class _AdditiveFn(torch.autograd.Function):
             with torch.autocast(gy.device.type, enabled=False):
                 gx = torch.sparse.mm(d.t(), gy2.t()).t().reshape(x.shape).to(x.dtype)  # gy @ D
         if ctx.needs_input_grad[1]:
-            x2 = x.reshape(-1, x.shape[-1]).to(dt)
+            x2 = x.reshape(-1, x.shape[-1])
             if state.accumulate:  # a prune-and-regrow schedule asked for one dense gradient
-                dense = gy2.t() @ x2
+                dense = gy2.t() @ x2.to(dt)
                 state.grad_acc = dense if state.grad_acc is None else state.grad_acc.add_(dense)
-            gd = sampled_weight_grad(gy2, x2, state.indices(module), d).to(delta.dtype)
+            # the operands as they come (bf16 under autocast), as for in-place entries
+            gy_in = gy.reshape(-1, gy.shape[-1])
+            gd = sampled_weight_grad(gy_in, x2, state.indices(module), d, dt).to(delta.dtype)
         return gx, gd, None, None
 
 
@@ -208,7 +202,7 @@ def _additive_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         extra = _AdditiveFn.apply(x, delta, module, state)
     else:  # frozen for now (a schedule) or no grad: the trained values still count
         with torch.no_grad():
-            dt = _compute_dtype(delta, x.device)
+            dt = grad_dtype(delta, x.device)
             extra = _delta_term(x, state.matrix(module, delta.detach().to(dt)))
     return y + extra.to(y.dtype)
 
