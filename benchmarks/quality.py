@@ -131,15 +131,32 @@ COLLAPSED = {
 }
 
 
-def clip_specs() -> dict[str, dict]:
-    """``<row>-clip1`` for every collapsed row: the same settings and lr, gradients clipped at norm 1.
-    Not part of the default run (``--rows`` names them)."""
+#: the next lower rate of each collapsed row's grid (for the 0.5% rows, below their grid)
+LOWER_LR = {
+    "surgical-magnitude-1pct": 3e-3,
+    "surgical-random-1pct": 3e-3,
+    "surgical-principal-1pct": 3e-3,
+    "surgical-fisher-0.5pct": 2e-3,
+    "surgical-salience-0.5pct": 2e-3,
+}
+VARIANTS = ("-clip1", "-lower-lr")  # suffixes of the collapse study's rows
+
+
+def collapse_specs() -> dict[str, dict]:
+    """The collapse study's rows, not part of the default run (``--rows`` names them):
+    ``<row>-clip1``, the same settings and lr with the gradient norm clipped at 1, and
+    ``<row>-lower-lr``, the same settings at the next lower rate (its seed-0 run, when the grid
+    search made it, comes from the cache)."""
     rows = row_specs()
-    return {f"{n}-clip1": {**rows[n], "max_grad_norm": 1.0, "lrs": [lr]} for n, lr in COLLAPSED.items()}
+    clipped = {f"{n}-clip1": {**rows[n], "max_grad_norm": 1.0, "lrs": [lr]} for n, lr in COLLAPSED.items()}
+    lower = {f"{n}-lower-lr": {**rows[n], "lrs": [lr]} for n, lr in LOWER_LR.items()}
+    return clipped | lower
 
 
 def wants_wise_ft(name: str) -> bool:
-    """WiSE-FT curves for full fine-tuning, LoRA and every surgical entries row at 1%."""
+    """WiSE-FT curves for full fine-tuning, LoRA and every surgical entries row at 1% (a lower-lr
+    variant as its row, so that they share cached runs)."""
+    name = name.removesuffix("-lower-lr")
     return name in ("full", "lora") or (name.startswith("surgical-") and name.endswith("-1pct"))
 
 
@@ -538,7 +555,7 @@ def main() -> None:
         if args.rows
         else (["head", "full", "surgical-gradient-1pct"] if args.quick else list(specs))
     )
-    specs |= clip_specs()
+    specs |= collapse_specs()
     unknown = [n for n in names if n not in specs]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; known: {', '.join(specs)}")

@@ -149,36 +149,38 @@ def forgetting_table(report: dict) -> str:
 
 
 COLLAPSED_BELOW = 0.55  # validation accuracy of a run that stayed at one class (balanced classes)
+VARIANTS = {"": "as in the table", "-clip1": "gradient norm clipped at 1", "-lower-lr": "next lower lr"}
 
 
-def clip_table(report: dict) -> str:
-    """Each collapsed quality row beside its ``-clip1`` rerun: validation by seed, ID and OOD."""
+def collapse_table(report: dict) -> str:
+    """Each collapsed quality row with its variants (``-clip1``, ``-lower-lr``): validation by seed,
+    ID, OOD and the runs that stayed at one class."""
     rows = report["results"]
     lines = [
-        "| row | lr | validation by seed, no clip | clipped at 1 | ID, no clip / clipped "
-        "| OOD, no clip / clipped |",
-        "|---|---:|---|---|---:|---:|",
+        "| row | variant | lr | validation by seed | ID | OOD | one-class runs |",
+        "|---|---|---:|---|---:|---:|---:|",
     ]
-    collapsed = {"no clip": 0, "clipped": 0}
-    runs = 0
-    for name, r in rows.items():
-        c = rows.get(f"{name}-clip1")
-        if c is None or name.endswith("-clip1"):
+    total = {v: [0, 0] for v in VARIANTS}
+    for name in rows:
+        if any(name.endswith(v) for v in VARIANTS if v) or " + " in name:
             continue
-        s, cs = r["summary"], c["summary"]
-        by_seed = [" / ".join(f"{100 * x['validation']:.1f}" for x in row["runs"]) for row in (r, c)]
-        lines.append(
-            f"| {name} | {r['lr']:g} | {by_seed[0]} | {by_seed[1]} | {pct(s['id'])} / {pct(cs['id'])} | "
-            f"{pct(s['ood'])} / {pct(cs['ood'])} |"
-        )
-        runs += len(c["runs"])
-        collapsed["no clip"] += sum(x["validation"] < COLLAPSED_BELOW for x in r["runs"])
-        collapsed["clipped"] += sum(x["validation"] < COLLAPSED_BELOW for x in c["runs"])
-    verdict = (
-        f"Runs that stayed at one class (validation below {100 * COLLAPSED_BELOW:.0f}%): "
-        f"{collapsed['no clip']} of {runs} without clipping, {collapsed['clipped']} of {runs} clipped."
-    )
-    return "\n".join(lines) + "\n\n" + verdict
+        present = [v for v in VARIANTS if v and f"{name}{v}" in rows]
+        if not present:
+            continue
+        for v in ["", *present]:
+            r = rows[f"{name}{v}"]
+            s = r["summary"]
+            stuck = sum(x["validation"] < COLLAPSED_BELOW for x in r["runs"])
+            total[v][0] += stuck
+            total[v][1] += len(r["runs"])
+            by_seed = " / ".join(f"{100 * x['validation']:.1f}" for x in r["runs"])
+            lines.append(
+                f"| {name if not v else ''} | {VARIANTS[v]} | {r['lr']:g} | {by_seed} | {pct(s['id'])} | "
+                f"{pct(s['ood'])} | {stuck} of {len(r['runs'])} |"
+            )
+    counts = "; ".join(f"{VARIANTS[v]}, {n} of {m}" for v, (n, m) in total.items() if m)
+    verdict = f"Runs that stayed at one class (validation below {100 * COLLAPSED_BELOW:.0f}%): {counts}"
+    return "\n".join(lines) + "\n\n" + verdict + "."
 
 
 def demo_table(record: dict) -> str:
@@ -293,7 +295,7 @@ SECTIONS = {
     "data_fraction": ("data_fraction.json", data_fraction_table),
     "data_fraction_equal_steps": ("data_fraction_equal_steps.json", data_fraction_table),
     "forgetting": ("forgetting.json", forgetting_table),
-    "quality_clip": ("quality_clip.json", clip_table),
+    "quality_collapse": ("quality_collapse.json", collapse_table),
     "demo": ("demo.json", demo_table),
 }
 DOCS = (DOC, REPO / "docs" / "data.md", REPO / "README.md")

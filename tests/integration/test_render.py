@@ -106,7 +106,7 @@ def test_data_fraction_goal():
     )
 
 
-def test_clip_table_pairs_each_row_with_its_clipped_rerun():
+def test_collapse_table_lists_each_row_with_its_variants():
     def row(vals, lr=5e-3):
         runs = [{"validation": v, "id": v, "ood": v} for v in vals]
         mean = sum(vals) / len(vals)
@@ -116,11 +116,16 @@ def test_clip_table_pairs_each_row_with_its_clipped_rerun():
     report = {
         "results": {
             "surgical-random-1pct": row([0.80, 0.50, 0.78]),
-            "surgical-random-1pct-clip1": row([0.81, 0.79, 0.78]),
-            "surgical-lonely-1pct": row([0.5, 0.5, 0.5]),  # no clipped rerun: not in the table
+            "surgical-random-1pct-clip1": row([0.81, 0.50, 0.78]),
+            "surgical-random-1pct-lower-lr": row([0.80, 0.79, 0.78], lr=3e-3),
+            "surgical-lonely-1pct": row([0.5, 0.5, 0.5]),  # no variant: not in the table
         }
     }
-    text = render.clip_table(report)
-    assert "| surgical-random-1pct | 0.005 | 80.0 / 50.0 / 78.0 | 81.0 / 79.0 / 78.0 |" in text
+    text = render.collapse_table(report)
+    assert "| surgical-random-1pct | as in the table | 0.005 | 80.0 / 50.0 / 78.0 |" in text
+    assert "|  | gradient norm clipped at 1 | 0.005 | 81.0 / 50.0 / 78.0 |" in text
+    assert "|  | next lower lr | 0.003 | 80.0 / 79.0 / 78.0 | 79.0 ± 0.0 | 79.0 ± 0.0 | 0 of 3 |" in text
     assert "lonely" not in text
-    assert text.endswith("1 of 3 without clipping, 0 of 3 clipped.")
+    assert text.endswith(
+        "as in the table, 1 of 3; gradient norm clipped at 1, 1 of 3; next lower lr, 0 of 3."
+    )
