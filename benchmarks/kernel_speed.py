@@ -110,7 +110,7 @@ def main() -> None:
     for threads in (1, 2):
         for tokens in (64,) if args.quick else (512, 2048):
             r = measure(shapes, tokens, threads, reps)
-            results[f"{threads} threads, {tokens} tokens"] = r
+            results[f"{threads} thread{'s' if threads > 1 else ''}, {tokens:,} tokens"] = r
             ms = r["ms"]
             print(
                 f"{threads} thread(s), {tokens:5d} tokens: kernel {ms['kernel']:.2f} ms, "

@@ -183,6 +183,24 @@ def collapse_table(report: dict) -> str:
     return "\n".join(lines) + "\n\n" + verdict + "."
 
 
+def kernel_speed_table(report: dict) -> str:
+    """The CPU kernel on one layer block: ms per method, by threads and tokens."""
+    lines = [
+        "| threads, tokens | kernel (fp32) | sampled_addmm | kernel / sampled_addmm | kernel on bf16 "
+        "| bf16 cast to fp32, then kernel | bf16 / cast first | same bits |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for key, r in report["results"].items():
+        ms = r["ms"]
+        lines.append(
+            f"| {key} | {ms['kernel']:.2f} ms | {ms['sampled_addmm']:.2f} ms | "
+            f"{r['kernel_vs_sampled_addmm']:.2f}x | {ms['kernel_bf16']:.2f} ms | "
+            f"{ms['upcast_kernel']:.2f} ms | {r['bf16_vs_upcast']:.2f}x | "
+            f"{'yes' if r['bf16_bits_equal_upcast'] else 'NO'} |"
+        )
+    return "\n".join(lines)
+
+
 def demo_table(record: dict) -> str:
     """The demo's own run beside the recorded baselines (the quality benchmark's seed-0 runs)."""
     r = record["result"]
@@ -296,6 +314,7 @@ SECTIONS = {
     "data_fraction_equal_steps": ("data_fraction_equal_steps.json", data_fraction_table),
     "forgetting": ("forgetting.json", forgetting_table),
     "quality_collapse": ("quality_collapse.json", collapse_table),
+    "kernel_speed": ("kernel_speed.json", kernel_speed_table),
     "demo": ("demo.json", demo_table),
 }
 DOCS = (DOC, REPO / "docs" / "data.md", REPO / "README.md")

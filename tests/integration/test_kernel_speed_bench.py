@@ -30,7 +30,7 @@ def test_kernel_speed_quick(tmp_path):
     )
     assert p.returncode == 0, p.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert set(report["results"]) == {"1 threads, 64 tokens", "2 threads, 64 tokens"}
+    assert set(report["results"]) == {"1 thread, 64 tokens", "2 threads, 64 tokens"}
     for r in report["results"].values():
         assert set(r["ms"]) == {"kernel", "sampled_addmm", "kernel_bf16", "upcast_kernel"}
         assert all(v > 0 for v in r["ms"].values()) and r["bf16_bits_equal_upcast"] is True
