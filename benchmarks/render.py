@@ -321,10 +321,11 @@ DOCS = (DOC, REPO / "docs" / "data.md", REPO / "README.md")
 
 
 def header(report: dict) -> str:
-    seeds = report["setup"]["seeds"]
+    seeds = report["setup"].get("seeds")  # a timing benchmark has none
     state = "" if report["setup"].get("complete", True) else ", cut short: the rows that finished"
+    seeds_part = f"seeds {', '.join(map(str, seeds))}, " if seeds else ""
     return (
-        f"`{report['command']}` ({report['date'][:10]}, seeds {', '.join(map(str, seeds))}, "
+        f"`{report['command']}` ({report['date'][:10]}, {seeds_part}"
         f"torch {report['machine']['torch']}{state}):\n\n"
     )
 
