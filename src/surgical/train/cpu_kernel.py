@@ -123,11 +123,9 @@ def load(path: Path) -> ctypes.CDLL:
     """Loads a built kernel and declares its functions' signatures."""
     lib = ctypes.CDLL(str(path))
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.sg_sampled_grad_f32.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int]
-    lib.sg_sampled_grad_f32.restype = None
-    lib.sg_sampled_grad_mixed.argtypes = [ptr, ctypes.c_int, ptr, ctypes.c_int, i64, i64, i64, ptr, ptr, ptr,
-                                          ctypes.c_int]  # fmt: skip
-    lib.sg_sampled_grad_mixed.restype = None
+    lib.sg_sampled_grad.argtypes = [ptr, ctypes.c_int, ptr, ctypes.c_int, i64, i64, i64, ptr, ptr, ptr,
+                                    ctypes.c_int]  # fmt: skip
+    lib.sg_sampled_grad.restype = None
     lib.sg_sampled_grad_avx512.restype = ctypes.c_int
     lib.sg_write_entries_f32.argtypes = [ptr, ptr, ptr, ptr, i64, ctypes.c_int]
     lib.sg_write_entries_f32.restype = None
@@ -181,17 +179,11 @@ def sampled_grad(gy: torch.Tensor, x: torch.Tensor, pattern: torch.Tensor, lib: 
         raise ValueError(f"sampled_grad: shapes {shapes} do not fit the pattern's {(n_out, n_in)}")
     gy, x = gy.contiguous(), x.contiguous()
     out = torch.empty(col.numel(), dtype=torch.float32)
-    if gy.dtype == x.dtype == torch.float32:
-        lib.sg_sampled_grad_f32(
-            gy.data_ptr(), x.data_ptr(), gy.shape[0], n_out, n_in,
-            crow.data_ptr(), col.data_ptr(), out.data_ptr(), torch.get_num_threads(),
-        )  # fmt: skip
-    else:
-        half = [int(t.dtype == torch.bfloat16) for t in (gy, x)]
-        lib.sg_sampled_grad_mixed(
-            gy.data_ptr(), half[0], x.data_ptr(), half[1], gy.shape[0], n_out, n_in,
-            crow.data_ptr(), col.data_ptr(), out.data_ptr(), torch.get_num_threads(),
-        )  # fmt: skip
+    half = [int(t.dtype == torch.bfloat16) for t in (gy, x)]
+    lib.sg_sampled_grad(
+        gy.data_ptr(), half[0], x.data_ptr(), half[1], gy.shape[0], n_out, n_in,
+        crow.data_ptr(), col.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
     return out
 
 

@@ -221,14 +221,10 @@ int sg_sampled_grad_avx512() {
 #endif
 }
 
-void sg_sampled_grad_f32(const float* gy, const float* x, int64_t T, int64_t n_out, int64_t n_in,
-                         const int32_t* crow, const int32_t* col, float* out, int nthreads) {
-  sampled_grad(gy, x, T, n_out, n_in, crow, col, out, nthreads);
-}
-
-// the same with each operand float32 (0) or bfloat16 (1); out is float32
-void sg_sampled_grad_mixed(const void* gy, int gy_bf16, const void* x, int x_bf16, int64_t T, int64_t n_out,
-                           int64_t n_in, const int32_t* crow, const int32_t* col, float* out, int nthreads) {
+// out[e] for the entries of the CSR pattern (crow, col) of an (n_out, n_in) weight, from gy (T, n_out)
+// and x (T, n_in), each float32 (0) or bfloat16 (1); out is float32
+void sg_sampled_grad(const void* gy, int gy_bf16, const void* x, int x_bf16, int64_t T, int64_t n_out,
+                     int64_t n_in, const int32_t* crow, const int32_t* col, float* out, int nthreads) {
   const auto* gf = static_cast<const float*>(gy);
   const auto* gh = static_cast<const uint16_t*>(gy);
   const auto* xf = static_cast<const float*>(x);
