@@ -120,26 +120,15 @@ def row_specs() -> dict[str, dict]:
     return rows
 
 
-#: the rows that collapsed to one class at one seed (seed 1, each at the lr it chose on seed 0's
-#: validation), and that lr: run again with the gradient norm clipped to 1 (HF Trainer's default)
+#: the rows that collapsed to one class at one seed (seed 1), with the lr each chose on seed 0's
+#: validation and the next lower rate (for the 0.5% rows, below their grid)
 COLLAPSED = {
-    "surgical-magnitude-1pct": 5e-3,
-    "surgical-random-1pct": 5e-3,
-    "surgical-principal-1pct": 5e-3,
-    "surgical-fisher-0.5pct": 3e-3,
-    "surgical-salience-0.5pct": 3e-3,
+    "surgical-magnitude-1pct": (5e-3, 3e-3),
+    "surgical-random-1pct": (5e-3, 3e-3),
+    "surgical-principal-1pct": (5e-3, 3e-3),
+    "surgical-fisher-0.5pct": (3e-3, 2e-3),
+    "surgical-salience-0.5pct": (3e-3, 2e-3),
 }
-
-
-#: the next lower rate of each collapsed row's grid (for the 0.5% rows, below their grid)
-LOWER_LR = {
-    "surgical-magnitude-1pct": 3e-3,
-    "surgical-random-1pct": 3e-3,
-    "surgical-principal-1pct": 3e-3,
-    "surgical-fisher-0.5pct": 2e-3,
-    "surgical-salience-0.5pct": 2e-3,
-}
-VARIANTS = ("-clip1", "-lower-lr")  # suffixes of the collapse study's rows
 
 
 def collapse_specs() -> dict[str, dict]:
@@ -148,8 +137,10 @@ def collapse_specs() -> dict[str, dict]:
     ``<row>-lower-lr``, the same settings at the next lower rate (its seed-0 run, when the grid
     search made it, comes from the cache)."""
     rows = row_specs()
-    clipped = {f"{n}-clip1": {**rows[n], "max_grad_norm": 1.0, "lrs": [lr]} for n, lr in COLLAPSED.items()}
-    lower = {f"{n}-lower-lr": {**rows[n], "lrs": [lr]} for n, lr in LOWER_LR.items()}
+    clipped = {
+        f"{n}-clip1": {**rows[n], "max_grad_norm": 1.0, "lrs": [lr]} for n, (lr, _) in COLLAPSED.items()
+    }
+    lower = {f"{n}-lower-lr": {**rows[n], "lrs": [lr]} for n, (_, lr) in COLLAPSED.items()}
     return clipped | lower
 
 
