@@ -104,7 +104,8 @@ def split_reviews(quick: bool, tok):
         default_data_path(), DemoConfig(held_out=100, ood_size=IMDB_OFFSET + n, train_size=None)
     )
     texts, labels = imdb.texts[IMDB_OFFSET:], imdb.labels[IMDB_OFFSET:]
-    texts = [tok.decode(tok(t, add_special_tokens=False)["input_ids"][: size["review"]]) for t in texts]
+    cut = (tok.decode(tok(t, add_special_tokens=False)["input_ids"][: size["review"]]) for t in texts)
+    texts = [t.strip() for t in cut]  # the template trims a turn: an edge space breaks its prefixes
     cuts = (0, size["train"], size["train"] + size["validation"], n)
     parts = [(texts[a:b], labels[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
     return parts, rt.texts[: size["reference"]]
