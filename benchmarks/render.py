@@ -148,6 +148,54 @@ def forgetting_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def long_targets_table(report: dict) -> str:
+    """The long-targets rows, then each token row paired by seed against every target token."""
+    import statistics
+
+    base = (report.get("base") or {}).get("test")
+    lines = [
+        "| row | lr | held-out review loss | sentiment accuracy | KL(base \\|\\| tuned) on RT "
+        "| RT loss change | train s | peak RSS |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    if base:
+        lines.append(f"| base, zero-shot | | {base['loss']:.4f} | {100 * base['accuracy']:.1f} | 0 | 0 | | |")
+    rows = report["results"]
+    for name, r in rows.items():
+        s = r["summary"]
+        grid = ", ".join(f"{x:g}" for x in r["lr_grid"])
+        lr = f"{r['lr']:g} (from {r['lr_from']})" if r.get("lr_from") else f"{r['lr']:g} ({grid})"
+        ref = [x["reference_seconds"] for x in r["runs"] if "reference_seconds" in x]
+        secs = f"{s['train_seconds']['mean']:.0f}" + (
+            f" + {statistics.fmean(ref):.0f} reference" if ref else ""
+        )
+        lines.append(
+            f"| {name} | {lr} | {s['test_loss']['mean']:.4f} ± {s['test_loss']['std']:.4f} | "
+            f"{pct(s['test_accuracy'])} | {s['kl']['mean']:.4f} ± {s['kl']['std']:.4f} | "
+            f"{s['loss_change']['mean']:+.4f} ± {s['loss_change']['std']:.4f} | {secs} | "
+            f"{s['peak_rss_mib']['mean']:,.0f} MiB |"
+        )
+    plain = rows.get("all-tokens", {}).get("runs", [])
+    pairs = []
+    for name, r in rows.items():
+        if name == "all-tokens" or len(r["runs"]) != len(plain) or len(plain) < 2:
+            continue
+        d_loss = [a["test_loss"] - b["test_loss"] for a, b in zip(r["runs"], plain, strict=True)]
+        d_acc = [
+            100 * (a["test_accuracy"] - b["test_accuracy"]) for a, b in zip(r["runs"], plain, strict=True)
+        ]
+        pairs.append(
+            f"{name}: loss {statistics.fmean(d_loss):+.4f} ± {statistics.stdev(d_loss):.4f}, "
+            f"sentiment {statistics.fmean(d_acc):+.1f} ± {statistics.stdev(d_acc):.1f} points"
+        )
+    if pairs:
+        lines += [
+            "",
+            "Paired by seed against all-tokens (mean ± std of the differences): " + "; ".join(pairs) + ".",
+        ]
+    return "\n".join(lines)
+
+
 COLLAPSED_BELOW = 0.55  # validation accuracy of a run that stayed at one class (balanced classes)
 VARIANTS = {"": "as in the table", "-clip1": "gradient norm clipped at 1", "-lower-lr": "next lower lr"}
 
@@ -315,6 +363,7 @@ SECTIONS = {
     "forgetting": ("forgetting.json", forgetting_table),
     "quality_collapse": ("quality_collapse.json", collapse_table),
     "kernel_speed": ("kernel_speed.json", kernel_speed_table),
+    "long_targets": ("long_targets.json", long_targets_table),
     "demo": ("demo.json", demo_table),
 }
 DOCS = (DOC, REPO / "docs" / "data.md", REPO / "README.md")

@@ -129,3 +129,31 @@ def test_collapse_table_lists_each_row_with_its_variants():
     assert text.endswith(
         "as in the table, 1 of 3; gradient norm clipped at 1, 1 of 3; next lower lr, 0 of 3."
     )
+
+
+def test_long_targets_pairs_token_rows_by_seed():
+    def row(losses, accs, **extra):
+        runs = [
+            {"test_loss": x, "test_accuracy": a, "kl": 0.01, "loss_change": 0.0, "train_seconds": 60.0,
+             "peak_rss_mib": 2000.0, **extra}
+            for x, a in zip(losses, accs, strict=True)
+        ]  # fmt: skip
+        s = lambda k: {"mean": sum(r[k] for r in runs) / len(runs), "std": 0.0}  # noqa: E731
+        summary = {k: s(k) for k in runs[0] if k not in ("reference_seconds",)}
+        return {"lr": 1e-4, "lr_grid": [1e-4, 1e-3], "runs": runs, "summary": summary}
+
+    report = {
+        "base": {"test": {"loss": 3.0, "accuracy": 0.6}},
+        "results": {
+            "all-tokens": row([2.0, 2.2], [0.8, 0.7]),
+            "excess60-tuned-ref": {
+                **row([2.1, 2.1], [0.8, 0.8], reference_seconds=50.0),
+                "lr_from": "all-tokens",
+            },
+        },
+    }
+    text = render.long_targets_table(report)
+    assert "| base, zero-shot | | 3.0000 | 60.0 |" in text
+    assert "| all-tokens | 0.0001 (0.0001, 0.001) |" in text and "60 + 50 reference" in text
+    # loss: +0.1, -0.1 -> +0.0000 ± 0.1414; sentiment: 0, +10 -> +5.0 ± 7.1
+    assert "excess60-tuned-ref: loss +0.0000 ± 0.1414, sentiment +5.0 ± 7.1 points" in text
