@@ -25,7 +25,7 @@ and excess loss against the base (the delta toggled off). The first row's lr is 
 validation split's target loss with seed 0 (grid 1e-4, 1e-3); the other rows reuse it. Then every
 seed; the seed drives the plan, the batch order and the random tokens.
 
-    python benchmarks/long_targets.py --cache results/long_targets_runs    # ~2 h of one core
+    python benchmarks/long_targets.py --cache results/long_targets_runs  # 13 runs, ~2.5 h of one core
     python benchmarks/long_targets.py --rows all-tokens,random60 --seeds 0 1 2
     python benchmarks/long_targets.py --quick --out X.json   # tiny model from a config (a test runs it)
 
