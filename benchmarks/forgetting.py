@@ -363,9 +363,9 @@ KEYS = (
 )
 
 
-def summarise(runs: list[dict]) -> dict:
+def summarise(runs: list[dict], keys: tuple[str, ...] = KEYS) -> dict:
     out = {}
-    for key in KEYS:
+    for key in keys:
         vals = [r[key] for r in runs]
         out[key] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
     return out
@@ -419,7 +419,21 @@ def main() -> None:
     if args.worker:
         worker_main(args)
         return
-    specs = row_specs()
+
+    def line(name: str, lr: float, s: dict) -> str:
+        return (
+            f"{name:32s} lr {lr:g}: task {100 * s['test']['mean']:.1f} ± {100 * s['test']['std']:.1f}, "
+            f"KL {s['kl']['mean']:.4f}, loss change {s['loss_change']['mean']:+.4f}"
+        )
+
+    drive_rows(args, row_specs(), __file__, summarise, line, write)
+
+
+def drive_rows(args, specs: dict, script: str, summarise, line, write) -> None:
+    """The row-by-row driver (this script's and long_targets.py's): each row of ``args.rows``
+    through :func:`quality.run_row` with its workers run as ``script``; the first row's first
+    worker also measures the base. After each row it prints ``line(name, lr, summary)`` and
+    rewrites the report with ``write(args, seeds, results, base, complete)``."""
     names = args.rows.split(",") if args.rows else list(specs)
     unknown = [n for n in names if n not in specs]
     if unknown:
@@ -431,21 +445,15 @@ def main() -> None:
 
         def run(spec: dict, lr: float, seed: int) -> dict:
             spec = {**spec, "base": bool(spec.get("base")) and seed == seeds[0]}  # the base: measured once
-            return _run_worker(spec, lr, seed, args.quick, Path(tmp), args.cache, script=__file__)
+            return _run_worker(spec, lr, seed, args.quick, Path(tmp), args.cache, script=script)
 
         for n, name in enumerate(names):
             spec = {**specs[name], "base": n == 0}  # the first worker also measures the base
             row = run_row(spec, results, seeds, run, search=not (args.quick or args.no_lr_search))
-            runs, lr = row["runs"], row["lr"]
             if spec["base"]:
-                base = runs[0]["base"]
-            results[name] = {**row, "summary": summarise(runs)}
-            s = results[name]["summary"]
-            print(
-                f"{name:32s} lr {lr:g}: task {100 * s['test']['mean']:.1f} ± {100 * s['test']['std']:.1f}, "
-                f"KL {s['kl']['mean']:.4f}, loss change {s['loss_change']['mean']:+.4f}",
-                flush=True,
-            )
+                base = row["runs"][0]["base"]
+            results[name] = {**row, "summary": summarise(row["runs"])}
+            print(line(name, row["lr"], results[name]["summary"]), flush=True)
             write(args, seeds, results, base, complete=False)
     write(args, seeds, results, base, complete=True)
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")

@@ -42,9 +42,7 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -58,9 +56,16 @@ from surgical.data.chat import chat_batches
 from surgical.recipes.demo import DemoConfig, default_data_path, load_movie_reviews
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from forgetting import REFERENCE_SEED, _surgical_run, _token_filter, load, reference_batches  # noqa: E402
-from quality import driver_args, run_row  # noqa: E402  (benchmarks/ is a directory of scripts)
-from quality import run_worker as _run_worker  # noqa: E402
+from forgetting import (  # noqa: E402  (benchmarks/ is a directory of scripts)
+    REFERENCE_SEED,
+    _surgical_run,
+    _token_filter,
+    drive_rows,
+    load,
+    reference_batches,
+    summarise,
+)
+from quality import driver_args  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REQUEST = "Write a {label} movie review."
@@ -219,14 +224,6 @@ def worker_main(args) -> None:
 KEYS = ("test_loss", "test_accuracy", "validation_loss", "loss_change", "kl", "train_seconds", "peak_rss_mib")
 
 
-def summarise(runs: list[dict]) -> dict:
-    out = {}
-    for key in KEYS:
-        vals = [r[key] for r in runs]
-        out[key] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
-    return out
-
-
 def figure(results: dict, base: dict, path: Path) -> None:
     import matplotlib
 
@@ -274,37 +271,15 @@ def main() -> None:
     if args.worker:
         worker_main(args)
         return
-    specs = row_specs()
-    names = args.rows.split(",") if args.rows else list(specs)
-    unknown = [n for n in names if n not in specs]
-    if unknown:
-        raise SystemExit(f"unknown rows {unknown}; known: {', '.join(specs)}")
-    seeds = args.seeds[:1] if args.quick else args.seeds
-    results: dict[str, dict] = {}
-    base: dict = {}
-    with tempfile.TemporaryDirectory() as tmp:
 
-        def run(spec: dict, lr: float, seed: int) -> dict:
-            spec = {**spec, "base": bool(spec.get("base")) and seed == seeds[0]}  # the base: measured once
-            return _run_worker(spec, lr, seed, args.quick, Path(tmp), args.cache, script=__file__)
+    def line(name: str, lr: float, s: dict) -> str:
+        loss, acc = s["test_loss"], s["test_accuracy"]
+        return (
+            f"{name:20s} lr {lr:g}: loss {loss['mean']:.4f} ± {loss['std']:.4f}, "
+            f"sentiment {100 * acc['mean']:.1f} ± {100 * acc['std']:.1f}, KL {s['kl']['mean']:.4f}"
+        )
 
-        for n, name in enumerate(names):
-            spec = {**specs[name], "base": n == 0}  # the first worker also measures the base
-            row = run_row(spec, results, seeds, run, search=not (args.quick or args.no_lr_search))
-            if spec["base"]:
-                base = row["runs"][0]["base"]
-            results[name] = {**row, "summary": summarise(row["runs"])}
-            s = results[name]["summary"]
-            loss = s["test_loss"]
-            print(
-                f"{name:20s} lr {row['lr']:g}: loss {loss['mean']:.4f} ± {loss['std']:.4f}, "
-                f"sentiment {100 * s['test_accuracy']['mean']:.1f} ± {100 * s['test_accuracy']['std']:.1f}, "
-                f"KL {s['kl']['mean']:.4f}",
-                flush=True,
-            )
-            write(args, seeds, results, base, complete=False)
-    write(args, seeds, results, base, complete=True)
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    drive_rows(args, row_specs(), __file__, lambda runs: summarise(runs, KEYS), line, write)
 
 
 def write(args, seeds: list[int], results: dict, base: dict, complete: bool) -> None:
