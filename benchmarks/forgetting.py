@@ -103,7 +103,23 @@ def row_specs() -> dict[str, dict]:
             "lrs": [1e-4],
             "lr_from": "surgical-gradient-1pct",
         },
+        # WiSE-FT along each method's own change: the same run, evaluated again with its change
+        # scaled by every alpha of WISE_ALPHAS (own cache keys, so the rows above stay as run)
+        **{
+            f"{name}-wise": {**spec, "wise_alphas": WISE_ALPHAS}
+            for name, spec in (
+                ("full", {"kind": "full", "lrs": [2e-5]}),
+                ("lora", {"kind": "lora", "lrs": [5e-4]}),
+                (
+                    "surgical-gradient-1pct",
+                    {**surgical, "method": "gradient", "lrs": [1e-4], "lr_from": "surgical-gradient-1pct"},
+                ),
+            )
+        },
     }
+
+
+WISE_ALPHAS = [0.25, 0.5, 0.75]  # with 0 (the base) and 1 (the run) the WiSE-FT curve
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,6 +294,15 @@ def train_row(spec: dict, lr: float, seed: int, quick: bool, workdir: Path) -> d
     with sg.applied(base, delta):
         acc = {k: task_accuracy(base, v) for k, v in sets.items()}
     forgot = sg.forgetting(base, reference, delta=delta, show=False)
+    wise = {}
+    for alpha in spec.get("wise_alphas", []):  # (1 - alpha) * base + alpha * tuned
+        scaled = sg.merge([delta], "wise_ft", alpha=alpha)
+        with sg.applied(base, scaled):
+            point = {k: task_accuracy(base, v) for k, v in sets.items()}
+        f = sg.forgetting(base, reference, delta=scaled, show=False)
+        wise[str(alpha)] = {**point, "kl": f["kl"], "loss_change": f["loss_change"]}
+    if wise:
+        extra["wise_ft"] = wise
     return {
         "trainable": int(trainable),
         "validation": acc["validation"],
@@ -371,6 +396,30 @@ def summarise(runs: list[dict], keys: tuple[str, ...] = KEYS) -> dict:
     return out
 
 
+WISE_KEYS = ("validation", "test", "kl", "loss_change")
+
+
+def summarise_row(runs: list[dict]) -> dict:
+    """:func:`summarise`, and for a row with WiSE-FT points their curve and the chosen points."""
+    out = summarise(runs)
+    if "wise_ft" in runs[0]:
+        out["wise_ft"] = wise_summary(runs)
+    return out
+
+
+def wise_summary(runs: list[dict]) -> dict:
+    """Per alpha (the run itself as 1.0) the mean ± std over seeds of each WISE_KEYS value; and
+    each run at the alpha its own validation accuracy chose (ties: the larger alpha, the run)."""
+    points = [{**r["wise_ft"], "1.0": {k: r[k] for k in WISE_KEYS}} for r in runs]
+    alphas = sorted(points[0], key=float)
+    chosen_alpha = [max(alphas, key=lambda a, p=p: (p[a]["validation"], float(a))) for p in points]
+    chosen = [p[a] for p, a in zip(points, chosen_alpha, strict=True)]
+    return {
+        "alphas": {a: summarise([p[a] for p in points], WISE_KEYS) for a in alphas},
+        "chosen": {"alphas": [float(a) for a in chosen_alpha], **summarise(chosen, WISE_KEYS)},
+    }
+
+
 def figure(results: dict, base: dict, path: Path) -> None:
     import matplotlib
 
@@ -380,7 +429,10 @@ def figure(results: dict, base: dict, path: Path) -> None:
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.6))
     for name, r in results.items():
         s = r["summary"]
-        colour = "#4477aa" if name == "full" else "#228833" if name == "lora" else "#ee6677"
+        colour = "#4477aa" if name.startswith("full") else "#228833" if name.startswith("lora") else "#ee6677"
+        if "wise_ft" in s:  # a WiSE-FT curve from the base (alpha 0) to the run (alpha 1)
+            _wise_curve(ax, ax2, name, s["wise_ft"]["alphas"], base, colour)
+            continue
         for axis, key in ((ax, "kl"), (ax2, "loss_change")):
             axis.errorbar(
                 s[key]["mean"],
@@ -400,6 +452,7 @@ def figure(results: dict, base: dict, path: Path) -> None:
     for axis, xlabel in ((ax, "KL(base || tuned) per token, nats"), (ax2, "reference loss change, nats")):
         if base:
             axis.axhline(100 * base["test"], color="#999999", ls="--", lw=1, label="base (zero-shot)")
+        if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=7)
         axis.set_xlabel(xlabel + "  (less is less forgetting)")
         axis.set_ylabel("task accuracy, held-out RT (%)")
@@ -410,6 +463,24 @@ def figure(results: dict, base: dict, path: Path) -> None:
     fig.tight_layout()
     atomic_save_figure(fig, path)
     plt.close(fig)
+
+
+def _wise_curve(ax, ax2, name: str, alphas: dict, base: dict, colour: str) -> None:
+    order = sorted(alphas, key=float)
+    for axis, key in ((ax, "kl"), (ax2, "loss_change")):
+        xs = ([0.0] if base else []) + [alphas[a][key]["mean"] for a in order]
+        ys = ([100 * base["test"]] if base else []) + [100 * alphas[a]["test"]["mean"] for a in order]
+        axis.plot(xs, ys, "--", color=colour, lw=1, marker=".", markersize=5, alpha=0.8)
+        for a in order[:-1]:
+            axis.annotate(
+                f"{float(a):g}",
+                (alphas[a][key]["mean"], 100 * alphas[a]["test"]["mean"]),
+                fontsize=6,
+                color=colour,
+                xytext=(2, -8),
+                textcoords="offset points",
+            )
+        axis.plot([], [], "--", color=colour, lw=1, label=f"{name}: alpha 0 to 1")
 
 
 def main() -> None:
@@ -426,7 +497,7 @@ def main() -> None:
             f"KL {s['kl']['mean']:.4f}, loss change {s['loss_change']['mean']:+.4f}"
         )
 
-    drive_rows(args, row_specs(), __file__, summarise, line, write)
+    drive_rows(args, row_specs(), __file__, summarise_row, line, write)
 
 
 def drive_rows(args, specs: dict, script: str, summarise, line, write) -> None:
