@@ -423,10 +423,20 @@ def wise_ft_cmd(
     alpha: Annotated[
         list[float] | None, typer.Option("--alpha", help="A grid point in [0, 1] (repeatable).")
     ] = None,
+    reference: Annotated[
+        str | None, typer.Option(help="Data not to forget: KL to the base and loss change at every alpha.")
+    ] = None,
+    max_kl: Annotated[
+        float | None,
+        typer.Option(
+            "--max-kl", help="Choose only alphas with KL(base || tuned) on --reference at most this."
+        ),
+    ] = None,
     out: Annotated[str | None, typer.Option(help="Report directory.")] = None,
     keys: Annotated[bool, typer.Option("--keys", help="List every config key.")] = False,
 ) -> None:
-    """WiSE-FT: sweep base + alpha x delta, choose alpha on validation, plot ID vs OOD along alpha."""
+    """WiSE-FT: sweep base + alpha x delta, choose alpha on validation (within a forgetting budget on
+    reference data, if given), plot ID vs OOD and validation vs KL along alpha."""
     from surgical.recipes.config import load_config
     from surgical.recipes.searches import WiseFTConfig, run_wise_ft
 
@@ -435,7 +445,7 @@ def wise_ft_cmd(
         return
     overrides = _set(set_)
     overrides.update(_flags({"model.path": model, "delta": delta, "search.validation": validation, "out": out,
-                             "alphas": alpha}))  # fmt: skip
+                             "alphas": alpha, "reference": reference, "max_kl": max_kl}))  # fmt: skip
     for name, path in _named(data, "--data").items():
         overrides[f"search.sets.{name}"] = path
     run_wise_ft(load_config(WiseFTConfig, config, overrides), console)

@@ -107,6 +107,46 @@ def test_wise_ft_sweep_chooses_alpha_on_validation(world, tmp_path, monkeypatch,
     assert sg.Delta.load(out_dir / "delta").meta["merge"]["options"]["alpha"] == report["chosen_alpha"]
 
 
+def test_wise_ft_forgetting_budget_limits_the_choice(world, tmp_path, monkeypatch, capsys):
+    common = ["wise-ft", "--model", str(world["bert"]), "--delta", str(world["delta0"]), "--validation",
+              str(world["val"]), "--reference", str(world["ood"]), "--set", "data.batch_size=8", "--set",
+              "data.max_length=16"]  # fmt: skip
+    free, capped = tmp_path / "free", tmp_path / "capped"
+    code, out, err = run_main(monkeypatch, capsys, *common, "--alpha", "0", "--alpha", "0.5", "--alpha", "1",
+                              "--out", str(free))  # fmt: skip
+    assert code == 0, err
+    points = json.loads((free / "wise_ft.json").read_text())["points"]
+    kl = {p["alpha"]: p["results"]["reference"]["kl"] for p in points}
+    # alpha 0 keeps the delta's new head (replaced, not interpolated), so even it differs from the base
+    assert kl[1.0] > 0 and set(kl) == {0.0, 0.5, 1.0}
+    # alpha 1 is the delta itself: its forgetting as `surgical eval --reference` measures it
+    from surgical.recipes.config import DataConfig
+    from surgical.recipes.data import make_batches
+    from surgical.recipes.models import load_model
+
+    model, tok = load_model(world["bert"], "classification")
+    ref = make_batches(DataConfig(path=str(world["ood"]), batch_size=8, max_length=16), "classification", tok)
+    assert sg.forgetting(model, ref, delta=sg.Delta.load(world["delta0"]), show=False)["kl"] == kl[1.0]
+    # a budget at the smallest KL of the grid: the choice is the best on validation within it
+    budget = min(kl.values())
+    assert max(kl.values()) > budget  # the budget rules out part of the grid
+    code, out, err = run_main(monkeypatch, capsys, *common, "--alpha", "0", "--alpha", "0.5", "--alpha", "1",
+                              "--max-kl", repr(budget), "--out", str(capped))  # fmt: skip
+    assert code == 0, err
+    report = json.loads((capped / "wise_ft.json").read_text())
+    within = [p for p in report["points"] if p["results"]["reference"]["kl"] <= budget]
+    assert 0 < len(within) < 3
+    best = max(within, key=lambda p: (p["results"]["validation"]["accuracy"], p["alpha"]))
+    assert report["chosen_alpha"] == best["alpha"] and report["max_kl"] == budget
+    assert "within KL" in " ".join(out.split())
+    assert (capped / "wise_ft.png").read_bytes()[:4] == b"\x89PNG"
+    # a budget no alpha of the grid meets: one line, exit 2, nothing written
+    code, out, err = run_main(monkeypatch, capsys, *common, "--alpha", "1", "--max-kl", "0",
+                              "--out", str(tmp_path / "none"))  # fmt: skip
+    assert code == 2 and "no alpha keeps KL on reference within max_kl 0" in err
+    assert not (tmp_path / "none").exists()
+
+
 def test_greedy_soup_never_adds_a_candidate_that_lowers_validation(world, tmp_path, monkeypatch, capsys):
     out_dir = tmp_path / "soup"
     code, out, err = run_main(
@@ -202,6 +242,40 @@ def test_greedy_soup_never_adds_a_candidate_that_lowers_validation(world, tmp_pa
                 str(t / "o"),
             ],
             "no validation set",
+        ),
+        (
+            lambda w, t: [
+                "wise-ft",
+                "--model",
+                str(w["bert"]),
+                "--delta",
+                str(w["delta0"]),
+                "--validation",
+                str(w["val"]),
+                "--max-kl",
+                "0.01",
+                "--out",
+                str(t / "o"),
+            ],
+            "no reference is set",
+        ),
+        (
+            lambda w, t: [
+                "wise-ft",
+                "--model",
+                str(w["bert"]),
+                "--delta",
+                str(w["delta0"]),
+                "--validation",
+                str(w["val"]),
+                "--reference",
+                str(w["ood"]),
+                "--max-kl",
+                "-1",
+                "--out",
+                str(t / "o"),
+            ],
+            "max_kl must be >= 0",
         ),
         (
             lambda w, t: [

@@ -22,7 +22,7 @@ from surgical.core.io import atomic_save_figure, atomic_write_text, check_output
 from surgical.core.version import __version__
 from surgical.delta import Delta, applied
 from surgical.delta.base import check_base
-from surgical.eval import evaluate
+from surgical.eval import evaluate, forgetting
 from surgical.merge import merge
 from surgical.recipes.config import DataConfig, ModelConfig, _f
 from surgical.recipes.data import make_batches
@@ -56,6 +56,17 @@ class WiseFTConfig:
         DEFAULT_ALPHAS, "The grid of alphas, each in [0, 1] (0: base, 1: the delta)."
     )
     seed: int = _f(0, "Seed for a new classification head (replaced tensors come from the delta).")
+    reference: str = _f(
+        "",
+        "Data the tuning should not forget (general text, an earlier task): KL(base || tuned) and the "
+        "loss change on it are measured at every alpha.",
+    )
+    max_kl: float | None = _f(
+        None,
+        "Forgetting budget: choose only among alphas whose KL(base || tuned) per token (per example "
+        "for a classifier) on reference is at most this; needs reference. Alpha 0 is the base (plus "
+        "any tensor the delta replaces, e.g. a new head).",
+    )
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The base model."})
     data: DataConfig = field(
         default_factory=DataConfig, metadata={"help": "Columns, batch size, max length."}
@@ -64,6 +75,34 @@ class WiseFTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def check(self) -> None:
+        """What the dataclass alone cannot check, before anything is loaded."""
+        if not self.delta:
+            raise SurgicalError("no delta to interpolate", "Set delta: DIR")
+        if not self.alphas:
+            raise SurgicalError("the alpha grid is empty", "Set alphas, e.g. [0, 0.5, 1]")
+        bad = [a for a in self.alphas if not 0.0 <= a <= 1.0]
+        if bad:
+            raise SurgicalError(
+                f"alpha {bad[0]} is outside [0, 1]", "WiSE-FT interpolates: use alphas in [0, 1]"
+            )
+        if self.max_kl is not None and not self.reference:
+            raise SurgicalError(
+                "max_kl is a budget on the KL measured on reference data, and no reference is set",
+                "Set reference (data the tuning should not forget) or remove max_kl",
+            )
+        if self.max_kl is not None and not self.max_kl >= 0:
+            raise SurgicalError(
+                f"max_kl must be >= 0, got {self.max_kl}", "Set a KL budget in nats, e.g. 0.005"
+            )
+        if self.reference and REFERENCE in self.search.sets:
+            raise SurgicalError(
+                f"a test set is named {REFERENCE!r}, the name the forgetting results take", "Rename that set"
+            )
+
+
+REFERENCE = "reference"  # the name of the forgetting results at each point
 
 
 @dataclass(frozen=True)
@@ -106,6 +145,8 @@ class _Evaluator:
         )
         self.validation = batches(s.validation)
         self.sets = {name: batches(path) for name, path in s.sets.items()}
+        reference = getattr(cfg, "reference", "")
+        self.reference = batches(reference) if reference else None
         self.metric, self.show = s.metric, show
 
     def score(self, results: dict[str, dict[str, float]]) -> float:
@@ -122,7 +163,10 @@ class _Evaluator:
         if delta is None:
             return evaluate(self.model, sets, task=self.task, show=self.show)
         with applied(self.model, delta):
-            return evaluate(self.model, sets, task=self.task, show=self.show)
+            results = evaluate(self.model, sets, task=self.task, show=self.show)
+        if with_sets and self.reference is not None:  # the delta toggled per batch: one model
+            results[REFERENCE] = forgetting(self.model, self.reference, delta=delta, show=self.show)
+        return results
 
 
 def _meta(cfg: Any) -> dict[str, Any]:
@@ -137,14 +181,10 @@ def run_wise_ft(cfg: WiseFTConfig, console: Console | None = None, show: bool = 
     """Evaluates base + alpha * delta over the grid, picks alpha on validation, writes the report
     (``wise_ft.json``, ``wise_ft.png``) and the chosen delta (``delta/``)."""
     console = console or Console()
-    if not cfg.delta:
-        raise SurgicalError("no delta to interpolate", "Set delta: DIR")
-    if not cfg.alphas:
-        raise SurgicalError("the alpha grid is empty", "Set alphas, e.g. [0, 0.5, 1]")
-    bad = [a for a in cfg.alphas if not 0.0 <= a <= 1.0]
-    if bad:
-        raise SurgicalError(f"alpha {bad[0]} is outside [0, 1]", "WiSE-FT interpolates: use alphas in [0, 1]")
+    cfg.check()
     inputs = {"base model": cfg.model.path, "delta": cfg.delta, **cfg.search.sets}
+    if cfg.reference:
+        inputs["reference"] = cfg.reference
     out = check_output(cfg.out, inputs, "out")
     delta = Delta.load(cfg.delta)
     ev = _Evaluator(cfg, [delta], show)
@@ -154,17 +194,32 @@ def run_wise_ft(cfg: WiseFTConfig, console: Console | None = None, show: bool = 
         results = ev(scaled)
         points.append({"alpha": alpha, "results": results, "score": ev.score(results)})
         console.print(f"alpha {alpha:.2f}: " + _line(results), highlight=False)
-    best = max(points, key=lambda p: (p["score"], p["alpha"]))  # ties: the larger alpha learns more
+    eligible = [p for p in points if cfg.max_kl is None or p["results"][REFERENCE]["kl"] <= cfg.max_kl]
+    if not eligible:
+        low = min(points, key=lambda p: p["results"][REFERENCE]["kl"])
+        raise SurgicalError(
+            f"no alpha keeps KL on reference within max_kl {cfg.max_kl:g} (the lowest, "
+            f"{low['results'][REFERENCE]['kl']:.4g}, is at alpha {low['alpha']:g})",
+            "Add smaller alphas (0 is the base) or raise max_kl",
+        )
+    best = max(eligible, key=lambda p: (p["score"], p["alpha"]))  # ties: the larger alpha learns more
     report = {
         "points": points,
         "chosen_alpha": best["alpha"],
         "metric": cfg.search.metric,
+        "max_kl": cfg.max_kl,
         "meta": _meta(cfg),
     }
     merge([delta], "wise_ft", alpha=best["alpha"]).save(out / "delta")
-    _write(out, "wise_ft", report, _wise_ft_figure(points, best, list(cfg.search.sets), cfg.search.metric))
+    _write(
+        out,
+        "wise_ft",
+        report,
+        _wise_ft_figure(points, best, list(cfg.search.sets), cfg.search.metric, cfg.max_kl),
+    )
+    budget = f" within KL {cfg.max_kl:g} on reference" if cfg.max_kl is not None else ""
     console.print(
-        f"chosen alpha {best['alpha']:.2f} on validation ({cfg.search.metric}); "
+        f"chosen alpha {best['alpha']:.2f} on validation ({cfg.search.metric}){budget}; "
         f"wrote {out / 'wise_ft.json'}, {out / 'wise_ft.png'} and {out / 'delta'}"
     )
     return report
@@ -225,9 +280,9 @@ def run_soup(cfg: SoupConfig, console: Console | None = None, show: bool = True)
 
 
 def _line(results: dict[str, dict[str, float]]) -> str:
+    shown = ("accuracy", "loss", "answer_accuracy", "kl", "loss_change")
     return ", ".join(
-        f"{name} "
-        + " ".join(f"{k} {v:.4f}" for k, v in m.items() if k in ("accuracy", "loss", "answer_accuracy"))
+        f"{name} " + " ".join(f"{k} {v:.4f}" for k, v in m.items() if k in shown)
         for name, m in results.items()
     )
 
@@ -248,13 +303,19 @@ def _metric_of(results: dict[str, float], metric: str) -> float:
     return results.get(metric, results.get("accuracy", results.get("loss", float("nan"))))
 
 
-def _wise_ft_figure(points: list[dict], best: dict, sets: list[str], metric: str):
+def _wise_ft_figure(
+    points: list[dict], best: dict, sets: list[str], metric: str, max_kl: float | None = None
+):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    forgetting_panel = REFERENCE in points[0]["results"]
+    fig, axes = plt.subplots(1, 2 if forgetting_panel else 1, figsize=(11 if forgetting_panel else 5.5, 4.2))
+    ax = axes[0] if forgetting_panel else axes
+    if forgetting_panel:
+        _forgetting_axis(axes[1], points, best, metric, max_kl)
     if "id" in sets and "ood" in sets:
         xs = [_metric_of(p["results"]["id"], metric) for p in points]
         ys = [_metric_of(p["results"]["ood"], metric) for p in points]
@@ -284,6 +345,24 @@ def _wise_ft_figure(points: list[dict], best: dict, sets: list[str], metric: str
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def _forgetting_axis(ax, points: list[dict], best: dict, metric: str, max_kl: float | None) -> None:
+    """Validation ``metric`` against KL(base || tuned) on the reference, along alpha."""
+    xs = [p["results"][REFERENCE]["kl"] for p in points]
+    ys = [_metric_of(p["results"]["validation"], metric) for p in points]
+    ax.plot(xs, ys, "-o", color="#228833")
+    for p, x, y in zip(points, xs, ys, strict=True):
+        ax.annotate(f"{p['alpha']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    i = points.index(best)
+    ax.plot([xs[i]], [ys[i]], "*", color="#cc3311", markersize=14, label=f"chosen (alpha {best['alpha']:g})")
+    if max_kl is not None:
+        ax.axvline(max_kl, color="#999999", linestyle="--", label=f"max_kl {max_kl:g}")
+    ax.set_xlabel("KL(base || tuned) on reference (less is less forgetting)")
+    ax.set_ylabel(f"validation {metric}")
+    ax.set_title("learning vs forgetting along alpha", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
 
 
 def _soup_figure(rows: dict[str, dict], sets: list[str], metric: str):
