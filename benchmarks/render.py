@@ -133,6 +133,8 @@ def forgetting_table(report: dict) -> str:
         lines.append(f"| base, zero-shot | | 0 | {100 * base['test']:.1f} | 0 | 0 | | | |")
     for name, r in report["results"].items():
         s = r["summary"]
+        if "wise_ft" in s:  # the same runs as their plain rows; their curves: forgetting_wise_table
+            continue
         lr = (
             f"{r['lr']:g} (from {r['lr_from']})"
             if r.get("lr_from")
@@ -146,6 +148,66 @@ def forgetting_table(report: dict) -> str:
             f"{size(s['artifact_kib']['mean'])} |"
         )
     return "\n".join(lines)
+
+
+def forgetting_wise_table(report: dict) -> str:
+    """The forgetting benchmark's WiSE-FT rows: each method's change scaled by alpha, then the
+    alpha each run's validation accuracy chose, and where the surgical curve meets LoRA's KL."""
+    base = report.get("base") or {}
+    rows = {n: r for n, r in report["results"].items() if "wise_ft" in r["summary"]}
+    lines = [
+        "| row | alpha | validation | task accuracy | KL(base \\|\\| tuned) | reference loss change |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    if base:
+        lines.append(
+            f"| base, zero-shot | 0 | {100 * base['validation']:.1f} | {100 * base['test']:.1f} | 0 | 0 |"
+        )
+    for name, r in rows.items():
+        for a, p in sorted(r["summary"]["wise_ft"]["alphas"].items(), key=lambda x: float(x[0])):
+            lines.append(
+                f"| {name} | {float(a):g} | {pct(p['validation'])} | {pct(p['test'])} | "
+                f"{p['kl']['mean']:.4f} ± {p['kl']['std']:.4f} | "
+                f"{p['loss_change']['mean']:+.4f} ± {p['loss_change']['std']:.4f} |"
+            )
+    notes = []
+    for name, r in rows.items():
+        c = r["summary"]["wise_ft"]["chosen"]
+        notes.append(
+            f"{name} at alpha {', '.join(f'{a:g}' for a in c['alphas'])}: task {pct(c['test'])}, "
+            f"KL {c['kl']['mean']:.4f}"
+        )
+    text = "\n".join(lines)
+    if notes:
+        text += (
+            "\n\nAlpha chosen on validation by each seed's run (ties: the larger): " + "; ".join(notes) + "."
+        )
+    lora = rows.get("lora-wise")
+    for name, r in rows.items():
+        if not name.startswith("surgical") or lora is None:
+            continue
+        budget = lora["summary"]["wise_ft"]["alphas"]["1.0"]
+        under = {
+            a: p
+            for a, p in r["summary"]["wise_ft"]["alphas"].items()
+            if p["kl"]["mean"] <= budget["kl"]["mean"]
+        }
+        if not under:
+            text += f" No point of {name} is at or below LoRA's KL ({budget['kl']['mean']:.4f})."
+            continue
+        a = max(under, key=float)
+        text += (
+            f" At or below LoRA's KL ({budget['kl']['mean']:.4f}), {name} reaches task accuracy "
+            f"{pct(under[a]['test'])} at alpha {float(a):g} (KL {under[a]['kl']['mean']:.4f}), against "
+            f"LoRA's {pct(budget['test'])}"
+        )
+        mine, theirs = r.get("runs", []), lora.get("runs", [])
+        if len(mine) == len(theirs) > 1:  # runs are in seed order in every row
+            tests = [m["test"] if a == "1.0" else m["wise_ft"][a]["test"] for m in mine]
+            gaps = [100 * (x - t["test"]) for x, t in zip(tests, theirs, strict=True)]
+            text += f"; paired by seed {', '.join(f'{g:+.1f}' for g in gaps)} points"
+        text += "."
+    return text
 
 
 def long_targets_table(report: dict) -> str:
@@ -361,6 +423,7 @@ SECTIONS = {
     "data_fraction": ("data_fraction.json", data_fraction_table),
     "data_fraction_equal_steps": ("data_fraction_equal_steps.json", data_fraction_table),
     "forgetting": ("forgetting.json", forgetting_table),
+    "forgetting_wise": ("forgetting.json", forgetting_wise_table),
     "quality_collapse": ("quality_collapse.json", collapse_table),
     "kernel_speed": ("kernel_speed.json", kernel_speed_table),
     "long_targets": ("long_targets.json", long_targets_table),

@@ -1,5 +1,6 @@
 """The forgetting benchmark's --quick mode (a tiny Llama with a chat template) writes a consistent
-report: task accuracy, forgetting and the token-selection rows (the base, and a tuned reference)."""
+report: task accuracy, forgetting, the token-selection rows (the base, and a tuned reference) and a
+WiSE-FT row (full fine-tuning's change scaled by each alpha)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def test_forgetting_quick(tmp_path):
     out = tmp_path / "f.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
     tokens = "surgical-gradient-1pct-tokens60"
-    rows = f"full,surgical-gradient-1pct,{tokens},{tokens}-tuned-ref"
+    rows = f"full-wise,surgical-gradient-1pct,{tokens},{tokens}-tuned-ref"
     p = subprocess.run(
         [
             sys.executable,
@@ -50,4 +51,14 @@ def test_forgetting_quick(tmp_path):
     for name in ("surgical-gradient-1pct-tokens60", "surgical-gradient-1pct-tokens60-tuned-ref"):
         assert r[name]["lr_from"] == "surgical-gradient-1pct"
         assert r[name]["lr"] == r["surgical-gradient-1pct"]["lr"]
+    # WiSE-FT: every alpha evaluated on the same run; a smaller share of the change moves the
+    # model less on the reference text; the chosen alpha is one of the curve's
+    wise = full["wise_ft"]
+    assert list(wise) == ["0.25", "0.5", "0.75"]
+    assert all(0 <= p["test"] <= 1 and p["kl"] >= 0 for p in wise.values())
+    assert wise["0.25"]["kl"] < full["kl"] and abs(wise["0.25"]["loss_change"]) < abs(full["loss_change"])
+    summary = r["full-wise"]["summary"]["wise_ft"]
+    assert set(summary["alphas"]) == {"0.25", "0.5", "0.75", "1.0"}
+    assert summary["alphas"]["1.0"]["kl"]["mean"] == full["kl"]
+    assert summary["chosen"]["alphas"][0] in (0.25, 0.5, 0.75, 1.0)
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"

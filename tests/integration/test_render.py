@@ -157,3 +157,41 @@ def test_long_targets_pairs_token_rows_by_seed():
     assert "| all-tokens | 0.0001 (0.0001, 0.001) |" in text and "60 + 50 reference" in text
     # loss: +0.1, -0.1 -> +0.0000 ± 0.1414; sentiment: 0, +10 -> +5.0 ± 7.1
     assert "excess60-tuned-ref: loss +0.0000 ± 0.1414, sentiment +5.0 ± 7.1 points" in text
+
+
+def test_forgetting_wise_table_meets_lora_kl():
+    def row(curve: dict):  # every seed's run chose alpha 1
+        stat = lambda m: {"mean": m, "std": 0.0}  # noqa: E731
+        alphas = {
+            a: {"validation": stat(v), "test": stat(t), "kl": stat(k), "loss_change": stat(0.0)}
+            for a, (v, t, k) in curve.items()
+        }
+        return {"summary": {"wise_ft": {"alphas": alphas, "chosen": {"alphas": [1.0], **alphas["1.0"]}}}}
+
+    report = {
+        "base": {"validation": 0.6, "test": 0.64},
+        "results": {
+            "lora": {"summary": {}},  # a plain row: not in this table
+            "lora-wise": row({"0.5": (0.7, 0.7, 0.002), "1.0": (0.8, 0.75, 0.0045)}),
+            "surgical-gradient-1pct-wise": row(
+                {"0.5": (0.8, 0.8, 0.002), "0.75": (0.82, 0.81, 0.0044), "1.0": (0.82, 0.81, 0.0077)}
+            ),
+        },
+    }
+    text = render.forgetting_wise_table(report)
+    assert "| base, zero-shot | 0 | 60.0 | 64.0 | 0 | 0 |" in text
+    assert "| surgical-gradient-1pct-wise | 0.75 | 82.0 ± 0.0 | 81.0 ± 0.0 | 0.0044 ± 0.0000 |" in text
+    assert "| lora |" not in text
+    # the largest alpha whose KL is at or below LoRA's own (alpha 1) KL
+    assert (
+        "LoRA's KL (0.0045), surgical-gradient-1pct-wise reaches task accuracy 81.0 ± 0.0 at alpha 0.75"
+        in text
+    )
+    # with runs (seed order), the point is paired by seed against LoRA's own runs
+    report["results"]["lora-wise"]["runs"] = [{"test": 0.80}, {"test": 0.64}]
+    report["results"]["surgical-gradient-1pct-wise"]["runs"] = [
+        {"test": 0.82, "wise_ft": {"0.75": {"test": 0.77}}},
+        {"test": 0.81, "wise_ft": {"0.75": {"test": 0.79}}},
+    ]
+    text = render.forgetting_wise_table(report)
+    assert "against LoRA's 75.0 ± 0.0; paired by seed -3.0, +15.0 points." in text
