@@ -68,6 +68,7 @@ def test_lm_with_delta_and_reference_writes_the_report(world, tmp_path):
     assert doc["meta"]["task"] == "causal_lm" and "torch" in doc["meta"]["versions"]
     text = console.export_text()
     assert "reference" in text and "kl" in text and "wrote" in text
+    assert "note: the delta replaces" not in text  # an LM delta replaces nothing: no caveat
 
     # the numbers are those of the library functions on base + delta (and the toggle)
     base, tok = load_model(world["llama"], "causal_lm")

@@ -115,6 +115,7 @@ def test_wise_ft_forgetting_budget_limits_the_choice(world, tmp_path, monkeypatc
     code, out, err = run_main(monkeypatch, capsys, *common, "--alpha", "0", "--alpha", "0.5", "--alpha", "1",
                               "--out", str(free))  # fmt: skip
     assert code == 0, err
+    assert "note: the delta replaces classifier" in " ".join(out.split())  # a new head: said up front
     points = json.loads((free / "wise_ft.json").read_text())["points"]
     kl = {p["alpha"]: p["results"]["reference"]["kl"] for p in points}
     # alpha 0 keeps the delta's new head (replaced, not interpolated), so even it differs from the base

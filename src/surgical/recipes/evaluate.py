@@ -101,6 +101,17 @@ class EvalConfig:
             )
 
 
+def replaced_note(delta: Delta) -> str | None:
+    """A line for a forgetting measure of a delta that replaces tensors (a new head): the base's
+    own values there are not what the tuning started from, so KL to the base says little."""
+    if not delta.full:
+        return None
+    return (
+        f"note: the delta replaces {', '.join(sorted(delta.full))} (a new head?); KL on reference "
+        "compares against the base's own values there, which are not what it learned from"
+    )
+
+
 def _check_out(cfg: EvalConfig) -> Path:
     inputs = {"model": cfg.model.path, **{f"set {n!r}": p for n, p in cfg.sets.items()}}
     if cfg.delta:
@@ -166,6 +177,9 @@ def run_evaluate(cfg: EvalConfig, console: Console | None = None, show: bool = T
     )
     if delta is not None:
         check_base(model, delta)
+        note = replaced_note(delta) if cfg.reference else None
+        if note:
+            console.print(note, highlight=False)
     sets = {
         name: make_batches(
             dataclasses.replace(cfg.data, path=path), task, tokenizer, num_labels=cfg.model.num_labels

@@ -26,6 +26,7 @@ from surgical.eval import evaluate, forgetting
 from surgical.merge import merge
 from surgical.recipes.config import DataConfig, ModelConfig, _f
 from surgical.recipes.data import make_batches
+from surgical.recipes.evaluate import replaced_note
 from surgical.recipes.models import detect_task, load_model
 
 DEFAULT_ALPHAS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -187,6 +188,9 @@ def run_wise_ft(cfg: WiseFTConfig, console: Console | None = None, show: bool = 
         inputs["reference"] = cfg.reference
     out = check_output(cfg.out, inputs, "out")
     delta = Delta.load(cfg.delta)
+    note = replaced_note(delta) if cfg.reference else None
+    if note:
+        console.print(note, highlight=False)
     ev = _Evaluator(cfg, [delta], show)
     points = []
     for alpha in sorted(set(cfg.alphas)):
