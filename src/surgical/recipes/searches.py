@@ -198,15 +198,7 @@ def run_wise_ft(cfg: WiseFTConfig, console: Console | None = None, show: bool = 
         results = ev(scaled)
         points.append({"alpha": alpha, "results": results, "score": ev.score(results)})
         console.print(f"alpha {alpha:.2f}: " + _line(results), highlight=False)
-    eligible = [p for p in points if cfg.max_kl is None or p["results"][REFERENCE]["kl"] <= cfg.max_kl]
-    if not eligible:
-        low = min(points, key=lambda p: p["results"][REFERENCE]["kl"])
-        raise SurgicalError(
-            f"no alpha keeps KL on reference within max_kl {cfg.max_kl:g} (the lowest, "
-            f"{low['results'][REFERENCE]['kl']:.4g}, is at alpha {low['alpha']:g})",
-            "Add smaller alphas (0 is the base) or raise max_kl",
-        )
-    best = max(eligible, key=lambda p: (p["score"], p["alpha"]))  # ties: the larger alpha learns more
+    best = choose_alpha(points, cfg.max_kl)
     report = {
         "points": points,
         "chosen_alpha": best["alpha"],
@@ -227,6 +219,20 @@ def run_wise_ft(cfg: WiseFTConfig, console: Console | None = None, show: bool = 
         f"wrote {out / 'wise_ft.json'}, {out / 'wise_ft.png'} and {out / 'delta'}"
     )
     return report
+
+
+def choose_alpha(points: list[dict[str, Any]], max_kl: float | None = None) -> dict[str, Any]:
+    """The point of the sweep with the best validation ``score`` (ties: the larger alpha, which
+    learns more), among those whose KL on the reference is at most ``max_kl`` when it is set."""
+    eligible = [p for p in points if max_kl is None or p["results"][REFERENCE]["kl"] <= max_kl]
+    if not eligible:
+        low = min(points, key=lambda p: p["results"][REFERENCE]["kl"])
+        raise SurgicalError(
+            f"no alpha keeps KL on reference within max_kl {max_kl:g} (the lowest, "
+            f"{low['results'][REFERENCE]['kl']:.4g}, is at alpha {low['alpha']:g})",
+            "Add smaller alphas (0 is the base) or raise max_kl",
+        )
+    return max(eligible, key=lambda p: (p["score"], p["alpha"]))
 
 
 def run_soup(cfg: SoupConfig, console: Console | None = None, show: bool = True) -> dict[str, Any]:
