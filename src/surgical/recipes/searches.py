@@ -26,7 +26,7 @@ from surgical.eval import evaluate, forgetting
 from surgical.merge import merge
 from surgical.recipes.config import DataConfig, ModelConfig, _f
 from surgical.recipes.data import make_batches
-from surgical.recipes.evaluate import replaced_note
+from surgical.recipes.evaluate import REFERENCE, replaced_note
 from surgical.recipes.models import detect_task, load_model
 
 DEFAULT_ALPHAS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -101,9 +101,6 @@ class WiseFTConfig:
             raise SurgicalError(
                 f"a test set is named {REFERENCE!r}, the name the forgetting results take", "Rename that set"
             )
-
-
-REFERENCE = "reference"  # the name of the forgetting results at each point
 
 
 @dataclass(frozen=True)
