@@ -67,6 +67,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 FULL = "all"  # the 100% points' criterion name
 FRACTIONS = (0.1, 0.3, 0.5, 1.0)
+# what a point keeps of its selection's record (trajectory: its clusters and what was kept of each)
+INFO = ("kept", "unwarmed", "features", "clusters", "cluster_sizes", "kept_by_cluster", "checkpoint_steps",
+        "cluster_mean_losses")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,7 +105,7 @@ def run_point(
             selection_seconds=sel.meta["seconds"],
             selection_peak_rss_mib=sel.meta["peak_memory_bytes"] / 2**20,
             options=sel.options,
-            info={k: sel.meta[k] for k in ("kept", "clusters", "unwarmed", "features") if k in sel.meta},
+            info={k: sel.meta[k] for k in INFO if k in sel.meta},
         )
     else:
         out["selection_seconds"] = 0.0
@@ -112,8 +115,9 @@ def run_point(
     sg.prepare(model, plan)
     batches = ds.train_batches(tok, kept, seed)
     steps = len(all_batches) if equal_steps else None  # None: one epoch of the kept examples
-    sg.fit(model, batches, max_steps=steps, lr=ds.LR, seed=seed, show=False)
+    fit = sg.fit(model, batches, max_steps=steps, lr=ds.LR, seed=seed, show=False)
     out["steps"] = steps or len(batches)
+    out["losses"] = [round(x, 4) for x in fit.losses]  # every step's: a run stuck at ln 2 shows
     delta = sg.extract(model)
     out["train_seconds"] = time.perf_counter() - t0
     sets = {

@@ -58,6 +58,7 @@ def test_data_fraction_quick(tmp_path):
     full, half = points[("all", 1.0)], points[("gradient+adam", 0.5)]
     assert full["examples"] == 96 and half["examples"] == 48
     assert full["steps"] == 3 and half["steps"] == 2  # one epoch of what was kept, batch 32
+    assert len(full["losses"]) == 3 and len(half["losses"]) == 2 and all(x > 0 for x in half["losses"])
     assert half["positive_share"] == pytest.approx(full["positive_share"], abs=1 / 48)  # stratified
     assert full["selection_seconds"] == 0 and half["selection_seconds"] > 0
     assert half["options"]["warmup_lr"] == 3e-3 and half["info"]["unwarmed"] == 0

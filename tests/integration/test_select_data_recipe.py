@@ -71,6 +71,23 @@ def test_classification_selection_writes_a_manifest_for_the_built_examples(world
     assert back.data_hash == data_hash(examples) and back.num_examples == 20
 
 
+def test_trajectory_reports_its_clusters_and_keeps_them_in_the_manifest(world, tmp_path):
+    cfg = SelectDataConfig(
+        out=str(tmp_path / "sel"),
+        model=ModelConfig(path=world["bert"]),
+        data=dataclasses.replace(DATA, path=world["cls"]),
+        method="trajectory",
+        fraction=0.5,
+        options={"steps": 4, "clusters": 3},
+    )
+    sel, text = _run(cfg)
+    back = DataSelection.load(tmp_path / "sel")
+    assert back.meta["cluster_sizes"] == sel.meta["cluster_sizes"] and sum(back.meta["cluster_sizes"]) == 20
+    assert sum(back.meta["kept_by_cluster"]) == len(back) == 10
+    pairs = ", ".join(f"{k}/{n}" for k, n in zip(sel.meta["kept_by_cluster"], sel.meta["cluster_sizes"]))
+    assert f"{sel.meta['clusters']} loss-trajectory clusters, kept/size: {pairs}" in text
+
+
 def test_gradient_on_a_plan_support_with_validation(world, tmp_path):
     from surgical import select
 

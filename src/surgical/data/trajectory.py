@@ -102,11 +102,30 @@ def trajectory_picks(ctx: DataContext) -> torch.Tensor:
         seed=ctx.seed,
         on_step=on_step,
     )
-    labels = kmeans(torch.stack(record, 1), ctx.options["clusters"], ctx.generator(1))
-    ctx.info["clusters"] = int(labels.max()) + 1
+    trajectories = torch.stack(record, 1)
+    labels = kmeans(trajectories, ctx.options["clusters"], ctx.generator(1))
     if ctx.class_labels is None:
-        return sample_evenly(labels, ctx.budget, ctx.generator(2))
-    g = ctx.generator(2)
-    return torch.cat(
-        [pos[sample_evenly(labels[pos], n, g)] for n, pos in class_quotas(ctx.class_labels, ctx.budget)]
-    )
+        chosen = sample_evenly(labels, ctx.budget, ctx.generator(2))
+    else:
+        g = ctx.generator(2)
+        quotas = class_quotas(ctx.class_labels, ctx.budget)
+        chosen = torch.cat([pos[sample_evenly(labels[pos], n, g)] for n, pos in quotas])
+    ctx.info.update(describe_clusters(trajectories, labels, chosen, at))
+    return chosen
+
+
+def describe_clusters(trajectories: torch.Tensor, labels: torch.Tensor, chosen: torch.Tensor, at) -> dict:
+    """What the clustering found, for the selection's record: the number of clusters, each one's
+    size, how many of its examples were kept, and its mean loss at each checkpoint step."""
+    k = int(labels.max()) + 1
+    sizes = torch.bincount(labels, minlength=k)
+    kept = torch.bincount(labels[chosen], minlength=k)
+    sums = torch.zeros(k, trajectories.shape[1], dtype=torch.float64).index_add_(0, labels, trajectories.double())
+    means = sums / sizes.clamp(min=1)[:, None]
+    return {
+        "clusters": k,
+        "cluster_sizes": sizes.tolist(),
+        "kept_by_cluster": kept.tolist(),
+        "checkpoint_steps": list(at),
+        "cluster_mean_losses": [[round(v, 4) for v in row] for row in means.tolist()],
+    }

@@ -196,6 +196,9 @@ def print_summary(sel: DataSelection, examples: list, tokenizer, console: Consol
     if "kept" in m:
         bits.append(f"{m['kept']:,} survive deduplication")
     console.print(f"cost: {', '.join(bits)}")
+    if "cluster_sizes" in m:
+        pairs = ", ".join(f"{k:,}/{n:,}" for k, n in zip(m["kept_by_cluster"], m["cluster_sizes"]))
+        console.print(f"{m['clusters']} loss-trajectory clusters, kept/size: {pairs}")
     if n == 0:
         return
     order = sel.indices.tolist()

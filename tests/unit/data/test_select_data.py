@@ -215,6 +215,26 @@ def test_trajectory_covers_the_clusters():
     sel = select_data(model, LM, method="trajectory", count=6, steps=4, lr=1e-2, checkpoints=3, clusters=3,
                       progress=False)  # fmt: skip
     assert len(sel) == 6 and sel.scores is None and 1 <= sel.meta["clusters"] <= 3
+    k, sizes, kept = sel.meta["clusters"], sel.meta["cluster_sizes"], sel.meta["kept_by_cluster"]
+    assert len(sizes) == len(kept) == k and sum(sizes) == len(LM) and sum(kept) == 6
+    assert all(0 <= a <= n for a, n in zip(kept, sizes))
+    assert sel.meta["checkpoint_steps"] == [0, 2, 4]  # three checkpoints over four steps
+    losses = sel.meta["cluster_mean_losses"]
+    assert len(losses) == k and all(len(row) == 3 and all(v > 0 for v in row) for row in losses)
+
+
+def test_describe_clusters_counts_members_kept_and_mean_trajectories():
+    from surgical.data.trajectory import describe_clusters
+
+    traj = torch.tensor([[1.0, 0.5], [3.0, 1.5], [10.0, 9.0], [2.0, 1.0]])
+    info = describe_clusters(traj, torch.tensor([0, 0, 1, 0]), torch.tensor([1, 2]), [0, 4])
+    assert info == {
+        "clusters": 2,
+        "cluster_sizes": [3, 1],
+        "kept_by_cluster": [1, 1],
+        "checkpoint_steps": [0, 4],
+        "cluster_mean_losses": [[2.0, 1.0], [10.0, 9.0]],
+    }
 
 
 def _with_duplicates():
