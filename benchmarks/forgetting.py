@@ -15,10 +15,10 @@ only (``surgical.data.chat``). Measured for every run:
 
 Rows: full fine-tuning (the HF model), PEFT LoRA r=8 on every projection of every block, surgical
 entries at 1% of the blocks' Linear weights by two criteria (gradient, fisher), with the norms
-trained densely, and the gradient row again with Rho-1-style token selection (``excess_loss``,
-60% of the target tokens) twice: with the base (the delta toggled off) as the reference, and
-with a reference tuned on the training set first (a surgical-gradient run at another seed, as
-Rho-1 means it; its time is reported apart as ``reference_seconds``). Full
+trained densely (a -wise row without them), and the gradient row again with Rho-1-style token
+selection (``excess_loss``, 60% of the target tokens) twice: with the base (the delta toggled
+off) as the reference, and with a reference tuned on the training set first (a surgical-gradient
+run at another seed, as Rho-1 means it; its time is reported apart as ``reference_seconds``). Full
 fine-tuning, LoRA and surgical-gradient each try every lr of their grid with seed 0 and keep the
 best on validation; the other surgical rows reuse surgical-gradient's.
 Then every seed.
@@ -118,6 +118,18 @@ def row_specs() -> dict[str, dict]:
                 # a lower rate than the grid's, not chosen on validation: is moving less during
                 # training a better trade of task for KL than scaling the change back afterwards?
                 ("surgical-gradient-1pct-lr3e-5", {**surgical, "method": "gradient", "lrs": [3e-5]}),
+                # the same entries without the dense RMSNorm gains: how much of the KL do the
+                # norms, which scale every token's activations, cause?
+                (
+                    "surgical-gradient-1pct-no-norms",
+                    {
+                        **surgical,
+                        "method": "gradient",
+                        "always": [],
+                        "lrs": [1e-4],
+                        "lr_from": "surgical-gradient-1pct",
+                    },
+                ),
             )
         },
     }
@@ -336,7 +348,7 @@ def _surgical_run(spec: dict, model, train_b, lr: float, seed: int, batch_filter
         method=spec["method"],
         density=spec["density"],
         targets=[BLOCK_LINEARS],
-        always=["norm"],
+        always=spec.get("always", ["norm"]),
         max_batches=min(8, len(train_b)),
         seed=seed,
         progress=False,
