@@ -363,6 +363,7 @@ def run_row(spec: dict, results: dict, seeds: list[int], run, *, search: bool) -
         "lr_grid": grid,
         "lr_from": source,
         "validation_by_lr": {str(k): v["validation"] for k, v in tried.items()},
+        "grid_runs": {str(k): v for k, v in tried.items()},  # every rate's seed-0 run, whole
         "runs": [tried[lr]] + [run(spec, lr, s) for s in seeds[1:]],
     }
 

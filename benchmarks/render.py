@@ -210,6 +210,26 @@ def forgetting_wise_table(report: dict) -> str:
     return text
 
 
+def forgetting_grid_table(report: dict) -> str:
+    """Each searched row's rate grid at the first seed: validation (what chose), task accuracy and
+    KL at every rate, the chosen rate in bold."""
+    lines = [
+        "| row | lr | validation | task accuracy | KL(base \\|\\| tuned) | reference loss change |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in report["results"].items():
+        grid = r.get("grid_runs") or {}
+        if r.get("lr_from") or len(grid) < 2:
+            continue
+        for lr, run in sorted(grid.items(), key=lambda x: float(x[0])):
+            mark = "**" if float(lr) == r["lr"] else ""
+            lines.append(
+                f"| {name} | {mark}{float(lr):g}{mark} | {100 * run['validation']:.1f} | "
+                f"{100 * run['test']:.1f} | {run['kl']:.4f} | {run['loss_change']:+.4f} |"
+            )
+    return "\n".join(lines)
+
+
 def long_targets_table(report: dict) -> str:
     """The long-targets rows, then each token row paired by seed against every target token."""
     import statistics
@@ -424,6 +444,7 @@ SECTIONS = {
     "data_fraction_equal_steps": ("data_fraction_equal_steps.json", data_fraction_table),
     "forgetting": ("forgetting.json", forgetting_table),
     "forgetting_wise": ("forgetting.json", forgetting_wise_table),
+    "forgetting_grid": ("forgetting.json", forgetting_grid_table),
     "quality_collapse": ("quality_collapse.json", collapse_table),
     "kernel_speed": ("kernel_speed.json", kernel_speed_table),
     "long_targets": ("long_targets.json", long_targets_table),

@@ -131,6 +131,29 @@ def test_collapse_table_lists_each_row_with_its_variants():
     )
 
 
+def test_forgetting_grid_lists_every_searched_rate_and_marks_the_choice():
+    def run(val, test, kl):
+        return {"validation": val, "test": test, "kl": kl, "loss_change": -0.001}
+
+    report = {
+        "results": {
+            "lora": {
+                "lr": 1e-3,
+                "grid_runs": {"0.0005": run(0.8, 0.81, 0.0047), "0.001": run(0.83, 0.75, 0.014)},
+            },
+            "lora-wise": {"lr": 1e-3, "lr_from": "lora", "grid_runs": {"0.001": run(0.83, 0.75, 0.014)}},
+            "fixed": {
+                "lr": 1e-4,
+                "grid_runs": {"0.0001": run(0.7, 0.7, 0.001)},
+            },  # one rate: nothing searched
+        }
+    }
+    text = render.forgetting_grid_table(report)
+    assert "| lora | 0.0005 | 80.0 | 81.0 | 0.0047 | -0.0010 |" in text
+    assert "| lora | **0.001** | 83.0 | 75.0 | 0.0140 | -0.0010 |" in text
+    assert "lora-wise" not in text and "fixed" not in text
+
+
 def test_long_targets_pairs_token_rows_by_seed():
     def row(losses, accs, **extra):
         runs = [
