@@ -104,6 +104,25 @@ def row_specs() -> dict[str, dict]:
             "lrs": [1e-4],
             "lr_from": "surgical-gradient-1pct",
         },
+        # answers with known noise: every training answer is followed by NOISE random words,
+        # which no model can predict; can token selection find the label and drop the noise?
+        # (the clean surgical-gradient-1pct row is what a perfect selector would train)
+        **{
+            name: {
+                **surgical,
+                "method": "gradient",
+                "noise": NOISE,
+                "lrs": [1e-4],
+                "lr_from": "surgical-gradient-1pct",
+                **extra,
+            }
+            for name, extra in (
+                ("noisy-all-tokens", {}),
+                ("noisy-random30", {"tokens": 0.3, "token_method": "random"}),
+                # Rho-1 with a reference tuned on the same noisy answers (all the data a user has)
+                ("noisy-excess30-tuned-ref", {"tokens": 0.3, "reference": "tuned"}),
+            )
+        },
         # WiSE-FT along each method's own change: the same run, evaluated again with its change
         # scaled by every alpha of WISE_ALPHAS (own cache keys, so the rows above stay as run)
         **{
@@ -135,6 +154,8 @@ def row_specs() -> dict[str, dict]:
     }
 
 
+NOISE = 6  # random words after each noisy training answer
+NOISE_SEED = 4321  # the noise is a property of the data set: the same at every seed
 FULL_LRS = [2e-5, 5e-5, 1e-4]
 LORA_LRS = [5e-4, 1e-3, 2e-3]
 WISE_ALPHAS = [0.25, 0.5, 0.75]  # with 0 (the base) and 1 (the run) the WiSE-FT curve
@@ -144,11 +165,22 @@ WISE_ALPHAS = [0.25, 0.5, 0.75]  # with 0 (the base) and 1 (the run) the WiSE-FT
 # data and model
 
 
-def conversation(text: str, label: int | None) -> list[dict[str, str]]:
+def conversation(text: str, label: int | None, noise: list[str] = ()) -> list[dict[str, str]]:
+    """The chat turn; ``noise``: words appended to the answer (unpredictable targets)."""
     msgs = [{"role": "user", "content": QUESTION.format(text=text)}]
     if label is not None:
-        msgs.append({"role": "assistant", "content": ANSWERS[label]})
+        msgs.append({"role": "assistant", "content": " ".join([ANSWERS[label], *noise])})
     return msgs
+
+
+def noise_words(texts: list[str], n: int) -> list[list[str]]:
+    """``n`` words for each text drawn at random (NOISE_SEED) from all the texts' words of three
+    letters or more: real words that no model can predict from the review."""
+    if n == 0:
+        return [[] for _ in texts]
+    pool = sorted({w for t in texts for w in t.lower().split() if w.isalpha() and len(w) >= 3})
+    g = torch.Generator().manual_seed(NOISE_SEED)
+    return [[pool[i] for i in torch.randint(len(pool), (n,), generator=g).tolist()] for _ in texts]
 
 
 def load(quick: bool, seed: int):
@@ -263,7 +295,8 @@ def train_row(spec: dict, lr: float, seed: int, quick: bool, workdir: Path) -> d
     (train, val, test), ref_texts = split_texts(quick)
     model, tok = load(quick, seed)
     base = copy.deepcopy(model)
-    convs = [conversation(t, y) for t, y in zip(*train, strict=True)]
+    noise = noise_words(train[0], spec.get("noise", 0))
+    convs = [conversation(t, y, w) for t, y, w in zip(*train, noise, strict=True)]
     g = torch.Generator().manual_seed(seed)
     convs = [convs[i] for i in torch.randperm(len(convs), generator=g).tolist()]
     train_b = chat_batches(tok, convs, size["batch"], size["max_length"])
@@ -301,10 +334,23 @@ def train_row(spec: dict, lr: float, seed: int, quick: bool, workdir: Path) -> d
             extra["reference_seconds"] = time.perf_counter() - t0
             reset_peak_rss()
             t0 = time.perf_counter()
+        counts: dict[str, int] = {}
         batch_filter = (
-            _token_filter(model, spec["tokens"], seed, tuned_reference) if spec.get("tokens") else None
+            _token_filter(
+                model,
+                spec["tokens"],
+                seed,
+                tuned_reference,
+                spec.get("token_method", "excess_loss"),
+                counts,
+                tok.eos_token_id,
+            )
+            if spec.get("tokens")
+            else None
         )
         delta, trainable = _surgical_run(spec, model, train_b, lr, seed, batch_filter)
+        if spec.get("tokens"):
+            extra["kept_tokens"] = counts
         delta.save(artifact)
     seconds = time.perf_counter() - t0
     peak = peak_rss_bytes()
@@ -359,9 +405,12 @@ def _surgical_run(spec: dict, model, train_b, lr: float, seed: int, batch_filter
     return sg.extract(model), trainable
 
 
-def _token_filter(model, fraction: float, seed: int, tuned=None):
-    """Excess-loss token selection each step: the model against a reference, ``tuned`` (a frozen
-    model tuned on target data) or, without it, the model itself with the delta off (the base)."""
+def _token_filter(model, fraction: float, seed: int, tuned=None, method="excess_loss", counts=None, eos=-1):
+    """Token selection each step. ``excess_loss``: the model against a reference, ``tuned`` (a
+    frozen model tuned on target data) or, without it, the model itself with the delta off (the
+    base); ``random``: a seeded random share. ``counts`` (a dict) adds up, over the steps, the
+    target tokens of each kind there were and were kept (see :func:`token_kinds`; ``eos``: the
+    end-of-turn token id)."""
 
     def reference(batch):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -372,12 +421,28 @@ def _token_filter(model, fraction: float, seed: int, tuned=None):
             return model(**inputs).logits
 
     def keep(m, batch, step):
-        labels = sg.token_mask(
-            m, batch, "excess_loss", fraction=fraction, reference=reference, seed=seed + step
-        )
+        ref = reference if method == "excess_loss" else None
+        labels = sg.token_mask(m, batch, method, fraction=fraction, reference=ref, seed=seed + step)
+        if counts is not None:
+            kinds = token_kinds(batch["labels"], eos)
+            for kind, where in kinds.items():
+                counts[kind] = counts.get(kind, 0) + int(where.sum())
+                counts[f"{kind}_kept"] = counts.get(f"{kind}_kept", 0) + int((where & (labels != -100)).sum())
         return {**batch, "labels": labels}
 
     return keep
+
+
+def token_kinds(labels: torch.Tensor, eos: int) -> dict[str, torch.Tensor]:
+    """The target tokens of chat-answer labels by kind, as boolean ``(B, T)`` masks: ``answer``
+    (each row's first target, the label word), ``noise`` (the targets after it and before the
+    first end-of-turn token ``eos``: the noise words of a noisy answer) and ``end``
+    (the end-of-turn token and what follows it)."""
+    targets = labels != -100
+    targets[:, 0] = False
+    first = targets & (targets.cumsum(1) == 1)
+    ended = ((labels == eos) & targets).cumsum(1) > 0
+    return {"answer": first, "noise": targets & ~first & ~ended, "end": targets & ended}
 
 
 def _size(path: Path) -> int:
