@@ -350,21 +350,29 @@ def run_worker(
     return result
 
 
-def run_row(spec: dict, results: dict, seeds: list[int], run, *, search: bool) -> dict:
-    """One row: each lr of its grid with ``seeds[0]`` (only the first without ``search``; the lr
-    its ``lr_from`` row chose when that row ran), the best on validation kept, then the other
-    seeds at it. ``run(spec, lr, seed) -> result``. The row's record, without its summary."""
+def run_row(spec: dict, results: dict, seeds: list[int], run, *, search: bool, choose: str = "first") -> dict:
+    """One row: each lr of its grid (only the first without ``search``; the lr its ``lr_from``
+    row chose when that row ran), the best on validation kept, then the other seeds at it.
+    ``choose``: ``"first"`` tries the grid with ``seeds[0]`` alone; ``"mean"`` runs every rate at
+    every seed and keeps the best mean validation accuracy (a small validation split and one seed
+    can pick a rate by one example that fails at the next seed). ``run(spec, lr, seed) -> result``.
+    The row's record, without its summary; ``grid_runs``: every rate's runs, whole."""
     source = spec.get("lr_from") if spec.get("lr_from") in results else None
     grid = [results[source]["lr"]] if source else list(spec["lrs"] if search else spec["lrs"][:1])
-    tried = {lr: run(spec, lr, seeds[0]) for lr in grid}
-    lr = max(grid, key=lambda x: tried[x]["validation"])
+    if choose not in ("first", "mean"):
+        raise ValueError(f"choose must be 'first' or 'mean', not {choose!r}")
+    by = seeds if choose == "mean" and len(grid) > 1 else seeds[:1]
+    tried = {lr: [run(spec, lr, s) for s in by] for lr in grid}
+    score = {lr: statistics.fmean(r["validation"] for r in runs) for lr, runs in tried.items()}
+    lr = max(grid, key=lambda x: score[x])
     return {
         "lr": lr,
         "lr_grid": grid,
         "lr_from": source,
-        "validation_by_lr": {str(k): v["validation"] for k, v in tried.items()},
-        "grid_runs": {str(k): v for k, v in tried.items()},  # every rate's seed-0 run, whole
-        "runs": [tried[lr]] + [run(spec, lr, s) for s in seeds[1:]],
+        "lr_chosen_on": "mean validation over the seeds" if len(by) > 1 else "validation at the first seed",
+        "validation_by_lr": {str(k): v for k, v in score.items()},
+        "grid_runs": {str(k): v for k, v in tried.items()},
+        "runs": tried[lr] + [run(spec, lr, s) for s in seeds[len(by) :]],
     }
 
 

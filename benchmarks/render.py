@@ -211,21 +211,31 @@ def forgetting_wise_table(report: dict) -> str:
 
 
 def forgetting_grid_table(report: dict) -> str:
-    """Each searched row's rate grid at the first seed: validation (what chose), task accuracy and
-    KL at every rate, the chosen rate in bold."""
+    """Each searched row's rate grid: validation (what chose), task accuracy, KL and reference
+    loss change at every rate, mean ± std over the seeds each rate ran at, the chosen rate in bold."""
+    import statistics
+
+    def stat(runs: list[dict], key: str, scale: float, fmt: str) -> str:
+        vals = [scale * r[key] for r in runs]
+        spread = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        return f"{vals[0] if len(vals) == 1 else statistics.fmean(vals):{fmt}} ± {spread:{fmt.lstrip('+')}}"
+
     lines = [
-        "| row | lr | validation | task accuracy | KL(base \\|\\| tuned) | reference loss change |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| row | lr | seeds | validation | task accuracy | KL(base \\|\\| tuned) | reference loss change |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in report["results"].items():
         grid = r.get("grid_runs") or {}
         if r.get("lr_from") or len(grid) < 2:
             continue
-        for lr, run in sorted(grid.items(), key=lambda x: float(x[0])):
+        for lr, runs in sorted(grid.items(), key=lambda x: float(x[0])):
+            runs = runs if isinstance(runs, list) else [runs]
             mark = "**" if float(lr) == r["lr"] else ""
             lines.append(
-                f"| {name} | {mark}{float(lr):g}{mark} | {100 * run['validation']:.1f} | "
-                f"{100 * run['test']:.1f} | {run['kl']:.4f} | {run['loss_change']:+.4f} |"
+                f"| {name} | {mark}{float(lr):g}{mark} | {len(runs)} | "
+                f"{stat(runs, 'validation', 100, '.1f')} | {stat(runs, 'test', 100, '.1f')} | "
+                f"{stat(runs, 'kl', 1, '.4f')} | "
+                f"{stat(runs, 'loss_change', 1, '+.4f')} |"
             )
     return "\n".join(lines)
 

@@ -63,3 +63,33 @@ def test_quality_quick(tmp_path):
     assert _quality("--cached-only", "--out", str(again)).returncode != 0  # needs --cache
     p = _quality("--rows", "head", "--curves", "full", "--out", str(again))
     assert p.returncode != 0 and "add them to --rows" in p.stderr
+
+
+def test_run_row_chooses_on_the_first_seed_or_on_the_mean_over_seeds():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import quality
+
+    # lr 1e-3 wins seed 0 by a little and fails at seed 1; 1e-4 holds at both
+    val = {(1e-4, 0): 0.80, (1e-4, 1): 0.78, (1e-3, 0): 0.81, (1e-3, 1): 0.50}
+    calls = []
+
+    def run(spec, lr, seed):
+        calls.append((lr, seed))
+        return {"validation": val[(lr, seed)], "seed": seed}
+
+    spec = {"lrs": [1e-4, 1e-3]}
+    first = quality.run_row(spec, {}, [0, 1], run, search=True)
+    assert first["lr"] == 1e-3 and calls == [(1e-4, 0), (1e-3, 0), (1e-3, 1)]
+    assert (
+        first["lr_chosen_on"] == "validation at the first seed" and first["validation_by_lr"]["0.001"] == 0.81
+    )
+    calls.clear()
+    mean = quality.run_row(spec, {}, [0, 1], run, search=True, choose="mean")
+    assert mean["lr"] == 1e-4 and sorted(calls) == [(1e-4, 0), (1e-4, 1), (1e-3, 0), (1e-3, 1)]
+    assert [r["seed"] for r in mean["runs"]] == [0, 1] and len(mean["grid_runs"]["0.001"]) == 2
+    assert mean["validation_by_lr"]["0.001"] == (0.81 + 0.50) / 2
+    calls.clear()  # one rate (from another row): nothing to choose, seeds in order
+    one = quality.run_row(
+        {**spec, "lr_from": "x"}, {"x": {"lr": 1e-3}}, [0, 1], run, search=True, choose="mean"
+    )
+    assert one["lr"] == 1e-3 and calls == [(1e-3, 0), (1e-3, 1)] and one["lr_from"] == "x"

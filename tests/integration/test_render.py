@@ -138,20 +138,22 @@ def test_forgetting_grid_lists_every_searched_rate_and_marks_the_choice():
     report = {
         "results": {
             "lora": {
-                "lr": 1e-3,
-                "grid_runs": {"0.0005": run(0.8, 0.81, 0.0047), "0.001": run(0.83, 0.75, 0.014)},
+                "lr": 5e-4,
+                "grid_runs": {
+                    "0.0005": [run(0.8, 0.81, 0.004), run(0.7, 0.71, 0.006)],
+                    "0.001": [run(0.83, 0.75, 0.014), run(0.6, 0.6, 0.016)],
+                },
             },
-            "lora-wise": {"lr": 1e-3, "lr_from": "lora", "grid_runs": {"0.001": run(0.83, 0.75, 0.014)}},
-            "fixed": {
-                "lr": 1e-4,
-                "grid_runs": {"0.0001": run(0.7, 0.7, 0.001)},
-            },  # one rate: nothing searched
+            "lora-wise": {"lr": 5e-4, "lr_from": "lora", "grid_runs": {"0.0005": [run(0.8, 0.81, 0.004)]}},
+            "fixed": {"lr": 1e-4, "grid_runs": {"0.0001": [run(0.7, 0.7, 0.001)]}},  # one rate: no search
+            "old": {"lr": 1e-4, "grid_runs": {"0.0001": run(0.7, 0.7, 0.001), "0.001": run(0.6, 0.6, 0.1)}},
         }
     }
     text = render.forgetting_grid_table(report)
-    assert "| lora | 0.0005 | 80.0 | 81.0 | 0.0047 | -0.0010 |" in text
-    assert "| lora | **0.001** | 83.0 | 75.0 | 0.0140 | -0.0010 |" in text
+    assert "| lora | **0.0005** | 2 | 75.0 ± 7.1 | 76.0 ± 7.1 | 0.0050 ± 0.0014 | -0.0010 ± 0.0000 |" in text
+    assert "| lora | 0.001 | 2 | 71.5 ± 16.3 | 67.5 ± 10.6 | 0.0150 ± 0.0014 | -0.0010 ± 0.0000 |" in text
     assert "lora-wise" not in text and "fixed" not in text
+    assert "| old | **0.0001** | 1 | 70.0 ± 0.0 |" in text  # a report from before: one run per rate
 
 
 def test_long_targets_pairs_token_rows_by_seed():
