@@ -351,6 +351,12 @@ def train_row(spec: dict, lr: float, seed: int, quick: bool, workdir: Path) -> d
         delta, trainable = _surgical_run(spec, model, train_b, lr, seed, batch_filter)
         if spec.get("tokens"):
             extra["kept_tokens"] = counts
+        elif spec.get("noise"):  # every target trained: one epoch visits each batch once
+            for b in train_b:
+                for kind, where in token_kinds(b["labels"], tok.eos_token_id).items():
+                    counts[kind] = counts.get(kind, 0) + int(where.sum())
+                    counts[f"{kind}_kept"] = counts[kind]
+            extra["kept_tokens"] = counts
         delta.save(artifact)
     seconds = time.perf_counter() - t0
     peak = peak_rss_bytes()

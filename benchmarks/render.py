@@ -240,6 +240,34 @@ def forgetting_grid_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def forgetting_noise_table(report: dict) -> str:
+    """The rows trained on answers with known noise, beside the clean row: task accuracy and KL,
+    and for the token rows what share of each kind of target token was kept (summed over every
+    step of every seed) and the noise's share of what was kept."""
+    rows = {n: r for n, r in report["results"].items() if n.startswith("noisy-")}
+    clean = report["results"].get("surgical-gradient-1pct")
+    lines = [
+        "| row | task accuracy | KL(base \\|\\| tuned) | label kept | noise kept | end-of-turn kept "
+        "| noise share of kept |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    if clean is not None:
+        s = clean["summary"]
+        lines.append(
+            f"| clean answers (surgical-gradient-1pct) | {pct(s['test'])} | {s['kl']['mean']:.4f} | "
+            "100% | no noise | 100% | 0% |"
+        )
+    for name, r in rows.items():
+        s = r["summary"]
+        kept = [x["kept_tokens"] for x in r["runs"] if "kept_tokens" in x]
+        kinds = ("answer", "noise", "end")
+        tot = {k: sum(c.get(k, 0) for c in kept) for k in [*kinds, *(f"{k}_kept" for k in kinds)]}
+        cells = " | ".join(f"{100 * tot[f'{k}_kept'] / max(1, tot[k]):.0f}%" for k in kinds)
+        noise_share = 100 * tot["noise_kept"] / max(1, sum(tot[f"{k}_kept"] for k in kinds))
+        lines.append(f"| {name} | {pct(s['test'])} | {s['kl']['mean']:.4f} | {cells} | {noise_share:.0f}% |")
+    return "\n".join(lines)
+
+
 def long_targets_table(report: dict) -> str:
     """The long-targets rows, then each token row paired by seed against every target token."""
     import statistics
@@ -455,6 +483,7 @@ SECTIONS = {
     "forgetting": ("forgetting.json", forgetting_table),
     "forgetting_wise": ("forgetting.json", forgetting_wise_table),
     "forgetting_grid": ("forgetting.json", forgetting_grid_table),
+    "forgetting_noise": ("forgetting.json", forgetting_noise_table),
     "quality_collapse": ("quality_collapse.json", collapse_table),
     "kernel_speed": ("kernel_speed.json", kernel_speed_table),
     "long_targets": ("long_targets.json", long_targets_table),

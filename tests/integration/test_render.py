@@ -156,6 +156,33 @@ def test_forgetting_grid_lists_every_searched_rate_and_marks_the_choice():
     assert "| old | **0.0001** | 1 | 70.0 ± 0.0 |" in text  # a report from before: one run per rate
 
 
+def test_forgetting_noise_sums_kept_tokens_over_seeds():
+    def row(tests, kept):
+        runs = [{"test": t, "kl": 0.01, "kept_tokens": k} for t, k in zip(tests, kept, strict=True)]
+        return {
+            "runs": runs,
+            "summary": {"test": {"mean": sum(tests) / len(tests), "std": 0.0}, "kl": {"mean": 0.01}},
+        }
+
+    every = {"answer": 10, "noise": 60, "end": 20, "answer_kept": 10, "noise_kept": 60, "end_kept": 20}
+    half = {"answer": 10, "noise": 60, "end": 20, "answer_kept": 10, "noise_kept": 6, "end_kept": 2}
+    report = {
+        "results": {
+            "surgical-gradient-1pct": row([0.8], [{}]),
+            "noisy-all-tokens": row([0.7, 0.6], [every, every]),
+            "noisy-excess": row([0.75, 0.75], [half, every]),
+        }
+    }
+    text = render.forgetting_noise_table(report)
+    assert (
+        "| clean answers (surgical-gradient-1pct) | 80.0 ± 0.0 | 0.0100 | 100% | no noise | 100% | 0% |"
+        in text
+    )
+    assert "| noisy-all-tokens | 65.0 ± 0.0 | 0.0100 | 100% | 100% | 100% | 67% |" in text
+    # (10 + 10) of 20 labels, (6 + 60) of 120 noise, (2 + 20) of 40 ends; noise 66 of 108 kept
+    assert "| noisy-excess | 75.0 ± 0.0 | 0.0100 | 100% | 55% | 55% | 61% |" in text
+
+
 def test_long_targets_pairs_token_rows_by_seed():
     def row(losses, accs, **extra):
         runs = [
