@@ -414,6 +414,38 @@ def demo_table(record: dict) -> str:
     return text
 
 
+def trajectory_clusters_table(report: dict) -> str:
+    """What ``trajectory`` kept, per point that recorded its clusters: the share of the data and of
+    the kept set in clusters the proxy training ends up getting wrong (mean loss at the last
+    checkpoint above ln 2, worse than a coin), the resulting accuracy, and the training loss over
+    the last ten steps (ln 2 = 0.693: the model still at chance)."""
+    import math
+
+    lines = [
+        "| point | clusters | proxy ends wrong: share of the data | share of the kept set | ID / OOD "
+        "| training loss, last 10 steps |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for p in report["points"]:
+        info = p.get("info") or {}
+        if "cluster_sizes" not in info:
+            continue
+        wrong = [row[-1] > math.log(2) for row in info["cluster_mean_losses"]]
+        data = sum(n for n, w in zip(info["cluster_sizes"], wrong, strict=True) if w) / sum(
+            info["cluster_sizes"]
+        )
+        kept = sum(k for k, w in zip(info["kept_by_cluster"], wrong, strict=True) if w) / sum(
+            info["kept_by_cluster"]
+        )
+        tail = p.get("losses", [])[-10:]
+        loss = f"{sum(tail) / len(tail):.3f}" if tail else ""
+        lines.append(
+            f"| {p['criterion']} {100 * p['fraction']:.0f}% seed {p['seed']} | {info['clusters']} | "
+            f"{100 * data:.0f}% | {100 * kept:.0f}% | {100 * p['id']:.1f} / {100 * p['ood']:.1f} | {loss} |"
+        )
+    return "\n".join(lines)
+
+
 def data_fraction_table(report: dict) -> str:
     """ID / OOD accuracy per criterion and data fraction (mean ± std over the seeds that finished),
     the 100% row first, then the issue's goal checked: full-data ID and OOD at <= 30% of the data."""
@@ -480,6 +512,7 @@ SECTIONS = {
     "quality": ("quality.json", quality_table),
     "data_fraction": ("data_fraction.json", data_fraction_table),
     "data_fraction_equal_steps": ("data_fraction_equal_steps.json", data_fraction_table),
+    "trajectory_clusters": ("data_fraction_equal_steps.json", trajectory_clusters_table),
     "forgetting": ("forgetting.json", forgetting_table),
     "forgetting_wise": ("forgetting.json", forgetting_wise_table),
     "forgetting_grid": ("forgetting.json", forgetting_grid_table),

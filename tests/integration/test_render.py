@@ -183,6 +183,20 @@ def test_forgetting_noise_sums_kept_tokens_over_seeds():
     assert "| noisy-excess | 75.0 ± 0.0 | 0.0100 | 100% | 55% | 55% | 61% |" in text
 
 
+def test_trajectory_clusters_counts_the_share_kept_from_clusters_the_proxy_gets_wrong():
+    info = {
+        "clusters": 3,
+        "cluster_sizes": [70, 20, 10],
+        "kept_by_cluster": [10, 10, 10],
+        "cluster_mean_losses": [[0.69, 0.1], [0.69, 1.5], [0.69, 0.7]],  # ln 2 = 0.6931...
+    }
+    point = {"criterion": "trajectory+classes", "fraction": 0.3, "seed": 1, "id": 0.489, "ood": 0.526}
+    report = {"points": [{**point, "info": info, "losses": [0.7] * 5 + [0.69] * 10}, {**point, "info": {}}]}
+    text = render.trajectory_clusters_table(report)
+    assert text.splitlines()[2] == "| trajectory+classes 30% seed 1 | 3 | 30% | 67% | 48.9 / 52.6 | 0.690 |"
+    assert len(text.splitlines()) == 3  # a point without clusters recorded is left out
+
+
 def test_long_targets_pairs_token_rows_by_seed():
     def row(losses, accs, **extra):
         runs = [
