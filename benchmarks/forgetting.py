@@ -14,8 +14,9 @@ only (``surgical.data.chat``). Measured for every run:
 - train time, peak RSS of the worker process, trainable values and artifact size.
 
 Rows: full fine-tuning (the HF model), PEFT LoRA r=8 on every projection of every block, surgical
-entries at 1% of the blocks' Linear weights by two criteria (gradient, fisher), with the norms
-trained densely (a -wise row without them), and the gradient row again with Rho-1-style token
+entries at 1% of the blocks' Linear weights by two criteria (gradient, fisher), with the final
+norm trained densely (``always=["norm"]`` matches ``model.norm`` alone; a -wise row without it),
+and the gradient row again with Rho-1-style token
 selection (``excess_loss``, 60% of the target tokens) twice: with the base (the delta toggled
 off) as the reference, and with a reference tuned on the training set first (a surgical-gradient
 run at another seed, as Rho-1 means it; its time is reported apart as ``reference_seconds``). Full
@@ -139,10 +140,10 @@ def row_specs() -> dict[str, dict]:
                 # a lower rate than the grid's, not chosen on validation: is moving less during
                 # training a better trade of task for KL than scaling the change back afterwards?
                 ("surgical-gradient-1pct-lr3e-5", {**surgical, "method": "gradient", "lrs": [3e-5]}),
-                # the same entries without the dense RMSNorm gains: how much of the KL do the
-                # norms, which scale every token's activations, cause?
+                # the same entries without the final norm's dense gains (576 values, which scale
+                # every token's last hidden state): is any of the KL theirs?
                 (
-                    "surgical-gradient-1pct-no-norms",
+                    "surgical-gradient-1pct-entries-only",
                     {
                         **surgical,
                         "method": "gradient",

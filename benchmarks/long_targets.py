@@ -16,8 +16,8 @@ loss on the assistant turn only). Measured for every run, on held-out IMDB revie
   change and KL(base || tuned) per token (``sg.forgetting``, the delta toggled);
 - train time, peak RSS of the worker process.
 
-Rows, all surgical entries at 1% of the blocks' Linear weights by gradient with the norms trained
-densely (the forgetting benchmark's recipe): every target token; a random 60% of each example's
+Rows, all surgical entries at 1% of the blocks' Linear weights by gradient with the final norm
+trained densely (the forgetting benchmark's recipe): every target token; a random 60% of each example's
 target tokens per step (``token_mask(method="random")``: the control, as many tokens as the
 selection keeps); Rho-1's excess loss at 60% against a reference tuned on the training set first
 (a run of the first row at another seed; its time is reported apart as ``reference_seconds``);
