@@ -122,6 +122,8 @@ def row_specs() -> dict[str, dict]:
                 ("noisy-random30", {"tokens": 0.3, "token_method": "random"}),
                 # Rho-1 with a reference tuned on the same noisy answers (all the data a user has)
                 ("noisy-excess30-tuned-ref", {"tokens": 0.3, "reference": "tuned"}),
+                # and as Rho-1 means it: a reference tuned on clean answers (the same sentences)
+                ("noisy-excess30-clean-ref", {"tokens": 0.3, "reference": "clean"}),
             )
         },
         # WiSE-FT along each method's own change: the same run, evaluated again with its change
@@ -301,7 +303,8 @@ def train_row(spec: dict, lr: float, seed: int, quick: bool, workdir: Path) -> d
     noise = noise_words(train[0], spec.get("noise", 0))
     convs = [conversation(t, y, w) for t, y, w in zip(*train, noise, strict=True)]
     g = torch.Generator().manual_seed(seed)
-    convs = [convs[i] for i in torch.randperm(len(convs), generator=g).tolist()]
+    order = torch.randperm(len(convs), generator=g).tolist()
+    convs = [convs[i] for i in order]
     train_b = chat_batches(tok, convs, size["batch"], size["max_length"])
     sets = {
         "validation": prompt_batches(tok, *val, size["max_length"]),
@@ -329,8 +332,12 @@ def train_row(spec: dict, lr: float, seed: int, quick: bool, workdir: Path) -> d
         delta = sg.Delta.from_models(base, peft_model.merge_and_unload())
     else:
         tuned_reference = None
-        if spec.get("reference") == "tuned":  # trained first; its time is reported on its own
-            reference_delta, _ = _surgical_run(spec, copy.deepcopy(base), train_b, lr, seed + REFERENCE_SEED)
+        if spec.get("reference") in ("tuned", "clean"):  # trained first; its time is reported apart
+            ref_b = train_b
+            if spec["reference"] == "clean":  # Rho-1's setting: the reference saw clean answers
+                clean = [conversation(t, y) for t, y in zip(*train, strict=True)]
+                ref_b = chat_batches(tok, [clean[i] for i in order], size["batch"], size["max_length"])
+            reference_delta, _ = _surgical_run(spec, copy.deepcopy(base), ref_b, lr, seed + REFERENCE_SEED)
             tuned_reference = copy.deepcopy(base)
             sg.apply(tuned_reference, reference_delta)
             tuned_reference.requires_grad_(False).eval()
