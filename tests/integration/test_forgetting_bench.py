@@ -1,7 +1,7 @@
 """The forgetting benchmark's --quick mode (a tiny Llama with a chat template) writes a consistent
 report: task accuracy, forgetting, the token-selection rows (the base as the reference, and a
-tuned reference on answers with known noise) and a WiSE-FT row (full fine-tuning's change scaled
-by each alpha)."""
+reference tuned on clean answers, selecting from noisy ones) and a WiSE-FT row (full
+fine-tuning's change scaled by each alpha)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def test_forgetting_quick(tmp_path):
     out = tmp_path / "f.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
     tokens = "surgical-gradient-1pct-tokens60"
-    rows = f"full-wise,surgical-gradient-1pct,{tokens},noisy-excess30-tuned-ref"
+    rows = f"full-wise,surgical-gradient-1pct,{tokens},noisy-excess30-clean-ref"
     p = subprocess.run(
         [
             sys.executable,
@@ -80,7 +80,7 @@ def test_forgetting_quick(tmp_path):
     )
     assert 0.2 <= share <= 0.4 and "kept_tokens" not in sur
     # the token rows reuse the plain row's lr (chosen on validation), never their own search
-    for name in ("surgical-gradient-1pct-tokens60", "noisy-excess30-tuned-ref"):
+    for name in ("surgical-gradient-1pct-tokens60", "noisy-excess30-clean-ref"):
         assert r[name]["lr_from"] == "surgical-gradient-1pct"
         assert r[name]["lr"] == r["surgical-gradient-1pct"]["lr"]
     # WiSE-FT: every alpha evaluated on the same run; a smaller share of the change moves the
