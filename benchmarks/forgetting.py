@@ -16,13 +16,16 @@ only (``surgical.data.chat``). Measured for every run:
 Rows: full fine-tuning (the HF model), PEFT LoRA r=8 on every projection of every block, surgical
 entries at 1% of the blocks' Linear weights by two criteria (gradient, fisher), with the final
 norm trained densely (``always=["norm"]`` matches ``model.norm`` alone; a -wise row without it),
-and the gradient row again with Rho-1-style token
-selection (``excess_loss``, 60% of the target tokens) twice: with the base (the delta toggled
+and the gradient row again with Rho-1-style token selection (``excess_loss``, 60% of the target
+tokens) twice: with the base (the delta toggled
 off) as the reference, and with a reference tuned on the training set first (a surgical-gradient
 run at another seed, as Rho-1 means it; its time is reported apart as ``reference_seconds``). Full
 fine-tuning, LoRA and surgical-gradient each run every lr of their grid at every seed and keep the
 best mean validation accuracy (64 validation sentences and one seed chose rates, by one or two
-sentences, that failed at the other seeds); the other rows reuse their row's.
+sentences, that failed at the other seeds); the other surgical rows reuse surgical-gradient's.
+Rows ``noisy-*`` train on answers followed by random words (every token, a random 30%, and excess
+loss at 30% against references tuned on the noisy and on clean answers); the ``-wise`` rows
+evaluate WiSE-FT curves (full fine-tuning and LoRA at their reference rates).
 
     python benchmarks/forgetting.py                       # full mode (~90 min on 2 quiet cores)
     python benchmarks/forgetting.py --rows full,lora --seeds 0 1 2
@@ -363,9 +366,7 @@ def train_row(spec: dict, lr: float, seed: int, quick: bool, workdir: Path) -> d
             extra["kept_tokens"] = counts
         elif spec.get("noise"):  # every target trained: one epoch visits each batch once
             for b in train_b:
-                for kind, where in token_kinds(b["labels"], tok.eos_token_id).items():
-                    counts[kind] = counts.get(kind, 0) + int(where.sum())
-                    counts[f"{kind}_kept"] = counts[kind]
+                count_kinds(counts, b["labels"], b["labels"] != -100, tok.eos_token_id)
             extra["kept_tokens"] = counts
         delta.save(artifact)
     seconds = time.perf_counter() - t0
@@ -440,13 +441,18 @@ def _token_filter(model, fraction: float, seed: int, tuned=None, method="excess_
         ref = reference if method == "excess_loss" else None
         labels = sg.token_mask(m, batch, method, fraction=fraction, reference=ref, seed=seed + step)
         if counts is not None:
-            kinds = token_kinds(batch["labels"], eos)
-            for kind, where in kinds.items():
-                counts[kind] = counts.get(kind, 0) + int(where.sum())
-                counts[f"{kind}_kept"] = counts.get(f"{kind}_kept", 0) + int((where & (labels != -100)).sum())
+            count_kinds(counts, batch["labels"], labels != -100, eos)
         return {**batch, "labels": labels}
 
     return keep
+
+
+def count_kinds(counts: dict[str, int], labels: torch.Tensor, kept: torch.Tensor, eos: int) -> None:
+    """Adds to ``counts`` the target tokens of each kind in ``labels`` (``answer``, ``noise``,
+    ``end``: :func:`token_kinds`) and, as ``<kind>_kept``, those where ``kept`` is true."""
+    for kind, where in token_kinds(labels, eos).items():
+        counts[kind] = counts.get(kind, 0) + int(where.sum())
+        counts[f"{kind}_kept"] = counts.get(f"{kind}_kept", 0) + int((where & kept).sum())
 
 
 def token_kinds(labels: torch.Tensor, eos: int) -> dict[str, torch.Tensor]:
@@ -528,7 +534,7 @@ def figure(results: dict, base: dict, path: Path) -> None:
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.6))
     for name, r in results.items():
         s = r["summary"]
-        colour = "#4477aa" if name.startswith("full") else "#228833" if name.startswith("lora") else "#ee6677"
+        colour = {"full": "#4477aa", "lora": "#228833", "noisy": "#aa3377"}.get(name.split("-")[0], "#ee6677")
         if "wise_ft" in s:  # a WiSE-FT curve from the base (alpha 0) to the run (alpha 1)
             _wise_curve(ax, ax2, name, s["wise_ft"]["alphas"], base, colour)
             continue
@@ -556,6 +562,8 @@ def figure(results: dict, base: dict, path: Path) -> None:
         axis.set_xlabel(xlabel + "  (less is less forgetting)")
         axis.set_ylabel("task accuracy, held-out RT (%)")
         axis.grid(alpha=0.3)
+    ax.set_xscale("symlog", linthresh=1e-3)  # the WiSE-FT curves near 0 and the rates up to 0.06
+    ax.set_xlim(left=0)
     fig.suptitle(
         "SmolLM2-135M-Instruct, RT sentiment as chat SFT: learning vs forgetting (mean ± std over seeds)"
     )
@@ -656,7 +664,7 @@ def write(args, seeds: list[int], results: dict, base: dict, complete: bool) -> 
             "quick": args.quick,
             "protocol": "each row's lr chosen on the mean validation over the seeds from its grid (full "
             f"{FULL_LRS}, lora {LORA_LRS}, surgical-gradient [1e-4, 1e-3]); the other surgical "
-            "rows and the -wise rows reuse their row's",
+            "rows reuse surgical-gradient's; full-wise and lora-wise stay at their reference rates",
             "forgetting": "IMDB reviews as plain text, loss change and KL(base || tuned) per token",
             "complete": complete,
         },
