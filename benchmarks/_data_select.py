@@ -35,14 +35,20 @@ CRITERIA: dict[str, tuple[str, dict]] = {
     "gradient": ("gradient", {}),
     "gradient+adam": ("gradient", {"precondition": "adam", "warmup_lr": LR}),
     "trajectory+classes": ("trajectory", {}),
+    "trajectory+classes-agreeing": ("trajectory", {}),
 }
 # criteria that always keep the class shares (select_data(stratify=True)), with or without
 # --stratify: trajectory chooses a set, so --stratify leaves the plain ``trajectory`` as it is
-CLASS_SHARES = {"trajectory+classes"}
+CLASS_SHARES = {"trajectory+classes", "trajectory+classes-agreeing"}
+# trajectory+classes's kept set without the clusters its proxy training ends up getting wrong
+# (mean loss at the last checkpoint above ln 2, worse than a coin on these two classes): the
+# direct test of why trajectory+classes trains to chance (docs/data.md)
+AGREEING = {"trajectory+classes-agreeing"}
 QUICK_OPTIONS = {  # tiny data: fewer proxy-training steps
     "learnability": {"steps": 2},
     "trajectory": {"steps": 4, "clusters": 3},
     "trajectory+classes": {"steps": 4, "clusters": 3},
+    "trajectory+classes-agreeing": {"steps": 4, "clusters": 3},
     "gradient+adam": {"warmup_steps": 2},
 }
 
@@ -93,7 +99,8 @@ def select(
     """Runs one data criterion on the base model and the training set (the validation split is the
     gradient criteria's target); returns the DataSelection. ``stratify``: the library's per-class
     selection, for the criteria that score examples (the others choose a set and ignore it); the
-    criteria in ``CLASS_SHARES`` use it always."""
+    criteria in ``CLASS_SHARES`` use it always, those in ``AGREEING`` drop what :func:`agreeing`
+    drops."""
     import surgical as sg
     from surgical.data.criteria import picks
 
@@ -101,7 +108,7 @@ def select(
     extra = {"stratify": True} if (stratify and not picks(method)) or name in CLASS_SHARES else {}
     if method == "gradient":
         extra.update(validation=examples(tok, val), params=plan_)
-    return sg.select_data(
+    sel = sg.select_data(
         model,
         examples(tok, train),
         method=method,
@@ -113,6 +120,23 @@ def select(
         **extra,
         **options,
     )
+    return agreeing(sel) if name in AGREEING else sel
+
+
+def agreeing(sel):
+    """``sel`` (a ``trajectory`` selection) without its examples in clusters whose mean loss at
+    the last checkpoint is above ln 2 (the proxy training ends up getting them wrong); the meta
+    records how many were dropped (``dropped``) and from which clusters (``dropped_clusters``)."""
+    import dataclasses
+    import math
+
+    import torch
+
+    wrong = {j for j, row in enumerate(sel.meta["cluster_mean_losses"]) if row[-1] > math.log(2)}
+    keep = torch.tensor([c not in wrong for c in sel.meta["kept_clusters"]], dtype=torch.bool)
+    meta = {**sel.meta, "dropped": int((~keep).sum()), "dropped_clusters": sorted(wrong)}
+    meta["kept_clusters"] = [c for c in sel.meta["kept_clusters"] if c not in wrong]
+    return dataclasses.replace(sel, indices=sel.indices[keep], meta=meta)
 
 
 def parse_criteria(text: str | None, default: list[str]) -> list[str]:

@@ -24,7 +24,8 @@ fine-tuning, LoRA and surgical-gradient each run every lr of their grid at every
 best mean validation accuracy (64 validation sentences and one seed chose rates, by one or two
 sentences, that failed at the other seeds); the other surgical rows reuse surgical-gradient's.
 Rows ``noisy-*`` train on answers followed by random words (every token, a random 30%, and excess
-loss at 30% against references tuned on the noisy and on clean answers); the ``-wise`` rows
+loss at 30% against references tuned on the noisy and on clean answers, at 10% against the clean
+one, and at 30% against one tuned on a quarter of the sentences' clean answers); the ``-wise`` rows
 evaluate WiSE-FT curves (full fine-tuning and LoRA at their reference rates).
 
     python benchmarks/forgetting.py                       # full mode (~90 min on 2 quiet cores)
@@ -127,6 +128,14 @@ def row_specs() -> dict[str, dict]:
                 ("noisy-excess30-tuned-ref", {"tokens": 0.3, "reference": "tuned"}),
                 # and as Rho-1 means it: a reference tuned on clean answers (the same sentences)
                 ("noisy-excess30-clean-ref", {"tokens": 0.3, "reference": "clean"}),
+                # the same at 10%, about one target in ten: the label's own share
+                ("noisy-excess10-clean-ref", {"tokens": 0.1, "reference": "clean"}),
+                # Rho-1's small high-quality corpus: the reference tuned on a quarter of the
+                # sentences with clean answers, as many steps (four epochs of them)
+                (
+                    "noisy-excess30-clean32-ref",
+                    {"tokens": 0.3, "reference": "clean", "reference_examples": 32},
+                ),
             )
         },
         # WiSE-FT along each method's own change: the same run, evaluated again with its change
@@ -339,7 +348,9 @@ def train_row(spec: dict, lr: float, seed: int, quick: bool, workdir: Path) -> d
             ref_b = train_b
             if spec["reference"] == "clean":  # Rho-1's setting: the reference saw clean answers
                 clean = [conversation(t, y) for t, y in zip(*train, strict=True)]
-                ref_b = chat_batches(tok, [clean[i] for i in order], size["batch"], size["max_length"])
+                clean = [clean[i] for i in order][: spec.get("reference_examples")]
+                ref_b = chat_batches(tok, clean, size["batch"], size["max_length"])
+                ref_b = [ref_b[i % len(ref_b)] for i in range(len(train_b))]  # as many steps
             reference_delta, _ = _surgical_run(spec, copy.deepcopy(base), ref_b, lr, seed + REFERENCE_SEED)
             tuned_reference = copy.deepcopy(base)
             sg.apply(tuned_reference, reference_delta)
@@ -422,12 +433,14 @@ def _surgical_run(spec: dict, model, train_b, lr: float, seed: int, batch_filter
     return sg.extract(model), trainable
 
 
-def _token_filter(model, fraction: float, seed: int, tuned=None, method="excess_loss", counts=None, eos=-1):
+def _token_filter(model, fraction: float, seed: int, tuned=None, method="excess_loss", counts=None, eos=None):
     """Token selection each step. ``excess_loss``: the model against a reference, ``tuned`` (a
     frozen model tuned on target data) or, without it, the model itself with the delta off (the
     base); ``random``: a seeded random share. ``counts`` (a dict) adds up, over the steps, the
     target tokens of each kind there were and were kept (see :func:`token_kinds`; ``eos``: the
-    end-of-turn token id)."""
+    end-of-turn token id, needed with ``counts``)."""
+    if counts is not None and eos is None:
+        raise ValueError("counting token kinds needs the end-of-turn token id: pass eos")
 
     def reference(batch):
         inputs = {k: v for k, v in batch.items() if k != "labels"}

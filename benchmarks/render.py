@@ -417,8 +417,9 @@ def demo_table(record: dict) -> str:
 def trajectory_clusters_table(report: dict) -> str:
     """What ``trajectory`` kept, per point that recorded its clusters: the share of the data and of
     the kept set in clusters the proxy training ends up getting wrong (mean loss at the last
-    checkpoint above ln 2, worse than a coin), the resulting accuracy, and the training loss over
-    the last ten steps (ln 2 = 0.693: the model still at chance)."""
+    checkpoint above ln 2, worse than a coin; after ``dropped`` of them were dropped, where a
+    point did), the resulting accuracy, and the training loss over the last ten steps (ln 2 =
+    0.693: the model still at chance)."""
     import math
 
     lines = [
@@ -434,8 +435,10 @@ def trajectory_clusters_table(report: dict) -> str:
         data = sum(n for n, w in zip(info["cluster_sizes"], wrong, strict=True) if w) / sum(
             info["cluster_sizes"]
         )
-        kept = sum(k for k, w in zip(info["kept_by_cluster"], wrong, strict=True) if w) / sum(
-            info["kept_by_cluster"]
+        # a point that dropped those clusters' examples (``dropped``) trained on what was left
+        dropped = info.get("dropped", 0)
+        kept = (sum(k for k, w in zip(info["kept_by_cluster"], wrong, strict=True) if w) - dropped) / (
+            sum(info["kept_by_cluster"]) - dropped
         )
         tail = p.get("losses", [])[-10:]
         loss = f"{sum(tail) / len(tail):.3f}" if tail else ""

@@ -44,6 +44,27 @@ def test_data_select_cost_quick(tmp_path):
     assert sel["peak_rss_above_start_bytes"] == sel["peak_rss_bytes"] - sel["rss_before_bytes"] >= 0
 
 
+def test_agreeing_drops_the_kept_examples_of_clusters_the_proxy_ends_up_getting_wrong():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import _data_select as ds
+    import torch
+
+    from surgical.data.select_data import DataSelection
+
+    meta = {
+        "cluster_mean_losses": [[0.69, 0.2], [0.69, 1.0], [0.7, 0.69]],  # cluster 1 ends above ln 2
+        "kept_clusters": [0, 1, 1, 2],
+        "kept_by_cluster": [1, 2, 1],
+    }
+    sel = DataSelection(torch.tensor([3, 5, 7, 9]), None, "trajectory", {}, "h", 12, meta)
+    out = ds.agreeing(sel)
+    assert out.indices.tolist() == [3, 9] and out.meta["kept_clusters"] == [0, 2]
+    assert out.meta["dropped"] == 2 and out.meta["dropped_clusters"] == [1]
+    assert sel.indices.tolist() == [3, 5, 7, 9] and sel.meta["kept_clusters"] == [0, 1, 1, 2]  # untouched
+    assert ds.criterion("trajectory+classes-agreeing", False) == ("trajectory", {})
+    assert {"trajectory+classes", "trajectory+classes-agreeing"} <= ds.CLASS_SHARES
+
+
 def test_data_fraction_quick(tmp_path):
     out = tmp_path / "df.json"
     args = ["--criteria", "gradient+adam", "--fractions", "0.5", "1.0", "--jobs", "2", "--stratify"]

@@ -195,6 +195,11 @@ def test_trajectory_clusters_counts_the_share_kept_from_clusters_the_proxy_gets_
     text = render.trajectory_clusters_table(report)
     assert text.splitlines()[2] == "| trajectory+classes 30% seed 1 | 3 | 30% | 67% | 48.9 / 52.6 | 0.690 |"
     assert len(text.splitlines()) == 3  # a point without clusters recorded is left out
+    # the -agreeing criterion dropped the 20 kept from the wrong clusters: none left in what it trained
+    info = {**info, "dropped": 20, "dropped_clusters": [1, 2]}
+    agreeing = {**point, "criterion": "trajectory+classes-agreeing", "info": info, "losses": [0.4] * 10}
+    text = render.trajectory_clusters_table({"points": [agreeing]})
+    assert text.splitlines()[2] == "| trajectory+classes-agreeing 30% seed 1 | 3 | 30% | 0% | 48.9 / 52.6 | 0.400 |"
 
 
 def test_long_targets_pairs_token_rows_by_seed():

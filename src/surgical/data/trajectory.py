@@ -116,7 +116,9 @@ def trajectory_picks(ctx: DataContext) -> torch.Tensor:
 
 def describe_clusters(trajectories: torch.Tensor, labels: torch.Tensor, chosen: torch.Tensor, at) -> dict:
     """What the clustering found, for the selection's record: the number of clusters, each one's
-    size, how many of its examples were kept, and its mean loss at each checkpoint step."""
+    size, how many of its examples were kept, its mean loss at each checkpoint step, and the
+    cluster of each kept example (``kept_clusters``, in the order of the sorted indices the
+    selection returns), so that a kept set can be filtered by cluster afterwards."""
     k = int(labels.max()) + 1
     sizes = torch.bincount(labels, minlength=k)
     kept = torch.bincount(labels[chosen], minlength=k)
@@ -128,4 +130,5 @@ def describe_clusters(trajectories: torch.Tensor, labels: torch.Tensor, chosen: 
         "kept_by_cluster": kept.tolist(),
         "checkpoint_steps": list(at),
         "cluster_mean_losses": [[round(v, 4) for v in row] for row in means.tolist()],
+        "kept_clusters": labels[chosen.sort().values].tolist(),
     }

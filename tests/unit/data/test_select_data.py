@@ -221,19 +221,22 @@ def test_trajectory_covers_the_clusters():
     assert sel.meta["checkpoint_steps"] == [0, 2, 4]  # three checkpoints over four steps
     losses = sel.meta["cluster_mean_losses"]
     assert len(losses) == k and all(len(row) == 3 and all(v > 0 for v in row) for row in losses)
+    clusters = sel.meta["kept_clusters"]  # one per kept index, adding up to kept_by_cluster
+    assert len(clusters) == 6 and [clusters.count(j) for j in range(k)] == kept
 
 
 def test_describe_clusters_counts_members_kept_and_mean_trajectories():
     from surgical.data.trajectory import describe_clusters
 
     traj = torch.tensor([[1.0, 0.5], [3.0, 1.5], [10.0, 9.0], [2.0, 1.0]])
-    info = describe_clusters(traj, torch.tensor([0, 0, 1, 0]), torch.tensor([1, 2]), [0, 4])
+    info = describe_clusters(traj, torch.tensor([0, 0, 1, 0]), torch.tensor([2, 1]), [0, 4])
     assert info == {
         "clusters": 2,
         "cluster_sizes": [3, 1],
         "kept_by_cluster": [1, 1],
         "checkpoint_steps": [0, 4],
         "cluster_mean_losses": [[2.0, 1.0], [10.0, 9.0]],
+        "kept_clusters": [0, 1],  # examples 1 and 2, in the order of the sorted indices
     }
 
 
