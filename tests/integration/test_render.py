@@ -199,7 +199,8 @@ def test_trajectory_clusters_counts_the_share_kept_from_clusters_the_proxy_gets_
     info = {**info, "dropped": 20, "dropped_clusters": [1, 2]}
     agreeing = {**point, "criterion": "trajectory+classes-agreeing", "info": info, "losses": [0.4] * 10}
     text = render.trajectory_clusters_table({"points": [agreeing]})
-    assert text.splitlines()[2] == "| trajectory+classes-agreeing 30% seed 1 | 3 | 30% | 0% | 48.9 / 52.6 | 0.400 |"
+    row = "| trajectory+classes-agreeing 30% seed 1 | 3 | 30% | 0% | 48.9 / 52.6 | 0.400 |"
+    assert text.splitlines()[2] == row
 
 
 def test_long_targets_pairs_token_rows_by_seed():

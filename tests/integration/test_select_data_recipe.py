@@ -84,7 +84,8 @@ def test_trajectory_reports_its_clusters_and_keeps_them_in_the_manifest(world, t
     back = DataSelection.load(tmp_path / "sel")
     assert back.meta["cluster_sizes"] == sel.meta["cluster_sizes"] and sum(back.meta["cluster_sizes"]) == 20
     assert sum(back.meta["kept_by_cluster"]) == len(back) == 10
-    pairs = ", ".join(f"{k}/{n}" for k, n in zip(sel.meta["kept_by_cluster"], sel.meta["cluster_sizes"]))
+    sizes = zip(sel.meta["kept_by_cluster"], sel.meta["cluster_sizes"], strict=True)
+    pairs = ", ".join(f"{k}/{n}" for k, n in sizes)
     assert f"{sel.meta['clusters']} loss-trajectory clusters, kept/size: {pairs}" in text
 
 

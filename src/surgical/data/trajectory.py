@@ -122,7 +122,8 @@ def describe_clusters(trajectories: torch.Tensor, labels: torch.Tensor, chosen: 
     k = int(labels.max()) + 1
     sizes = torch.bincount(labels, minlength=k)
     kept = torch.bincount(labels[chosen], minlength=k)
-    sums = torch.zeros(k, trajectories.shape[1], dtype=torch.float64).index_add_(0, labels, trajectories.double())
+    sums = torch.zeros(k, trajectories.shape[1], dtype=torch.float64)
+    sums.index_add_(0, labels, trajectories.double())
     means = sums / sizes.clamp(min=1)[:, None]
     return {
         "clusters": k,

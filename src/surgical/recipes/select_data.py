@@ -197,7 +197,8 @@ def print_summary(sel: DataSelection, examples: list, tokenizer, console: Consol
         bits.append(f"{m['kept']:,} survive deduplication")
     console.print(f"cost: {', '.join(bits)}")
     if "cluster_sizes" in m:
-        pairs = ", ".join(f"{k:,}/{n:,}" for k, n in zip(m["kept_by_cluster"], m["cluster_sizes"]))
+        sizes = zip(m["kept_by_cluster"], m["cluster_sizes"], strict=True)
+        pairs = ", ".join(f"{k:,}/{n:,}" for k, n in sizes)
         console.print(f"{m['clusters']} loss-trajectory clusters, kept/size: {pairs}")
     if n == 0:
         return

@@ -217,7 +217,7 @@ def test_trajectory_covers_the_clusters():
     assert len(sel) == 6 and sel.scores is None and 1 <= sel.meta["clusters"] <= 3
     k, sizes, kept = sel.meta["clusters"], sel.meta["cluster_sizes"], sel.meta["kept_by_cluster"]
     assert len(sizes) == len(kept) == k and sum(sizes) == len(LM) and sum(kept) == 6
-    assert all(0 <= a <= n for a, n in zip(kept, sizes))
+    assert all(0 <= a <= n for a, n in zip(kept, sizes, strict=True))
     assert sel.meta["checkpoint_steps"] == [0, 2, 4]  # three checkpoints over four steps
     losses = sel.meta["cluster_mean_losses"]
     assert len(losses) == k and all(len(row) == 3 and all(v > 0 for v in row) for row in losses)
