@@ -539,50 +539,63 @@ def wise_summary(runs: list[dict]) -> dict:
 
 
 def figure(results: dict, base: dict, path: Path) -> None:
+    """Task accuracy against KL and against the reference loss change, one point per row and a
+    dashed WiSE-FT curve per -wise row; the ``noisy-*`` rows get a third panel of their own (KL),
+    beside the clean row they could at best match."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.6))
-    for name, r in results.items():
+    noisy = {n: r for n, r in results.items() if n.startswith("noisy-")}
+    fig, axes = plt.subplots(1, 3 if noisy else 2, figsize=(16 if noisy else 11, 4.8))
+    ax, ax2 = axes[0], axes[1]
+    colours = {"full": "#4477aa", "lora": "#228833", "noisy": "#aa3377"}
+    plain = [(n, r) for n, r in results.items() if n not in noisy]
+    for i, (name, r) in enumerate(plain):
         s = r["summary"]
-        colour = {"full": "#4477aa", "lora": "#228833", "noisy": "#aa3377"}.get(name.split("-")[0], "#ee6677")
+        colour = colours.get(name.split("-")[0], "#ee6677")
         if "wise_ft" in s:  # a WiSE-FT curve from the base (alpha 0) to the run (alpha 1)
             _wise_curve(ax, ax2, name, s["wise_ft"]["alphas"], base, colour)
             continue
         for axis, key in ((ax, "kl"), (ax2, "loss_change")):
-            axis.errorbar(
-                s[key]["mean"],
-                100 * s["test"]["mean"],
-                xerr=s[key]["std"],
-                yerr=100 * s["test"]["std"],
-                fmt="o",
-                color=colour,
-            )
-            axis.annotate(
-                name,
-                (s[key]["mean"], 100 * s["test"]["mean"]),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
-    for axis, xlabel in ((ax, "KL(base || tuned) per token, nats"), (ax2, "reference loss change, nats")):
+            # short labels (red: surgical; "tokens60": gradient-1pct-tokens60), alternately above
+            # and below: fewer overlaps
+            label = name.removeprefix("surgical-").removeprefix("gradient-1pct-")
+            _point(axis, label, s, key, colour, below=i % 2 == 1)
+    if noisy:
+        ax3 = axes[2]
+        clean = results.get("surgical-gradient-1pct")
+        if clean is not None:
+            _point(ax3, "clean answers, every token", clean["summary"], "kl", "#ee6677")
+        for i, (name, r) in enumerate(noisy.items()):
+            _point(ax3, name.removeprefix("noisy-"), r["summary"], "kl", colours["noisy"], below=i % 2 == 1)
+        ax3.set_title("answers + six random words (token selection)", fontsize=9)
+    labels = ["KL(base || tuned) per token, nats", "reference loss change, nats"]
+    for axis, xlabel in zip(axes, labels + labels[:1], strict=False):
         if base:
             axis.axhline(100 * base["test"], color="#999999", ls="--", lw=1, label="base (zero-shot)")
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend(fontsize=7)
         axis.set_xlabel(xlabel + "  (less is less forgetting)")
         axis.set_ylabel("task accuracy, held-out RT (%)")
         axis.grid(alpha=0.3)
     ax.set_xscale("symlog", linthresh=1e-3)  # the WiSE-FT curves near 0 and the rates up to 0.06
     ax.set_xlim(left=0)
     fig.suptitle(
-        "SmolLM2-135M-Instruct, RT sentiment as chat SFT: learning vs forgetting (mean ± std over seeds)"
+        "SmolLM2-135M-Instruct, RT sentiment as chat SFT: learning vs forgetting (mean ± std over seeds;"
+        " red: surgical)"
     )
-    fig.tight_layout()
+    handles, names = ax.get_legend_handles_labels()  # one legend below, clear of the points
+    fig.legend(handles, names, loc="lower center", ncol=min(3, max(1, len(names))), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     atomic_save_figure(fig, path)
     plt.close(fig)
+
+
+def _point(axis, label: str, s: dict, key: str, colour: str, below: bool = False) -> None:
+    """One row's mean ± std: task accuracy against ``key``, labelled."""
+    x, y = s[key]["mean"], 100 * s["test"]["mean"]
+    axis.errorbar(x, y, xerr=s[key]["std"], yerr=100 * s["test"]["std"], fmt="o", color=colour)
+    axis.annotate(label, (x, y), fontsize=7, xytext=(3, -9 if below else 3), textcoords="offset points")
 
 
 def _wise_curve(ax, ax2, name: str, alphas: dict, base: dict, colour: str) -> None:
