@@ -89,6 +89,33 @@ def test_trajectory_reports_its_clusters_and_keeps_them_in_the_manifest(world, t
     assert f"{sel.meta['clusters']} loss-trajectory clusters, kept/size: {pairs}" in text
 
 
+def test_summary_notes_a_kept_set_that_leans_on_rising_clusters():
+    import io
+
+    from rich.console import Console
+
+    from surgical.recipes.select_data import print_summary
+
+    meta = {
+        "clusters": 2,
+        "cluster_sizes": [90, 10],
+        "kept_by_cluster": [20, 10],
+        "cluster_mean_losses": [[0.69, 0.2], [0.69, 1.4]],
+        "rising_clusters": [1],
+    }
+    sel = DataSelection(torch.arange(30), None, "trajectory", {}, "h", 100, meta)
+
+    def text(sel) -> str:
+        out = io.StringIO()
+        print_summary(sel, [], None, Console(file=out, width=300), 0)
+        return out.getvalue()
+
+    # a third of the kept set (a tenth of the data) in the cluster whose loss rose: a note
+    assert "note: 33% of the kept examples (10% of the data) are in clusters whose loss rose" in text(sel)
+    sel.meta = {**meta, "kept_by_cluster": [29, 1]}  # 3%: below the note's threshold
+    assert "note:" not in text(sel) and "2 loss-trajectory clusters, kept/size: 29/90, 1/10" in text(sel)
+
+
 def test_gradient_on_a_plan_support_with_validation(world, tmp_path):
     from surgical import select
 

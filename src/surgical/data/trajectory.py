@@ -116,9 +116,11 @@ def trajectory_picks(ctx: DataContext) -> torch.Tensor:
 
 def describe_clusters(trajectories: torch.Tensor, labels: torch.Tensor, chosen: torch.Tensor, at) -> dict:
     """What the clustering found, for the selection's record: the number of clusters, each one's
-    size, how many of its examples were kept, its mean loss at each checkpoint step, and the
-    cluster of each kept example (``kept_clusters``, in the order of the sorted indices the
-    selection returns), so that a kept set can be filtered by cluster afterwards."""
+    size, how many of its examples were kept, its mean loss at each checkpoint step, the clusters
+    whose mean loss ends above where it started (``rising_clusters``: examples the proxy training
+    gets worse at while it learns the rest, which on a classifier go against what the rest of the
+    data teaches), and the cluster of each kept example (``kept_clusters``, in the order of the
+    sorted indices the selection returns), so that a kept set can be filtered by cluster."""
     k = int(labels.max()) + 1
     sizes = torch.bincount(labels, minlength=k)
     kept = torch.bincount(labels[chosen], minlength=k)
@@ -131,5 +133,17 @@ def describe_clusters(trajectories: torch.Tensor, labels: torch.Tensor, chosen: 
         "kept_by_cluster": kept.tolist(),
         "checkpoint_steps": list(at),
         "cluster_mean_losses": [[round(v, 4) for v in row] for row in means.tolist()],
+        "rising_clusters": torch.nonzero(means[:, -1] > means[:, 0]).flatten().tolist(),
         "kept_clusters": labels[chosen.sort().values].tolist(),
     }
+
+
+def rising_shares(meta: dict) -> tuple[float, float] | None:
+    """``(share of the data, share of the kept set)`` in the ``rising_clusters`` of a
+    ``trajectory`` selection's meta, or None when it recorded none."""
+    rising = meta.get("rising_clusters")
+    if not rising:
+        return None
+    sizes, kept = meta["cluster_sizes"], meta["kept_by_cluster"]
+    data = sum(sizes[j] for j in rising) / max(1, sum(sizes))
+    return data, sum(kept[j] for j in rising) / max(1, sum(kept))

@@ -36,6 +36,7 @@ from surgical.data import (
 )
 from surgical.data.criteria import stratifies, stratifying
 from surgical.data.select_data import INFO_FILE
+from surgical.data.trajectory import rising_shares
 from surgical.delta.delta import CONFIG_FILE
 from surgical.recipes.config import DataConfig, ModelConfig, _f
 from surgical.recipes.data import make_batches
@@ -186,6 +187,9 @@ def _pad_id(tokenizer) -> int:
     return int(pad) if pad is not None else 0
 
 
+RISING_NOTE = 0.2  # the share of a trajectory kept set in rising clusters worth a note
+
+
 def print_summary(sel: DataSelection, examples: list, tokenizer, console: Console, n: int) -> None:
     """Cost line and a table of the first ``n`` kept examples (highest scores first, if scored)."""
     m = sel.meta
@@ -200,6 +204,15 @@ def print_summary(sel: DataSelection, examples: list, tokenizer, console: Consol
         sizes = zip(m["kept_by_cluster"], m["cluster_sizes"], strict=True)
         pairs = ", ".join(f"{k:,}/{n:,}" for k, n in sizes)
         console.print(f"{m['clusters']} loss-trajectory clusters, kept/size: {pairs}")
+        shares = rising_shares(m)
+        if shares is not None and shares[1] >= RISING_NOTE and shares[1] > shares[0]:
+            console.print(
+                f"[yellow]note:[/] {100 * shares[1]:.0f}% of the kept examples ({100 * shares[0]:.0f}% of "
+                f"the data) are in clusters whose loss rose during the proxy training "
+                f"({', '.join(map(str, m['rising_clusters']))}): examples that go against the rest; on "
+                "a classifier such a set can train to chance (docs/data.md). meta['kept_clusters'] "
+                "gives each kept example's cluster, to drop them"
+            )
     if n == 0:
         return
     order = sel.indices.tolist()

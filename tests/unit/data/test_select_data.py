@@ -228,16 +228,25 @@ def test_trajectory_covers_the_clusters():
 def test_describe_clusters_counts_members_kept_and_mean_trajectories():
     from surgical.data.trajectory import describe_clusters
 
-    traj = torch.tensor([[1.0, 0.5], [3.0, 1.5], [10.0, 9.0], [2.0, 1.0]])
+    traj = torch.tensor([[1.0, 0.5], [3.0, 1.5], [10.0, 12.0], [2.0, 1.0]])
     info = describe_clusters(traj, torch.tensor([0, 0, 1, 0]), torch.tensor([2, 1]), [0, 4])
     assert info == {
         "clusters": 2,
         "cluster_sizes": [3, 1],
         "kept_by_cluster": [1, 1],
         "checkpoint_steps": [0, 4],
-        "cluster_mean_losses": [[2.0, 1.0], [10.0, 9.0]],
+        "cluster_mean_losses": [[2.0, 1.0], [10.0, 12.0]],
+        "rising_clusters": [1],  # its loss ends above where it started
         "kept_clusters": [0, 1],  # examples 1 and 2, in the order of the sorted indices
     }
+
+
+def test_rising_shares_weighs_the_rising_clusters_in_the_data_and_in_the_kept_set():
+    from surgical.data.trajectory import rising_shares
+
+    meta = {"rising_clusters": [1], "cluster_sizes": [3, 1], "kept_by_cluster": [1, 1]}
+    assert rising_shares(meta) == (0.25, 0.5)
+    assert rising_shares({**meta, "rising_clusters": []}) is None and rising_shares({}) is None
 
 
 def _with_duplicates():
