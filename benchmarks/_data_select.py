@@ -36,19 +36,24 @@ CRITERIA: dict[str, tuple[str, dict]] = {
     "gradient+adam": ("gradient", {"precondition": "adam", "warmup_lr": LR}),
     "trajectory+classes": ("trajectory", {}),
     "trajectory+classes-agreeing": ("trajectory", {}),
+    "trajectory+classes-subset": ("trajectory", {}),
 }
 # criteria that always keep the class shares (select_data(stratify=True)), with or without
 # --stratify: trajectory chooses a set, so --stratify leaves the plain ``trajectory`` as it is
-CLASS_SHARES = {"trajectory+classes", "trajectory+classes-agreeing"}
+CLASS_SHARES = {"trajectory+classes", "trajectory+classes-agreeing", "trajectory+classes-subset"}
 # trajectory+classes's kept set without the clusters its proxy training ends up getting wrong
 # (mean loss at the last checkpoint above ln 2, worse than a coin on these two classes): the
 # direct test of why trajectory+classes trains to chance (docs/data.md)
 AGREEING = {"trajectory+classes-agreeing"}
+# its control for the size: a random subset of trajectory+classes's kept set as large as what
+# -agreeing keeps (the same share of those clusters as before, fewer examples)
+SUBSET = {"trajectory+classes-subset"}
 QUICK_OPTIONS = {  # tiny data: fewer proxy-training steps
     "learnability": {"steps": 2},
     "trajectory": {"steps": 4, "clusters": 3},
     "trajectory+classes": {"steps": 4, "clusters": 3},
     "trajectory+classes-agreeing": {"steps": 4, "clusters": 3},
+    "trajectory+classes-subset": {"steps": 4, "clusters": 3},
     "gradient+adam": {"warmup_steps": 2},
 }
 
@@ -120,6 +125,8 @@ def select(
         **extra,
         **options,
     )
+    if name in SUBSET:
+        return same_size_subset(sel, seed)
     return agreeing(sel) if name in AGREEING else sel
 
 
@@ -137,6 +144,22 @@ def agreeing(sel):
     meta = {**sel.meta, "dropped": int((~keep).sum()), "dropped_clusters": sorted(wrong)}
     meta["kept_clusters"] = [c for c in sel.meta["kept_clusters"] if c not in wrong]
     return dataclasses.replace(sel, indices=sel.indices[keep], meta=meta)
+
+
+def same_size_subset(sel, seed: int):
+    """A seeded random subset of ``sel`` (a ``trajectory`` selection) as large as what
+    :func:`agreeing` keeps of it; ``kept_by_cluster`` and ``kept_clusters`` count what is left, and
+    the meta records the size it was drawn from (``subset_of``)."""
+    import dataclasses
+
+    import torch
+
+    n = len(agreeing(sel).indices)
+    pick = torch.randperm(len(sel.indices), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    clusters = [sel.meta["kept_clusters"][i] for i in pick.tolist()]
+    kept = [clusters.count(j) for j in range(len(sel.meta["kept_by_cluster"]))]
+    meta = {**sel.meta, "kept_clusters": clusters, "kept_by_cluster": kept, "subset_of": len(sel.indices)}
+    return dataclasses.replace(sel, indices=sel.indices[pick], meta=meta)
 
 
 def parse_criteria(text: str | None, default: list[str]) -> list[str]:

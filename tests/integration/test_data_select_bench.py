@@ -64,6 +64,15 @@ def test_agreeing_drops_the_kept_examples_of_clusters_the_proxy_ends_up_getting_
     assert ds.criterion("trajectory+classes-agreeing", False) == ("trajectory", {})
     assert {"trajectory+classes", "trajectory+classes-agreeing"} <= ds.CLASS_SHARES
 
+    # the size control: as many as -agreeing keeps, drawn at random from the whole kept set
+    sub = ds.same_size_subset(sel, seed=0)
+    assert len(sub.indices) == 2 and set(sub.indices.tolist()) <= {3, 5, 7, 9}
+    assert sub.meta["subset_of"] == 4 and sum(sub.meta["kept_by_cluster"]) == 2
+    by_index = dict(zip([3, 5, 7, 9], meta["kept_clusters"], strict=True))
+    assert sub.meta["kept_clusters"] == [by_index[i] for i in sub.indices.tolist()]
+    assert ds.same_size_subset(sel, seed=0).indices.tolist() == sub.indices.tolist()  # seeded
+    assert "trajectory+classes-subset" in ds.CLASS_SHARES
+
 
 def test_data_fraction_quick(tmp_path):
     out = tmp_path / "df.json"
