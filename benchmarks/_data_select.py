@@ -41,9 +41,10 @@ CRITERIA: dict[str, tuple[str, dict]] = {
 # criteria that always keep the class shares (select_data(stratify=True)), with or without
 # --stratify: trajectory chooses a set, so --stratify leaves the plain ``trajectory`` as it is
 CLASS_SHARES = {"trajectory+classes", "trajectory+classes-agreeing", "trajectory+classes-subset"}
-# trajectory+classes's kept set without the clusters its proxy training ends up getting wrong
-# (mean loss at the last checkpoint above ln 2, worse than a coin on these two classes): the
-# direct test of why trajectory+classes trains to chance (docs/data.md)
+# trajectory+classes's kept set without the clusters whose loss rose during its proxy training
+# (the library's ``rising_clusters``, which the select-data note reports; on every point run here
+# the same clusters as those ending above ln 2): the direct test of why trajectory+classes trains
+# to chance (docs/data.md)
 AGREEING = {"trajectory+classes-agreeing"}
 # its control for the size: a random subset of trajectory+classes's kept set as large as what
 # -agreeing keeps (the same share of those clusters as before, fewer examples)
@@ -131,15 +132,15 @@ def select(
 
 
 def agreeing(sel):
-    """``sel`` (a ``trajectory`` selection) without its examples in clusters whose mean loss at
-    the last checkpoint is above ln 2 (the proxy training ends up getting them wrong); the meta
-    records how many were dropped (``dropped``) and from which clusters (``dropped_clusters``)."""
+    """``sel`` (a ``trajectory`` selection) without its examples in ``rising_clusters`` (whose
+    mean loss ends above where it started); the meta records how many were dropped (``dropped``)
+    and from which clusters (``dropped_clusters``). ``kept_by_cluster`` stays as selected (the
+    renderer subtracts ``dropped``)."""
     import dataclasses
-    import math
 
     import torch
 
-    wrong = {j for j, row in enumerate(sel.meta["cluster_mean_losses"]) if row[-1] > math.log(2)}
+    wrong = set(sel.meta["rising_clusters"])
     keep = torch.tensor([c not in wrong for c in sel.meta["kept_clusters"]], dtype=torch.bool)
     meta = {**sel.meta, "dropped": int((~keep).sum()), "dropped_clusters": sorted(wrong)}
     meta["kept_clusters"] = [c for c in sel.meta["kept_clusters"] if c not in wrong]

@@ -44,7 +44,7 @@ def test_data_select_cost_quick(tmp_path):
     assert sel["peak_rss_above_start_bytes"] == sel["peak_rss_bytes"] - sel["rss_before_bytes"] >= 0
 
 
-def test_agreeing_drops_the_kept_examples_of_clusters_the_proxy_ends_up_getting_wrong():
+def test_agreeing_drops_the_kept_examples_of_the_rising_clusters():
     sys.path.insert(0, str(REPO / "benchmarks"))
     import _data_select as ds
     import torch
@@ -52,7 +52,8 @@ def test_agreeing_drops_the_kept_examples_of_clusters_the_proxy_ends_up_getting_
     from surgical.data.select_data import DataSelection
 
     meta = {
-        "cluster_mean_losses": [[0.69, 0.2], [0.69, 1.0], [0.7, 0.69]],  # cluster 1 ends above ln 2
+        "cluster_mean_losses": [[0.69, 0.2], [0.69, 1.0], [0.7, 0.69]],
+        "rising_clusters": [1],  # its loss ends above where it started
         "kept_clusters": [0, 1, 1, 2],
         "kept_by_cluster": [1, 2, 1],
     }
