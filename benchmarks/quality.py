@@ -507,6 +507,14 @@ def driver_args(doc: str, out: Path, rows_help: str, assemble: bool = False) -> 
     p.add_argument("--rows", help=rows_help)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--no-lr-search", action="store_true", help="each row's first (reference) lr, no search")
+    if assemble:
+        p.add_argument(
+            "--choose",
+            choices=("first", "mean"),
+            default="first",
+            help="how a row's lr is chosen: on the first seed's validation (then the other seeds run at "
+            "it), or on the mean validation over every seed (every lr runs at every seed)",
+        )
     p.add_argument("--out", type=Path, default=out)
     p.add_argument(
         "--cache",
@@ -581,7 +589,14 @@ def main() -> None:
                 )
 
             try:
-                row = run_row(spec, results, seeds, run, search=not (args.quick or args.no_lr_search))
+                row = run_row(
+                    spec,
+                    results,
+                    seeds,
+                    run,
+                    search=not (args.quick or args.no_lr_search),
+                    choose=args.choose,
+                )
             except NotCached:
                 missing.append(name)
                 continue
@@ -637,6 +652,8 @@ def write(
             "protocol": (
                 "reference lr per row, no search"
                 if args.no_lr_search
+                else "lr chosen on the mean validation over the seeds"
+                if args.choose == "mean"
                 else "lr chosen on validation with seed 0"
             )
             + "; WiSE-FT alpha on each run's validation",
