@@ -498,7 +498,9 @@ def select_data_cmd(
     fraction: Annotated[float | None, typer.Option(help="Share of the examples to keep.")] = None,
     count: Annotated[int | None, typer.Option(help="Number of examples to keep instead.")] = None,
     option: Annotated[list[str] | None, typer.Option(help="Criterion option key=value (repeatable).")] = None,
-    validation: Annotated[str | None, typer.Option(help="Validation data (the gradient criterion).")] = None,
+    validation: Annotated[
+        str | None, typer.Option(help="Target-task examples (the gradient and importance criteria).")
+    ] = None,
     plan: Annotated[str | None, typer.Option(help="A plan: gradient features on its support.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of every random choice.")] = None,
     task: Annotated[str | None, typer.Option(help="auto, classification or causal_lm.")] = None,

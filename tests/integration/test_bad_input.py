@@ -853,6 +853,20 @@ CASES += [
         "is a 'bert' model",
     ),
     (
+        "select-data-importance-without-target",
+        lambda w, t: [
+            "select-data",
+            str(w["bert"]),
+            "--data",
+            str(w["csv"]),
+            "--out",
+            str(t / "sel"),
+            "--method",
+            "importance",
+        ],  # fmt: skip
+        "data criterion 'importance' needs validation",
+    ),
+    (
         "train-truncated-model-weights",
         lambda w, t: ["train", "-c", _cfg_with(w, t, model={"path": _truncated_model(w, t)})],
         "cannot load a model from",

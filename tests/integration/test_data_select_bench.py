@@ -121,3 +121,28 @@ def test_data_fraction_quick(tmp_path):
     assert points[("all", 1.0)] == full
     assert points[("random", 0.5)]["examples"] == 48 and points[("random", 0.5)]["steps"] == 3
     assert len(list((tmp_path / "points").glob("*.json"))) == 3
+
+
+def test_domain_select_quick(tmp_path):
+    out = tmp_path / "dom.json"
+    args = ["--rows", "random,importance-top", "--out", str(out), "--cache", str(tmp_path / "points")]
+    p = _run("domain_select.py", *args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["setup"]["complete"] is True and r["setup"]["seeds"] == [0] and r["setup"]["quick"] is True
+    points = {q["row"]: q for q in r["points"]}
+    assert set(points) == {"random", "importance-top"}
+    for q in points.values():
+        assert q["examples"] == 48 and q["steps"] == 2  # half of the 96-example pool, batch 32
+        assert all(0 <= q[k] <= 1 for k in ("id", "ood", "validation", "rt_share"))
+    top = points["importance-top"]
+    assert top["rt_share"] > points["random"]["rt_share"] and top["selection_seconds"] > 0
+    assert top["info"]["target_coverage"] > 0 and top["info"]["effective_examples"] >= 1
+    assert r["summary"]["random"]["id"]["mean"] == points["random"]["id"]
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    again = tmp_path / "again.json"  # read back from the cache, nothing run; what is missing listed
+    p = _run("domain_select.py", "--rows", "random,importance-top,pool", "--out", str(again),
+             "--cache", str(tmp_path / "points"), "--cached-only")  # fmt: skip
+    assert p.returncode == 0 and "2 points, 1 missing" in p.stdout, p.stderr[-3000:]
+    r2 = json.loads(again.read_text())
+    assert r2["points"] == r["points"] and r2["setup"]["missing"] == [{"row": "pool", "seed": 0}]

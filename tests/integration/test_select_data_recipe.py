@@ -161,7 +161,8 @@ def test_yaml_config_and_bad_configs(world, tmp_path):
         ({"method": "loss", "options": {"keep": "middle"}}, "options.keep must be one of high, low"),
         ({"method": "loss", "options": {"nope": 1}}, r"unknown option\(s\) nope"),
         ({"method": "gradient"}, "needs validation"),
-        ({"validation": world["cls"]}, "validation is used only by method gradient"),
+        ({"method": "importance"}, "needs validation"),
+        ({"validation": world["cls"]}, "validation is used only by methods gradient, importance"),
         ({"plan": "p"}, "plan is used only by method gradient"),
         ({"fraction": None}, "fraction and count are both unset"),
         ({"count": 21}, "count 21 exceeds the 20 examples"),
@@ -292,3 +293,34 @@ def test_stratified_selection_from_the_config_and_the_training_section(world, tm
         selected_batches(
             section, llama, ltok, dataclasses.replace(DATA, path=world["ins"]), "causal_lm", show=False
         )
+
+
+def test_importance_needs_only_the_tokenizer_and_prefers_the_validation_domain(world, tmp_path):
+    import shutil
+
+    tokens_only = tmp_path / "bert-tokens-only"  # the model directory without its weights
+    shutil.copytree(world["bert"], tokens_only)
+    for f in tokens_only.glob("*.safetensors"):
+        f.unlink()
+    pool = tmp_path / "pool.csv"  # half film sentences, half cooking ones; validation: film only
+    film = ["the film was a great movie", "a dull film with a bad plot", "the actors in this movie shine"]
+    food = ["add salt to the soup and stir", "bake the bread for an hour", "chop the onions and fry them"]
+    rows = [(t + f" {i}", i % 2) for i in range(8) for t in film + food]
+    pool.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    val = tmp_path / "val.csv"
+    val.write_text("text,label\n" + "".join(f"{t} again,{i % 2}\n" for i, t in enumerate(film * 2)))
+    cfg = SelectDataConfig(
+        out=str(tmp_path / "sel"),
+        model=ModelConfig(path=str(tokens_only)),
+        data=dataclasses.replace(DATA, path=str(pool)),
+        method="importance",
+        options={"sample": False},
+        validation=str(val),
+        fraction=0.5,
+    )
+    sel, text = _run(cfg)
+    assert "wrote selection" in text and sel.meta["validation_examples"] == 6
+    kept = [rows[i][0] for i in sel.indices.tolist()]
+    assert all(any(k.startswith(f) for f in film) for k in kept)  # every kept row is a film one
+    with pytest.raises(SurgicalError, match="cannot load a model"):  # a criterion with a model needs it
+        _run(dataclasses.replace(cfg, out=str(tmp_path / "sel2"), method="loss", options={}, validation=None))

@@ -27,7 +27,7 @@ from surgical.core.io import atomic_dir, check_sha256, read_tensor_dir, sha256_f
 from surgical.core.registry import check_range
 from surgical.core.runtime import peak_rss_bytes, reset_peak_rss
 from surgical.core.version import __version__
-from surgical.data import dedup, diversity, gradient, loss_score, trajectory  # noqa: F401  (register)
+from surgical.data import dedup, diversity, gradient, importance, loss_score, trajectory  # noqa: F401  (register)
 from surgical.data.criteria import DATA_CRITERIA, DataContext, class_quotas, picks, stratifies, stratifying
 from surgical.data.examples import Example, as_examples, budget_of, data_hash, is_token_labelled
 from surgical.data.losses import LogitsFn
@@ -224,18 +224,19 @@ def select_data(
     """Chooses the examples worth training on.
 
     Args:
-        model: The model that scores the examples (left unchanged); None for ``random`` and
-            ``dedup``, which need none.
+        model: The model that scores the examples (left unchanged); None for ``random``,
+            ``dedup`` and ``importance``, which need none.
         examples: A ``datasets.Dataset`` with ``input_ids`` and ``labels`` columns, or a list of
             per-example dicts with ``input_ids`` and ``labels`` (a class id, or one label per token
             with -100 where no loss is taken) and optionally ``attention_mask``
             (:func:`surgical.data.split_batches` turns padded batches into such a list).
         method: A data criterion (``DATA_CRITERIA.names()``): random, loss, learnability,
-            trajectory, diversity, dedup, gradient.
+            trajectory, diversity, dedup, gradient, importance.
         fraction: Share of the examples to keep, in (0, 1] (rounded half up, at least one).
         count: Number of examples to keep instead.
         seed: Seed of every random choice; the same seed gives the same selection.
-        validation: Examples of the target task, in the same forms (``gradient`` needs them).
+        validation: Examples of the target task, in the same forms (``gradient`` and
+            ``importance`` need them).
         params: ``gradient`` only: the parameters the features are restricted to, a
             :class:`surgical.Plan` or its ``entries`` dict (name -> flat indices, None: whole tensor).
         reference: ``learnability`` only: a tuned reference model or ``(batch) -> logits``

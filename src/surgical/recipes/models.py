@@ -75,10 +75,29 @@ def load_model(
             )
         else:
             model = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # a truncated weights file
         raise SurgicalError(
             f"cannot load a model from {str(path)!r}: {_first_line(e)}", f"Check {label}"
+        ) from None
+    tokenizer = load_tokenizer(path, label)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if gradient_checkpointing:
+        # non-reentrant: gradients must reach trained values even when the block's input is frozen
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.eval(), tokenizer
+
+
+def load_tokenizer(path: str | Path, label: str = "model path"):
+    """The model directory's tokenizer, offline; one without a pad token pads with its
+    end-of-sequence token. Unloadable or without a vocabulary: a SurgicalError naming ``label``."""
+    quiet_transformers()
+    path = check_model_dir(path, label)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SurgicalError(
+            f"cannot load a tokenizer from {str(path)!r}: {_first_line(e)}", f"Check {label}"
         ) from None
     if len(tokenizer) <= len(tokenizer.all_special_tokens) + 1:  # no vocabulary: every word is [UNK]
         raise SurgicalError(
@@ -87,12 +106,7 @@ def load_model(
         )
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    if gradient_checkpointing:
-        # non-reentrant: gradients must reach trained values even when the block's input is frozen
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.eval(), tokenizer
+    return tokenizer
 
 
 def _first_line(e: Exception) -> str:

@@ -40,7 +40,7 @@ from surgical.data.trajectory import rising_shares
 from surgical.delta.delta import CONFIG_FILE
 from surgical.recipes.config import DataConfig, ModelConfig, _f
 from surgical.recipes.data import make_batches
-from surgical.recipes.models import check_model_dir, detect_task, load_model
+from surgical.recipes.models import check_model_dir, detect_task, load_model, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,8 @@ class SelectDataConfig:
         metadata={"help": "The criterion's own options (`surgical list data-criteria`)."},
     )
     validation: str | None = _f(
-        None, "gradient: validation data of the target task, read with the data section's settings."
+        None,
+        "gradient, importance: validation data of the target task, read with the data section's settings.",
     )
     plan: str | None = _f(
         None, "gradient: a saved plan whose support the gradient features are restricted to."
@@ -125,8 +126,9 @@ def check_section(
     if extra.get("needs_validation") and not validation:
         raise SurgicalError(f"data criterion {method!r} needs {prefix}validation", "Pass validation data")
     if validation and not extra.get("needs_validation"):
+        users = [n for n in DATA_CRITERIA.names() if DATA_CRITERIA.entry(n).extra.get("needs_validation")]
         raise SurgicalError(
-            f"{prefix}validation is used only by method gradient", f"Remove {prefix}validation"
+            f"{prefix}validation is used only by methods {', '.join(users)}", f"Remove {prefix}validation"
         )
     if plan and method != "gradient":
         raise SurgicalError(f"{prefix}plan is used only by method gradient", f"Remove {prefix}plan")
@@ -162,9 +164,12 @@ def run_select_data(
 
         params = Plan.load(cfg.plan)
     task = detect_task(cfg.model.path) if cfg.model.task == "auto" else cfg.model.task
-    model, tok = load_model(
-        cfg.model.path, task, num_labels=cfg.model.num_labels, seed=cfg.seed, label="model.path"
-    )
+    if DATA_CRITERIA.entry(cfg.method).extra.get("needs_model"):
+        model, tok = load_model(
+            cfg.model.path, task, num_labels=cfg.model.num_labels, seed=cfg.seed, label="model.path"
+        )
+    else:  # random, dedup, importance read tokens only: the weights are not loaded at all
+        model, tok = None, load_tokenizer(cfg.model.path, "model.path")
     examples = build_examples(cfg.data, task, tok, num_labels=cfg.model.num_labels)
     validation = None
     if cfg.validation:
@@ -200,6 +205,19 @@ def print_summary(sel: DataSelection, examples: list, tokenizer, console: Consol
     if "kept" in m:
         bits.append(f"{m['kept']:,} survive deduplication")
     console.print(f"cost: {', '.join(bits)}")
+    if "effective_examples" in m:
+        q, ess = m["log_weights"], m["effective_examples"]
+        console.print(
+            f"log importance weights: median {q['median']:.4g} (10-90%: {q['p10']:.4g} to {q['p90']:.4g}); "
+            f"target n-grams found in the pool: {100 * m['target_coverage']:.0f}%; "
+            f"effective examples: {ess:,.1f}"
+        )
+        if ess < sel.meta["budget"] / 2:
+            console.print(
+                f"[yellow]note:[/] the weights concentrate on about {ess:,.0f} examples, fewer than half "
+                f"the {sel.meta['budget']:,} kept: the rest look no more like the target than the pool "
+                "does (keep fewer, or give a pool with more such examples)"
+            )
     if "cluster_sizes" in m:
         sizes = zip(m["kept_by_cluster"], m["cluster_sizes"], strict=True)
         pairs = ", ".join(f"{k:,}/{n:,}" for k, n in sizes)
@@ -239,7 +257,7 @@ class DataSelectionConfig:
     fraction: float | None = _f(0.3, "Share of the examples to train on.", low=0, high=1, low_open=True)
     count: int | None = _f(None, "Number of examples instead of a fraction.", low=1)
     options: dict[str, Any] = field(default_factory=dict, metadata={"help": "The criterion's own options."})
-    validation: str | None = _f(None, "gradient: validation data of the target task.")
+    validation: str | None = _f(None, "gradient, importance: validation data of the target task.")
     manifest: str | None = _f(
         None, "A saved selection (surgical select-data) to train on instead of selecting."
     )

@@ -29,7 +29,7 @@ def _quick(method: str) -> dict:
 
 
 def _select(model, examples, method, **kw):
-    extra = {"validation": CLS[:4]} if method == "gradient" else {}
+    extra = {"validation": CLS[:4]} if DATA_CRITERIA.entry(method).extra.get("needs_validation") else {}
     return select_data(model, examples, method=method, progress=False, **extra, **_quick(method), **kw)
 
 
@@ -660,7 +660,7 @@ def _labels(data) -> list[int]:
     return [int(torch.as_tensor(e["labels"]).reshape(-1)[0]) for e in data]
 
 
-@pytest.mark.parametrize("method", ["loss", "gradient", "random"])
+@pytest.mark.parametrize("method", ["loss", "gradient", "random", "importance"])
 def test_stratify_keeps_the_class_shares_and_the_best_of_each_class(method):
     model = tiny_bert()
     labels = _labels(CLS)
