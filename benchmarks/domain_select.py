@@ -94,7 +94,7 @@ def run_point(row: str, seed: int, quick: bool) -> dict:
         kept = sel.indices.tolist()
         out["selection_seconds"] = sel.meta["seconds"]
         out["info"] = {
-            k: sel.meta[k] for k in ("log_weights", "target_coverage", "effective_examples") if k in sel.meta
+            k: sel.meta[k] for k in ("log_weights", "target_coverage", "kl_to_target") if k in sel.meta
         }
     out["examples"] = len(kept)
     out["rt_share"] = sum(is_rt[i] for i in kept) / len(kept)

@@ -320,6 +320,8 @@ def test_importance_needs_only_the_tokenizer_and_prefers_the_validation_domain(w
     )
     sel, text = _run(cfg)
     assert "wrote selection" in text and sel.meta["validation_examples"] == 6
+    kl = sel.meta["kl_to_target"]
+    assert f"n-gram KL to the target: pool {kl['pool']:.3f}, kept {kl['kept']:.3f} nats" in text
     kept = [rows[i][0] for i in sel.indices.tolist()]
     assert all(any(k.startswith(f) for f in film) for k in kept)  # every kept row is a film one
     with pytest.raises(SurgicalError, match="cannot load a model"):  # a criterion with a model needs it

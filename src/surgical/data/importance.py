@@ -17,9 +17,10 @@ the log weight plus Gumbel noise, seeded); without it the largest weights are ke
 selection's ``scores`` are the ranking keys (with the noise when sampling); ``meta`` records the
 log weights' quantiles, the share of the target's n-grams whose bucket occurs in the pool at all
 (``target_coverage``: low means the pool holds little that looks like the target; with many
-more pool n-grams than buckets, collisions push it towards 1) and the weights' effective sample
-size (``effective_examples``, ``(sum w)^2 / sum w^2``: about how many examples carry the weight;
-a budget well above it fills up with examples that look no more like the target than the rest).
+more pool n-grams than buckets, collisions push it towards 1) and, as DSIR's paper measures a
+selection, the KL divergence from the target's n-gram distribution to the pool's and to the
+kept set's (``kl_to_target``, nats, both smoothed alike: the drop is how much more the kept set
+looks like the target; not recorded when ``stratify`` changes which examples are kept).
 
 The hash is fixed (a universal hash of the token ids modulo a Mersenne prime, not Python's
 salted ``hash``), so the same data, options and seed give the same selection in every process.
@@ -108,13 +109,21 @@ def importance_scores(ctx: DataContext) -> torch.Tensor:
     if o["normalize"]:  # per n-gram, times the mean count: the sampling's temperature stays the same
         weights = weights / sizes.clamp(min=1) * sizes.double().mean()
     covered = float(target_counts[pool_counts > 0].sum() / target_counts.sum())
-    w = (weights - weights.max()).exp()
-    ctx.info.update(
-        log_weights=_quantiles(weights),
-        target_coverage=round(covered, 4),
-        effective_examples=round(float(w.sum() ** 2 / (w * w).sum()), 2),
-    )
-    if not o["sample"]:
-        return weights.float()
-    u = torch.rand(len(pool), generator=ctx.generator(), dtype=torch.float64).clamp_(1e-12, 1 - 1e-12)
-    return (weights - torch.log(-torch.log(u))).float()
+    ctx.info.update(log_weights=_quantiles(weights), target_coverage=round(covered, 4))
+    scores = weights.float()
+    if o["sample"]:
+        u = torch.rand(len(pool), generator=ctx.generator(), dtype=torch.float64).clamp_(1e-12, 1 - 1e-12)
+        scores = (weights - torch.log(-torch.log(u))).float()
+    if ctx.class_labels is None:  # the kept set is the top budget (stratified, it differs by class)
+        kept = torch.sort(scores.double(), descending=True, stable=True).indices[: ctx.budget]
+        kept_log, _ = _log_probs([pool[i] for i in kept.tolist()], buckets, o["smoothing"])
+        ctx.info["kl_to_target"] = {
+            "pool": round(_kl(target_log, pool_log), 4),
+            "kept": round(_kl(target_log, kept_log), 4),
+        }
+    return scores
+
+
+def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
+    """KL(p || q) in nats between two smoothed bucket distributions given as log probabilities."""
+    return float((p_log.exp() * (p_log - q_log)).sum())

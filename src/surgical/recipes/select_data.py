@@ -205,18 +205,17 @@ def print_summary(sel: DataSelection, examples: list, tokenizer, console: Consol
     if "kept" in m:
         bits.append(f"{m['kept']:,} survive deduplication")
     console.print(f"cost: {', '.join(bits)}")
-    if "effective_examples" in m:
-        q, ess = m["log_weights"], m["effective_examples"]
+    if "log_weights" in m:
+        q, kl = m["log_weights"], m.get("kl_to_target")
         console.print(
             f"log importance weights: median {q['median']:.4g} (10-90%: {q['p10']:.4g} to {q['p90']:.4g}); "
-            f"target n-grams found in the pool: {100 * m['target_coverage']:.0f}%; "
-            f"effective examples: {ess:,.1f}"
+            f"target n-grams found in the pool: {100 * m['target_coverage']:.0f}%"
+            + (f"; n-gram KL to the target: pool {kl['pool']:.3f}, kept {kl['kept']:.3f} nats" if kl else "")
         )
-        if ess < sel.meta["budget"] / 2:
+        if kl and kl["kept"] >= kl["pool"]:
             console.print(
-                f"[yellow]note:[/] the weights concentrate on about {ess:,.0f} examples, fewer than half "
-                f"the {sel.meta['budget']:,} kept: the rest look no more like the target than the pool "
-                "does (keep fewer, or give a pool with more such examples)"
+                "[yellow]note:[/] the kept examples look no more like the target than the whole pool "
+                "(its n-grams are not in the pool, or the budget keeps nearly all of it)"
             )
     if "cluster_sizes" in m:
         sizes = zip(m["kept_by_cluster"], m["cluster_sizes"], strict=True)

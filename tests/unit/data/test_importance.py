@@ -118,9 +118,22 @@ def test_coverage_reports_target_ngrams_the_pool_lacks_and_stratify_keeps_class_
     assert sel.meta["target_coverage"] < 0.05
     sel = select_data(None, POOL, method="importance", count=4, validation=TARGET, sample=False,
                       progress=False)  # fmt: skip
-    w = (sel.scores.double() - sel.scores.double().max()).exp()
-    assert sel.meta["effective_examples"] == pytest.approx(float(w.sum() ** 2 / (w * w).sum()), abs=0.01)
-    assert 1 <= sel.meta["effective_examples"] <= 20  # the weight sits on domain A
+    kl = sel.meta["kl_to_target"]
+    assert kl["kept"] < kl["pool"]  # four domain-A examples are closer to the target than the mix
+
+    def smoothed_log(data):  # the bucket distribution of ``data``, smoothed as the criterion does
+        c = torch.zeros(10_000, dtype=torch.float64)
+        for ex in data:
+            for b in _naive_buckets(ex["input_ids"].tolist(), 2, 10_000):
+                c[b] += 1
+        return ((c + 1) / (c.sum() + 10_000)).log()
+
+    t, kept = smoothed_log(TARGET), smoothed_log([POOL[i] for i in sel.indices.tolist()])
+    assert kl["kept"] == pytest.approx(float((t.exp() * (t - kept)).sum()), abs=1e-4)
+    assert kl["pool"] == pytest.approx(float((t.exp() * (t - smoothed_log(POOL))).sum()), abs=1e-4)
+    stratified = select_data(None, POOL, method="importance", count=4, validation=TARGET, stratify=True,
+                             progress=False)  # fmt: skip
+    assert "kl_to_target" not in stratified.meta  # stratify changes the kept set after scoring
     both = _domain(10, 20, 0, label_of=lambda i: int(i < 4)) + _domain(60, 20, 1, label_of=lambda i: 0)
     sel = select_data(None, both, method="importance", count=10, validation=TARGET, stratify=True,
                       sample=False, progress=False)  # fmt: skip
