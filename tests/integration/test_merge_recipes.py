@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 
 import surgical as sg
@@ -305,3 +306,44 @@ def test_merging_deltas_of_different_bases_is_refused_from_the_headers(world, tm
     code, _, err = run_main(monkeypatch, capsys, "merge", "--delta", str(world["delta0"]), "--delta",
                             str(tmp_path / "other"), "--out", str(tmp_path / "o"))  # fmt: skip
     assert code == 2 and "another base model" in err
+
+
+def test_merge_yaml_rules_override_weights_and_options_per_tensor(world, tmp_path, monkeypatch, capsys):
+    rules = [
+        {"match": "layer.0.*", "weights": [1.0, 0.0]},  # layer 0: delta0's change alone
+        {"match": "re:layer\\.1\\.", "options": {"density": 0.1}},
+    ]
+    cfg = {
+        "method": "ties",
+        "options": {"density": 0.5},
+        "inputs": [{"delta": str(world["delta0"])}, {"delta": str(world["delta1"]), "weight": 2.0}],
+        "rules": rules,
+        "out": str(tmp_path / "merged"),
+    }
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(cfg))
+    code, out, err = run_main(monkeypatch, capsys, "merge", str(tmp_path / "m.yaml"))
+    assert code == 0, err
+    merged = sg.Delta.load(tmp_path / "merged")
+    inputs = [sg.Delta.load(world["delta0"]), sg.Delta.load(world["delta1"])]
+    assert merged.digest() == sg.merge(inputs, "ties", weights=[1, 2], rules=rules, density=0.5).digest()
+    layer0 = merged.meta["merge"]["rules"][0]["tensors"]
+    assert layer0 and all(".layer.0." in n for n in layer0)
+    alone = sg.merge(inputs, "ties", weights=[1, 0], density=0.5).to_dense().dense
+    dense = merged.to_dense().dense
+    assert any(name in dense for name in layer0)
+    for name in layer0:  # the same change, or none in both (a tensor only delta1 changed)
+        assert (name in dense) == (name in alone) and (
+            name not in dense or torch.equal(dense[name], alone[name])
+        )
+    assert yaml.safe_load((tmp_path / "merged" / "merge_config.yaml").read_text())["rules"] == rules
+    # a rule that matches no tensor is refused from the delta headers, before any weight is read
+    cfg["rules"] = [{"match": "decoder.*", "weights": [1, 1]}]
+    cfg["out"] = str(tmp_path / "merged2")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    code, _, err = run_main(monkeypatch, capsys, "merge", str(tmp_path / "bad.yaml"))
+    assert code == 2 and "rules[0].match ['decoder.*'] matches no tensor" in " ".join(err.split())
+    assert not (tmp_path / "merged2").exists()
+    cfg["rules"] = [{"match": "layer.0.*", "weights": [1]}]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    code, _, err = run_main(monkeypatch, capsys, "merge", str(tmp_path / "bad.yaml"))
+    assert code == 2 and "2 inputs but 1 rules[0].weights" in " ".join(err.split())

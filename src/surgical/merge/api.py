@@ -11,12 +11,14 @@ soup of the heads), and ``wise_ft`` keeps them as they are.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from surgical.core.errors import SurgicalError
+from surgical.core.patterns import as_patterns, matches
 from surgical.delta.base import base_checks
 from surgical.delta.delta import Delta
 from surgical.merge.registry import MERGE_METHODS
@@ -49,24 +51,118 @@ def check_compatible(deltas: Sequence[Delta], labels: Sequence[str] | None = Non
             seen.setdefault(key, (fp, label))
 
 
+RULE_KEYS = ("match", "weights", "options")
+
+
+def check_weights(weights: Any, n: int, where: str) -> list[float]:
+    """``weights`` as ``n`` finite floats, or a SurgicalError naming ``where``."""
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        raise SurgicalError(
+            f"{where} must be a list of {n} numbers, got {weights!r}", "Pass one weight per input"
+        )
+    if len(weights) != n:
+        raise SurgicalError(f"{n} inputs but {len(weights)} {where}", "Pass one weight per input")
+    out = []
+    for x in weights:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+            raise SurgicalError(f"{where} must be finite numbers, got {x!r}", "Fix the weight")
+        out.append(float(x))
+    return out
+
+
+def check_rules(rules: Any, method: str, n: int, options: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-tensor rules checked and completed: each ``{"match": [patterns], "weights": [n floats] or
+    None, "options": the method's options with the rule's overrides}``; a SurgicalError names the
+    first problem (``rules[i]...``)."""
+    if rules is None:
+        return []
+    if isinstance(rules, Mapping) or not isinstance(rules, Sequence):
+        raise SurgicalError("rules must be a list of {match, weights, options}", "Write rules as a list")
+    out = []
+    for i, rule in enumerate(rules):
+        where = f"rules[{i}]"
+        if not isinstance(rule, Mapping):
+            raise SurgicalError(f"{where} must be a mapping with match, weights, options", "Fix the rule")
+        unknown = sorted(set(rule) - set(RULE_KEYS))
+        if unknown or "match" not in rule:
+            raise SurgicalError(
+                f"{where} has {'unknown keys ' + ', '.join(map(str, unknown)) if unknown else 'no match'}",
+                "A rule has match (patterns) and weights and/or options",
+            )
+        patterns = as_patterns(rule["match"]) if isinstance(rule["match"], (str, list, tuple)) else []
+        if not patterns:
+            raise SurgicalError(f"{where}.match must name tensor patterns", "e.g. match: '*.attention.*'")
+        if "weights" not in rule and "options" not in rule:
+            raise SurgicalError(f"{where} changes nothing", "Give it weights, options or both")
+        w = check_weights(rule["weights"], n, f"{where}.weights") if "weights" in rule else None
+        given = rule.get("options") or {}
+        if not isinstance(given, Mapping):
+            raise SurgicalError(f"{where}.options must be a mapping", "e.g. options: {density: 0.5}")
+        opts = MERGE_METHODS.resolve(method, {**options, **given}, f"{where}.options.")
+        out.append({"match": patterns, "weights": w, "options": opts})
+    return out
+
+
+def rule_for(name: str, rules: list[dict[str, Any]]) -> int | None:
+    """The index of the first rule whose patterns match ``name``, or None."""
+    return next((i for i, r in enumerate(rules) if any(matches(name, p) for p in r["match"])), None)
+
+
+def assign_rules(
+    names: list[str], rules: list[dict[str, Any]]
+) -> tuple[dict[str, int | None], list[list[str]]]:
+    """Each tensor name's rule (the first that matches, or None) and each rule's tensors; a rule
+    that takes no tensor (it matches none, or only tensors an earlier rule takes) is an error."""
+    chosen = {name: rule_for(name, rules) for name in names}
+    hits = [[n for n in names if chosen[n] == i] for i in range(len(rules))]
+    for i, r in enumerate(rules):
+        if not hits[i]:
+            shadowed = any(matches(n, p) for n in names for p in r["match"])
+            raise SurgicalError(
+                f"rules[{i}].match {r['match']} matches "
+                + (
+                    "only tensors an earlier rule takes (the first match wins)"
+                    if shadowed
+                    else "no tensor of the inputs"
+                ),
+                "Reorder the rules"
+                if shadowed
+                else f"Use a glob over tensor names such as {names[0]!r} (or 're:REGEX')",
+            )
+    return chosen, hits
+
+
 def merge(
-    deltas: Sequence[Delta], method: str = "linear", weights: Sequence[float] | None = None, **options: Any
+    deltas: Sequence[Delta],
+    method: str = "linear",
+    weights: Sequence[float] | None = None,
+    *,
+    rules: Sequence[Mapping[str, Any]] | None = None,
+    **options: Any,
 ) -> Delta:
     """Merges deltas made on one base into one delta.
 
     Args:
         deltas: The inputs (at least one; some methods need two).
         method: A registered merge method (``surgical list merge-methods``): linear,
-            task_arithmetic, ties, dare, breadcrumbs, della, model_stock, wise_ft.
+            task_arithmetic, ties, dare, breadcrumbs, della, model_stock, wise_ft, fisher.
         weights: One weight per delta (default 1 each).
+        rules: Per-tensor overrides (mergekit's filters), first match wins: each a mapping with
+            ``match`` (a pattern or list of patterns over tensor names: globs, or ``re:REGEX``)
+            and ``weights`` (one per delta) and/or ``options`` (the method's, over ``**options``).
+            Tensors no rule matches use ``weights`` and ``**options``. Every rule must match a
+            tensor of the inputs.
         **options: The method's declared options (e.g. ``density``, ``seed``, ``alpha``).
 
     Returns:
-        A new Delta; merging one delta with ``linear`` returns its changes unchanged.
+        A new Delta; merging one delta with ``linear`` returns its changes unchanged. Its
+        ``meta["merge"]`` records the method, weights, options and rules (with the tensors each
+        matched).
 
     Raises:
-        SurgicalError: unknown method or option, wrong number of weights or inputs, deltas of
-            different bases or shapes, or a tensor replaced by one delta and added by another.
+        SurgicalError: unknown method or option, wrong number of weights or inputs, a bad rule or
+            one that matches no tensor, deltas of different bases or shapes, or a tensor
+            replaced by one delta and added by another.
     """
     entry = MERGE_METHODS.entry(method)
     opts = MERGE_METHODS.resolve(method, options)
@@ -77,20 +173,24 @@ def merge(
     if len(deltas) < lo or (hi is not None and len(deltas) > hi):
         need = f"exactly {hi}" if hi == lo or (hi is not None and lo == 1 and hi == 1) else f"at least {lo}"
         raise SurgicalError(f"{method} merges {need} delta(s), got {len(deltas)}", "Pass that many deltas")
-    w = [1.0] * len(deltas) if weights is None else [float(x) for x in weights]
-    if len(w) != len(deltas):
-        raise SurgicalError(f"{len(deltas)} deltas but {len(w)} weights", "Pass one weight per delta")
+    w = [1.0] * len(deltas) if weights is None else check_weights(weights, len(deltas), "weights")
+    checked = check_rules(rules, method, len(deltas), options)
     check_compatible(deltas)
-    fn = entry.obj
-    wt = torch.tensor(w, dtype=torch.float32)
-    out = Delta(meta=_merge_meta(deltas, method, w, opts))
     names = list(dict.fromkeys(n for d in deltas for n in d.names()))
+    chosen, hits = assign_rules(names, checked)
+    fn = entry.obj
+    out = Delta(meta=_merge_meta(deltas, method, w, opts))
+    if checked:
+        out.meta["merge"]["rules"] = [{**r, "tensors": h} for r, h in zip(checked, hits, strict=True)]
     for name in names:
+        rule = checked[chosen[name]] if chosen[name] is not None else None
+        w_n = rule["weights"] if rule and rule["weights"] is not None else w
+        opts_n = rule["options"] if rule else opts
         replaced = [i for i, d in enumerate(deltas) if name in d.full]
         if replaced:
-            _merge_full(deltas, name, replaced, w, out, keep=entry.extra.get("keeps_full", False))
+            _merge_full(deltas, name, replaced, w_n, out, keep=entry.extra.get("keeps_full", False))
             continue
-        t = stack(deltas, name, wt, opts)
+        t = stack(deltas, name, torch.tensor(w_n, dtype=torch.float32), opts_n)
         if entry.extra.get("needs_scores"):
             _attach_importance(t, deltas, name)
         unstack(t, fn(t).float(), out)

@@ -8,6 +8,10 @@
       - model: checkpoints/imdb-ft     # a fine-tuned HF checkpoint (its change from `base`)
         weight: 0.5
       - lora: adapters/yelp            # a PEFT LoRA adapter
+    rules:                             # optional per-tensor overrides, first match wins
+      - match: "*.attention.*"
+        weights: [1.0, 0.2, 1.0]
+        options: {density: 0.5}
     base: models/minilm                # needed for model and lora inputs, and for a model output
     out: merged
     output_format: delta               # or: model
@@ -37,6 +41,7 @@ from surgical.core.marks import forget_applied
 from surgical.delta import Delta, apply
 from surgical.delta.delta import CONFIG_FILE
 from surgical.merge import MERGE_METHODS, check_compatible, interference, merge
+from surgical.merge.api import assign_rules, check_rules
 from surgical.recipes.config import _f
 from surgical.recipes.models import load_base, save_model_dir
 
@@ -53,6 +58,11 @@ class MergeConfig:
     )
     inputs: tuple[dict[str, Any], ...] = _f(
         (), "Inputs, each {delta: DIR | model: DIR | lora: DIR, weight: W (default 1)}."
+    )
+    rules: tuple[dict[str, Any], ...] = _f(
+        (),
+        "Per-tensor overrides, first match wins: each {match: PATTERNS, weights: [one per input], "
+        "options: {...}}.",
     )
     base: str | None = _f(None, "Base model directory (for model and lora inputs, and a model output).")
     out: str = _f("surgical-merged", "Output directory.")
@@ -86,6 +96,7 @@ class MergeConfig:
                 raise SurgicalError(f"input {i} ({kinds[0]}) {str(path)!r} does not exist", "Fix the path")
             if kinds[0] != "delta" and not self.base:
                 raise SurgicalError(f"input {i} is a {kinds[0]}, which needs the base model", "Set base: DIR")
+        check_rules(list(self.rules), self.method, len(self.inputs), self.options)
         if self.output_format == "model" and not self.base:
             raise SurgicalError("a model output needs the base model", "Set base: DIR")
         entry = MERGE_METHODS.entry(self.method)
@@ -121,6 +132,9 @@ def load_inputs(cfg: MergeConfig) -> tuple[list[Delta], list[str]]:
     labels = [f"input {i} ({_kind(item)[1]})" for i, item in enumerate(cfg.inputs, 1)]
     headers = [read_header(_kind(item)[1]) for item in cfg.inputs if _kind(item)[0] == "delta"]
     check_compatible(headers, [lab for lab, item in zip(labels, cfg.inputs, strict=True) if "delta" in item])
+    if cfg.rules and len(headers) == len(cfg.inputs):  # every tensor name is known before loading
+        names = list(dict.fromkeys(n for h in headers for n in h.shapes))
+        assign_rules(names, check_rules(list(cfg.rules), cfg.method, len(cfg.inputs), cfg.options))
     base = None
     deltas = []
     for item in cfg.inputs:
@@ -155,7 +169,7 @@ def run_merge(cfg: MergeConfig, console: Console | None = None, check_only: bool
         print_interference(rows, console)
         return None
     weights = [float(item.get("weight", 1.0)) for item in cfg.inputs]
-    merged = merge(deltas, cfg.method, weights=weights, **cfg.options)
+    merged = merge(deltas, cfg.method, weights=weights, rules=list(cfg.rules) or None, **cfg.options)
     merged.meta["merge"]["config"] = cfg.to_dict()
     out = Path(cfg.out)
     if cfg.output_format == "delta":

@@ -173,7 +173,7 @@ def test_bad_input_is_refused():
         merge([A], "soup")
     with pytest.raises(SurgicalError, match=r"unknown option\(s\) alpha for merge method 'ties'"):
         merge([A, B], "ties", alpha=0.5)
-    with pytest.raises(SurgicalError, match="2 deltas but 1 weights"):
+    with pytest.raises(SurgicalError, match="2 inputs but 1 weights"):
         merge([A, B], "linear", weights=[1.0])
     with pytest.raises(SurgicalError, match="another base model"):
         merge([A, entries([1], [1.0], fp="def")], "linear")
@@ -200,3 +200,62 @@ def test_interference_reports_overlap_signs_and_cosine():
     assert r["sign_conflict"] == pytest.approx(1 / 2)  # at 3: -2 vs +1
     a, b = dense_of(A).reshape(-1).double(), dense_of(B).reshape(-1).double()
     assert r["cosine"] == pytest.approx(float(a @ b / (a.norm() * b.norm())))
+
+
+Q, V = "layer.0.attention.query.weight", "layer.1.output.dense.weight"
+
+
+def two_tensor(idx_q, vals_q, idx_v, vals_v) -> sg.Delta:
+    d = entries(idx_q, vals_q, name=Q)
+    e = entries(idx_v, vals_v, name=V)
+    d.entries[V], d.shapes[V] = e.entries[V], SHAPE
+    return d
+
+
+def test_rules_set_weights_and_options_per_tensor_first_match_wins():
+    a = two_tensor([0, 3], [1.0, -2.0], [1, 2], [4.0, 1.0])
+    b = two_tensor([3, 5], [2.0, 6.0], [2, 9], [-3.0, 0.5])
+    rules = [
+        {"match": "attention", "weights": [1, 3]},  # the query tensor: B weighs three times A
+        {"match": ["query", "output"], "options": {"density": 0.05}},  # only V reaches this one
+    ]
+    out = merge([a, b], "ties", weights=[1, 1], rules=rules, density=1.0)
+    want_q = merge([a, b], "ties", weights=[1, 3], density=1.0)
+    want_v = merge([a, b], "ties", weights=[1, 1], density=0.05)
+    assert torch.equal(dense_of(out, Q), dense_of(want_q, Q))
+    assert torch.equal(dense_of(out, V), dense_of(want_v, V))
+    assert not torch.equal(dense_of(out, V), dense_of(merge([a, b], "ties", density=1.0), V))
+    recorded = out.meta["merge"]["rules"]
+    assert [r["tensors"] for r in recorded] == [[Q], [V]]
+    assert recorded[0]["weights"] == [1.0, 3.0] and recorded[1]["options"]["density"] == 0.05
+    assert recorded[0]["options"]["density"] == 1.0  # the call's options, completed
+    # a rule's weights also weigh replaced tensors (heads): their weighted mean
+    h1, h2 = two_tensor([0], [1.0], [1], [1.0]), two_tensor([0], [1.0], [1], [1.0])
+    h1.full["head"], h1.shapes["head"] = torch.ones(2), (2,)
+    h2.full["head"], h2.shapes["head"] = torch.zeros(2), (2,)
+    mixed = merge([h1, h2], "linear", rules=[{"match": "head", "weights": [1, 3]}])
+    assert torch.equal(mixed.full["head"], torch.full((2,), 0.25))
+
+
+@pytest.mark.parametrize(
+    "rules, message",
+    [
+        ({"match": "q"}, "rules must be a list"),
+        ([["q"]], r"rules\[0\] must be a mapping"),
+        ([{"weights": [1, 1]}], r"rules\[0\] has no match"),
+        ([{"match": "q", "weight": 1}], r"rules\[0\] has unknown keys weight"),
+        ([{"match": "", "weights": [1, 1]}], r"rules\[0\].match must name tensor patterns"),
+        ([{"match": "q"}], r"rules\[0\] changes nothing"),
+        ([{"match": "q", "weights": [1]}], r"2 inputs but 1 rules\[0\].weights"),
+        ([{"match": "q", "weights": [1, float("nan")]}], r"rules\[0\].weights must be finite"),
+        ([{"match": "q", "options": {"density": 2}}], r"rules\[0\].options.density must be in"),
+        ([{"match": "q", "options": {"nope": 1}}], r"unknown option\(s\) nope"),
+        ([{"match": "nothing.here", "weights": [1, 1]}], r"matches no tensor of the inputs"),
+        ([{"match": "layer", "weights": [1, 1]}, {"match": "query", "weights": [2, 1]}], "Reorder the rules"),
+    ],
+)
+def test_bad_rules_are_one_line_errors(rules, message):
+    a = two_tensor([0], [1.0], [1], [1.0])
+    with pytest.raises(SurgicalError, match=message) as e:
+        merge([a, a], "ties", rules=rules)
+    assert "\n" not in str(e.value)
