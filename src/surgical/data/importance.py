@@ -34,6 +34,7 @@ import torch
 
 from surgical.core.errors import SurgicalError
 from surgical.core.registry import Option
+from surgical.core.runtime import progress
 from surgical.data.criteria import DATA_CRITERIA, DataContext
 from surgical.data.examples import Example, attended_ids
 
@@ -57,8 +58,15 @@ def ngram_buckets(ids: torch.Tensor, ngram: int, buckets: int) -> torch.Tensor:
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
-def _bags(examples: Sequence[Example], ngram: int, buckets: int) -> list[torch.Tensor]:
-    return [ngram_buckets(attended_ids(ex), ngram, buckets) for ex in examples]
+def _bags(examples: Sequence[Example], ngram: int, buckets: int, what: str, show: bool) -> list[torch.Tensor]:
+    out = []
+    with progress(disable=not show) as bar:
+        task = bar.add_task(what, total=len(examples), info="")
+        for i, ex in enumerate(examples):
+            out.append(ngram_buckets(attended_ids(ex), ngram, buckets))
+            if i % 1024 == 1023 or i == len(examples) - 1:
+                bar.update(task, completed=i + 1)
+    return out
 
 
 def _log_probs(bags: list[torch.Tensor], buckets: int, smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,8 +102,9 @@ def importance_scores(ctx: DataContext) -> torch.Tensor:
     selection."""
     o = ctx.options
     n, buckets = o["ngram"], o["buckets"]
-    pool = _bags(ctx.examples, n, buckets)
-    target_log, target_counts = _log_probs(_bags(ctx.validation, n, buckets), buckets, o["smoothing"])
+    target = _bags(ctx.validation, n, buckets, "hashing target n-grams", ctx.progress)
+    pool = _bags(ctx.examples, n, buckets, "hashing pool n-grams", ctx.progress)
+    target_log, target_counts = _log_probs(target, buckets, o["smoothing"])
     pool_log, pool_counts = _log_probs(pool, buckets, o["smoothing"])
     if not target_counts.sum():
         raise SurgicalError(
