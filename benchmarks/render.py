@@ -511,7 +511,48 @@ def data_fraction_table(report: dict) -> str:
     )
 
 
+def domain_select_table(report: dict) -> str:
+    """Per row: the RT share of what it kept, the n-gram KL of the kept set to the target, ID / OOD /
+    validation accuracy (mean ± std over seeds), selection seconds; then each importance row
+    against random and against the pool's RT half, paired by seed."""
+    summary, points = report["summary"], report["points"]
+    lines = [
+        "| row | RT share of kept | n-gram KL to target (kept; pool) | ID | OOD | validation | selection s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row, st in summary.items():
+        kls = [
+            p["info"]["kl_to_target"]
+            for p in points
+            if p["row"] == row and "kl_to_target" in p.get("info", {})
+        ]
+        kl = f"{sum(k['kept'] for k in kls) / len(kls):.3f}; {kls[0]['pool']:.3f}" if kls else ""
+        lines.append(
+            f"| {row} | {100 * st['rt_share']['mean']:.0f}% | {kl} | {pct(st['id'])} | {pct(st['ood'])} | "
+            f"{pct(st['validation'])} | {st['selection_seconds']['mean']:.2f} |"
+        )
+    by = {(p["row"], p["seed"]): p for p in points}
+    notes = []
+    for row in (r for r in summary if r.startswith("importance")):
+        for other in ("random", "rt-only"):
+            seeds = sorted(s for r, s in by if r == row and (other, s) in by)
+            if len(seeds) < 2:
+                continue
+            gaps = {k: [100 * (by[(row, s)][k] - by[(other, s)][k]) for s in seeds] for k in ("id", "ood")}
+            mean = {k: sum(v) / len(v) for k, v in gaps.items()}
+            sd = {k: (sum((x - mean[k]) ** 2 for x in v) / (len(v) - 1)) ** 0.5 for k, v in gaps.items()}
+            id_, ood = f"{mean['id']:+.1f} ± {sd['id']:.1f}", f"{mean['ood']:+.1f} ± {sd['ood']:.1f}"
+            notes.append(f"{row} - {other}: ID {id_}, OOD {ood}")
+    tail = (
+        f"\n\nPaired by seed ({len(report['setup']['seeds'])} seeds), points: " + "; ".join(notes) + "."
+        if notes
+        else ""
+    )
+    return "\n".join(lines) + tail
+
+
 SECTIONS = {
+    "domain_select": ("domain_select.json", domain_select_table),
     "quality": ("quality.json", quality_table),
     "data_fraction": ("data_fraction.json", data_fraction_table),
     "data_fraction_equal_steps": ("data_fraction_equal_steps.json", data_fraction_table),

@@ -133,7 +133,7 @@ def test_domain_select_quick(tmp_path):
     points = {q["row"]: q for q in r["points"]}
     assert set(points) == {"random", "importance-top"}
     for q in points.values():
-        assert q["examples"] == 48 and q["steps"] == 2  # half of the 96-example pool, batch 32
+        assert q["examples"] == 48 and q["steps"] == 3  # half of the 96-example pool; one epoch of it all
         assert all(0 <= q[k] <= 1 for k in ("id", "ood", "validation", "rt_share"))
     top = points["importance-top"]
     assert top["rt_share"] > points["random"]["rt_share"] and top["selection_seconds"] > 0
