@@ -39,7 +39,7 @@ from surgical.data.criteria import DATA_CRITERIA, DataContext
 from surgical.data.examples import Example, attended_ids
 
 _PRIME = (1 << 31) - 1
-# fixed multipliers of the n-gram hash (odd, below the prime: products of two values < 2^31 fit int64)
+# fixed multipliers of the n-gram hash (non-zero, below the prime: a product of two values < 2^31 fits int64)
 _MULTIPLIERS = (1_103_515_245, 2_654_435_761 % _PRIME, 1_597_334_677, 1_540_483_477, 2_246_822_519 % _PRIME)
 
 
