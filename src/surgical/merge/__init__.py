@@ -8,6 +8,7 @@ from surgical.merge import (  # noqa: F401  (register the methods)
     fisher,
     linear,
     model_stock,
+    slerp,
     task_arithmetic,
     ties,
     wise_ft,

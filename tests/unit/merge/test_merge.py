@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -119,6 +121,7 @@ def _options(name: str) -> dict:
         "dare": {"density": 0.6, "seed": 5},
         "della": {"density": 0.6, "seed": 5},
         "breadcrumbs": {"density": 0.6, "gamma": 0.1},
+        "slerp": {"t": 0.3},
     }.get(name, {})
 
 
@@ -132,8 +135,7 @@ def test_sparse_merge_equals_the_densified_merge(method, inputs):
     else:
         ds = [_random_entries(0), _rows_delta([1, 2], 2), _random_entries(4)]
     entry = MERGE_METHODS.entry(method)
-    if entry.extra.get("max_inputs") == 1:
-        ds = ds[:1]
+    ds = ds[: entry.extra.get("max_inputs") or len(ds)]
     weights = [1.0, 0.5, 2.0][: len(ds)]
     sparse = merge(ds, method, weights=weights, **_options(method))
     dense = merge([d.to_dense() for d in ds], method, weights=weights, **_options(method))
@@ -158,8 +160,7 @@ def test_every_method_returns_a_valid_delta_that_applies(method):
         d.entries[name] = (torch.randperm(shape[0] * shape[1], generator=g)[:50].sort().values,
                            torch.randn(50, generator=g) * 0.01)  # fmt: skip
         ds.append(d)
-    if MERGE_METHODS.entry(method).extra.get("max_inputs") == 1:
-        ds = ds[:1]
+    ds = ds[: MERGE_METHODS.entry(method).extra.get("max_inputs") or len(ds)]
     out = merge(ds, method, **_options(method))
     out.validate()
     before = model.get_parameter(name).detach().clone()
@@ -259,3 +260,22 @@ def test_bad_rules_are_one_line_errors(rules, message):
     with pytest.raises(SurgicalError, match=message) as e:
         merge([a, a], "ties", rules=rules)
     assert "\n" not in str(e.value)
+
+
+def test_slerp_follows_the_arc_and_falls_back_to_the_line():
+    a, b = entries([0, 1], [1.0, 0.0]), entries([0, 1], [0.0, 2.0])  # orthogonal, norms 1 and 2
+    half = dense_of(merge([a, b], "slerp")).reshape(-1)
+    s = math.sin(math.pi / 4) / math.sin(math.pi / 2)
+    assert torch.allclose(half[:2], torch.tensor([s * 1.0, s * 2.0]))  # on the arc, not the chord (0.5, 1)
+    assert torch.equal(dense_of(merge([a, b], "slerp", t=0.0)), dense_of(a))
+    assert torch.allclose(dense_of(merge([a, b], "slerp", t=1.0)), dense_of(b))
+    at = 0.3  # against a direct evaluation at another t
+    want = math.sin(0.7 * math.pi / 2) * dense_of(a) + math.sin(0.3 * math.pi / 2) * dense_of(b)
+    assert torch.allclose(dense_of(merge([a, b], "slerp", t=at)), want, atol=1e-6)
+    c = entries([0, 1], [2.0, 0.0])  # parallel to a: the arc is flat, linear interpolation
+    assert torch.allclose(dense_of(merge([a, c], "slerp", t=0.25)), 0.75 * dense_of(a) + 0.25 * dense_of(c))
+    other = entries([5], [3.0], name="other.weight")  # a tensor only one input changes: the line
+    mixed = merge([a, other], "slerp", t=0.25)
+    assert torch.allclose(dense_of(mixed), 0.75 * dense_of(a))
+    with pytest.raises(SurgicalError, match="slerp merges exactly 2"):
+        merge([a, b, c], "slerp")
