@@ -219,6 +219,22 @@ def test_greedy_soup_never_adds_a_candidate_that_lowers_validation(world, tmp_pa
         ),
         (
             lambda w, t: [
+                "merge",
+                "--method",
+                "slerp",
+                "--delta",
+                str(w["delta0"]),
+                "--delta",
+                str(w["delta1"]),
+                "--delta",
+                str(w["delta2"]),
+                "--out",
+                str(t / "o"),
+            ],  # fmt: skip
+            "slerp merges exactly 2 input(s)",
+        ),
+        (
+            lambda w, t: [
                 "wise-ft",
                 "--model",
                 str(w["bert"]),

@@ -102,9 +102,9 @@ class MergeConfig:
         entry = MERGE_METHODS.entry(self.method)
         lo, hi = entry.extra.get("min_inputs", 1), entry.extra.get("max_inputs")
         if len(self.inputs) < lo or (hi is not None and len(self.inputs) > hi):
+            need = f"exactly {hi}" if hi in (lo, 1) else f"at least {lo}"
             raise SurgicalError(
-                f"{self.method} merges {'exactly ' + str(hi) if hi == 1 else 'at least ' + str(lo)} "
-                f"input(s), the config lists {len(self.inputs)}",
+                f"{self.method} merges {need} input(s), the config lists {len(self.inputs)}",
                 "Change the inputs or the method",
             )
 
