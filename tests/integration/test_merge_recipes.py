@@ -363,3 +363,26 @@ def test_merge_yaml_rules_override_weights_and_options_per_tensor(world, tmp_pat
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
     code, _, err = run_main(monkeypatch, capsys, "merge", str(tmp_path / "bad.yaml"))
     assert code == 2 and "2 inputs but 1 rules[0].weights" in " ".join(err.split())
+
+
+def test_merge_yaml_values_that_vary_over_the_layers(world, tmp_path, monkeypatch, capsys):
+    cfg = {
+        "method": "slerp",
+        "options": {"t": [0.2, 0.8]},
+        "inputs": [{"delta": str(world["delta0"]), "weight": [1, 0]}, {"delta": str(world["delta1"])}],
+        "out": str(tmp_path / "merged"),
+    }
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(cfg))
+    code, _, err = run_main(monkeypatch, capsys, "merge", str(tmp_path / "m.yaml"))
+    assert code == 0, err
+    merged = sg.Delta.load(tmp_path / "merged")
+    inputs = [sg.Delta.load(world["delta0"]), sg.Delta.load(world["delta1"])]
+    assert merged.digest() == sg.merge(inputs, "slerp", weights=[[1, 0], 1], t=[0.2, 0.8]).digest()
+    per = merged.meta["merge"]["per_tensor"]  # two layers: layer 0 at t 0.2, layer 1 at t 0.8
+    assert all(
+        v["t"] == pytest.approx(0.2 if ".layer.0." in n else 0.8) for n, v in per.items() if ".layer." in n
+    )
+    cfg["options"] = {"t": [0.0, 2.0]}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**cfg, "out": str(tmp_path / "o")}))
+    code, _, err = run_main(monkeypatch, capsys, "merge", str(tmp_path / "bad.yaml"))
+    assert code == 2 and "options.t must be in [0, 1]" in " ".join(err.split()) and "Traceback" not in err

@@ -21,6 +21,7 @@ from surgical.core.errors import SurgicalError
 from surgical.core.patterns import as_patterns, matches
 from surgical.delta.base import base_checks
 from surgical.delta.delta import Delta
+from surgical.merge.gradients import check_anchors, interpolate, is_gradient, layer_positions, split_options
 from surgical.merge.registry import MERGE_METHODS
 from surgical.merge.support import stack, unstack
 
@@ -54,19 +55,23 @@ def check_compatible(deltas: Sequence[Delta], labels: Sequence[str] | None = Non
 RULE_KEYS = ("match", "weights", "options")
 
 
-def check_weights(weights: Any, n: int, where: str) -> list[float]:
-    """``weights`` as ``n`` finite floats, or a SurgicalError naming ``where``."""
+def check_weights(weights: Any, n: int, where: str) -> list[float | list[float]]:
+    """``weights`` as ``n`` finite floats (or lists of anchors: a weight that varies over the
+    layers, :mod:`surgical.merge.gradients`), or a SurgicalError naming ``where``."""
     if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
         raise SurgicalError(
             f"{where} must be a list of {n} numbers, got {weights!r}", "Pass one weight per input"
         )
     if len(weights) != n:
         raise SurgicalError(f"{n} inputs but {len(weights)} {where}", "Pass one weight per input")
-    out = []
+    out: list[float | list[float]] = []
     for x in weights:
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        if is_gradient(x):
+            out.append(check_anchors(x, where))
+        elif isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
             raise SurgicalError(f"{where} must be finite numbers, got {x!r}", "Fix the weight")
-        out.append(float(x))
+        else:
+            out.append(float(x))
     return out
 
 
@@ -98,8 +103,8 @@ def check_rules(rules: Any, method: str, n: int, options: dict[str, Any]) -> lis
         given = rule.get("options") or {}
         if not isinstance(given, Mapping):
             raise SurgicalError(f"{where}.options must be a mapping", "e.g. options: {density: 0.5}")
-        opts = MERGE_METHODS.resolve(method, {**options, **given}, f"{where}.options.")
-        out.append({"match": patterns, "weights": w, "options": opts})
+        opts, gradients = split_options(method, {**options, **given}, f"{where}.options.")
+        out.append({"match": patterns, "weights": w, "options": opts, "gradients": gradients})
     return out
 
 
@@ -146,18 +151,21 @@ def merge(
         deltas: The inputs (at least one; some methods need two).
         method: A registered merge method (``surgical list merge-methods``): linear,
             task_arithmetic, ties, dare, breadcrumbs, della, model_stock, wise_ft, fisher.
-        weights: One weight per delta (default 1 each).
+        weights: One weight per delta (default 1 each); a list of anchors instead of a number
+            varies over the layers (mergekit's gradients, :mod:`surgical.merge.gradients`).
         rules: Per-tensor overrides (mergekit's filters), first match wins: each a mapping with
             ``match`` (a pattern or list of patterns over tensor names: globs, or ``re:REGEX``)
             and ``weights`` (one per delta) and/or ``options`` (the method's, over ``**options``).
             Tensors no rule matches use ``weights`` and ``**options``. Every rule must match a
             tensor of the inputs.
-        **options: The method's declared options (e.g. ``density``, ``seed``, ``alpha``).
+        **options: The method's declared options (e.g. ``density``, ``seed``, ``alpha``); a
+            float option given as a list of anchors varies over the layers, as weights can.
 
     Returns:
         A new Delta; merging one delta with ``linear`` returns its changes unchanged. Its
         ``meta["merge"]`` records the method, weights, options and rules (with the tensors each
-        matched).
+        matched), and where anything varies over the layers, each tensor's position and values
+        (``per_tensor``).
 
     Raises:
         SurgicalError: unknown method or option, wrong number of weights or inputs, a bad rule or
@@ -165,7 +173,7 @@ def merge(
             replaced by one delta and added by another.
     """
     entry = MERGE_METHODS.entry(method)
-    opts = MERGE_METHODS.resolve(method, options)
+    opts, gradients = split_options(method, options)
     deltas = list(deltas)
     if not deltas:
         raise SurgicalError("nothing to merge", "Pass at least one delta")
@@ -179,13 +187,22 @@ def merge(
     names = list(dict.fromkeys(n for d in deltas for n in d.names()))
     chosen, hits = assign_rules(names, checked)
     fn = entry.obj
-    out = Delta(meta=_merge_meta(deltas, method, w, opts))
+    out = Delta(meta=_merge_meta(deltas, method, w, {**opts, **gradients}))
     if checked:
         out.meta["merge"]["rules"] = [{**r, "tensors": h} for r, h in zip(checked, hits, strict=True)]
+    varying = bool(gradients) or any(is_gradient(x) for x in w)
+    varying |= any(r["gradients"] or any(is_gradient(x) for x in r["weights"] or ()) for r in checked)
+    positions = layer_positions(names) if varying else {}
+    per_tensor = {}
     for name in names:
         rule = checked[chosen[name]] if chosen[name] is not None else None
         w_n = rule["weights"] if rule and rule["weights"] is not None else w
-        opts_n = rule["options"] if rule else opts
+        opts_n, grads_n = (rule["options"], rule["gradients"]) if rule else (opts, gradients)
+        if varying:  # anchors -> this tensor's values at its layer position
+            x = positions[name]
+            w_n = [interpolate(v, x) if is_gradient(v) else v for v in w_n]
+            opts_n = {**opts_n, **{k: interpolate(v, x) for k, v in grads_n.items()}}
+            per_tensor[name] = {"position": round(x, 6), "weights": w_n, **{k: opts_n[k] for k in grads_n}}
         replaced = [i for i, d in enumerate(deltas) if name in d.full]
         if replaced:
             _merge_full(deltas, name, replaced, w_n, out, keep=entry.extra.get("keeps_full", False))
@@ -194,6 +211,8 @@ def merge(
         if entry.extra.get("needs_scores"):
             _attach_importance(t, deltas, name)
         unstack(t, fn(t).float(), out)
+    if varying:
+        out.meta["merge"]["per_tensor"] = per_tensor
     return out
 
 

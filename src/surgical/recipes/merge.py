@@ -42,6 +42,7 @@ from surgical.delta import Delta, apply
 from surgical.delta.delta import CONFIG_FILE
 from surgical.merge import MERGE_METHODS, check_compatible, interference, merge
 from surgical.merge.api import assign_rules, check_rules
+from surgical.merge.gradients import check_anchors, is_gradient, split_options
 from surgical.recipes.config import _f
 from surgical.recipes.models import load_base, save_model_dir
 
@@ -76,7 +77,7 @@ class MergeConfig:
 
     def check(self) -> None:
         """Everything that can be checked without loading a weight."""
-        MERGE_METHODS.resolve(self.method, self.options, "options.")
+        split_options(self.method, self.options, "options.")
         if not self.inputs:
             raise SurgicalError("the merge has no inputs", "List them under inputs: (- delta: DIR)")
         for i, item in enumerate(self.inputs, 1):
@@ -89,7 +90,9 @@ class MergeConfig:
                     "Write it like - delta: DIR",
                 )
             w = item.get("weight", 1.0)
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            if is_gradient(w):
+                check_anchors(w, f"the weight of input {i}")
+            elif isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
                 raise SurgicalError(f"the weight of input {i} must be a finite number, got {w!r}", "Fix it")
             path = Path(str(item[kinds[0]]))
             if not path.is_dir():
@@ -168,7 +171,7 @@ def run_merge(cfg: MergeConfig, console: Console | None = None, check_only: bool
         rows = interference(deltas)
         print_interference(rows, console)
         return None
-    weights = [float(item.get("weight", 1.0)) for item in cfg.inputs]
+    weights = [item.get("weight", 1.0) for item in cfg.inputs]  # numbers, or lists of anchors
     merged = merge(deltas, cfg.method, weights=weights, rules=list(cfg.rules) or None, **cfg.options)
     merged.meta["merge"]["config"] = cfg.to_dict()
     out = Path(cfg.out)

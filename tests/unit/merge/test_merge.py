@@ -279,3 +279,64 @@ def test_slerp_follows_the_arc_and_falls_back_to_the_line():
     assert torch.allclose(dense_of(mixed), 0.75 * dense_of(a))
     with pytest.raises(SurgicalError, match="slerp merges exactly 2"):
         merge([a, b, c], "slerp")
+
+
+def test_layer_positions_and_interpolation():
+    from surgical.merge.gradients import interpolate, layer_positions
+
+    layers = [f"bert.encoder.layer.{i}.q.weight" for i in (0, 2, 4)]
+    names = ["bert.embeddings.word_embeddings.weight", *layers, "classifier.weight"]
+    assert list(layer_positions(names).values()) == [0.0, 0.0, 0.5, 1.0, 1.0]
+    assert layer_positions(["model.layers.3.mlp.experts.7.w1", "model.layers.6.x"]) == {
+        "model.layers.3.mlp.experts.7.w1": 0.5,  # the first dotted integer is the layer
+        "model.layers.6.x": 1.0,
+    }
+    assert interpolate([0, 1, 0.5], 0.25) == 0.5 and interpolate([0, 1, 0.5], 0.75) == 0.75
+    assert interpolate([0.3], 0.9) == 0.3 and interpolate([2, 4], 1.0) == 4.0
+
+
+def _layered(values: dict[int, float], name="enc.layer.{}.w") -> sg.Delta:
+    d = sg.Delta(meta={"base": {"fingerprint": "abc", "fingerprint_excludes": []}})
+    for layer, v in values.items():
+        n = name.format(layer)
+        d.entries[n], d.shapes[n] = (torch.tensor([0, 1]), torch.tensor([v, -v])), SHAPE
+    return d
+
+
+def test_weights_and_options_vary_over_the_layers():
+    a, b = _layered({0: 1.0, 1: 1.0, 2: 1.0}), _layered({0: 3.0, 1: 3.0, 2: 3.0})
+    out = merge([a, b], "task_arithmetic", weights=[[1, 0], 1])  # a weighs 1 at layer 0, 0 at layer 2
+    got = [float(dense_of(out, f"enc.layer.{i}.w").reshape(-1)[0]) for i in range(3)]
+    assert got == pytest.approx([1 + 3, 0.5 + 3, 0 + 3])
+    per = out.meta["merge"]["per_tensor"]
+    assert per["enc.layer.1.w"] == {"position": 0.5, "weights": [0.5, 1.0]}
+    # a float option as anchors (slerp's t, mergekit's favourite), the same as one merge per layer
+    c = _layered({0: 1.0, 1: 2.0, 2: -1.0})
+    varied = merge([a, c], "slerp", t=[0.0, 1.0])
+    for i, x in enumerate((0.0, 0.5, 1.0)):
+        n = f"enc.layer.{i}.w"
+        assert torch.allclose(dense_of(varied, n), dense_of(merge([a, c], "slerp", t=x), n))
+        assert varied.meta["merge"]["per_tensor"][n]["t"] == x
+    # inside a rule too; a tensor outside the rule keeps the call's values
+    ruled = merge([a, b], "task_arithmetic", rules=[{"match": "enc.layer.2.*", "weights": [[0, 2], 0]}])
+    assert float(dense_of(ruled, "enc.layer.2.w").reshape(-1)[0]) == pytest.approx(2.0)
+    assert float(dense_of(ruled, "enc.layer.0.w").reshape(-1)[0]) == pytest.approx(4.0)
+    assert "per_tensor" not in merge([a, b], "task_arithmetic").meta["merge"]  # nothing varies
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"weights": [[], 1]}, "weights is an empty list"),
+        ({"weights": [[1, float("inf")], 1]}, "weights must hold finite numbers"),
+        ({"method": "slerp", "t": [0, 1.5]}, "must be in"),
+        ({"method": "dare", "seed": [0, 1]}, "only float options can vary over the layers"),
+        ({"method": "ties", "nope": [0, 1]}, r"unknown option\(s\) nope"),
+    ],
+)
+def test_bad_gradients_are_one_line(kw, message):
+    kw = {"method": "ties", **kw}
+    a = _layered({0: 1.0, 1: 1.0})
+    with pytest.raises(SurgicalError, match=message) as e:
+        merge([a, a], kw.pop("method"), **kw)
+    assert "\n" not in str(e.value)
