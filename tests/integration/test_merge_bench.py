@@ -42,3 +42,23 @@ def test_wise_ft_quick(tmp_path):
         assert run["chosen"] == best  # chosen on validation only
         assert all(0 <= p[k] <= 1 for p in run["points"] for k in ("validation", "id", "ood"))
     assert (tmp_path / "wf.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_merge_quality_quick(tmp_path):
+    r = _run("merge_quality.py", tmp_path / "mq.json")
+    assert r["setup"]["quick"] is True and r["setup"]["complete"] is True and r["setup"]["seeds"] == [0]
+    (point,) = r["points"]
+    models = point["models"]
+    merges = list(r["setup"]["merges"])
+    assert list(models) == ["rt-expert", "imdb-expert", "multi-task", *merges, "task_arithmetic-val"]
+    assert all(0 <= m[k] <= 1 for m in models.values() for k in ("rt", "imdb"))
+    assert str(point["scale_chosen"]) in point["validation_by_scale"]  # chosen on validation only
+    best = max(point["validation_by_scale"].values())
+    assert point["validation_by_scale"][str(point["scale_chosen"])] == best
+    assert set(point["merge_seconds"]) == set(merges) and point["entries"]["rt"] > 0
+    assert 0 <= point["interference"]["mean_overlap"] <= 1
+    s, rt, im = r["summary"]["ties"], models["rt-expert"]["rt"], models["imdb-expert"]["imdb"]
+    want = (models["ties"]["rt"] / rt + models["ties"]["imdb"] / im) / 2
+    assert abs(s["normalized"]["mean"] - want) < 1e-9 and s["normalized"]["std"] == 0
+    assert abs(s["mean"]["mean"] - (models["ties"]["rt"] + models["ties"]["imdb"]) / 2) < 1e-9
+    assert (tmp_path / "mq.png").read_bytes()[:4] == b"\x89PNG"
