@@ -511,6 +511,38 @@ def data_fraction_table(report: dict) -> str:
     )
 
 
+def quality_choice_table(report: dict) -> str:
+    """The quality benchmark with every rate chosen on the mean validation over the seeds, beside
+    the committed choice on seed 0's validation alone (``quality.json``): per row, each rule's
+    rate and the ID / OOD it gives; then the goal's verdict under the mean rule."""
+    first = json.loads((RESULTS / "quality.json").read_text())["results"]
+    lines = [
+        "| row | validation by lr (seed mean) | lr, mean rule | ID | OOD | lr, seed-0 rule | ID | OOD |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    changed = []
+    for name, r in report["results"].items():
+        if "lr_grid" not in r or name not in first:
+            continue  # WiSE-FT rows follow their row
+        by = ", ".join(f"{float(k):g}: {100 * v:.1f}" for k, v in r["validation_by_lr"].items())
+        f = first[name]
+        lines.append(
+            f"| {name} | {by} | {r['lr']:g} | {pct(r['summary']['id'])} | {pct(r['summary']['ood'])} | "
+            f"{f['lr']:g} | {pct(f['summary']['id'])} | {pct(f['summary']['ood'])} |"
+        )
+        if r["lr"] != f["lr"]:
+            changed.append(name)
+    tail = (
+        f"The mean rule chooses another rate for {len(changed)} row(s): {', '.join(changed)}."
+        if changed
+        else "The mean rule chooses the same rate for every row."
+    )
+    missing = report["setup"].get("missing_rows") or []
+    if missing:
+        tail += f" Not in this run (a grid run missing): {', '.join(missing)}."
+    return "\n".join(lines) + "\n\n" + tail + " " + quality_verdict(report)
+
+
 def domain_select_table(report: dict) -> str:
     """Per row: the RT share of what it kept, the n-gram KL of the kept set to the target, ID / OOD /
     validation accuracy (mean ± std over seeds), selection seconds; then each importance row
@@ -552,6 +584,7 @@ def domain_select_table(report: dict) -> str:
 
 
 SECTIONS = {
+    "quality_choice": ("quality_mean_choice.json", quality_choice_table),
     "domain_select": ("domain_select.json", domain_select_table),
     "quality": ("quality.json", quality_table),
     "data_fraction": ("data_fraction.json", data_fraction_table),
