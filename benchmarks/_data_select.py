@@ -173,6 +173,40 @@ def parse_criteria(text: str | None, default: list[str]) -> list[str]:
     return names
 
 
+def evaluate(base, delta, tok, val, test, ood, quick: bool) -> dict:
+    """``delta`` applied to ``base``: accuracy on the validation split, the ID test (64 tokens) and
+    the OOD reviews (256 tokens; quick: 128), as quality.py measures them."""
+    import surgical as sg
+    from surgical.data import text_batches
+
+    sets = {
+        "validation": text_batches(tok, val, 64, 64),
+        "id": text_batches(tok, test, 64, 64),
+        "ood": text_batches(tok, ood, 32, 128 if quick else 256),
+    }
+    with sg.applied(base, delta):
+        res = sg.evaluate(base, sets, task="classification", show=False)
+    return {k: res[k]["accuracy"] for k in sets}
+
+
+def cached_worker(cmd: list[str], cached: Path | None, tmp: Path) -> dict:
+    """Runs a worker command (``--result PATH`` appended) in a fresh process and returns its JSON
+    result; with ``cached``, the result is also written there (atomically) for later runs."""
+    import json
+    import subprocess
+    import time
+
+    out = tmp / f"r{time.perf_counter_ns()}.json"
+    subprocess.run([*cmd, "--result", str(out)], check=True)
+    result = json.loads(out.read_text())
+    if cached is not None:
+        from surgical.core.io import atomic_write_text
+
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cached, json.dumps(result))
+    return result
+
+
 def header(benchmark: str, **machine) -> dict:
     """The report's head: name, exact command, date, machine and versions (plus ``machine``)."""
     import torch

@@ -84,7 +84,6 @@ def run_point(
     torch.set_num_threads(1)
     import surgical as sg
     from surgical.core.runtime import quiet_transformers
-    from surgical.data import text_batches
     from surgical.recipes.demo import default_model_path
     from surgical.recipes.models import load_model
 
@@ -120,14 +119,7 @@ def run_point(
     out["losses"] = [round(x, 4) for x in fit.losses]  # every step's: a run stuck at ln 2 shows
     delta = sg.extract(model)
     out["train_seconds"] = time.perf_counter() - t0
-    sets = {
-        "validation": text_batches(tok, val, 64, 64),
-        "id": text_batches(tok, test, 64, 64),
-        "ood": text_batches(tok, ood, 32, 128 if quick else 256),
-    }
-    with sg.applied(base, delta):
-        res = sg.evaluate(base, sets, task="classification", show=False)
-    out.update({k: res[k]["accuracy"] for k in sets})
+    out.update(ds.evaluate(base, delta, tok, val, test, ood, quick))
     return out
 
 

@@ -32,7 +32,6 @@ import copy
 import hashlib
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -72,7 +71,6 @@ def run_point(row: str, seed: int, quick: bool) -> dict:
     torch.set_num_threads(1)
     import surgical as sg
     from surgical.core.runtime import quiet_transformers
-    from surgical.data import text_batches
     from surgical.recipes.demo import default_model_path
     from surgical.recipes.models import load_model
 
@@ -109,15 +107,7 @@ def run_point(row: str, seed: int, quick: bool) -> dict:
     fit = sg.fit(model, batches, max_steps=steps, lr=ds.LR, seed=seed, show=False)
     out["steps"], out["train_seconds"] = steps, time.perf_counter() - t0
     out["final_loss"] = round(statistics.fmean(fit.losses[-5:]), 4)
-    delta = sg.extract(model)
-    sets = {
-        "validation": text_batches(tok, val, 64, 64),
-        "id": text_batches(tok, test, 64, 64),
-        "ood": text_batches(tok, ood, 32, 128 if quick else 256),
-    }
-    with sg.applied(base, delta):
-        res = sg.evaluate(base, sets, task="classification", show=False)
-    out.update({k: res[k]["accuracy"] for k in sets})
+    out.update(ds.evaluate(base, sg.extract(model), tok, val, test, ood, quick))
     return out
 
 
@@ -247,25 +237,8 @@ def main() -> None:
                 if args.cached_only:
                     missing.append((row, seed))
                     continue
-                out = Path(tmp) / f"{row}-{seed}.json"
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--worker",
-                    "--row",
-                    row,
-                    "--seed",
-                    str(seed),
-                    "--result",
-                    str(out),
-                ]
-                subprocess.run(cmd + (["--quick"] if args.quick else []), check=True)
-                point = json.loads(out.read_text())
-                if cached is not None:
-                    from surgical.core.io import atomic_write_text
-
-                    cached.parent.mkdir(parents=True, exist_ok=True)
-                    atomic_write_text(cached, json.dumps(point))
+                cmd = [sys.executable, __file__, "--worker", "--row", row, "--seed", str(seed)]
+                point = ds.cached_worker(cmd + (["--quick"] if args.quick else []), cached, Path(tmp))
                 points.append(point)
                 s = point
                 print(f"{row:22s} seed {seed}: RT share {100 * s['rt_share']:.0f}%, ID {100 * s['id']:.1f}, "

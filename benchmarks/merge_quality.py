@@ -30,7 +30,6 @@ import argparse
 import copy
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -250,15 +249,8 @@ def main() -> None:
             if args.cached_only:
                 missing.append(seed)
                 continue
-            out = Path(tmp) / f"seed{seed}.json"
-            cmd = [sys.executable, __file__, "--worker", "--seed", str(seed), "--result", str(out)]
-            subprocess.run(cmd + (["--quick"] if args.quick else []), check=True)
-            point = json.loads(out.read_text())
-            if cached is not None:
-                from surgical.core.io import atomic_write_text
-
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(cached, json.dumps(point))
+            cmd = [sys.executable, __file__, "--worker", "--seed", str(seed)]
+            point = ds.cached_worker(cmd + (["--quick"] if args.quick else []), cached, Path(tmp))
             points.append(point)
             accs = ", ".join(
                 f"{n} {100 * m['rt']:.1f}/{100 * m['imdb']:.1f}" for n, m in point["models"].items()
