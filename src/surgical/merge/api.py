@@ -150,7 +150,7 @@ def merge(
     Args:
         deltas: The inputs (at least one; some methods need two).
         method: A registered merge method (``surgical list merge-methods``): linear,
-            task_arithmetic, ties, dare, breadcrumbs, della, model_stock, wise_ft, fisher.
+            task_arithmetic, ties, dare, breadcrumbs, della, model_stock, slerp, wise_ft, fisher.
         weights: One weight per delta (default 1 each); a list of anchors instead of a number
             varies over the layers (mergekit's gradients, :mod:`surgical.merge.gradients`).
         rules: Per-tensor overrides (mergekit's filters), first match wins: each a mapping with
