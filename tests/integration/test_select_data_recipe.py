@@ -116,6 +116,32 @@ def test_summary_notes_a_kept_set_that_leans_on_rising_clusters():
     assert "note:" not in text(sel) and "2 loss-trajectory clusters, kept/size: 29/90, 1/10" in text(sel)
 
 
+def test_summary_reports_importance_and_notes_a_kept_set_no_closer_to_the_target():
+    import io
+
+    from rich.console import Console
+
+    from surgical.recipes.select_data import print_summary
+
+    q = {"min": -90.0, "p10": -40.0, "median": -12.5, "p90": 1.5, "max": 12.0}
+    meta = {"log_weights": q, "target_coverage": 0.987, "kl_to_target": {"pool": 0.18, "kept": 0.13}}
+    sel = DataSelection(torch.arange(5), torch.zeros(10), "importance", {}, "h", 10, meta)
+
+    def text(sel) -> str:
+        out = io.StringIO()
+        print_summary(sel, [], None, Console(file=out, width=300), 0)
+        return out.getvalue()
+
+    got = text(sel)
+    assert (
+        "log importance weights: median -12.5 (10-90%: -40 to 1.5); target n-grams found in the pool: 99%"
+        in got
+    )
+    assert "n-gram KL to the target: pool 0.180, kept 0.130 nats" in got and "note:" not in got
+    sel.meta = {**meta, "kl_to_target": {"pool": 0.18, "kept": 0.18}}
+    assert "note: the kept examples look no more like the target than the whole pool" in text(sel)
+
+
 def test_gradient_on_a_plan_support_with_validation(world, tmp_path):
     from surgical import select
 
