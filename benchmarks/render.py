@@ -543,6 +543,32 @@ def quality_choice_table(report: dict) -> str:
     return "\n".join(lines) + "\n\n" + tail + " " + quality_verdict(report)
 
 
+def merge_quality_table(report: dict) -> str:
+    """Per model (the two experts, multi-task, every merge): RT and IMDB test accuracy, their mean
+    and the normalized accuracy (each divided by its expert's), mean ± std over the seeds; then
+    the experts' overlap and task arithmetic's chosen scales."""
+    lines = [
+        "| model | RT test | IMDB test | mean | normalized |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, st in report["summary"].items():
+        lines.append(
+            f"| {name} | {pct(st['rt'])} | {pct(st['imdb'])} | {pct(st['mean'])} | {pct(st['normalized'])} |"
+        )
+    points = report["points"]
+    inter = [p["interference"] for p in points]
+    overlap = sum(i["mean_overlap"] for i in inter) / len(inter)
+    conflict = sum(i["mean_sign_conflict"] for i in inter) / len(inter)
+    cosine = sum(i["mean_cosine"] for i in inter) / len(inter)
+    scales = ", ".join(f"{p['scale_chosen']:g}" for p in points)
+    return "\n".join(lines) + (
+        f"\n\nOver the tensors both experts change (the dense biases and LayerNorms among them, which "
+        f"share every value), their changes share {100 * overlap:.1f}% of the union per tensor on average "
+        f"(signs disagree on {100 * conflict:.1f}% of the shared values; mean cosine {cosine:+.3f}); "
+        f"task arithmetic's scale chosen on validation: {scales} (seeds in order)."
+    )
+
+
 def domain_select_table(report: dict) -> str:
     """Per row: the RT share of what it kept, the n-gram KL of the kept set to the target, ID / OOD /
     validation accuracy (mean ± std over seeds), selection seconds; then each importance row
@@ -584,6 +610,7 @@ def domain_select_table(report: dict) -> str:
 
 
 SECTIONS = {
+    "merge_quality": ("merge_quality.json", merge_quality_table),
     "quality_choice": ("quality_mean_choice.json", quality_choice_table),
     "domain_select": ("domain_select.json", domain_select_table),
     "quality": ("quality.json", quality_table),
