@@ -157,7 +157,7 @@ def figure(summary: dict, path: Path) -> None:
         b.errorbar(
             [i + (k - 0.5) * 0.25 for i in x], [100 * summary[r][what]["mean"] for r in rows],
             yerr=[100 * summary[r][what]["std"] for r in rows], fmt="o", color=colour,
-            label="ID (1,000 RT)" if what == "id" else "OOD (500 IMDB)",
+            label="RT test (ID, 1,000)" if what == "id" else "IMDB test (500; IMDB is half the pool)",
         )  # fmt: skip
     b.set_ylabel("accuracy, %")
     b.legend(fontsize=7)

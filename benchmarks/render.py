@@ -575,7 +575,8 @@ def domain_select_table(report: dict) -> str:
     against random and against the pool's RT half, paired by seed."""
     summary, points = report["summary"], report["points"]
     lines = [
-        "| row | RT share of kept | n-gram KL to target (kept; pool) | ID | OOD | validation | selection s |",
+        "| row | RT share of kept | n-gram KL to target (kept; pool) | RT test (ID) | IMDB test "
+        "| validation (RT) | selection s |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row, st in summary.items():
@@ -600,7 +601,7 @@ def domain_select_table(report: dict) -> str:
             mean = {k: sum(v) / len(v) for k, v in gaps.items()}
             sd = {k: (sum((x - mean[k]) ** 2 for x in v) / (len(v) - 1)) ** 0.5 for k, v in gaps.items()}
             id_, ood = f"{mean['id']:+.1f} ± {sd['id']:.1f}", f"{mean['ood']:+.1f} ± {sd['ood']:.1f}"
-            notes.append(f"{row} - {other}: ID {id_}, OOD {ood}")
+            notes.append(f"{row} - {other}: RT {id_}, IMDB {ood}")
     tail = (
         f"\n\nPaired by seed ({len(report['setup']['seeds'])} seeds), points: " + "; ".join(notes) + "."
         if notes
