@@ -173,6 +173,17 @@ def parse_criteria(text: str | None, default: list[str]) -> list[str]:
     return names
 
 
+def stat(values: list[float]) -> dict:
+    """Mean, standard deviation (0 for one value) and count."""
+    import statistics
+
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
 def evaluate(base, delta, tok, val, test, ood, quick: bool) -> dict:
     """``delta`` applied to ``base``: accuracy on the validation split, the ID test (64 tokens) and
     the OOD reviews (256 tokens; quick: 128), as quality.py measures them."""

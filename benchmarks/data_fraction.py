@@ -52,7 +52,6 @@ import argparse
 import copy
 import hashlib
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -170,14 +169,6 @@ def plan_points(
     return points
 
 
-def _stat(values: list[float]) -> dict:
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "n": len(values),
-    }
-
-
 def summarise(points: list[dict]) -> dict:
     """criterion -> fraction -> mean ± std of ID, OOD, validation, selection and training seconds."""
     groups: dict[str, dict[str, list[dict]]] = {}
@@ -186,7 +177,7 @@ def summarise(points: list[dict]) -> dict:
     keys = ("id", "ood", "validation", "selection_seconds", "train_seconds")
     order = [*ds.CRITERIA, FULL]
     return {
-        c: {f: {k: _stat([r[k] for r in runs]) for k in keys} for f, runs in sorted(groups[c].items())}
+        c: {f: {k: ds.stat([r[k] for r in runs]) for k in keys} for f, runs in sorted(groups[c].items())}
         for c in sorted(groups, key=order.index)
     }
 

@@ -119,21 +119,13 @@ def point_key(row: str, seed: int, quick: bool) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _stat(values: list[float]) -> dict:
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "n": len(values),
-    }
-
-
 def summarise(points: list[dict]) -> dict:
     keys = ("rt_share", "id", "ood", "validation", "selection_seconds", "train_seconds", "positive_share")
     out = {}
     for row in ROWS:
         mine = [p for p in points if p["row"] == row]
         if mine:
-            out[row] = {k: _stat([p[k] for p in mine]) for k in keys}
+            out[row] = {k: ds.stat([p[k] for p in mine]) for k in keys}
     return out
 
 

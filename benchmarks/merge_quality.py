@@ -153,9 +153,6 @@ def _interference(sg, pair) -> dict:
 def summarise(points: list[dict]) -> dict:
     """Per model: RT, IMDB, mean and normalized accuracy, mean ± std over the seeds."""
 
-    def stat(values):
-        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-
     out = {}
     for name in points[0]["models"]:
         rows = []
@@ -163,7 +160,7 @@ def summarise(points: list[dict]) -> dict:
             m, rt, im = p["models"][name], p["models"]["rt-expert"]["rt"], p["models"]["imdb-expert"]["imdb"]
             rows.append({"rt": m["rt"], "imdb": m["imdb"], "mean": (m["rt"] + m["imdb"]) / 2,
                          "normalized": (m["rt"] / rt + m["imdb"] / im) / 2})  # fmt: skip
-        out[name] = {k: stat([r[k] for r in rows]) for k in ("rt", "imdb", "mean", "normalized")}
+        out[name] = {k: ds.stat([r[k] for r in rows]) for k in ("rt", "imdb", "mean", "normalized")}
     return out
 
 
