@@ -386,3 +386,24 @@ def test_merge_yaml_values_that_vary_over_the_layers(world, tmp_path, monkeypatc
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**cfg, "out": str(tmp_path / "o")}))
     code, _, err = run_main(monkeypatch, capsys, "merge", str(tmp_path / "bad.yaml"))
     assert code == 2 and "options.t must be in [0, 1]" in " ".join(err.split()) and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "weight, needle",
+    [
+        ("half", "input 2: a weight must be a finite number, got 'half'"),
+        (True, "input 2: a weight must be a finite number, got True"),
+        (float("nan"), "input 2: a weight must be a finite number, got nan"),
+        ([1, "x"], "input 2"),
+    ],
+)
+def test_merge_yaml_bad_input_weight_is_one_line(world, tmp_path, monkeypatch, capsys, weight, needle):
+    cfg = {
+        "method": "linear",
+        "inputs": [{"delta": str(world["delta0"])}, {"delta": str(world["delta1"]), "weight": weight}],
+        "out": str(tmp_path / "o"),
+    }
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    code, _, err = run_main(monkeypatch, capsys, "merge", str(tmp_path / "bad.yaml"))
+    assert code == 2 and needle in " ".join(err.split()) and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()

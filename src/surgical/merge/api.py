@@ -64,15 +64,17 @@ def check_weights(weights: Any, n: int, where: str) -> list[float | list[float]]
         )
     if len(weights) != n:
         raise SurgicalError(f"{n} inputs but {len(weights)} {where}", "Pass one weight per input")
-    out: list[float | list[float]] = []
-    for x in weights:
-        if is_gradient(x):
-            out.append(check_anchors(x, where))
-        elif isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-            raise SurgicalError(f"{where} must be finite numbers, got {x!r}", "Fix the weight")
-        else:
-            out.append(float(x))
-    return out
+    return [check_weight(x, where) for x in weights]
+
+
+def check_weight(x: Any, where: str) -> float | list[float]:
+    """One input's weight: a finite float, or a list of anchors (a weight that varies over the
+    layers); a SurgicalError naming ``where`` otherwise."""
+    if is_gradient(x):
+        return check_anchors(x, where)
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        raise SurgicalError(f"{where}: a weight must be a finite number, got {x!r}", "Fix the weight")
+    return float(x)
 
 
 def check_rules(rules: Any, method: str, n: int, options: dict[str, Any]) -> list[dict[str, Any]]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,8 +40,8 @@ from surgical.core.marks import forget_applied
 from surgical.delta import Delta, apply
 from surgical.delta.delta import CONFIG_FILE
 from surgical.merge import MERGE_METHODS, check_compatible, interference, merge
-from surgical.merge.api import assign_rules, check_rules
-from surgical.merge.gradients import check_anchors, is_gradient, split_options
+from surgical.merge.api import assign_rules, check_rules, check_weight
+from surgical.merge.gradients import split_options
 from surgical.recipes.config import _f
 from surgical.recipes.models import load_base, save_model_dir
 
@@ -89,11 +88,7 @@ class MergeConfig:
                     f"got keys {', '.join(map(str, item)) or 'none'}",
                     "Write it like - delta: DIR",
                 )
-            w = item.get("weight", 1.0)
-            if is_gradient(w):
-                check_anchors(w, f"the weight of input {i}")
-            elif isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-                raise SurgicalError(f"the weight of input {i} must be a finite number, got {w!r}", "Fix it")
+            check_weight(item.get("weight", 1.0), f"input {i}")
             path = Path(str(item[kinds[0]]))
             if not path.is_dir():
                 raise SurgicalError(f"input {i} ({kinds[0]}) {str(path)!r} does not exist", "Fix the path")

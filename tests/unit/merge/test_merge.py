@@ -248,7 +248,7 @@ def test_rules_set_weights_and_options_per_tensor_first_match_wins():
         ([{"match": "", "weights": [1, 1]}], r"rules\[0\].match must name tensor patterns"),
         ([{"match": "q"}], r"rules\[0\] changes nothing"),
         ([{"match": "q", "weights": [1]}], r"2 inputs but 1 rules\[0\].weights"),
-        ([{"match": "q", "weights": [1, float("nan")]}], r"rules\[0\].weights must be finite"),
+        ([{"match": "q", "weights": [1, float("nan")]}], r"rules\[0\].weights: a weight must be a finite"),
         ([{"match": "q", "options": {"density": 2}}], r"rules\[0\].options.density must be in"),
         ([{"match": "q", "options": {"nope": 1}}], r"unknown option\(s\) nope"),
         ([{"match": "nothing.here", "weights": [1, 1]}], r"matches no tensor of the inputs"),
