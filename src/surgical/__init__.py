@@ -24,7 +24,7 @@ from surgical.data import (
 )
 from surgical.delta import EXPORT_FORMATS, Delta, applied, apply, compose, revert
 from surgical.eval import evaluate, forgetting
-from surgical.merge import MERGE_METHODS, interference, merge
+from surgical.merge import MERGE_METHODS, interference, interference_summary, merge
 from surgical.select import CRITERIA, Plan, select
 from surgical.train import (
     SCHEDULES,
@@ -62,6 +62,7 @@ __all__ = [
     "fit",
     "forgetting",
     "interference",
+    "interference_summary",
     "merge",
     "prepare",
     "quantize_base",

@@ -75,8 +75,14 @@ def test_merge_check_reports_interference_and_writes_nothing(world, tmp_path, mo
     code, out, err = run_main(monkeypatch, capsys, "merge", "--delta", str(world["delta0"]), "--delta",
                               str(world["delta1"]), "--check", "--out", str(tmp_path / "x"))  # fmt: skip
     assert code == 0, err
-    assert "sign conflicts" in out and "mean overlap" in " ".join(out.split())
-    assert not (tmp_path / "x").exists()
+    flat = " ".join(out.split())
+    rows = sg.interference([sg.Delta.load(world["delta0"]), sg.Delta.load(world["delta1"])])
+    summary = sg.interference_summary(rows)  # the plans train biases and the head densely
+    assert set(summary) == {"sparse", "dense"} and summary["dense"]["overlap"] == 1.0
+    sparse = summary["sparse"]
+    assert f"{sparse['tensors']} sparse tensors: overlap {sparse['overlap']:.1%} of their changed" in flat
+    assert f"{summary['dense']['tensors']} densely changed tensors (overlap full by design)" in flat
+    assert "sign conflicts" in flat and not (tmp_path / "x").exists()
 
 
 def test_wise_ft_sweep_chooses_alpha_on_validation(world, tmp_path, monkeypatch, capsys):

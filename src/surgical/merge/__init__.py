@@ -13,7 +13,7 @@ from surgical.merge import (  # noqa: F401  (register the methods)
     ties,
     wise_ft,
 )
-from surgical.merge.api import check_compatible, interference, merge
+from surgical.merge.api import check_compatible, interference, interference_summary, merge
 from surgical.merge.registry import MERGE_METHODS
 
-__all__ = ["MERGE_METHODS", "check_compatible", "interference", "merge"]
+__all__ = ["MERGE_METHODS", "check_compatible", "interference", "interference_summary", "merge"]

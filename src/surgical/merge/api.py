@@ -277,9 +277,12 @@ def _merge_meta(deltas: list[Delta], method: str, weights: list[float], options:
 def interference(deltas: Sequence[Delta]) -> list[dict[str, Any]]:
     """Per tensor changed by two or more deltas: how much they overlap and disagree.
 
-    Returns rows with ``name``, ``deltas`` (how many change it), ``overlap`` (shared values /
-    union of values), ``sign_conflict`` (share of shared values whose signs differ between two
-    deltas), ``cosine`` (mean pairwise cosine of the changes). Replaced tensors are skipped.
+    Returns rows with ``name``, ``deltas`` (how many change it), ``kind`` (``"dense"`` when every
+    one of them changes the whole tensor, such as a bias or LayerNorm trained densely, else
+    ``"sparse"``), ``shared`` and ``union`` (how many values two or more of them change, and how
+    many any of them changes), ``overlap`` (shared / union), ``sign_conflict`` (share of shared
+    values whose signs differ between two deltas), ``cosine`` (mean pairwise cosine of the
+    changes). Replaced tensors are skipped. :func:`interference_summary` sums the rows up.
     """
     check_compatible(deltas)
     rows = []
@@ -305,9 +308,29 @@ def interference(deltas: Sequence[Delta]) -> list[dict[str, Any]]:
             {
                 "name": name,
                 "deltas": len(having),
+                "kind": "dense" if all(name in d.dense for d in having) else "sparse",
+                "shared": int(shared.sum()),
+                "union": union,
                 "overlap": int(shared.sum()) / max(1, union),
                 "sign_conflict": int(conflict.sum()) / max(1, int(shared.sum())),
                 "cosine": sum(cos) / len(cos),
             }
         )
     return rows
+
+
+def interference_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """:func:`interference` rows summed up per kind (``"sparse"``, ``"dense"``): how many tensors,
+    ``overlap`` over all their values (shared / union, so large tensors weigh more), and the
+    per-tensor means of ``overlap``, ``sign_conflict`` and ``cosine``. Densely trained tensors
+    overlap fully by construction; the sparse line is the one that says whether supports collide."""
+    out = {}
+    for kind in ("sparse", "dense"):
+        part = [r for r in rows if r["kind"] == kind]
+        if not part:
+            continue
+        keys = ("overlap", "sign_conflict", "cosine")
+        mean = {f"mean_{k}": sum(r[k] for r in part) / len(part) for k in keys}
+        union = sum(r["union"] for r in part)
+        out[kind] = {"tensors": len(part), "overlap": sum(r["shared"] for r in part) / max(1, union), **mean}
+    return out

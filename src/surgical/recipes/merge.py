@@ -39,7 +39,7 @@ from surgical.core.io import atomic_write_text, check_output
 from surgical.core.marks import forget_applied
 from surgical.delta import Delta, apply
 from surgical.delta.delta import CONFIG_FILE
-from surgical.merge import MERGE_METHODS, check_compatible, interference, merge
+from surgical.merge import MERGE_METHODS, check_compatible, interference, interference_summary, merge
 from surgical.merge.api import assign_rules, check_rules, check_weight
 from surgical.merge.gradients import split_options
 from surgical.recipes.config import _f
@@ -189,17 +189,18 @@ def run_merge(cfg: MergeConfig, console: Console | None = None, check_only: bool
 def print_interference(rows: list[dict[str, Any]], console: Console) -> None:
     """A table of :func:`surgical.merge.interference` rows, and a one-line summary."""
     t = Table(title="interference per tensor changed by two or more inputs")
-    for col in ("tensor", "inputs", "overlap", "sign conflicts", "cosine"):
-        t.add_column(col, justify="left" if col == "tensor" else "right")
+    for col in ("tensor", "kind", "inputs", "overlap", "sign conflicts", "cosine"):
+        t.add_column(col, justify="left" if col in ("tensor", "kind") else "right")
     for r in rows:
-        t.add_row(r["name"], str(r["deltas"]), f"{r['overlap']:.1%}", f"{r['sign_conflict']:.1%}",
+        t.add_row(r["name"], r["kind"], str(r["deltas"]), f"{r['overlap']:.1%}", f"{r['sign_conflict']:.1%}",
                   f"{r['cosine']:+.3f}")  # fmt: skip
     console.print(t)
-    if rows:
-        mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("overlap", "sign_conflict", "cosine")}
+    for kind, s in interference_summary(rows).items():
+        what = "sparse tensors" if kind == "sparse" else "densely changed tensors (overlap full by design)"
         console.print(
-            f"{len(rows)} shared tensors: mean overlap {mean['overlap']:.1%}, sign conflicts "
-            f"{mean['sign_conflict']:.1%}, cosine {mean['cosine']:+.3f}"
+            f"{s['tensors']} {what}: overlap {s['overlap']:.1%} of their changed values (per-tensor mean "
+            f"{s['mean_overlap']:.1%}), sign conflicts {s['mean_sign_conflict']:.1%}, "
+            f"cosine {s['mean_cosine']:+.3f}"
         )
-    else:
+    if not rows:
         console.print("no tensor is changed by two inputs: every method merges them without interference")

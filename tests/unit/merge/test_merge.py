@@ -201,6 +201,24 @@ def test_interference_reports_overlap_signs_and_cosine():
     assert r["sign_conflict"] == pytest.approx(1 / 2)  # at 3: -2 vs +1
     a, b = dense_of(A).reshape(-1).double(), dense_of(B).reshape(-1).double()
     assert r["cosine"] == pytest.approx(float(a @ b / (a.norm() * b.norm())))
+    assert r["kind"] == "sparse" and (r["shared"], r["union"]) == (2, 4)
+
+
+def test_interference_summary_weighs_values_and_keeps_dense_tensors_apart():
+    bias = "layer.0.bias"
+    a = two_tensor([0, 3, 7], [1.0, -2.0, 0.5], [1], [4.0])
+    b = two_tensor([3, 7, 12], [1.0, 3.0, -4.0], [1, 2, 5, 9, 11], [1.0, 1.0, 1.0, 1.0, 1.0])
+    for d, v in ((a, [1.0, -1.0, 2.0]), (b, [1.0, 1.0, 1.0])):
+        d.dense[bias], d.shapes[bias] = torch.tensor(v), (3,)
+    rows = {r["name"]: r for r in interference([a, b])}
+    assert rows[bias]["kind"] == "dense" and rows[bias]["overlap"] == 1.0 and rows[V]["kind"] == "sparse"
+    s = sg.interference_summary(list(rows.values()))
+    assert s["dense"] == {"tensors": 1, "overlap": 1.0, "mean_overlap": 1.0, "mean_sign_conflict": 1 / 3,
+                          "mean_cosine": pytest.approx(rows[bias]["cosine"])}  # fmt: skip
+    # Q shares 2 of 4 values, V 1 of 5: 3 of 9 over both, where the per-tensor mean is (1/2 + 1/5) / 2
+    assert s["sparse"]["tensors"] == 2 and s["sparse"]["overlap"] == pytest.approx(3 / 9)
+    assert s["sparse"]["mean_overlap"] == pytest.approx((1 / 2 + 1 / 5) / 2)
+    assert sg.interference_summary([]) == {}
 
 
 Q, V = "layer.0.attention.query.weight", "layer.1.output.dense.weight"
