@@ -19,8 +19,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/surgical demo
 
+# The suite runs in JOBS processes (pytest-xdist), one file per process at a time so that a file's
+# fixtures are built once, and one torch thread each so that the processes do not oversubscribe
+# the cores. `make test JOBS=1` runs the files one after another.
+JOBS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(JOBS) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[demo,test,quant,bench]' $(TORCH)
