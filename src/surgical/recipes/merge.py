@@ -196,11 +196,14 @@ def print_interference(rows: list[dict[str, Any]], console: Console) -> None:
                   f"{r['cosine']:+.3f}")  # fmt: skip
     console.print(t)
     for kind, s in interference_summary(rows).items():
-        what = "sparse tensors" if kind == "sparse" else "densely changed tensors (overlap full by design)"
-        console.print(
-            f"{s['tensors']} {what}: overlap {s['overlap']:.1%} of their changed values (per-tensor mean "
-            f"{s['mean_overlap']:.1%}), sign conflicts {s['mean_sign_conflict']:.1%}, "
-            f"cosine {s['mean_cosine']:+.3f}"
-        )
+        n = s["tensors"]
+        if kind == "sparse":
+            what = (
+                f"{n} sparse tensor{'s' * (n != 1)}: overlap {s['overlap']:.1%} of the values changed "
+                f"(per-tensor mean {s['mean_overlap']:.1%}),"
+            )
+        else:
+            what = f"{n} densely changed tensor{'s' * (n != 1)} (full overlap by design):"
+        console.print(f"{what} sign conflicts {s['mean_sign_conflict']:.1%}, cosine {s['mean_cosine']:+.3f}")
     if not rows:
         console.print("no tensor is changed by two inputs: every method merges them without interference")
