@@ -299,6 +299,55 @@ def test_slerp_follows_the_arc_and_falls_back_to_the_line():
         merge([a, b, c], "slerp")
 
 
+def test_sce_selects_by_variance_weights_by_energy_and_elects_signs():
+    # A = [1, -2, 0.5, 0] and B = [0, 1, 3, -4] at flat positions 0, 3, 7, 12 of 20
+    out = dense_of(merge([A, B], "sce")).reshape(-1)
+    ca, cb = 5.25 / 31.25, 26 / 31.25  # mean squares 5.25/4 and 26/4, normalized
+    want = torch.zeros(20)
+    want[0] = 1.0  # A alone
+    want[3] = 1.0  # -2 ca + 1 cb > 0: B's sign wins, B's value alone
+    want[7] = (ca * 0.5 + cb * 3.0) / (ca + cb)
+    want[12] = -4.0
+    assert torch.allclose(out, want)
+    # select_topk 0.1 keeps 2 of 20 positions: the largest variances, at 12 (4) and 3 (2.25)
+    top = dense_of(merge([A, B], "sce", select_topk=0.1)).reshape(-1)
+    assert torch.allclose(
+        top, torch.zeros(20).index_put_((torch.tensor([3, 12]),), torch.tensor([1.0, -4.0]))
+    )
+    # the weights multiply the energies: enough weight on A turns the sign at 3 its way
+    assert dense_of(merge([A, B], "sce", weights=[10, 1])).reshape(-1)[3] == -2.0
+    assert torch.allclose(dense_of(merge([A, B], "sce", scale=0.5)), 0.5 * dense_of(merge([A, B], "sce")))
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm()
+
+
+def test_karcher_is_the_mean_direction_at_the_mean_length():
+    a, b = entries([0, 1], [1.0, 0.0]), entries([0, 1], [0.0, 3.0])  # orthogonal, lengths 1 and 3
+    two = dense_of(merge([a, b], "karcher")).reshape(-1)
+    assert torch.allclose(two[:2], 2.0 * torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]), atol=1e-6)
+    # the direction is the midpoint of the arc: slerp's at t 0.5 between the unit directions
+    unit_b = entries([0, 1], [0.0, 1.0])
+    assert torch.allclose(_unit(two), _unit(dense_of(merge([a, unit_b], "slerp")).reshape(-1)), atol=1e-6)
+    # weights pull the direction: 3:1 towards a, a quarter of the right angle away from it
+    skew = dense_of(merge([a, b], "karcher", weights=[3, 1], tol=1e-9, max_iter=50)).reshape(-1)
+    angle = math.atan2(float(skew[1]), float(skew[0]))
+    assert angle == pytest.approx(math.pi / 8, abs=1e-6) and float(skew.norm()) == pytest.approx(1.5)
+    c = entries([0, 1], [2.0, 0.0])  # parallel to a: the mean of the lengths along a
+    assert torch.allclose(dense_of(merge([a, c], "karcher")), 1.5 * dense_of(a))
+    # three directions: the result is a fixed point (its weighted tangent mean vanishes)
+    d = entries([0, 1, 2], [0.2, -0.5, 1.0])
+    x = _unit(dense_of(merge([a, b, d], "karcher", tol=1e-10, max_iter=100)).reshape(-1).double())
+    us = [_unit(dense_of(e).reshape(-1).double()) for e in (a, b, d)]
+    tangent = sum(
+        math.acos(float(u @ x)) / math.sin(math.acos(float(u @ x))) * (u - float(u @ x) * x) for u in us
+    )
+    assert float(tangent.norm()) < 1e-6  # the result is stored in float32
+    other = entries([5], [3.0], name="other.weight")  # a tensor only one input changes: its change
+    assert torch.allclose(dense_of(merge([a, other], "karcher")), dense_of(a))
+
+
 def test_layer_positions_and_interpolation():
     from surgical.merge.gradients import interpolate, layer_positions
 
