@@ -7,7 +7,8 @@ Per tensor, over the union of the supports:
    ``select_topk`` fraction of the whole tensor with the largest variance is kept (positions
    outside the union have variance zero and count as the smallest; ``1`` keeps every position).
 2. **Calculate**: each input's coefficient is the mean square of its selected change (times its
-   weight), normalized to sum to one, so that the change that moved this tensor most weighs most.
+   weight), normalized so that their magnitudes sum to one: the change that moved this tensor
+   most weighs most.
 3. **Erase**: TIES' sign election by the weighted sum, and the mean of the values that agree
    with it (divided by the coefficients that contribute, unless ``normalize`` is false).
 """
@@ -51,8 +52,8 @@ def sce(t: TensorMerge) -> torch.Tensor:
         keep = torch.zeros(m, dtype=torch.bool)
         keep[torch.topk(var, k, sorted=False).indices] = True
         values = values * keep
-    energy = values.double().pow(2).mean(dim=1) * t.weights.double()
-    total = float(energy.sum())
+    energy = values.double().pow(2).mean(dim=1) * t.weights.double()  # a negative weight subtracts
+    total = float(energy.abs().sum())
     coef = (energy / total if total > 0 else torch.zeros(n, dtype=torch.float64)).float()
     scored = TensorMerge(t.name, t.shape, t.kind, t.index, values, coef, t.options, t.present)
     return combine(scored, values, "ties", t.options["normalize"]) * t.options["scale"]
