@@ -17,7 +17,8 @@ Then the two experts' deltas are merged by each method with options fixed before
 its scale chosen on the two validation sets (mean accuracy, from ``SCALES``). Every model is
 evaluated on the RT test and the IMDB test; ``mean`` is their average and ``normalized`` the
 average of each accuracy divided by its own expert's (the merging papers' normalized accuracy).
-Supports: how many entries the experts share (``overlap``) and where they disagree in sign.
+Supports: how many entries the experts share (``overlap``) and where they disagree in sign, for
+the sparse weight tensors apart from the ones both train densely (``sg.interference_summary``).
 
     python benchmarks/merge_quality.py --cache results/merge_quality_runs       # 3 seeds
     python benchmarks/merge_quality.py --cache results/merge_quality_runs --cached-only
@@ -55,6 +56,8 @@ MERGES: dict[str, tuple[str, dict]] = {
     "breadcrumbs": ("breadcrumbs", {"density": 0.5, "gamma": 0.01}),
     "model_stock": ("model_stock", {}),
     "slerp": ("slerp", {"t": 0.5}),
+    "karcher": ("karcher", {}),
+    "sce": ("sce", {}),
     "fisher": ("fisher", {}),
 }
 SCALES = (0.5, 0.75, 1.0, 1.25)  # task arithmetic's scale, chosen on the validation sets
@@ -140,14 +143,9 @@ def run_seed(seed: int, quick: bool) -> dict:
 
 
 def _interference(sg, pair) -> dict:
-    rows = sg.interference(pair)
-    shared = sum(r["overlap"] for r in rows) / len(rows) if rows else 0.0
-    return {
-        "tensors": len(rows),
-        "mean_overlap": round(shared, 4),
-        "mean_sign_conflict": round(sum(r["sign_conflict"] for r in rows) / len(rows), 4) if rows else 0.0,
-        "mean_cosine": round(sum(r["cosine"] for r in rows) / len(rows), 4) if rows else 0.0,
-    }
+    """The experts' overlap per kind of tensor: the sparse ones (where supports may collide) apart
+    from those both train densely (biases, LayerNorms, the head: full overlap by construction)."""
+    return sg.interference_summary(sg.interference(pair))
 
 
 def summarise(points: list[dict]) -> dict:

@@ -546,7 +546,7 @@ def quality_choice_table(report: dict) -> str:
 def merge_quality_table(report: dict) -> str:
     """Per model (the two experts, multi-task, every merge): RT and IMDB test accuracy, their mean
     and the normalized accuracy (each divided by its expert's), mean ± std over the seeds; then
-    the experts' overlap and task arithmetic's chosen scales."""
+    the experts' overlap (sparse and dense tensors apart) and task arithmetic's chosen scales."""
     lines = [
         "| model | RT test | IMDB test | mean | normalized |",
         "|---|---:|---:|---:|---:|",
@@ -557,16 +557,27 @@ def merge_quality_table(report: dict) -> str:
         )
     points = report["points"]
     inter = [p["interference"] for p in points]
-    overlap = sum(i["mean_overlap"] for i in inter) / len(inter)
-    conflict = sum(i["mean_sign_conflict"] for i in inter) / len(inter)
-    cosine = sum(i["mean_cosine"] for i in inter) / len(inter)
+
+    def mean(kind: str, key: str) -> float:
+        return sum(i[kind][key] for i in inter) / len(inter)
+
     scales = ", ".join(f"{p['scale_chosen']:g}" for p in points)
-    return "\n".join(lines) + (
-        f"\n\nOver the tensors both experts change (the dense biases and LayerNorms among them, which "
-        f"share every value), their changes share {100 * overlap:.1f}% of the union per tensor on average "
-        f"(signs disagree on {100 * conflict:.1f}% of the shared values; mean cosine {cosine:+.3f}); "
-        f"task arithmetic's scale chosen on validation: {scales} (seeds in order)."
+    sparse, dense = inter[0]["sparse"], inter[0].get("dense")
+    text = (
+        f"\n\nThe experts' sparse changes ({sparse['tensors']} weight tensors) share "
+        f"{100 * mean('sparse', 'overlap'):.1f}% of the entries either changes (per-tensor mean "
+        f"{100 * mean('sparse', 'mean_overlap'):.1f}%); signs disagree on "
+        f"{100 * mean('sparse', 'mean_sign_conflict'):.1f}% of the shared entries, "
+        f"and the mean cosine per tensor is {mean('sparse', 'mean_cosine'):+.3f}."
     )
+    if dense:
+        text += (
+            f" The {dense['tensors']} tensors both train densely (biases, LayerNorms, the head) share every "
+            f"value by construction (signs disagree on {100 * mean('dense', 'mean_sign_conflict'):.1f}%, "
+            f"cosine {mean('dense', 'mean_cosine'):+.3f})."
+        )
+    text += f" Task arithmetic's scale chosen on validation: {scales} (seeds in order)."
+    return "\n".join(lines) + text
 
 
 def domain_select_table(report: dict) -> str:

@@ -56,7 +56,9 @@ def test_merge_quality_quick(tmp_path):
     best = max(point["validation_by_scale"].values())
     assert point["validation_by_scale"][str(point["scale_chosen"])] == best
     assert set(point["merge_seconds"]) == set(merges) and point["entries"]["rt"] > 0
-    assert 0 <= point["interference"]["mean_overlap"] <= 1
+    inter = point["interference"]  # the recipe trains biases, LayerNorms and the head densely
+    assert set(inter) == {"sparse", "dense"} and inter["dense"]["overlap"] == 1.0
+    assert 0 <= inter["sparse"]["overlap"] < 1 and inter["sparse"]["tensors"] == 36  # 6 layers x 6 Linear
     s, rt, im = r["summary"]["ties"], models["rt-expert"]["rt"], models["imdb-expert"]["imdb"]
     want = (models["ties"]["rt"] / rt + models["ties"]["imdb"] / im) / 2
     assert abs(s["normalized"]["mean"] - want) < 1e-9 and s["normalized"]["std"] == 0
