@@ -187,7 +187,7 @@ def run_merge(cfg: MergeConfig, console: Console | None = None, check_only: bool
 
 
 def print_interference(rows: list[dict[str, Any]], console: Console) -> None:
-    """A table of :func:`surgical.merge.interference` rows, and a one-line summary."""
+    """A table of :func:`surgical.merge.interference` rows, then one summary line per kind."""
     t = Table(title="interference per tensor changed by two or more inputs")
     for col in ("tensor", "kind", "inputs", "overlap", "sign conflicts", "cosine"):
         t.add_column(col, justify="left" if col in ("tensor", "kind") else "right")
