@@ -77,6 +77,18 @@ def check_weight(x: Any, where: str) -> float | list[float]:
     return float(x)
 
 
+def check_nonnegative(method: str, lists: list[tuple[str, list]]) -> None:
+    """A SurgicalError naming the first negative weight (or anchor) for a method that averages
+    by weight, where a negative weight has no meaning."""
+    for where, weights in lists:
+        for i, x in enumerate(weights):
+            if any(v < 0 for v in (x if is_gradient(x) else [x])):
+                raise SurgicalError(
+                    f"{method} takes weights >= 0, but {where}[{i}] is {x!r}",
+                    "Use task_arithmetic or ties to subtract a change",
+                )
+
+
 def check_rules(rules: Any, method: str, n: int, options: dict[str, Any]) -> list[dict[str, Any]]:
     """Per-tensor rules checked and completed: each ``{"match": [patterns], "weights": [n floats] or
     None, "options": the method's options with the rule's overrides}``; a SurgicalError names the
@@ -185,6 +197,11 @@ def merge(
         raise SurgicalError(f"{method} merges {need} delta(s), got {len(deltas)}", "Pass that many deltas")
     w = [1.0] * len(deltas) if weights is None else check_weights(weights, len(deltas), "weights")
     checked = check_rules(rules, method, len(deltas), options)
+    if entry.extra.get("nonnegative_weights"):
+        check_nonnegative(
+            method,
+            [("weights", w)] + [(f"rules[{i}].weights", r["weights"] or []) for i, r in enumerate(checked)],
+        )
     check_compatible(deltas)
     names = list(dict.fromkeys(n for d in deltas for n in d.names()))
     chosen, hits = assign_rules(names, checked)

@@ -31,6 +31,7 @@ from surgical.merge.support import TensorMerge
     ],  # fmt: skip
     reference="https://arxiv.org/abs/2111.09832",
     needs_scores=True,
+    nonnegative_weights=True,
 )
 def fisher(t: TensorMerge) -> torch.Tensor:
     """sum_i w_i F_i v_i / sum_i w_i F_i per value (weighted mean where every F is zero)."""

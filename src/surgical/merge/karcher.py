@@ -6,7 +6,7 @@ direction ``x`` minimises the weighted sum of squared arc lengths to the ``u_i``
 the fixed-point iteration: map every ``u_i`` to the tangent space at ``x`` (``log_x(u_i) = theta_i
 / sin(theta_i) (u_i - cos(theta_i) x)``, ``theta_i`` the angle between them), average those by
 weight, step along the average (``exp_x``), until the step is shorter than ``tol`` or after
-``max_iter`` steps. The result is ``sum_i w_i r_i`` times ``x``, weights normalized to sum to one.
+``max_iter`` steps. The result is ``sum_i w_i r_i`` times ``x``, weights (>= 0) normalized to sum to one.
 With two inputs of equal weight it is slerp's midpoint direction; with one direction it is that
 direction. An input that does not change a tensor has no direction there and is left out of that
 tensor's mean (as the other disjoint means leave it out). This is mergekit's ``karcher`` on task
@@ -35,23 +35,21 @@ FLAT = 1e-12  # below this sin(theta), the direction lies on x (or opposite it):
     ],
     reference="https://en.wikipedia.org/wiki/Fr%C3%A9chet_mean",
     min_inputs=2,
+    nonnegative_weights=True,
 )
 def karcher(t: TensorMerge) -> torch.Tensor:
     """Fixed-point iteration on the unit sphere; weights normalized over the inputs that change it."""
     v = t.values.double()
     r = v.norm(dim=1)
     live = r > 0
-    if not bool(live.any()):
-        return torch.zeros(v.shape[1], dtype=torch.float32)
     w = t.weights.double()[live]
-    if float(w.sum()) == 0:
+    u = v[live] / r[live, None]
+    x = (w[:, None] * u).sum(0)  # zeros when no input changes this tensor
+    # nothing changed, zero weights, or directions that cancel: no mean direction
+    if float(w.sum()) == 0 or float(x.norm()) < FLAT * float(w.sum()):
         return torch.zeros(v.shape[1], dtype=torch.float32)
     w = w / w.sum()
-    u = v[live] / r[live, None]
     length = float((w * r[live]).sum())
-    x = (w[:, None] * u).sum(0)
-    if float(x.norm()) < FLAT:  # directions that cancel: no mean direction
-        return torch.zeros(v.shape[1], dtype=torch.float32)
     x = x / x.norm()
     for _ in range(t.options["max_iter"]):
         cos = (u @ x).clamp(-1.0, 1.0)

@@ -6,7 +6,8 @@ weights and the method's checked options, it returns the ``m`` merged values. It
 of files, kinds or which deltas touch which tensors (:func:`surgical.merge.merge` does that).
 
 Registered with ``help``, ``options`` and ``reference`` (a paper or page), and ``min_inputs`` /
-``max_inputs`` where the method needs them.
+``max_inputs`` where the method needs them, ``nonnegative_weights`` where it averages by weight
+and a negative weight has no meaning (:func:`surgical.merge.merge` refuses one).
 """
 
 from __future__ import annotations

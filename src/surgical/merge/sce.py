@@ -15,6 +15,8 @@ Per tensor, over the union of the supports:
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from surgical.core.registry import Option
@@ -55,5 +57,5 @@ def sce(t: TensorMerge) -> torch.Tensor:
     energy = values.double().pow(2).mean(dim=1) * t.weights.double()  # a negative weight subtracts
     total = float(energy.abs().sum())
     coef = (energy / total if total > 0 else torch.zeros(n, dtype=torch.float64)).float()
-    scored = TensorMerge(t.name, t.shape, t.kind, t.index, values, coef, t.options, t.present)
+    scored = dataclasses.replace(t, values=values, weights=coef)
     return combine(scored, values, "ties", t.options["normalize"]) * t.options["scale"]

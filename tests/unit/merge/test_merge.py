@@ -346,6 +346,19 @@ def test_karcher_is_the_mean_direction_at_the_mean_length():
     assert float(tangent.norm()) < 1e-6  # the result is stored in float32
     other = entries([5], [3.0], name="other.weight")  # a tensor only one input changes: its change
     assert torch.allclose(dense_of(merge([a, other], "karcher")), dense_of(a))
+    # inputs that cancel, or zero weights: no mean direction, so no change
+    assert dense_of(merge([a, entries([0, 1], [-2.0, 0.0])], "karcher")).abs().sum() == 0
+    assert dense_of(merge([a, b], "karcher", weights=[0, 0])).abs().sum() == 0
+
+
+@pytest.mark.parametrize("method", ["karcher", "fisher"])
+def test_weighted_means_refuse_negative_weights(method):
+    a, b = entries([0, 1], [1.0, 0.0]), entries([0, 1], [0.0, 3.0])
+    with pytest.raises(SurgicalError, match=rf"{method} takes weights >= 0, but weights\[1\] is -1.0"):
+        merge([a, b], method, weights=[1, -1])
+    with pytest.raises(SurgicalError, match=r"rules\[0\].weights\[0\] is \[1.0, -0.5\]"):
+        merge([a, b], method, rules=[{"match": ["*"], "weights": [[1, -0.5], 1]}])
+    assert dense_of(merge([a, b], "ties", weights=[1, -1])).abs().sum() > 0  # ties may subtract
 
 
 def test_layer_positions_and_interpolation():
