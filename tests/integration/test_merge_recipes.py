@@ -69,6 +69,32 @@ def test_merge_yaml_writes_the_merged_delta_and_its_config(world, tmp_path, monk
     used = yaml.safe_load((tmp_path / "merged" / "merge_config.yaml").read_text())
     assert used["method"] == "ties" and used["options"] == {"density": 0.5}
     assert merged.meta["merge"]["method"] == "ties"
+    # the merged delta records how its inputs overlapped, and the command printed it
+    pair = [sg.Delta.load(world["delta0"]), sg.Delta.load(world["delta1"])]
+    summary = sg.interference_summary(sg.interference(pair))
+    assert merged.meta["merge"]["interference"] == summary  # floats survive JSON exactly
+    flat = " ".join(out.split())
+    assert f"overlap {summary['sparse']['overlap']:.1%} of the values changed" in flat
+    assert "model_stock keeps" not in flat
+
+
+def test_merge_notes_when_model_stock_meets_orthogonal_changes(tmp_path, monkeypatch, capsys):
+    a = sg.Delta(shapes={"w": (4, 4)})
+    a.entries["w"] = (torch.tensor([0, 1]), torch.tensor([1.0, 0.5]))
+    b = sg.Delta(shapes={"w": (4, 4)})
+    b.entries["w"] = (torch.tensor([1, 2]), torch.tensor([-0.1, 2.0]))  # cosine -0.022 with a
+    for name, d in (("a", a), ("b", b)):
+        d.save(tmp_path / name)
+    args = ["merge", "--delta", str(tmp_path / "a"), "--delta", str(tmp_path / "b"), "--method"]
+    code, out, err = run_main(monkeypatch, capsys, *args, "model_stock", "--out", str(tmp_path / "m"))
+    assert code == 0, err
+    flat = " ".join(out.split())
+    assert "mean cosine -0.022), so model_stock keeps about 0% of their mean change" in flat
+    assert sg.Delta.load(tmp_path / "m").meta["merge"]["interference"]["sparse"]["overlap"] == pytest.approx(
+        1 / 3
+    )
+    code, out, err = run_main(monkeypatch, capsys, *args, "ties", "--out", str(tmp_path / "t"))
+    assert code == 0 and "model_stock keeps" not in out
 
 
 def test_merge_check_reports_interference_and_writes_nothing(world, tmp_path, monkeypatch, capsys):

@@ -169,6 +169,8 @@ def run_merge(cfg: MergeConfig, console: Console | None = None, check_only: bool
     weights = [item.get("weight", 1.0) for item in cfg.inputs]  # numbers, or lists of anchors
     merged = merge(deltas, cfg.method, weights=weights, rules=list(cfg.rules) or None, **cfg.options)
     merged.meta["merge"]["config"] = cfg.to_dict()
+    summary = interference_summary(interference(deltas)) if len(deltas) > 1 else {}
+    merged.meta["merge"]["interference"] = summary
     out = Path(cfg.out)
     if cfg.output_format == "delta":
         merged.save(out, dtype=cfg.dtype)
@@ -183,7 +185,28 @@ def run_merge(cfg: MergeConfig, console: Console | None = None, check_only: bool
         f"{merged.num_block_values:,} in rows/columns, {merged.num_dense:,} dense, {merged.num_full:,} "
         f"replaced values; wrote {out} ({cfg.output_format})"
     )
+    print_summary(summary, console)
+    stock_note(cfg.method, summary, len(deltas), console)
     return merged
+
+
+# below this mean cosine of the sparse changes, Model Stock keeps little of them (its ratio is
+# N c / (1 + (N - 1) c)); benchmarks/merge_quality.py measured c = 0.04 between two experts
+LOW_COSINE = 0.2
+
+
+def stock_note(method: str, summary: dict[str, dict[str, Any]], n: int, console: Console) -> None:
+    """A note when Model Stock merges sparse changes that are nearly orthogonal."""
+    sparse = summary.get("sparse")
+    if method != "model_stock" or sparse is None or sparse["mean_cosine"] >= LOW_COSINE:
+        return
+    c = max(sparse["mean_cosine"], 0.0)
+    console.print(
+        f"note: the inputs' sparse changes are nearly orthogonal (mean cosine {sparse['mean_cosine']:+.3f}), "
+        f"so model_stock keeps about {n * c / (1 + (n - 1) * c):.0%} of their mean change; "
+        "it was made for fine-tunes of one task from one start. For experts on different data, "
+        "ties, sce or fisher keep more (docs/merging.md)"
+    )
 
 
 def print_interference(rows: list[dict[str, Any]], console: Console) -> None:
@@ -195,7 +218,14 @@ def print_interference(rows: list[dict[str, Any]], console: Console) -> None:
         t.add_row(r["name"], r["kind"], str(r["deltas"]), f"{r['overlap']:.1%}", f"{r['sign_conflict']:.1%}",
                   f"{r['cosine']:+.3f}")  # fmt: skip
     console.print(t)
-    for kind, s in interference_summary(rows).items():
+    print_summary(interference_summary(rows), console)
+    if not rows:
+        console.print("no tensor is changed by two inputs: every method merges them without interference")
+
+
+def print_summary(summary: dict[str, dict[str, Any]], console: Console) -> None:
+    """One line per kind of tensor from :func:`surgical.merge.interference_summary`."""
+    for kind, s in summary.items():
         n = s["tensors"]
         if kind == "sparse":
             what = (
@@ -205,5 +235,3 @@ def print_interference(rows: list[dict[str, Any]], console: Console) -> None:
         else:
             what = f"{n} densely changed tensor{'s' * (n != 1)} (full overlap by design):"
         console.print(f"{what} sign conflicts {s['mean_sign_conflict']:.1%}, cosine {s['mean_cosine']:+.3f}")
-    if not rows:
-        console.print("no tensor is changed by two inputs: every method merges them without interference")
