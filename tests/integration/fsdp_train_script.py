@@ -12,6 +12,7 @@ weights and check the refusals that need a process group.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,9 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for the t
 
 import surgical as sg  # noqa: E402
 from conftest import lm_batches, tiny_llama  # noqa: E402
+from surgical.core.processes import RankShares  # noqa: E402
 from surgical.core.tensors import is_dtensor  # noqa: E402
 from surgical.select.plan import Plan  # noqa: E402
-from surgical.train import Regrow, StepState, shard  # noqa: E402
+from surgical.train import Regrow, StepState, TrainHook, shard  # noqa: E402
 
 STEPS = 4
 LR = 1e-2
@@ -61,6 +63,39 @@ def train_single(out: Path, additive: bool = True) -> None:
         loss.backward()
         opt.step()
     sg.extract(model).save(out / "single")
+
+
+class KeepStep2(TrainHook):
+    """At step 3, process 0 copies the step-2 checkpoint aside: the state a run killed after step
+    2 would have left (the next checkpoint, at step 4, replaces it)."""
+
+    def __init__(self, src: Path, dst: Path) -> None:
+        self.src, self.dst = src, dst
+
+    def on_step_end(self, state: StepState) -> None:
+        if state.step == 3 and dist.get_rank() == 0:
+            shutil.copytree(self.src / "step-2", self.dst / "step-2")
+
+
+def fit_sharded(rank: int, world: int, checkpoint_dir: Path, resume: bool = False, hooks=()):
+    """``sg.fit`` on the sharded model, each rank on its share of every batch, checkpoints every 2 steps."""
+    model, plan = model_and_plan()
+    sg.prepare(model, plan, additive=True)
+    shard(model)
+    batches = RankShares(global_batches(), rank, world)
+    result = sg.fit(model, batches, lr=LR, max_steps=STEPS, warmup=0.0, seed=0, checkpoint_dir=checkpoint_dir,
+                    checkpoint_every=2, resume=resume, hooks=hooks, show=False)  # fmt: skip
+    return sg.extract(model), result
+
+
+def checkpoint_and_resume(out: Path, rank: int, world: int) -> None:
+    """An uninterrupted sharded ``sg.fit`` with checkpoints, then one resumed from its step-2 checkpoint."""
+    whole, first = fit_sharded(rank, world, out / "ckpt", hooks=[KeepStep2(out / "ckpt", out / "resumed")])
+    resumed, second = fit_sharded(rank, world, out / "resumed", resume=True)
+    whole.save(out / f"fit-whole-rank{rank}")
+    resumed.save(out / f"fit-resumed-rank{rank}")
+    runs = {k: [r.resumed_from, r.steps, r.losses] for k, r in (("whole", first), ("resumed", second))}
+    (out / f"fit-rank{rank}.json").write_text(json.dumps(runs))
 
 
 def refusals(rank: int) -> dict:
@@ -125,6 +160,7 @@ def main(out: str) -> None:
     info = {"frozen_held": held, "frozen_total": total, "losses": losses, "refused": refused}
     (out / f"rank{rank}.json").write_text(json.dumps(info))
     dist.barrier()
+    checkpoint_and_resume(out, rank, world)
     if rank == 0:
         train_single(out)
     dist.destroy_process_group()

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 from pathlib import Path
 
+import pytest
 import torch
 
 import surgical as sg
@@ -14,8 +17,16 @@ from train_fixtures import run_two_processes
 SCRIPT = Path(__file__).with_name("fsdp_train_script.py")
 
 
-def test_two_process_fsdp2_matches_one_process_bit_for_bit(tmp_path):
-    run_two_processes(SCRIPT, str(tmp_path))
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory):
+    """One torchrun of the script; its outputs serve every test of this file."""
+    out = tmp_path_factory.mktemp("fsdp")
+    run_two_processes(SCRIPT, str(out))
+    return out
+
+
+def test_two_process_fsdp2_matches_one_process_bit_for_bit(ran):
+    tmp_path = ran
     d0, d1, single = (sg.Delta.load(tmp_path / k) for k in ("rank0", "rank1", "single"))
     assert d0.meta["world_size"] == 2 and d0.num_entries > 0
     # the sharded run names the same (unsharded) base
@@ -39,3 +50,42 @@ def test_two_process_fsdp2_matches_one_process_bit_for_bit(tmp_path):
         assert "additive=True" in refused["step_in_place_sharded"]
         assert "already sharded" in refused["prepare_sharded"]
         assert "prune-and-regrow cannot run on a sharded model" in refused["regrow_sharded"]
+
+
+def test_sharded_checkpoints_resume_bit_for_bit_and_are_one_file_set(ran):
+    """``sg.fit`` on the FSDP2-sharded model with ``checkpoint_dir``: process 0 writes one checkpoint
+    (sharded values and Adam moments gathered whole, every process's RNG state); a run resumed from
+    the step-2 checkpoint ends on both ranks with the uninterrupted run's delta, bit for bit."""
+    tmp_path = ran
+    whole = [sg.Delta.load(tmp_path / f"fit-whole-rank{r}") for r in (0, 1)]
+    resumed = [sg.Delta.load(tmp_path / f"fit-resumed-rank{r}") for r in (0, 1)]
+    assert whole[0].digest() == whole[1].digest() == resumed[0].digest() == resumed[1].digest()
+    for rank in (0, 1):
+        runs = json.loads((tmp_path / f"fit-rank{rank}.json").read_text())
+        assert runs["whole"][:2] == [None, 4] and runs["resumed"][:2] == [2, 4]  # it did resume at 2
+        assert runs["resumed"][2] == runs["whole"][2][2:]  # the same last two losses
+    assert sum(int((v != 0).sum()) for _, v in whole[0].entries.values()) > 0.9 * whole[0].num_entries
+    step = tmp_path / "ckpt" / "step-4"
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-4"]
+    info = json.loads((step / "checkpoint.json").read_text())
+    assert info["rng"]["processes"] == 2 and "rng.rank1.torch" in info["tensors"]
+    # whole values, not shards: the sharded tensors have their full shapes in the file
+    norm = info["tensors"]["values.model.norm.weight"]
+    assert norm["shape"] == [32]
+
+    def numel(keys):
+        return sum(math.prod(info["tensors"][k]["shape"]) for k in keys)
+
+    moments = [k for k in info["tensors"] if k.startswith("optimizer.state.") and k.endswith(".exp_avg")]
+    assert numel(moments) == numel([k for k in info["tensors"] if k.startswith("values.")]) > 0
+    # one process cannot take over a checkpoint of two: one line, before anything is restored
+    spec = importlib.util.spec_from_file_location("fsdp_train_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model, plan = script.model_and_plan()
+    sg.prepare(model, plan, additive=True)
+    before = sg.extract(model).digest()
+    with pytest.raises(sg.SurgicalError, match=r"written by 2 process\(es\), this run has 1"):
+        sg.fit(model, script.global_batches(), lr=script.LR, max_steps=script.STEPS, warmup=0.0, seed=0,
+               checkpoint_dir=tmp_path / "ckpt", checkpoint_every=2, resume=True, show=False)  # fmt: skip
+    assert sg.extract(model).digest() == before

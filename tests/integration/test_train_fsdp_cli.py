@@ -25,6 +25,9 @@ def files(tmp_path_factory):
     }
 
 
+TORCHRUN = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m"]
+
+
 def _config(path, files, out, **training) -> str:
     cfg = {
         "out": str(out),
@@ -41,14 +44,8 @@ def test_two_processes_train_the_delta_of_one(tmp_path, files, monkeypatch, caps
     single = _config(tmp_path / "single.yaml", files, tmp_path / "single")
     code, _, err = run_main(monkeypatch, capsys, "train", "-c", single)
     assert code == 0, err
-    sharded = _config(tmp_path / "fsdp.yaml", files, tmp_path / "fsdp", fsdp=True)
-    run_two_processes(
-        "surgical",
-        "train",
-        "-c",
-        sharded,
-        launcher=["torchrun", "--standalone", "--nproc_per_node", "2", "-m"],
-    )
+    sharded = _config(tmp_path / "fsdp.yaml", files, tmp_path / "fsdp", fsdp=True, checkpoint_every=2)
+    run_two_processes("surgical", "train", "-c", sharded, launcher=TORCHRUN)
     one = sg.Delta.load(tmp_path / "single" / "delta")
     two = sg.Delta.load(tmp_path / "fsdp" / "delta")
     # the same plan, and the delta names the same unsharded base
@@ -67,7 +64,21 @@ def test_two_processes_train_the_delta_of_one(tmp_path, files, monkeypatch, caps
     assert s2["steps"] == s1["steps"] == 5
     assert s2["losses"] == pytest.approx(s1["losses"], rel=1e-4)  # the mean over the ranks' halves
     assert s2["fsdp"]["processes"] == 2 and len(s2["fsdp"]["peak_rss_bytes"]) == 2
-    assert not (tmp_path / "fsdp" / "checkpoints").exists()
+    # checkpoints as a one-process run writes them (the newest kept), by process 0 alone
+    assert sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints").iterdir()) == ["step-5"]
+    # --resume continues the sharded run: two more steps from step 5 (the length knowingly changed)
+    run_two_processes("surgical", "train", "-c", sharded, "--resume", "--set", "training.max_steps=7",
+                      "--allow-change", "training.max_steps", launcher=TORCHRUN)  # fmt: skip
+    s3 = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    assert s3["resumed_from"] == 5 and s3["steps"] == 7 and len(s3["losses"]) == 2
+    assert sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints").iterdir()) == ["step-7"]
+    longer = sg.Delta.load(tmp_path / "fsdp" / "delta")
+    assert any(not torch.equal(longer.entries[n][1], two.entries[n][1]) for n in two.entries)
+    # one process cannot take over the checkpoint of two: one line, exit 2
+    code, _, err = run_main(monkeypatch, capsys, "train", "-c", single, "--resume", "--set",
+                            f"out={tmp_path / 'fsdp'}", "--set", "training.max_steps=7")  # fmt: skip
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "training.fsdp was true, now false" in err
 
 
 @pytest.mark.parametrize(
@@ -75,7 +86,12 @@ def test_two_processes_train_the_delta_of_one(tmp_path, files, monkeypatch, caps
     [
         (None, {}, {}, "training.fsdp needs at least 2 processes, this run has 1. Launch it with torchrun"),
         ("2", {}, {"data": {"batch_size": 3}}, "data.batch_size 3 does not split evenly between 2 processes"),
-        ("2", {"checkpoint_every": 2}, {}, "training.fsdp does not support training.checkpoint_every yet"),
+        (
+            "2",
+            {},
+            {"token_selection": {"method": "random"}},
+            "training.fsdp does not support token_selection",
+        ),
         ("2", {}, {"schedule": {"name": "lisa"}}, "training.fsdp does not support schedule.name yet"),
         ("2", {}, {"data_selection": {"method": "random", "fraction": 0.5}}, "select-data"),
     ],

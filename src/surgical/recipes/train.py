@@ -149,8 +149,6 @@ class RunConfig:
             "schedule.name": self.schedule.name != "none",
             "token_selection.method": self.token_selection.method != "none",
             "model.quantization.backend": self.model.quantization.backend != "none",
-            "training.checkpoint_every": self.training.checkpoint_every > 0,
-            "training.resume": self.training.resume,
         }
         for key, used in unsupported.items():
             if used:
@@ -393,7 +391,7 @@ def run_train(
             bf16=t.bf16,
             seed=t.seed,
             hooks=hooks,
-            checkpoint_dir=None if fsdp else out / "checkpoints",
+            checkpoint_dir=out / "checkpoints",
             checkpoint_every=t.checkpoint_every,
             resume=t.resume,
             allow_changes=allow_changes,

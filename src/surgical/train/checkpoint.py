@@ -22,6 +22,13 @@ identity (:mod:`surgical.train.identity`), and loading compares it before restor
 
 Checkpoints written by surgical before version 2 (a pickled ``state.pt``) are refused, never
 unpickled: a crafted one would run arbitrary code on ``--resume``.
+
+Several processes (DDP, FSDP2): every process calls :func:`save_checkpoint`; sharded values and
+optimizer state are gathered whole (a collective, one tensor at a time), the RNG states of every
+process are gathered, and process 0 alone writes the one checkpoint, in the same format as a
+single process's (the other processes' RNG states as ``rng.rank<R>.*``). Every process reads it
+back (they share a filesystem: one machine, or a shared disk) and takes its own part: its shard
+of each sharded value and optimizer state, its own RNG states.
 """
 
 from __future__ import annotations
@@ -36,11 +43,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from surgical.core.errors import SurgicalError
 from surgical.core.io import atomic_dir
+from surgical.core.processes import world_size
+from surgical.core.tensors import full_tensor, is_dtensor
 from surgical.train.hooks import StepState, TrainHook
 from surgical.train.identity import check_identity
 from surgical.train.state import state_buffers, stateful_modules
@@ -127,7 +137,12 @@ def _trainable_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
         "moving": state_buffers(model, ("moves",)),  # a schedule may have moved them: restored on resume
         "fixed": state_buffers(model, ("fixed",)),  # never change: must match on resume
     }
-    tensors = {f"{role}.{n}": t.detach().cpu().clone() for role, g in groups.items() for n, t in g.items()}
+    # sharded values are gathered whole: a collective, in the same order on every process
+    tensors = {
+        f"{role}.{n}": full_tensor(t).detach().cpu().clone()
+        for role, g in groups.items()
+        for n, t in g.items()
+    }
     info = {role: sorted(g) for role, g in groups.items()}
     info["requires_grad"] = {n: p.requires_grad for n, p in model.named_parameters()}
     return tensors, info
@@ -137,11 +152,11 @@ def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Tensors (``optimizer.state.<i>.<name>``) and JSON (param groups, numbers) of the optimizer."""
     sd = optimizer.state_dict()
     tensors, state = {}, {}
-    for i, entry in sd["state"].items():
+    for i, entry in sorted(sd["state"].items()):  # the same order on every process (collectives)
         names, numbers = [], {}
         for name, v in entry.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"optimizer.state.{i}.{name}"] = v.detach().cpu().clone()
+                tensors[f"optimizer.state.{i}.{name}"] = full_tensor(v).detach().cpu().clone()
                 names.append(name)
             else:
                 _check_json(v, f"the optimizer state {name!r}")
@@ -177,10 +192,8 @@ def save_checkpoint(
     """
     model_tensors, model_info = _trainable_state(state.model, state.optimizer)
     opt_tensors, opt_info = _optimizer_state(state.optimizer)
-    tensors = {**model_tensors, **opt_tensors, "rng.torch": torch.get_rng_state()}
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    for i, t in enumerate(cuda or []):
-        tensors[f"rng.cuda.{i}"] = t.cpu()
+    rng, cuda = _gather_rng()
+    tensors = {**model_tensors, **opt_tensors, **rng}
     scheduler = state.scheduler.state_dict() if state.scheduler is not None else None
     _check_json(scheduler, "the scheduler's state_dict()")
     _check_json(dict(identity) if identity is not None else None, "the run identity")
@@ -196,18 +209,47 @@ def save_checkpoint(
         "model": model_info,
         "optimizer": opt_info,
         "scheduler": scheduler,
-        "rng": {"python": [version, list(internal), gauss], "cuda": len(cuda) if cuda is not None else None},
+        "rng": {"python": [version, list(internal), gauss], "cuda": cuda},
         "hooks": hook_states,
         "tensors": {k: {"dtype": _dtype_name(t), "shape": list(t.shape)} for k, t in sorted(tensors.items())},
     }
+    if world_size() > 1:
+        info["rng"]["processes"] = world_size()
     target = Path(checkpoint_dir) / f"step-{state.step}"
-    with atomic_dir(target) as tmp:
-        save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp / TENSORS_FILE))
-        info["sha256"] = _sha256(tmp / TENSORS_FILE)
-        (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
-    for old in checkpoints(checkpoint_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if _rank() == 0:
+        with atomic_dir(target) as tmp:
+            save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp / TENSORS_FILE))
+            info["sha256"] = _sha256(tmp / TENSORS_FILE)
+            (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
+        for old in checkpoints(checkpoint_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    if world_size() > 1:
+        dist.barrier()  # no process goes on before the checkpoint is in place
     return target
+
+
+def _rank() -> int:
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def _rng_key(rank: int, name: str) -> str:
+    """Process 0's RNG states are ``rng.<name>`` (as a single process's), the others'
+    ``rng.rank<R>.<name>``."""
+    return f"rng.{name}" if rank == 0 else f"rng.rank{rank}.{name}"
+
+
+def _gather_rng() -> tuple[dict[str, torch.Tensor], int | None]:
+    """Every process's RNG states as checkpoint tensors (on process 0; a collective with several
+    processes), and how many CUDA generators each holds (None without CUDA)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    own = {"torch": torch.get_rng_state(), **{f"cuda.{i}": t.cpu() for i, t in enumerate(cuda or [])}}
+    ranks = [own]
+    if world_size() > 1:  # uint8 tensors between the run's own processes, never a user's file
+        ranks = [None] * world_size()
+        dist.all_gather_object(ranks, own)
+    return {_rng_key(r, k): t for r, states in enumerate(ranks) for k, t in states.items()}, (
+        len(cuda) if cuda is not None else None
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,6 +452,7 @@ def load_checkpoint(
     names = {role: r.names(saved, role, f"model.{role}") for role in _ROLES}
     requires_grad = r.get(saved, "requires_grad", dict, "model.requires_grad")
     opt_state = _optimizer_state_dict(info, tensors, state.optimizer, r)
+    _shard_like_params(opt_state, state.optimizer)
     scheduler = r.get(info, "scheduler", (dict, type(None)), "scheduler")
     if state.scheduler is not None and scheduler is not None:
         # load_state_dict updates the scheduler's __dict__: let the file set only what it saves
@@ -417,11 +460,19 @@ def load_checkpoint(
         if unknown:
             raise r.corrupted(f"scheduler state has unknown keys {sorted(unknown)}")
     python_rng = _python_rng(info, r)
-    torch_rng = _tensor(tensors, "rng.torch", r)
+    processes = r.get(info["rng"], "processes", int, "rng.processes") if "processes" in info["rng"] else 1
+    if processes != world_size():
+        raise SurgicalError(
+            f"checkpoint {r.where} was written by {processes} process(es), this run has {world_size()}",
+            f"Resume with {processes} process(es), or start a fresh run in another directory",
+        )
+    rank = _rank()
+    key = _rng_key(rank, "torch")
+    torch_rng = _tensor(tensors, key, r)
     if torch_rng.dtype != torch.uint8 or torch_rng.shape != torch.get_rng_state().shape:
-        raise r.corrupted(f"'rng.torch' is {_dtype_name(torch_rng)} {list(torch_rng.shape)}")
+        raise r.corrupted(f"{key!r} is {_dtype_name(torch_rng)} {list(torch_rng.shape)}")
     cuda = r.get(info["rng"], "cuda", (int, type(None)), "rng.cuda")
-    cuda_rng = [_tensor(tensors, f"rng.cuda.{i}", r) for i in range(cuda or 0)]
+    cuda_rng = [_tensor(tensors, _rng_key(rank, f"cuda.{i}"), r) for i in range(cuda or 0)]
     hook_states = r.get(info, "hooks", list, "hooks")
 
     model = state.model
@@ -448,7 +499,7 @@ def load_checkpoint(
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name in names["values"]:
-            params[name].copy_(tensors[f"values.{name}"])
+            _copy_into(params[name], tensors[f"values.{name}"])
     for name, flag in requires_grad.items():
         if name in params:
             params[name].requires_grad_(bool(flag))
@@ -469,6 +520,38 @@ def load_checkpoint(
     for h, s in zip(hooks, hook_states, strict=False):
         h.load_state_dict(s)
     state.step = step
+
+
+def _copy_into(param: torch.Tensor, whole: torch.Tensor) -> None:
+    """Copies a saved whole value into ``param``; a sharded parameter takes its own shard."""
+    if is_dtensor(param):
+        whole = _shard_as(whole, param)
+    param.copy_(whole)
+
+
+def _shard_as(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``whole`` laid out as the DTensor ``like`` (same mesh and placements): each process keeps
+    its part of its own copy, so nothing is sent between processes."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(
+        whole.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None
+    )
+
+
+def _shard_like_params(opt_state: dict, optimizer: torch.optim.Optimizer) -> None:
+    """Optimizer state saved whole, sharded like the parameter it belongs to (Adam's moments of a
+    sharded parameter are sharded the same way; a scalar ``step`` stays as it is)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ids = [i for g in opt_state["param_groups"] for i in g["params"]]
+    owner = dict(zip(ids, params, strict=True))
+    for i, entry in opt_state["state"].items():
+        p = owner[i]
+        if not is_dtensor(p):
+            continue
+        for name, v in entry.items():
+            if isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(p.shape):
+                entry[name] = _shard_as(v, p)
 
 
 def _replace_buffer(model: torch.nn.Module, name: str, t: torch.Tensor) -> None:

@@ -5,7 +5,9 @@ one; otherwise the result silently mixes two runs. A run's identity is a flat ma
 JSON values:
 
 - ``batches``: the number of batches and a SHA-256 of their tensors, so other data, another
-  tokenization, ``max_length`` or ``batch_size`` show even when every setting is unchanged;
+  tokenization, ``max_length`` or ``batch_size`` show even when every setting is unchanged (for
+  processes that each train a share of every batch, :class:`~surgical.core.processes.RankShares`,
+  the whole batches, so that every process computes the same identity);
 - ``selection``: a SHA-256 of the trainable parameters' names and shapes and of the selected
   indices and base values at the start of training (before a checkpoint moves them), so another
   plan or another base model shows;
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from surgical.core.errors import SurgicalError
+from surgical.core.processes import RankShares
 from surgical.train.hooks import TrainHook
 from surgical.train.state import state_buffers
 
@@ -67,7 +70,10 @@ def run_identity(
     model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], settings: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The identity to store and compare: the fingerprints plus ``settings``, as plain JSON values."""
-    identity = {"batches": fingerprint_batches(batches), "selection": fingerprint_selection(model)}
+    # several processes each training their share of every batch: the whole batches, the same on
+    # every process
+    whole = batches.batches if isinstance(batches, RankShares) else batches
+    identity = {"batches": fingerprint_batches(whole), "selection": fingerprint_selection(model)}
     identity.update(settings)
     # JSON round trip: tuples become lists, so a config read back from YAML compares equal
     return json.loads(json.dumps(identity, sort_keys=True, default=str))
