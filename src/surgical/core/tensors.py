@@ -66,3 +66,15 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
         with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
             return t.detach().clone()
     return t
+
+
+def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``whole`` (the same value on every process) laid out as ``like``: for a DTensor, each
+    process keeps its own part of its own copy (nothing is sent between processes); otherwise
+    ``whole`` on ``like``'s device and dtype."""
+    whole = whole.to(like.device, like.dtype)
+    if not is_dtensor(like):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None)

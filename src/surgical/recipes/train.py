@@ -147,7 +147,9 @@ class RunConfig:
             )
         unsupported = {
             "schedule.name": self.schedule.name != "none",
-            "token_selection.method": self.token_selection.method != "none",
+            # the reference delta is applied to a whole copy of the model on every process
+            "token_selection.reference": self.token_selection.method == "excess_loss"
+            and self.token_selection.reference != "base",
             "model.quantization.backend": self.model.quantization.backend != "none",
         }
         for key, used in unsupported.items():

@@ -50,7 +50,7 @@ from safetensors.torch import load_file, save_file
 from surgical.core.errors import SurgicalError
 from surgical.core.io import atomic_dir
 from surgical.core.processes import world_size
-from surgical.core.tensors import full_tensor, is_dtensor
+from surgical.core.tensors import full_tensor, is_dtensor, shard_like
 from surgical.train.hooks import StepState, TrainHook
 from surgical.train.identity import check_identity
 from surgical.train.state import state_buffers, stateful_modules
@@ -524,19 +524,7 @@ def load_checkpoint(
 
 def _copy_into(param: torch.Tensor, whole: torch.Tensor) -> None:
     """Copies a saved whole value into ``param``; a sharded parameter takes its own shard."""
-    if is_dtensor(param):
-        whole = _shard_as(whole, param)
-    param.copy_(whole)
-
-
-def _shard_as(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``whole`` laid out as the DTensor ``like`` (same mesh and placements): each process keeps
-    its part of its own copy, so nothing is sent between processes."""
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(
-        whole.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None
-    )
+    param.copy_(shard_like(whole, param))
 
 
 def _shard_like_params(opt_state: dict, optimizer: torch.optim.Optimizer) -> None:
@@ -551,7 +539,7 @@ def _shard_like_params(opt_state: dict, optimizer: torch.optim.Optimizer) -> Non
             continue
         for name, v in entry.items():
             if isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(p.shape):
-                entry[name] = _shard_as(v, p)
+                entry[name] = shard_like(v, p)
 
 
 def _replace_buffer(model: torch.nn.Module, name: str, t: torch.Tensor) -> None:

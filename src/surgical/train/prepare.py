@@ -37,7 +37,7 @@ from surgical.core.errors import SurgicalError
 from surgical.core.fingerprint import BaseOverlay
 from surgical.core.marks import Saved, is_prepared, prepared_record, set_prepared
 from surgical.core.patterns import as_patterns, matches
-from surgical.core.tensors import is_dtensor, is_plain, logical_shape
+from surgical.core.tensors import is_dtensor, is_plain, logical_shape, shard_like
 from surgical.select.api import is_transposed_linear
 from surgical.select.plan import Plan
 from surgical.train.additive import attach_additive
@@ -416,7 +416,7 @@ def base_values(model: nn.Module) -> Iterator[nn.Module]:
         for name, base in info.dense_base.items():
             p = params[name]
             swapped.append((p, Saved(None, base), p.detach().clone()))
-            p.copy_(base.to(p.device, p.dtype))
+            p.copy_(shard_like(base, p))  # a sharded parameter (FSDP2) takes its own shard
     try:
         yield model
     finally:
