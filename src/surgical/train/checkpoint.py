@@ -137,15 +137,18 @@ def _trainable_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
         "moving": state_buffers(model, ("moves",)),  # a schedule may have moved them: restored on resume
         "fixed": state_buffers(model, ("fixed",)),  # never change: must match on resume
     }
-    # sharded values are gathered whole: a collective, in the same order on every process
-    tensors = {
-        f"{role}.{n}": full_tensor(t).detach().cpu().clone()
-        for role, g in groups.items()
-        for n, t in g.items()
-    }
+    # sharded values are gathered whole (a collective, in the same order on every process)
+    tensors = {f"{role}.{n}": _whole(t) for role, g in groups.items() for n, t in g.items()}
     info = {role: sorted(g) for role, g in groups.items()}
     info["requires_grad"] = {n: p.requires_grad for n, p in model.named_parameters()}
     return tensors, info
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of ``t``'s whole value to write. A sharded tensor is gathered (a collective: every
+    process calls this in the same order); only process 0, which writes, keeps the copy."""
+    whole = full_tensor(t).detach()
+    return whole.cpu().clone() if _rank() == 0 else whole.new_empty(0)
 
 
 def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -156,7 +159,7 @@ def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
         names, numbers = [], {}
         for name, v in entry.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"optimizer.state.{i}.{name}"] = full_tensor(v).detach().cpu().clone()
+                tensors[f"optimizer.state.{i}.{name}"] = _whole(v)
                 names.append(name)
             else:
                 _check_json(v, f"the optimizer state {name!r}")
