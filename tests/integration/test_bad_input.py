@@ -640,7 +640,7 @@ CASES = [
     (
         "select-out-is-the-model",
         lambda w, t: ["select", str(w["bert"]), "--data", str(w["csv"]), "--out", str(w["bert"])],
-        "exists and is not a plan directory",
+        "would overwrite the model",
     ),
     # --- apply and delta files
     ("apply-delta-missing", lambda w, t: _apply(w, t, t / "nodelta"), "nodelta' does not exist"),
@@ -700,7 +700,7 @@ CASES = [
     # --- inspect
     ("inspect-missing", lambda w, t: ["inspect", str(t / "nothing")], "does not exist"),
     ("inspect-a-model-directory", lambda w, t: ["inspect", str(w["bert"])], "delta_config.json' is missing"),
-    ("inspect-a-file", lambda w, t: ["inspect", str(w["csv"])], "does not exist"),
+    ("inspect-a-file", lambda w, t: ["inspect", str(w["csv"])], "cls.csv' is a file, not a delta directory"),
     (
         "inspect-delta-checksum-mismatch",
         lambda w, t: ["inspect", _copy(w["delta"], t, _flip("delta.safetensors"))],
@@ -831,7 +831,7 @@ CASES = [
     (
         "demo-out-is-a-file",
         lambda w, t: ["demo", "--quick", "--model", str(w["bert"]), "--out", str(w["csv"])],
-        "exists and is not a delta directory",
+        "is an existing file, not a delta directory",
     ),
 ]
 
@@ -934,6 +934,103 @@ CASES += [
         "train-messages-answers-truncated-away",
         lambda w, t: _chat(w, t, max_length=4),
         "every answer was truncated away",
+    ),
+]
+
+
+# --out and --png never destroy what is there: a file, or a directory of another kind
+CASES += [
+    (
+        "apply-out-is-a-data-file",
+        lambda w, t: ["apply", str(w["bert"]), str(w["delta"]), "--out", str(w["csv"])],
+        "is an existing file, not a model directory",
+    ),
+    (
+        "apply-out-is-another-kind-of-directory",
+        lambda w, t: ["apply", str(w["bert"]), str(w["delta"]), "--out", str(w["llama_plan"])],
+        "exists and is not a model directory (it holds other files)",
+    ),
+    (
+        "export-out-is-a-delta",
+        lambda w, t: ["export", str(w["delta"]), "--base", str(w["bert"]), "--out", str(w["llama_plan"])],
+        "exists and is not a PEFT adapter directory",
+    ),
+    (
+        "diff-out-is-a-data-file",
+        lambda w, t: ["diff", str(w["bert"]), str(w["other"]), "--out", str(w["csv"])],
+        "is an existing file, not a delta directory",
+    ),
+    (
+        "import-lora-out-is-a-model",
+        lambda w, t: ["import-lora", str(w["ia3"]), "--base", str(w["bert"]), "--out", str(w["llama"])],
+        "exists and is not a delta directory",
+    ),
+    (
+        "merge-out-is-a-data-file",
+        lambda w, t: [
+            "merge",
+            "--delta",
+            str(w["delta"]),
+            "--delta",
+            str(w["delta"]),
+            "--out",
+            str(w["csv"]),
+        ],
+        "is an existing file, not a delta directory",
+    ),
+    (
+        "inspect-png-is-the-delta-file",
+        lambda w, t: ["inspect", str(w["delta"]), "--png", str(w["delta"] / "delta.safetensors")],
+        "delta.safetensors' is an existing file that is not a PNG",
+    ),
+    (
+        "inspect-png-is-a-directory",
+        lambda w, t: ["inspect", str(w["llama_plan"]), "--png", str(w["bert"])],
+        "is a directory. Pass a file path such as",
+    ),
+    (
+        "select-png-is-the-data",
+        lambda w, t: [
+            "select",
+            str(w["bert"]),
+            "--data",
+            str(w["csv"]),
+            "--out",
+            str(t / "p"),
+            "--png",
+            str(w["csv"]),
+        ],
+        "cls.csv' is an existing file that is not a PNG",
+    ),
+    (
+        "wise-ft-out-is-a-plan",
+        lambda w, t: [
+            "wise-ft",
+            "--model",
+            str(w["bert"]),
+            "--delta",
+            str(w["delta"]),
+            "--validation",
+            str(w["csv"]),
+            "--out",
+            str(w["llama_plan"]),
+        ],  # fmt: skip
+        "exists and is not a WiSE-FT report directory",
+    ),
+    (
+        "soup-out-is-a-plan",
+        lambda w, t: [
+            "soup",
+            str(w["delta"]),
+            str(w["delta"]),
+            "--model",
+            str(w["bert"]),
+            "--validation",
+            str(w["csv"]),
+            "--out",
+            str(w["llama_plan"]),
+        ],  # fmt: skip
+        "exists and is not a soup report directory",
     ),
 ]
 

@@ -164,7 +164,8 @@ def test_inspect_known_plan_prints_shares_and_writes_png(tmp_path, monkeypatch, 
     ],
 )
 def test_select_bad_input_is_one_line(dirs, tmp_path, monkeypatch, capsys, extra, message):
-    (tmp_path / "notplan").mkdir()
+    (tmp_path / "notplan").mkdir()  # a directory of other files (an empty one would be fine)
+    (tmp_path / "notplan" / "notes.txt").write_text("keep")
     subs = {"{missing}": str(tmp_path / "missing.csv"), "{notplan}": str(tmp_path / "notplan")}
     args = [
         "select",

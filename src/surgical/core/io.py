@@ -104,6 +104,53 @@ def check_output(out: str | os.PathLike, inputs: dict[str, str | os.PathLike], f
     return target
 
 
+def check_replaceable(
+    out: str | os.PathLike, markers: str | tuple[str, ...], kind: str, flag: str = "--out"
+) -> Path:
+    """``out`` as a Path, or a SurgicalError if writing it would destroy something else: an
+    existing file, or a non-empty directory that holds none of ``markers`` (the files an earlier
+    output of this ``kind`` holds). An empty directory, or an earlier output of the same kind,
+    may be replaced (atomically, once the new one is complete).
+    """
+    from surgical.core.errors import SurgicalError
+
+    path = Path(out)
+    if not path.exists() and not path.is_symlink():
+        return path
+    names = (markers,) if isinstance(markers, str) else markers
+    if not path.is_dir():
+        raise SurgicalError(
+            f"{flag} {str(out)!r} is an existing file, not a {kind} directory", f"Choose another {flag}"
+        )
+    if any(path.iterdir()) and not any((path / m).is_file() for m in names):
+        raise SurgicalError(
+            f"{flag} {str(out)!r} exists and is not a {kind} directory (it holds other files)",
+            f"Choose another {flag}, or an empty or new directory",
+        )
+    return path
+
+
+def check_png(path: str | os.PathLike, flag: str = "--png") -> Path:
+    """``path`` as a Path, or a SurgicalError if writing a PNG there would destroy something: a
+    directory, or an existing file that is not a PNG (a model's weights, a data file, a delta).
+    An existing PNG is replaced atomically."""
+    from surgical.core.errors import SurgicalError
+
+    target = Path(path)
+    if target.is_dir():
+        raise SurgicalError(
+            f"{flag} {str(path)!r} is a directory", f"Pass a file path such as {target / 'x.png'}"
+        )
+    if target.exists():
+        with open(target, "rb") as fh:
+            if fh.read(8) != b"\x89PNG\r\n\x1a\n":
+                raise SurgicalError(
+                    f"{flag} {str(path)!r} is an existing file that is not a PNG",
+                    f"Choose another {flag}; only a PNG is replaced",
+                )
+    return target
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """The SHA-256 (hex) of a file's bytes, read in chunks."""
     import hashlib
@@ -149,6 +196,8 @@ def read_tensor_dir(
 
     directory = Path(directory)
     if not directory.is_dir():
+        if directory.exists():
+            raise SurgicalError(f"{str(directory)!r} is a file, not a {what} directory", fix)
         raise SurgicalError(f"{what} directory {str(directory)!r} does not exist", fix)
     for fname in (info_file, tensor_file):
         if not (directory / fname).is_file():  # safetensors' own error does not name the file

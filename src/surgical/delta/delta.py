@@ -48,7 +48,7 @@ from surgical.core.codec import (
     encode_values,
 )
 from surgical.core.errors import SurgicalError
-from surgical.core.io import atomic_dir, check_sha256, sha256_file
+from surgical.core.io import atomic_dir, check_replaceable, check_sha256, sha256_file
 from surgical.core.version import __version__
 from surgical.delta.container import DeltaData, _check_finite, _numel
 
@@ -120,14 +120,16 @@ class Delta(DeltaData):
         """Writes ``delta.safetensors`` and ``delta_config.json`` atomically.
 
         Args:
-            directory: Target directory; an existing one is replaced only once the new one is
-                complete.
+            directory: Target directory; an existing delta directory (or an empty one) is
+                replaced only once the new one is complete. A file, or a directory holding other
+                files, is refused (SurgicalError): nothing else is ever overwritten.
             dtype: Storage of the values: ``float32`` (exact), ``float16``, ``bfloat16``, or the
                 lossy ``int8`` (per-tensor scale) and ``sign`` (1 bit + one scale per tensor,
                 for entries, rows and columns; dense and replaced tensors then use bfloat16).
         """
         if dtype not in VALUE_CODECS:
             raise SurgicalError(f"unknown value dtype {dtype!r}", f"Use one of: {', '.join(VALUE_CODECS)}")
+        check_replaceable(directory, CONFIG_FILE, "delta", "directory")  # never a file or another directory
         self.validate()
         tensors: dict[str, torch.Tensor] = {}
         kinds: dict[str, dict[str, Any]] = {}
@@ -197,6 +199,8 @@ class Delta(DeltaData):
         directory = Path(directory)
         fix = "Pass a directory written by Delta.save or `surgical demo`"
         if not directory.is_dir():
+            if directory.exists():
+                raise SurgicalError(f"{str(directory)!r} is a file, not a delta directory", fix)
             raise SurgicalError(f"delta directory {str(directory)!r} does not exist", fix)
         for fname in (CONFIG_FILE, TENSOR_FILE):
             if not (directory / fname).is_file():

@@ -11,10 +11,11 @@ from rich.console import Console
 from rich.table import Table
 
 from surgical.core.errors import SurgicalError
-from surgical.core.io import check_output, dir_size
+from surgical.core.io import check_output, check_png, check_replaceable, dir_size
 from surgical.core.marks import forget_applied
 from surgical.core.registry import check_range
 from surgical.delta import EXPORT_FORMATS, Delta, apply
+from surgical.delta.delta import CONFIG_FILE
 from surgical.delta.inspect import plot_delta, tensor_rows
 from surgical.recipes.models import load_base, save_model_dir
 
@@ -31,6 +32,7 @@ def apply_deltas(
     """Applies deltas (in order, each scaled) to a base model and writes a plain HF directory."""
     console = console or Console()
     check_output(out, {"base model": base, **{f"delta {d}": d for d in deltas}})
+    check_replaceable(out, "config.json", "model")
     scales = list(scales) if scales else [1.0] * len(deltas)
     for a in scales:
         check_range(a, "--scale", low=-1e6, high=1e6)
@@ -54,6 +56,7 @@ def export_delta(delta_dir: str, base: str, out: str, *, to: str = "peft-shira",
     console = console or Console()
     exporter = EXPORT_FORMATS.get(to)
     check_output(out, {"delta": delta_dir, "base model": base})
+    check_replaceable(out, "adapter_config.json", "PEFT adapter")
     delta = Delta.load(delta_dir)
     model, _ = load_base(base, *_base_of(delta))
     exporter(delta, model, out, force=force)
@@ -68,6 +71,7 @@ def diff_models(base: str, finetuned: str, out: str, *, density: float | None = 
     """The delta between two checkpoints of one architecture, saved to ``out``."""
     console = console or Console()
     check_output(out, {"base model": base, "fine-tuned model": finetuned})
+    check_replaceable(out, CONFIG_FILE, "delta")
     ft, _ = load_base(finetuned)
     base_model, _ = load_base(base, type(ft).__name__, expect_type=getattr(ft.config, "model_type", None))
     delta = Delta.from_models(base_model, ft, density=density)
@@ -84,6 +88,7 @@ def import_lora(adapter: str, base: str, out: str, *, dtype: str = "float32",
     """A PEFT LoRA adapter as a dense delta, with the base's fingerprint recorded."""
     console = console or Console()
     check_output(out, {"adapter": adapter, "base model": base})
+    check_replaceable(out, CONFIG_FILE, "delta")
     model, _ = load_base(base)
     delta = Delta.from_peft_lora(adapter, base=model)
     delta.save(out, dtype=dtype)
@@ -93,6 +98,8 @@ def import_lora(adapter: str, base: str, out: str, *, dtype: str = "float32",
 
 def inspect_delta(path: str, png: str | None, console: Console) -> Delta:
     """Prints a delta's per-tensor counts, share, norms and size on disk; optionally a PNG heatmap."""
+    if png:
+        check_png(png)
     delta = Delta.load(path)
     t = Table(title=f"delta {path}")
     for col in ("parameter", "kind", "count", "share", "L2 norm", "max |v|"):

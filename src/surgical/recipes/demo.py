@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from surgical.core.errors import SurgicalError
-from surgical.core.io import dir_size
+from surgical.core.io import check_replaceable, dir_size
 from surgical.core.runtime import peak_rss_bytes, quiet_transformers
 from surgical.data.table import load_table
 from surgical.data.text import TextExamples, text_batches
@@ -196,11 +196,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
         raise SurgicalError(
             f"density must be in (0, 1], got {cfg.density}", "Pass a fraction such as 0.01 for 1%"
         )
-    out = Path(cfg.out)
-    if out.exists() and not (out / "delta_config.json").is_file():
-        raise SurgicalError(
-            f"output {str(out)!r} exists and is not a delta directory", "Choose another --out"
-        )
+    out = check_replaceable(cfg.out, "delta_config.json", "delta")
 
     console.print(f"[bold]1/6[/] loading model from {model_path}")
     model, tok = load_classifier(model_path, seed=cfg.seed)

@@ -28,7 +28,7 @@ import transformers
 from rich.console import Console
 
 from surgical.core.errors import SurgicalError
-from surgical.core.io import check_output
+from surgical.core.io import check_output, check_replaceable
 from surgical.core.version import __version__
 from surgical.delta import Delta, applied
 from surgical.delta.base import check_base
@@ -119,8 +119,7 @@ def _check_out(cfg: EvalConfig) -> Path:
     if cfg.reference:
         inputs["reference set"] = cfg.reference
     out = check_output(cfg.out, inputs, "out")
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / REPORT_JSON).is_file())):
-        raise SurgicalError(f"out {cfg.out!r} exists and is not a report directory", "Choose another out")
+    check_replaceable(out, REPORT_JSON, "report", "out")
     return out
 
 

@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from surgical.core.errors import SurgicalError
-from surgical.core.io import atomic_write_text, check_output
+from surgical.core.io import atomic_write_text, check_output, check_replaceable
 from surgical.core.marks import forget_applied
 from surgical.delta import Delta, apply
 from surgical.delta.delta import CONFIG_FILE
@@ -161,6 +161,10 @@ def run_merge(cfg: MergeConfig, console: Console | None = None, check_only: bool
         inputs["base model"] = cfg.base
     if not check_only:
         check_output(cfg.out, inputs, "out")
+        if cfg.output_format == "delta":
+            check_replaceable(cfg.out, "delta_config.json", "delta", "out")
+        else:
+            check_replaceable(cfg.out, "config.json", "model", "out")
     deltas, labels = load_inputs(cfg)
     if check_only:
         rows = interference(deltas)

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from surgical.core.errors import SurgicalError
-from surgical.core.io import atomic_save_figure, atomic_write_text, check_output
+from surgical.core.io import atomic_save_figure, atomic_write_text, check_output, check_replaceable
 from surgical.core.version import __version__
 from surgical.delta import Delta, applied
 from surgical.delta.base import check_base
@@ -184,6 +184,7 @@ def run_wise_ft(cfg: WiseFTConfig, console: Console | None = None, show: bool = 
     if cfg.reference:
         inputs["reference"] = cfg.reference
     out = check_output(cfg.out, inputs, "out")
+    check_replaceable(out, "wise_ft.json", "WiSE-FT report", "out")
     delta = Delta.load(cfg.delta)
     note = replaced_note(delta) if cfg.reference else None
     if note:
@@ -241,6 +242,7 @@ def run_soup(cfg: SoupConfig, console: Console | None = None, show: bool = True)
     out = check_output(
         cfg.out, {"base model": cfg.model.path, **{f"candidate {c}": c for c in cfg.candidates}}, "out"
     )
+    check_replaceable(out, "soup.json", "soup report", "out")
     deltas = [Delta.load(c) for c in cfg.candidates]
     ev = _Evaluator(cfg, deltas, show)
     single = [ev(d, with_sets=False) for d in deltas]

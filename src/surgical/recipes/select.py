@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from surgical.core.errors import SurgicalError
-from surgical.core.io import atomic_write_bytes
+from surgical.core.io import atomic_write_bytes, check_output, check_png, check_replaceable
 from surgical.recipes.config import DataConfig, ModelConfig, SelectionConfig, _f
 from surgical.recipes.data import make_batches
 from surgical.recipes.models import detect_task, load_model
@@ -49,9 +49,10 @@ def run_select(cfg: SelectConfig, console: Console | None = None, show: bool = T
     if not cfg.model.path or not cfg.data.path:
         raise SurgicalError("select needs a model and data", "Pass MODEL and --data FILE")
     CRITERIA.resolve(s.method, s.options, "selection.options.")  # fail before loading anything
-    out = Path(cfg.out)
-    if out.exists() and not (out / "plan.json").is_file():
-        raise SurgicalError(f"output {cfg.out!r} exists and is not a plan directory", "Choose another --out")
+    out = check_output(cfg.out, {"model": cfg.model.path, "data": cfg.data.path})
+    check_replaceable(out, "plan.json", "plan")
+    if cfg.png:
+        check_png(cfg.png)
     task = detect_task(cfg.model.path) if cfg.model.task == "auto" else cfg.model.task
     model, tok = load_model(cfg.model.path, task, num_labels=cfg.model.num_labels, seed=cfg.seed)
     calib = make_batches(
@@ -68,6 +69,7 @@ def run_select(cfg: SelectConfig, console: Console | None = None, show: bool = T
 
 def inspect_plan(path: str, png: str | None, console: Console) -> Path:
     """Prints a plan's per-layer table and writes its heatmap PNG; returns the PNG's path."""
+    target = check_png(png) if png else Path(path) / "selection.png"
     plan = Plan.load(path)
     report = layer_report(plan)
     t = Table(title=f"plan {path}: share of each layer and tensor type selected")
@@ -90,7 +92,6 @@ def inspect_plan(path: str, png: str | None, console: Console) -> Path:
         f"{m.get('calibration_batches', 0)} calibration batches"
         + (f"; always dense: {always_count:,} in {len(extra)} tensors" if extra else "")
     )
-    target = Path(png) if png else Path(path) / "selection.png"
     atomic_write_bytes(target, heatmap_png(report, plan_title(plan)))
     console.print(f"heatmap: {target}")
     return target

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from surgical.core.errors import SurgicalError
-from surgical.core.io import check_output
+from surgical.core.io import check_output, check_replaceable
 from surgical.data import (
     DATA_CRITERIA,
     TOKEN_CRITERIA,
@@ -155,8 +155,7 @@ def run_select_data(
     inputs = {"model": cfg.model.path, "data": cfg.data.path}
     inputs.update({k: v for k, v in (("validation data", cfg.validation), ("plan", cfg.plan)) if v})
     out = check_output(cfg.out, inputs, "out")
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / INFO_FILE).is_file())):
-        raise SurgicalError(f"out {cfg.out!r} exists and is not a selection directory", "Choose another out")
+    check_replaceable(out, INFO_FILE, "selection", "out")
     check_model_dir(cfg.model.path, "model.path")
     params = None
     if cfg.plan:

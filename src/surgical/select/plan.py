@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from surgical.core.codec import decode_indices, encode_indices
 from surgical.core.errors import SurgicalError
-from surgical.core.io import atomic_dir, check_sha256, read_tensor_dir, sha256_file
+from surgical.core.io import atomic_dir, check_replaceable, check_sha256, read_tensor_dir, sha256_file
 
 PLAN_FORMAT = 1
 INFO_FILE = "plan.json"
@@ -98,8 +98,9 @@ class Plan:
         )
 
     def save(self, directory: str | Path) -> Path:
-        """Writes ``plan.safetensors`` and ``plan.json`` into ``directory`` atomically."""
-        directory = Path(directory)
+        """Writes ``plan.safetensors`` and ``plan.json`` into ``directory`` atomically (an existing
+        plan directory, or an empty one, is replaced; a file or another directory is refused)."""
+        directory = check_replaceable(directory, INFO_FILE, "plan", "directory")
         tensors: dict[str, torch.Tensor] = {}
         for name, idx in self.entries.items():
             gaps, overflow = encode_indices(idx)

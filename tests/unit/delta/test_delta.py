@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import surgical as sg
+from conftest import tiny_bert
 from surgical.core.codec import decode_indices, encode_indices
 
 
@@ -110,3 +111,26 @@ def test_failed_save_keeps_the_old_delta(tmp_path, monkeypatch):
     assert (target / "delta.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["d"]  # no temp directory left behind
     assert json.loads((target / "delta_config.json").read_text())["format_version"] == 1
+
+
+def test_save_never_replaces_a_file_or_another_kind_of_directory(tmp_path):
+    """A delta or plan replaces only an earlier one (or an empty directory), atomically."""
+    data = tmp_path / "train.csv"
+    data.write_text("text,label\na,0\n")
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "important.txt").write_text("keep me")
+    plan = sg.select(tiny_bert(), None, method="random", density=0.1, progress=False)
+    for save, kind in ((_delta().save, "delta"), (plan.save, "plan")):
+        with pytest.raises(sg.SurgicalError, match=rf"'{data}' is an existing file, not a {kind} directory"):
+            save(data)
+        with pytest.raises(sg.SurgicalError, match=rf"exists and is not a {kind} directory \(it holds other"):
+            save(other)
+        (tmp_path / f"empty-{kind}").mkdir()
+        save(tmp_path / f"empty-{kind}")  # an empty directory, then an earlier one of the same kind
+        save(tmp_path / f"empty-{kind}")
+    assert data.read_text() == "text,label\na,0\n" and (other / "important.txt").read_text() == "keep me"
+    with pytest.raises(sg.SurgicalError, match=r"train.csv' is a file, not a delta directory"):
+        sg.Delta.load(data)
+    with pytest.raises(sg.SurgicalError, match=r"train.csv' is a file, not a plan directory"):
+        sg.Plan.load(data)
