@@ -13,9 +13,10 @@ import sys
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.text import Text
 
 from surgical.core.errors import SurgicalError
+from surgical.core.runtime import plain_console
 
 app = typer.Typer(
     name="surgical",
@@ -24,8 +25,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+console = plain_console()
+err_console = plain_console(stderr=True)
 
 
 def _set(items: list[str] | None) -> dict[str, Any]:
@@ -80,7 +81,8 @@ def _registries() -> dict:
 def _print_registries(which: tuple[str, ...]) -> None:
     registries = _registries()
     for name in which:
-        console.print(f"[bold]{name}[/] ({registries[name].kind}, options under their section's `options:`)")
+        kind = registries[name].kind
+        console.print(f"[bold]{name}[/] ({kind}, options under their section's `options:`)", markup=True)
         for line in registries[name].describe():
             console.print("  " + line, highlight=False, soft_wrap=True)
 
@@ -624,13 +626,13 @@ def main() -> None:
     from typer._click import exceptions as click_exceptions  # typer vendors click
 
     global console, err_console
-    console, err_console = Console(), Console(stderr=True)  # sized for the terminal of this run
+    console, err_console = plain_console(), plain_console(stderr=True)  # sized for the terminal of this run
     try:
         result = app(prog_name="surgical", standalone_mode=False)
     except SurgicalError as e:
         _fail(str(e))
     except (KeyboardInterrupt, typer.Abort):
-        err_console.print("[bold red]interrupted[/]")
+        err_console.print("[bold red]interrupted[/]", markup=True)
         sys.exit(130)
     except click_exceptions.UsageError as e:  # missing, unknown or malformed options and commands
         command = e.ctx.command_path if e.ctx is not None else "surgical"
@@ -650,5 +652,5 @@ def main() -> None:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
     sys.exit(code)

@@ -940,6 +940,24 @@ CASES += [
 
 # --out and --png never destroy what is there: a file, or a directory of another kind
 CASES += [
+    # square brackets in a path are text, never rich markup (which crashed or dropped them)
+    (
+        "inspect-path-that-looks-like-markup",
+        lambda w, t: ["inspect", "[/bold]"],
+        "delta directory '[/bold]' does",
+    ),
+    (
+        "select-data-path-with-brackets",
+        lambda w, t: [
+            "select",
+            str(w["bert"]),
+            "--data",
+            str(t / "data[quant].csv"),
+            "--out",
+            str(t / "p[/x]"),
+        ],
+        "data[quant].csv' does not exist",
+    ),
     (
         "apply-out-is-a-data-file",
         lambda w, t: ["apply", str(w["bert"]), str(w["delta"]), "--out", str(w["csv"])],

@@ -259,6 +259,7 @@ def test_keys_lists_every_config_key_with_help(monkeypatch, capsys):
         and "gamma (int, default 2" in out
         and "labels (str" in out
     )
+    assert "pip install 'surgical[quant]'" in " ".join(out.split())  # printed as written, not as markup
 
 
 SELECTIONS = [

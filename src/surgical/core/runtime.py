@@ -7,6 +7,7 @@ import resource
 import sys
 from pathlib import Path
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -15,6 +16,13 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+
+def plain_console(**kwargs) -> Console:
+    """A rich Console that prints text as it is: markup is off, so a path, a key or a dataset's
+    text holding square brackets (``data[v1].csv``, ``[/b]``) is printed, never parsed or dropped.
+    Tables and progress bars render as usual; a print that means markup says ``markup=True``."""
+    return Console(markup=False, **kwargs)
 
 
 def peak_rss_bytes() -> int:

@@ -14,6 +14,7 @@ from surgical.core.errors import SurgicalError
 from surgical.core.io import check_output, check_png, check_replaceable, dir_size
 from surgical.core.marks import forget_applied
 from surgical.core.registry import check_range
+from surgical.core.runtime import plain_console
 from surgical.delta import EXPORT_FORMATS, Delta, apply
 from surgical.delta.delta import CONFIG_FILE
 from surgical.delta.inspect import plot_delta, tensor_rows
@@ -30,7 +31,7 @@ def apply_deltas(
     force: bool = False, console: Console | None = None,
 ) -> Path:  # fmt: skip
     """Applies deltas (in order, each scaled) to a base model and writes a plain HF directory."""
-    console = console or Console()
+    console = console or plain_console()
     check_output(out, {"base model": base, **{f"delta {d}": d for d in deltas}})
     check_replaceable(out, "config.json", "model")
     scales = list(scales) if scales else [1.0] * len(deltas)
@@ -53,7 +54,7 @@ def apply_deltas(
 def export_delta(delta_dir: str, base: str, out: str, *, to: str = "peft-shira", force: bool = False,
                  console: Console | None = None) -> Path:  # fmt: skip
     """Writes a delta in another library's format (see :data:`surgical.EXPORT_FORMATS`)."""
-    console = console or Console()
+    console = console or plain_console()
     exporter = EXPORT_FORMATS.get(to)
     check_output(out, {"delta": delta_dir, "base model": base})
     check_replaceable(out, "adapter_config.json", "PEFT adapter")
@@ -69,7 +70,7 @@ def export_delta(delta_dir: str, base: str, out: str, *, to: str = "peft-shira",
 def diff_models(base: str, finetuned: str, out: str, *, density: float | None = None, dtype: str = "float32",
                 console: Console | None = None) -> Delta:  # fmt: skip
     """The delta between two checkpoints of one architecture, saved to ``out``."""
-    console = console or Console()
+    console = console or plain_console()
     check_output(out, {"base model": base, "fine-tuned model": finetuned})
     check_replaceable(out, CONFIG_FILE, "delta")
     ft, _ = load_base(finetuned)
@@ -86,7 +87,7 @@ def diff_models(base: str, finetuned: str, out: str, *, density: float | None = 
 def import_lora(adapter: str, base: str, out: str, *, dtype: str = "float32",
                 console: Console | None = None) -> Delta:  # fmt: skip
     """A PEFT LoRA adapter as a dense delta, with the base's fingerprint recorded."""
-    console = console or Console()
+    console = console or plain_console()
     check_output(out, {"adapter": adapter, "base model": base})
     check_replaceable(out, CONFIG_FILE, "delta")
     model, _ = load_base(base)

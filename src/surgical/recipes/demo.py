@@ -26,10 +26,11 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from surgical.core.errors import SurgicalError
 from surgical.core.io import check_replaceable, dir_size
-from surgical.core.runtime import peak_rss_bytes, quiet_transformers
+from surgical.core.runtime import peak_rss_bytes, plain_console, quiet_transformers
 from surgical.data.table import load_table
 from surgical.data.text import TextExamples, text_batches
 from surgical.delta import Delta, apply
@@ -186,7 +187,7 @@ def load_classifier(path: str | Path, num_labels: int = 2, seed: int = 0):
 
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
     """Runs the demo and returns its measurements (also printed as a table)."""
-    console = console or Console()
+    console = console or plain_console()
     quiet_transformers()
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
@@ -198,9 +199,9 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
         )
     out = check_replaceable(cfg.out, "delta_config.json", "delta")
 
-    console.print(f"[bold]1/6[/] loading model from {model_path}")
+    console.print(Text.assemble(("1/6", "bold"), f" loading model from {model_path}"))
     model, tok = load_classifier(model_path, seed=cfg.seed)
-    console.print(f"[bold]2/6[/] loading data from {data_path}")
+    console.print(Text.assemble(("2/6", "bold"), f" loading data from {data_path}"))
     train, val, test, ood = demo_split(data_path, cfg)
     train_b = text_batches(tok, train, cfg.batch_size, cfg.max_length, shuffle=True, seed=cfg.seed)
     val_b = text_batches(tok, val, 64, cfg.max_length) if len(val) else []
@@ -212,8 +213,11 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
     )
 
     console.print(
-        f"[bold]3/6[/] selecting {cfg.density:.2%} of the targeted Linear weights by {cfg.method!r}; "
-        f"training {', '.join(cfg.always)} densely"
+        Text.assemble(
+            ("3/6", "bold"),
+            f" selecting {cfg.density:.2%} of the targeted Linear weights by {cfg.method!r}; "
+            f"training {', '.join(cfg.always)} densely",
+        )
     )
     encoder_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("classifier"))
     plan = select(
@@ -229,17 +233,17 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
     )
     console.print(f"      {plan.summary()}")
 
-    console.print("[bold]4/6[/] training")
+    console.print(Text.assemble(("4/6", "bold"), " training"))
     prepare(model, plan)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result = fit(model, train_b, epochs=cfg.epochs, lr=cfg.lr, seed=cfg.seed)
 
-    console.print("[bold]5/6[/] evaluating")
+    console.print(Text.assemble(("5/6", "bold"), " evaluating"))
     acc_val = predict(model, val_b, desc="validation", show=False)[2] if val_b else None
     logits_id, _, acc_id = predict(model, test_b, desc="ID (RT held-out)")
     _, _, acc_ood = predict(model, ood_b, desc="OOD (IMDB)")
 
-    console.print("[bold]6/6[/] saving the delta and reloading it into a fresh base")
+    console.print(Text.assemble(("6/6", "bold"), " saving the delta and reloading it into a fresh base"))
     delta = extract(
         model,
         training={
@@ -277,7 +281,9 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
         "config": dataclasses.asdict(cfg),
     }
     if cfg.compare:
-        console.print("[bold]compare[/] training the baselines on the same split, seed and loop")
+        console.print(
+            Text.assemble(("compare", "bold"), " training the baselines on the same split, seed and loop")
+        )
         sets = {"train": train_b, "validation": val_b, "id": test_b, "ood": ood_b}
         res["baselines"] = {name: train_baseline(name, cfg, model_path, sets) for name in BASELINES}
     _print_summary(console, res, cfg)
@@ -373,7 +379,8 @@ def _print_summary(console: Console, r: dict[str, Any], cfg: DemoConfig) -> None
     t.add_row("training", f"{r['steps']} steps, {r['seconds_per_step']:.2f} s/step")
     t.add_row("total time", f"{r['total_seconds']:.0f} s")
     t.add_row(
-        "fresh base + delta", "identical predictions" if r["reloaded_identical"] else "[red]MISMATCH[/]"
+        "fresh base + delta",
+        "identical predictions" if r["reloaded_identical"] else Text("MISMATCH", style="red"),
     )
     console.print(t)
     _print_comparison(console, r, cfg)

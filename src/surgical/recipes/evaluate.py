@@ -29,6 +29,7 @@ from rich.console import Console
 
 from surgical.core.errors import SurgicalError
 from surgical.core.io import check_output, check_replaceable
+from surgical.core.runtime import plain_console
 from surgical.core.version import __version__
 from surgical.delta import Delta, applied
 from surgical.delta.base import check_base
@@ -166,7 +167,7 @@ def run_evaluate(cfg: EvalConfig, console: Console | None = None, show: bool = T
             data, a delta that does not fit the model.
     """
     cfg.check()
-    console = console or Console()
+    console = console or plain_console()
     out = _check_out(cfg)
     check_model_dir(cfg.model.path, "model.path")
     task = detect_task(cfg.model.path) if cfg.model.task == "auto" else cfg.model.task

@@ -37,6 +37,7 @@ from rich.table import Table
 from surgical.core.errors import SurgicalError
 from surgical.core.io import atomic_write_text, check_output, check_replaceable
 from surgical.core.marks import forget_applied
+from surgical.core.runtime import plain_console
 from surgical.delta import Delta, apply
 from surgical.delta.delta import CONFIG_FILE
 from surgical.merge import MERGE_METHODS, check_compatible, interference, interference_summary, merge
@@ -154,7 +155,7 @@ def load_inputs(cfg: MergeConfig) -> tuple[list[Delta], list[str]]:
 def run_merge(cfg: MergeConfig, console: Console | None = None, check_only: bool = False) -> Delta | None:
     """Merges the inputs and writes the result; with ``check_only``, prints the interference
     report instead. Returns the merged delta (None for a check)."""
-    console = console or Console()
+    console = console or plain_console()
     cfg.check()
     inputs = {f"input {i}": _kind(item)[1] for i, item in enumerate(cfg.inputs, 1)}
     if cfg.base:

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from surgical.core.errors import SurgicalError
 from surgical.core.io import atomic_save_figure, atomic_write_text, check_output, check_replaceable
+from surgical.core.runtime import plain_console
 from surgical.core.version import __version__
 from surgical.delta import Delta, applied
 from surgical.delta.base import check_base
@@ -178,7 +179,7 @@ def _meta(cfg: Any) -> dict[str, Any]:
 def run_wise_ft(cfg: WiseFTConfig, console: Console | None = None, show: bool = True) -> dict[str, Any]:
     """Evaluates base + alpha * delta over the grid, picks alpha on validation, writes the report
     (``wise_ft.json``, ``wise_ft.png``) and the chosen delta (``delta/``)."""
-    console = console or Console()
+    console = console or plain_console()
     cfg.check()
     inputs = {"base model": cfg.model.path, "delta": cfg.delta, **cfg.search.sets}
     if cfg.reference:
@@ -236,7 +237,7 @@ def choose_alpha(points: list[dict[str, Any]], max_kl: float | None = None) -> d
 def run_soup(cfg: SoupConfig, console: Console | None = None, show: bool = True) -> dict[str, Any]:
     """Greedy soup (candidates sorted by validation score, each added only if the validation score
     does not drop) and the uniform soup of all; writes ``soup.json``, ``soup.png`` and both soups."""
-    console = console or Console()
+    console = console or plain_console()
     if len(cfg.candidates) < 2:
         raise SurgicalError("a soup needs at least two candidates", "List them under candidates:")
     out = check_output(

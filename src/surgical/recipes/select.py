@@ -18,6 +18,7 @@ from rich.table import Table
 
 from surgical.core.errors import SurgicalError
 from surgical.core.io import atomic_write_bytes, check_output, check_png, check_replaceable
+from surgical.core.runtime import plain_console
 from surgical.recipes.config import DataConfig, ModelConfig, SelectionConfig, _f
 from surgical.recipes.data import make_batches
 from surgical.recipes.models import detect_task, load_model
@@ -44,7 +45,7 @@ class SelectConfig:
 
 def run_select(cfg: SelectConfig, console: Console | None = None, show: bool = True) -> Plan:
     """Selects and saves a plan, prints its per-layer table and writes its heatmap."""
-    console = console or Console()
+    console = console or plain_console()
     s = cfg.selection
     if not cfg.model.path or not cfg.data.path:
         raise SurgicalError("select needs a model and data", "Pass MODEL and --data FILE")

@@ -25,6 +25,7 @@ from rich.table import Table
 
 from surgical.core.errors import SurgicalError
 from surgical.core.io import check_output, check_replaceable
+from surgical.core.runtime import plain_console
 from surgical.data import (
     DATA_CRITERIA,
     TOKEN_CRITERIA,
@@ -150,7 +151,7 @@ def run_select_data(
         SurgicalError: bad config (checked before the model loads), unreadable data or plan, an
             output directory that is something else.
     """
-    console = console or Console()
+    console = console or plain_console()
     cfg.check()
     inputs = {"model": cfg.model.path, "data": cfg.data.path}
     inputs.update({k: v for k, v in (("validation data", cfg.validation), ("plan", cfg.plan)) if v})
@@ -214,7 +215,8 @@ def print_summary(sel: DataSelection, examples: list, tokenizer, console: Consol
         if kl and kl["kept"] >= kl["pool"]:
             console.print(
                 "[yellow]note:[/] the kept examples look no more like the target than the whole pool "
-                "(its n-grams are not in the pool, or the budget keeps nearly all of it)"
+                "(its n-grams are not in the pool, or the budget keeps nearly all of it)",
+                markup=True,
             )
     if "cluster_sizes" in m:
         sizes = zip(m["kept_by_cluster"], m["cluster_sizes"], strict=True)
@@ -227,7 +229,8 @@ def print_summary(sel: DataSelection, examples: list, tokenizer, console: Consol
                 f"the data) are in clusters whose loss rose during the proxy training "
                 f"({', '.join(map(str, m['rising_clusters']))}): examples that go against the rest; on "
                 "a classifier such a set can train to chance (docs/data.md). meta['kept_clusters'] "
-                "gives each kept example's cluster, to drop them"
+                "gives each kept example's cluster, to drop them",
+                markup=True,
             )
     if n == 0:
         return

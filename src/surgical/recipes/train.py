@@ -39,7 +39,7 @@ from rich.console import Console
 from surgical.core.errors import SurgicalError
 from surgical.core.io import atomic_write_text, check_output
 from surgical.core.processes import RankShares, launched_processes, on_first_rank, start_process_group
-from surgical.core.runtime import peak_rss_bytes
+from surgical.core.runtime import peak_rss_bytes, plain_console
 from surgical.delta import Delta, apply
 from surgical.recipes.config import (
     DataConfig,
@@ -334,7 +334,7 @@ def run_train(
     own_group = fsdp and not dist.is_initialized()
     device = start_process_group() if fsdp else None
     rank = dist.get_rank() if fsdp else 0
-    console = (console or Console()) if rank == 0 else Console(quiet=True)
+    console = (console or plain_console()) if rank == 0 else plain_console(quiet=True)
     show = show and rank == 0
     out = Path(cfg.out)
     check_output(out, {"model": cfg.model.path, "data": cfg.data.path}, "out")
@@ -430,7 +430,7 @@ def run_train(
             ckpt, name = latest_checkpoint(out / "checkpoints"), result.stopped.upper()
             summary.update(status="interrupted", signal=name, checkpoint=str(ckpt) if ckpt else None)
             atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-            Console(stderr=True).print(
+            plain_console(stderr=True).print(
                 f"interrupted ({name}) at step {result.steps}; checkpoint written to {ckpt}; "
                 f"continue with: {resume_command(out)}",
                 soft_wrap=True,
