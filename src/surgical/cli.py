@@ -42,6 +42,8 @@ def _options(items: list[str] | None) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise SurgicalError(f"option {item!r} is not key=value", "Pass e.g. --option labels=sampled")
+        if key in out:
+            raise SurgicalError(f"option {key!r} is given twice", "Pass each option once")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -326,6 +328,10 @@ def _named(items: list[str] | None, flag: str) -> dict[str, str]:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise SurgicalError(f"{flag} {item!r} is not NAME=PATH", f"Pass e.g. {flag} id=test.csv")
+        if name in out:
+            raise SurgicalError(
+                f"{flag} names the set {name!r} twice ({out[name]} and {path})", "Give each set its own name"
+            )
         out[name] = path
     return out
 

@@ -940,6 +940,54 @@ CASES += [
 
 # --out and --png never destroy what is there: a file, or a directory of another kind
 CASES += [
+    (
+        "select-damaged-dataset-dict",
+        lambda w, t: ["select", str(w["bert"]), "--data", _fake_dataset_dict(t), "--out", str(t / "p")],
+        "its metadata is incomplete or damaged (KeyError: 'splits')",
+    ),
+    (
+        "eval-set-named-twice",
+        lambda w, t: ["eval", str(w["bert"]), "--data", f"id={w['csv']}", "--data", f"id={w['csv']}x"],
+        "--data names the set 'id' twice",
+    ),
+    (
+        "merge-option-twice",
+        lambda w, t: [
+            "merge",
+            "--delta",
+            str(w["delta"]),
+            "--delta",
+            str(w["delta"]),
+            "--method",
+            "ties",
+            "--option",
+            "density=0.5",
+            "--option",
+            "density=0.3",
+            "--out",
+            str(t / "m"),
+        ],  # fmt: skip
+        "option 'density' is given twice",
+    ),
+    (
+        "train-config-not-utf8",
+        lambda w, t: ["train", "-c", _write_bytes(t, "latin.yaml", b"model:\n  path: \xff\xfe\n")],
+        "latin.yaml' is not UTF-8 text (byte 15",
+    ),
+    (
+        "merge-config-is-a-pickle",
+        lambda w, t: ["merge", _write_bytes(t, "m.pkl", b"\x80\x04\x95\x00")],
+        "m.pkl' is not UTF-8 text",
+    ),
+    (
+        "train-config-section-twice",
+        lambda w, t: [
+            "train",
+            "-c",
+            _write(t, "dup.yaml", "training:\n  max_steps: 2\ntraining:\n  lr: 0.001\n"),
+        ],
+        "the key 'training' appears twice (first at line 1)",
+    ),
     # square brackets in a path are text, never rich markup (which crashed or dropped them)
     (
         "inspect-path-that-looks-like-markup",
@@ -1051,6 +1099,17 @@ CASES += [
         "exists and is not a soup report directory",
     ),
 ]
+
+
+def _fake_dataset_dict(t: Path) -> str:
+    (t / "fakeds").mkdir()
+    (t / "fakeds" / "dataset_dict.json").write_text("{}")
+    return str(t / "fakeds")
+
+
+def _write_bytes(t: Path, name: str, data: bytes) -> str:
+    (t / name).write_bytes(data)
+    return str(t / name)
 
 
 def _truncated_model(w, t) -> str:

@@ -171,6 +171,12 @@ def _load_from_disk(path: Path, split: str):
         raise SurgicalError(
             f"dataset {str(path)!r} has no rows (in some split)", "Pass a non-empty dataset"
         ) from None
+    except (KeyError, TypeError, AttributeError) as e:  # its JSON lacks what datasets expects
+        raise SurgicalError(
+            f"cannot read dataset directory {str(path)!r}: its metadata is incomplete or damaged "
+            f"({type(e).__name__}: {e})",
+            "Save it again with save_to_disk",
+        ) from None
     return _pick_split(loaded, split, f"dataset {str(path)!r}")
 
 

@@ -301,6 +301,30 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+class StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping (plain YAML keeps the
+    last silently, so a repeated ``training:`` section would drop the first one's keys)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"the key {key!r} appears twice (first at line {seen[key].line + 1}); "
+                    "merge the two into one",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(cls: type[T], path: str | Path | None, overrides: dict[str, Any] | None = None) -> T:
     """Reads a YAML config (or none: defaults) and applies dotted-path overrides.
 
@@ -316,7 +340,12 @@ def load_config(cls: type[T], path: str | Path | None, overrides: dict[str, Any]
         if not p.is_file():
             raise SurgicalError(f"config file {str(p)!r} does not exist", "Pass the path of a YAML file")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.load(p.read_bytes().decode("utf-8"), Loader=StrictLoader) or {}
+        except UnicodeDecodeError as e:
+            raise SurgicalError(
+                f"config file {str(p)!r} is not UTF-8 text (byte {e.start}: {e.reason})",
+                "Pass a YAML file saved as UTF-8",
+            ) from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
