@@ -168,6 +168,7 @@ def test_a_resume_may_change_lr_and_length_when_allowed(tmp_path, files, monkeyp
     that is continued for two more steps at half the learning rate."""
     cfg = _config(tmp_path, files, training={"lr": 1e-2, "max_steps": 2, "checkpoint_every": 1})
     assert run_main(monkeypatch, capsys, "train", "-c", str(cfg))[0] == 0
+    first = json.loads((tmp_path / "run" / "summary.json").read_text())["losses"]
     more = ("--lr", "5e-3", "--max-steps", "4")
     code, _, err = run_main(monkeypatch, capsys, "train", "-c", str(cfg), "--resume", *more)
     err = " ".join(err.split())
@@ -182,7 +183,10 @@ def test_a_resume_may_change_lr_and_length_when_allowed(tmp_path, files, monkeyp
     assert code == 0, err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "done" and summary["resumed_from"] == 2 and summary["steps"] == 4
-    assert len(summary["losses"]) == 2 and (tmp_path / "run" / "delta" / "delta_config.json").is_file()
+    assert (tmp_path / "run" / "delta" / "delta_config.json").is_file()
+    # the loss curve of the whole run: the first two steps come back from the checkpoint
+    assert len(summary["losses"]) == 4 and summary["losses"][:2] == first
+    assert summary["final_loss"] == summary["losses"][-1]
 
 
 def _train_proc(cfg: Path, *extra: str) -> subprocess.Popen:
@@ -249,6 +253,9 @@ def test_resume_refuses_changed_settings_and_allows_harmless_ones(tmp_path, file
     assert code == 0, err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["resumed_from"] == 3 and summary["steps"] == 3 and "3 steps" in out
+    # a finished run resumed takes no step and keeps its record: the losses of its three steps
+    assert len(summary["losses"]) == 3 and summary["final_loss"] == summary["losses"][-1]
+    assert "had already finished at step 3" in " ".join(out.split())
 
 
 def test_keys_lists_every_config_key_with_help(monkeypatch, capsys):

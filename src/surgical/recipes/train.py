@@ -410,8 +410,8 @@ def run_train(
             "resumed_from": result.resumed_from,
             "trainable": trainable_count(model),
             "plan": plan_summary,
-            "final_loss": result.losses[-1] if result.losses else None,
-            "losses": result.losses,
+            "final_loss": result.history[-1] if result.history else None,
+            "losses": result.history,  # every step of the run, those before a resume included
             "seconds": round(result.seconds, 3),
             "seconds_per_step": round(result.seconds_per_step, 4),
             "tokens_per_second": round(result.tokens / max(result.seconds, 1e-9), 1),
@@ -464,7 +464,8 @@ def run_train(
         dist.barrier()  # no rank returns before the files are written
         if own_group:
             dist.destroy_process_group()
-    # a resume of a finished run takes no step and has no loss to report
+    if result.resumed_from is not None and result.resumed_from == result.steps:
+        console.print(f"the run had already finished at step {result.steps}: nothing to train")
     loss = "" if summary["final_loss"] is None else f", final loss {summary['final_loss']:.4f}"
     console.print(
         f"{result.steps} steps{loss}, "

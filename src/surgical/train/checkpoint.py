@@ -10,7 +10,8 @@ Format (version 2): two files and no pickle, so reading a checkpoint can never r
 - ``tensors.safetensors``: every tensor: the trained values, the state buffers, the optimizer's
   state tensors and the RNG states (uint8).
 - ``checkpoint.json``: everything else (step, run identity, requires_grad flags, optimizer
-  param groups and numeric state, scheduler state, python ``random`` state, hook states), the
+  param groups and numeric state, scheduler state, python ``random`` state, hook states, the
+  loss of every step so far), the
   name, dtype and shape of every tensor it expects in ``tensors.safetensors``, and the SHA-256 of
   that file, verified before anything is read from it.
 
@@ -214,6 +215,7 @@ def save_checkpoint(
         "scheduler": scheduler,
         "rng": {"python": [version, list(internal), gauss], "cuda": cuda},
         "hooks": hook_states,
+        "history": [float(x) for x in state.history],
         "tensors": {k: {"dtype": _dtype_name(t), "shape": list(t.shape)} for k, t in sorted(tensors.items())},
     }
     if world_size() > 1:
@@ -477,6 +479,9 @@ def load_checkpoint(
     cuda = r.get(info["rng"], "cuda", (int, type(None)), "rng.cuda")
     cuda_rng = [_tensor(tensors, _rng_key(rank, f"cuda.{i}"), r) for i in range(cuda or 0)]
     hook_states = r.get(info, "hooks", list, "hooks")
+    history = r.get(info, "history", list, "history") if "history" in info else []  # older: none
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in history):
+        raise r.corrupted(f"{INFO_FILE} has a non-number in 'history'")
 
     model = state.model
     buffers = dict(model.named_buffers())
@@ -523,6 +528,7 @@ def load_checkpoint(
     for h, s in zip(hooks, hook_states, strict=False):
         h.load_state_dict(s)
     state.step = step
+    state.history = [float(x) for x in history]
 
 
 def _copy_into(param: torch.Tensor, whole: torch.Tensor) -> None:

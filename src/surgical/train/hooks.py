@@ -7,7 +7,7 @@ schedule such as LISA) runs inside :func:`surgical.train.loop.fit` and, wrapped 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,6 +27,8 @@ class StepState:
     step: int
     total_steps: int
     loss: float = float("nan")
+    #: the loss of every step since the run began (restored from a checkpoint on resume)
+    history: list[float] = field(default_factory=list)
 
 
 class TrainHook:

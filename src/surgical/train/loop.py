@@ -37,6 +37,8 @@ class FitResult:
         steps: Optimizer steps taken in total (including those before a resume).
         seconds: Wall time of this call.
         losses: Loss of each optimizer step taken in this call (mean over accumulated batches).
+        history: Loss of every step of the run, those before a resume included (the checkpoint
+            carries them): ``len(history) == steps`` when no loss was non-finite.
         resumed_from: Step of the checkpoint this call resumed from, or None.
         stopped: Why training stopped early, or None: ``"nan"`` (a non-finite loss), or the
             reason ``fit``'s ``stop`` callback returned (e.g. ``"sigint"``).
@@ -49,6 +51,7 @@ class FitResult:
     resumed_from: int | None = None
     stopped: str | None = None
     tokens: int = 0
+    history: list[float] = field(default_factory=list)
 
     @property
     def seconds_per_step(self) -> float:
@@ -255,6 +258,7 @@ def fit(
             step_loss = mean_over_ranks(step_loss)  # several processes: each trained its share
             state.loss = step_loss
             losses.append(step_loss)
+            state.history.append(step_loss)
             for h in hooks:
                 h.on_step_end(state)
             if checkpoint_dir is not None and checkpoint_every and state.step % checkpoint_every == 0:
@@ -280,6 +284,7 @@ def fit(
         steps=state.step,
         seconds=time.perf_counter() - start,
         losses=[x for x in losses if math.isfinite(x)],
+        history=[x for x in state.history if math.isfinite(x)],
         resumed_from=resumed_from,
         stopped=stopped,
         tokens=tokens,

@@ -51,7 +51,7 @@ def _schedule(name):
 @pytest.mark.parametrize("schedule", ["none", "regrow", "lisa"])
 def test_resume_after_interruption_is_bit_identical(tmp_path, schedule):
     ref = _prepared()
-    fit(ref, BATCHES, max_steps=9, lr=1e-2, show=False, hooks=_schedule(schedule))
+    whole = fit(ref, BATCHES, max_steps=9, lr=1e-2, show=False, hooks=_schedule(schedule))
     run = _prepared()
     with pytest.raises(KeyboardInterrupt):
         fit(run, BATCHES, max_steps=9, lr=1e-2, show=False, checkpoint_dir=tmp_path, checkpoint_every=2,
@@ -62,6 +62,7 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, schedule):
     res = fit(again, BATCHES, max_steps=9, lr=1e-2, show=False, checkpoint_dir=tmp_path, checkpoint_every=2,
               resume=True, hooks=_schedule(schedule))  # fmt: skip
     assert res.resumed_from == 4 and res.steps == 9 and len(res.losses) == 5
+    assert res.history == whole.history == whole.losses  # the checkpoint carried the first 4 losses
     _same(sg.extract(ref), sg.extract(again))
     assert latest_checkpoint(tmp_path).name == "step-9"
 
