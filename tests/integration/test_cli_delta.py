@@ -156,3 +156,15 @@ def test_unknown_export_format(saved, tmp_path, monkeypatch, capsys):
         str(tmp_path / "a"),
     )
     assert code == 2 and "peft-shira" in err and not Path(tmp_path / "a").exists()
+
+
+def test_apply_says_when_one_delta_is_given_twice(saved, tmp_path, monkeypatch, capsys):
+    d = str(saved / "delta")
+    code, out, err = run_main(
+        monkeypatch, capsys, "apply", str(saved / "base"), d, d, "--out", str(tmp_path / "m")
+    )
+    assert code == 0, err
+    assert "note: delta 2 (" in out and "is the same as delta 1: its change is added twice" in " ".join(
+        out.split()
+    )
+    assert "Warning" not in err  # said once, in the command's words

@@ -15,6 +15,8 @@ dense.
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 
 import torch
 
@@ -31,6 +33,8 @@ def _copy_meta(delta: DeltaData) -> dict:
 
 def scale(delta: DeltaData, factor: float) -> DeltaData:
     """``factor`` times the added changes of ``delta``; replaced tensors are kept as they are."""
+    if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not math.isfinite(factor):
+        raise SurgicalError(f"a delta's scale must be a finite number, got {factor!r}", "Pass e.g. 0.5")
     factor = float(factor)
     out = type(delta)(shapes=dict(delta.shapes), meta=_copy_meta(delta))
     out.entries = {n: (i.clone(), v * factor) for n, (i, v) in delta.entries.items()}

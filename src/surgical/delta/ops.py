@@ -12,6 +12,7 @@ the task of a served model is cheap. A delta is recognised by its content
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -59,6 +60,12 @@ def apply(model: nn.Module, delta: Delta, *, scale: float = 1.0, force: bool = F
             )
     check_base(model, delta, force=force)
     record = AppliedRecord(delta.digest())
+    if any(r.digest == record.digest for r in applied_stack(model)):
+        warnings.warn(
+            "this delta is already applied to the model; applying it again adds its change a second "
+            "time (revert it first, or pass scale= to apply a multiple on purpose)",
+            stacklevel=2,
+        )
     scale = float(scale)
 
     def change(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ adapter, and inspect. Each reads and writes files; the library functions they ca
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,9 +43,18 @@ def apply_deltas(
             f"{len(deltas)} deltas but {len(scales)} --scale values", "Pass one --scale per delta"
         )
     loaded = [Delta.load(d) for d in deltas]  # validate every delta before loading the model
+    seen: dict[str, int] = {}
+    for i, d in enumerate(loaded, 1):
+        first = seen.setdefault(d.digest(), i)
+        if first != i:
+            console.print(
+                f"note: delta {i} ({deltas[i - 1]}) is the same as delta {first}: its change is added twice"
+            )
     model, tokenizer = load_base(base, *_base_of(loaded[0]))
-    for d, a in zip(loaded, scales, strict=True):
-        apply(model, d, scale=a, force=force)
+    with warnings.catch_warnings():  # said above, once, in the command's words
+        warnings.simplefilter("ignore")
+        for d, a in zip(loaded, scales, strict=True):
+            apply(model, d, scale=a, force=force)
     forget_applied(model)  # the saved originals are not needed any more
     save_model_dir(model, tokenizer, out)
     console.print(f"wrote {out} ({len(loaded)} delta(s) applied to {base})")

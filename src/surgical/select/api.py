@@ -123,6 +123,15 @@ def budget_count(
         raise SurgicalError(
             "give exactly one of density, count and optimizer_bytes", "Pass density=0.01 or count=100000"
         )
+    for name, value in (("density", density), ("count", count), ("optimizer_bytes", optimizer_bytes)):
+        whole = name != "density"
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (whole and value != int(value)):
+            want = "a whole number" if whole else "a number in (0, 1]"
+            raise SurgicalError(
+                f"{name} must be {want}, got {value!r}", f"Pass e.g. {name}={100 if whole else 0.01}"
+            )
     if density is not None:
         if not (0.0 < float(density) <= 1.0):
             raise SurgicalError(
@@ -213,6 +222,11 @@ def select(
         budget is met exactly for entries and never exceeded otherwise (see
         :mod:`surgical.select.allocate`).
     """
+    if not isinstance(model, nn.Module):
+        raise SurgicalError(
+            f"select takes a torch model (nn.Module), got {type(model).__name__} {model!r:.60}",
+            "Load it first, e.g. AutoModelForSequenceClassification.from_pretrained(path)",
+        )
     criterion = CRITERIA.get(method)
     options = CRITERIA.resolve(method, options)  # unknown options and bad values fail before any work
     granularity = granularity or default_granularity(method)

@@ -275,3 +275,15 @@ def test_float16_overflow_is_refused_at_save(tmp_path):
         d.save(tmp_path / "d", dtype="float16")
     assert not (tmp_path / "d").exists()
     d.save(tmp_path / "d", dtype="bfloat16")
+
+
+def test_scale_needs_a_number_and_a_second_apply_of_one_delta_warns(bert, tmp_path):
+    d = _random_delta(tiny_bert())
+    for bad in ("x", True, float("nan"), None):
+        with pytest.raises(sg.SurgicalError, match="a delta's scale must be a finite number"):
+            d.scale(bad)
+    assert d.scale(2).digest() == (2 * d).digest() == d.scale(2.0).digest()
+    model = tiny_bert()
+    sg.apply(model, d)
+    with pytest.warns(UserWarning, match="already applied to the model; applying it again adds its change"):
+        sg.apply(model, sg.Delta.load(d.save(tmp_path / "d")))  # the same delta, by content

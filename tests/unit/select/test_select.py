@@ -179,3 +179,24 @@ def test_plan_with_rows_and_cols_roundtrip(tmp_path):
     back = sg.Plan.load(tmp_path / "p")
     assert torch.equal(back.rows["a.weight"], plan.rows["a.weight"])
     assert torch.equal(back.cols["b.weight"], plan.cols["b.weight"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"density": True}, "density must be a number in (0, 1], got True"),
+        ({"density": "0.1"}, "density must be a number in (0, 1], got '0.1'"),
+        ({"count": 10.5}, "count must be a whole number, got 10.5"),
+        ({"optimizer_bytes": "1e6"}, "optimizer_bytes must be a whole number"),
+    ],
+)
+def test_a_budget_of_the_wrong_type_is_refused(bert, kwargs, needle):
+    with pytest.raises(sg.SurgicalError) as e:
+        sg.select(bert, None, method="random", progress=False, **kwargs)
+    assert needle in str(e.value)
+    assert sg.select(bert, None, method="random", count=10.0, progress=False).num_entries == 10  # 10.0 is 10
+
+
+def test_select_names_a_model_that_is_not_one():
+    with pytest.raises(sg.SurgicalError, match=r"select takes a torch model \(nn.Module\), got str 'bert'"):
+        sg.select("bert", None, method="random", density=0.1)
