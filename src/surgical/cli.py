@@ -266,7 +266,10 @@ def select_cmd(
         int | None, typer.Option(help="AdamW fp32 state budget in bytes (16 per parameter).")
     ] = None,
     granularity: Annotated[
-        str | None, typer.Option(help="entry, row, column, head, tensor or layer (default: the criterion's).")
+        str | None,
+        typer.Option(
+            help="entry, row, column, head, channel, expert, tensor or layer (default: the criterion's)."
+        ),
     ] = None,
     allocation: Annotated[str | None, typer.Option(help="global, per_tensor or per_layer.")] = None,
     aggregate: Annotated[str | None, typer.Option(help="A unit's score: sum or mean of its entries.")] = None,
@@ -443,8 +446,9 @@ def wise_ft_cmd(
     out: Annotated[str | None, typer.Option(help="Report directory.")] = None,
     keys: Annotated[bool, typer.Option("--keys", help="List every config key.")] = False,
 ) -> None:
-    """WiSE-FT: sweep base + alpha x delta, choose alpha on validation (within a forgetting budget on
-    reference data, if given), plot ID vs OOD and validation vs KL along alpha."""
+    """WiSE-FT: sweep base + alpha x delta, choose alpha on validation; ID vs OOD and KL plots.
+
+    With --reference (and --max-kl), alpha is chosen within a forgetting budget on that data."""
     from surgical.recipes.config import load_config
     from surgical.recipes.searches import WiseFTConfig, run_wise_ft
 
@@ -619,7 +623,9 @@ def import_lora(
     adapter: Annotated[str, typer.Argument(help="PEFT LoRA adapter directory (safetensors).")],
     base: Annotated[str, typer.Option(help="Base model directory, to record its fingerprint.")],
     out: Annotated[str, typer.Option(help="Directory for the delta.")],
-    dtype: Annotated[str, typer.Option(help="Value storage: float32, float16, bfloat16.")] = "float32",
+    dtype: Annotated[
+        str, typer.Option(help="Value storage: float32, float16, bfloat16, int8, sign.")
+    ] = "float32",
 ) -> None:
     """Import a PEFT LoRA adapter as a dense delta."""
     from surgical.recipes.deltas import import_lora as run

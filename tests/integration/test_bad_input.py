@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 import surgical as sg
 from conftest import run_main, tiny_bert, tiny_llama
-from train_fixtures import save_tiny_model, tiny_tokenizer, write_cls_csv
+from train_fixtures import save_tiny_model, tiny_tokenizer, write_cls_csv, write_instruct_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -864,7 +864,7 @@ CASES += [
             "--method",
             "importance",
         ],  # fmt: skip
-        "data criterion 'importance' needs validation",
+        "data criterion 'importance' needs the validation data (its target set). Pass --validation FILE",
     ),
     (
         "train-truncated-model-weights",
@@ -944,6 +944,27 @@ CASES += [
         "select-damaged-dataset-dict",
         lambda w, t: ["select", str(w["bert"]), "--data", _fake_dataset_dict(t), "--out", str(t / "p")],
         "its metadata is incomplete or damaged (KeyError: 'splits')",
+    ),
+    (
+        "diff-models-of-two-architectures",
+        lambda w, t: ["diff", str(w["llama"]), str(w["bert"]), "--out", str(t / "d")],
+        "is a 'llama' model, the fine-tuned model a 'bert' one. Pass two checkpoints of the same",
+    ),
+    (
+        "train-causal-lm-response-column-renamed-wrongly",
+        lambda w, t: [
+            "train",
+            "-c",
+            _cfg_with(
+                w,
+                t,
+                model={"path": str(w["llama"]), "task": "causal_lm"},
+                data={"path": str(write_instruct_jsonl(t / "i.jsonl")), "response_column": "answer"},
+                selection={"always": []},
+            ),
+        ],  # fmt: skip
+        "a causal-LM dataset is read by (it has prompt, response): 'messages' (chat), "
+        "'answer' with 'prompt', or 'text'",
     ),
     (
         "eval-set-named-twice",

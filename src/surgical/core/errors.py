@@ -13,4 +13,6 @@ class SurgicalError(Exception):
     def __init__(self, problem: str, fix: str | None = None) -> None:
         self.problem = problem
         self.fix = fix
-        super().__init__(f"{problem}. {fix}" if fix else problem)
+        # a problem quoting another library's message may already end in a full stop
+        head = problem.rstrip().rstrip(".") if fix else problem
+        super().__init__(f"{head}. {fix}" if fix else problem)

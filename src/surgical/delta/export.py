@@ -13,6 +13,7 @@ stores those modules whole, with the delta applied. The file costs SHiRA's ~12 b
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -116,7 +117,9 @@ def export_shira(delta: Delta, base: nn.Module, out: str | Path, *, force: bool 
     by_weight = {id(model.get_submodule(name).weight): name for name in linear}
     config = ShiraConfig(r=r, target_modules=sorted(linear), modules_to_save=sorted(whole) or None)
     config.mask_fn = mask_fn
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():  # PEFT asks transformers a deprecated question; not the user's concern
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, (_, vals) in padded.items():
             layer = peft_model.base_model.model.get_submodule(name)

@@ -90,6 +90,15 @@ def make_batches(
                 clean=clean_text,
             )
         )
+    if task == "causal_lm" and not _has_column(d, d.text_column):
+        names = ", ".join(load_table(d.path, [], split=d.split, limit=1)[0])
+        raise SurgicalError(
+            f"{d.path} has none of the columns a causal-LM dataset is read by (it has {names}): "
+            f"{d.messages_column!r} (chat), {d.response_column!r} with {d.prompt_column!r}, or "
+            f"{d.text_column!r} (plain text)",
+            "Name its columns with data.messages_column, data.response_column and data.prompt_column, "
+            "or data.text_column",
+        )
     labelled = task == "classification"
     ex = read_examples(d.path, d.text_column, d.label_column if labelled else None, d.split, d.limit)
     if sample is not None:

@@ -84,7 +84,8 @@ def diff_models(base: str, finetuned: str, out: str, *, density: float | None = 
     check_output(out, {"base model": base, "fine-tuned model": finetuned})
     check_replaceable(out, CONFIG_FILE, "delta")
     ft, _ = load_base(finetuned)
-    base_model, _ = load_base(base, type(ft).__name__, expect_type=getattr(ft.config, "model_type", None))
+    ft_type = getattr(ft.config, "model_type", None)
+    base_model, _ = load_base(base, type(ft).__name__, expect_type=ft_type, against="fine-tuned model")
     delta = Delta.from_models(base_model, ft, density=density)
     delta.save(out, dtype=dtype)
     console.print(

@@ -126,6 +126,7 @@ def load_base(
     architecture: str | None = None,
     num_labels: int | None = None,
     expect_type: str | None = None,
+    against: str = "delta",
 ):
     """Loads a base model (and its tokenizer, if any) in the named architecture.
 
@@ -133,15 +134,22 @@ def load_base(
     first one the directory's config names; ``AutoModel`` if none); no code is loaded from the
     model directory. ``expect_type`` (a delta's recorded ``model_type``) must match the
     directory's, so weights of one architecture are never loaded into another (which would
-    initialise them at random).
+    initialise them at random). ``against`` names where ``expect_type`` comes from in the
+    message: ``"delta"`` (made on that type) or ``"fine-tuned model"`` (of that type).
     """
     quiet_transformers()
     path = check_model_dir(path, "base model path")
     found = model_type(path)
     if expect_type and found and found != expect_type:
+        if against == "delta":
+            raise SurgicalError(
+                f"the base model {str(path)!r} is a {found!r} model, the delta was made on a "
+                f"{expect_type!r} one",
+                "Pass the base model the delta was trained on",
+            )
         raise SurgicalError(
-            f"the base model {str(path)!r} is a {found!r} model, the delta was made on a {expect_type!r} one",
-            "Pass the base model the delta was trained on",
+            f"the base model {str(path)!r} is a {found!r} model, the {against} a {expect_type!r} one",
+            "Pass two checkpoints of the same architecture",
         )
     arch = architecture or (architectures(path) or ["AutoModel"])[0]
     cls = getattr(transformers, arch, None)

@@ -125,7 +125,11 @@ def check_section(
     if fraction is None and count is None:
         raise SurgicalError(f"{prefix}fraction and {prefix}count are both unset", "Set one of them")
     if extra.get("needs_validation") and not validation:
-        raise SurgicalError(f"data criterion {method!r} needs {prefix}validation", "Pass validation data")
+        how = "Pass --validation FILE (validation: in a config)" if not prefix else f"Set {prefix}validation"
+        raise SurgicalError(
+            f"data criterion {method!r} needs {prefix or 'the '}validation data (its target set)",
+            f"{how}: examples like those the model should do well on",
+        )
     if validation and not extra.get("needs_validation"):
         users = [n for n in DATA_CRITERIA.names() if DATA_CRITERIA.entry(n).extra.get("needs_validation")]
         raise SurgicalError(

@@ -47,6 +47,15 @@ class ScoreContext:
     options: dict[str, Any]
     used: int = 0
 
+    @property
+    def expected_batches(self) -> int:
+        """How many batches scoring will read: ``max_batches``, or fewer when the data (of known
+        length) holds fewer; the length of its progress bar."""
+        try:
+            return min(self.max_batches, len(self.data))  # type: ignore[arg-type]
+        except TypeError:  # a generator or other iterable without a length
+            return self.max_batches
+
 
 Criterion = Callable[[ScoreContext], dict[str, torch.Tensor]]
 

@@ -54,7 +54,7 @@ def lottery_scores(ctx: ScoreContext) -> dict[str, torch.Tensor]:
             p.requires_grad_(n in params)
         opt = _optimizer(opts["optimizer"], list(params.values()), opts["lr"], opts["weight_decay"])
         with progress(disable=not ctx.progress) as bar:
-            task = bar.add_task("warm-up", total=ctx.max_batches, info="")
+            task = bar.add_task("warm-up", total=ctx.expected_batches, info="")
             for batch in batches:
                 loss = model_loss(model, batch_to(batch, device))
                 loss.backward()

@@ -75,7 +75,7 @@ def accumulate_gradients(
         for n, p in params.items():
             handles.append(p.register_post_accumulate_grad_hook(make_hook(n)))
         with progress(disable=not ctx.progress) as bar:
-            task = bar.add_task("scoring", total=ctx.max_batches, info="")
+            task = bar.add_task("scoring", total=ctx.expected_batches, info="")
             for batch in batches:
                 loss = loss_fn(model, batch_to(batch, device))
                 loss.backward()

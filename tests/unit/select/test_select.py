@@ -200,3 +200,13 @@ def test_a_budget_of_the_wrong_type_is_refused(bert, kwargs, needle):
 def test_select_names_a_model_that_is_not_one():
     with pytest.raises(sg.SurgicalError, match=r"select takes a torch model \(nn.Module\), got str 'bert'"):
         sg.select("bert", None, method="random", density=0.1)
+
+
+def test_the_scoring_bar_counts_the_batches_there_are():
+    from surgical.select.criteria import ScoreContext
+
+    def ctx(data):
+        return ScoreContext(None, {}, data, 16, 0, False, {})
+
+    assert ctx([{}] * 6).expected_batches == 6 and ctx([{}] * 40).expected_batches == 16
+    assert ctx(iter([{}] * 6)).expected_batches == 16  # no length: the most it may read
