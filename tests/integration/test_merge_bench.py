@@ -57,7 +57,9 @@ def test_merge_quality_quick(tmp_path):
     assert point["validation_by_scale"][str(point["scale_chosen"])] == best
     assert set(point["merge_seconds"]) == set(merges) and point["entries"]["rt"] > 0
     inter = point["interference"]  # the recipe trains biases, LayerNorms and the head densely
-    assert set(inter) == {"sparse", "dense"} and inter["dense"]["overlap"] == 1.0
+    # nearly full: an attention key bias has a zero gradient in exact arithmetic (softmax ignores a
+    # shift shared by a row's scores), so a few of its values may not move at all in one expert
+    assert set(inter) == {"sparse", "dense"} and inter["dense"]["overlap"] > 0.999
     assert 0 <= inter["sparse"]["overlap"] < 1 and inter["sparse"]["tensors"] == 36  # 6 layers x 6 Linear
     s, rt, im = r["summary"]["ties"], models["rt-expert"]["rt"], models["imdb-expert"]["imdb"]
     want = (models["ties"]["rt"] / rt + models["ties"]["imdb"] / im) / 2

@@ -107,7 +107,7 @@ def test_merge_check_reports_interference_and_writes_nothing(world, tmp_path, mo
     assert set(summary) == {"sparse", "dense"} and summary["dense"]["overlap"] == 1.0
     sparse = summary["sparse"]
     assert f"{sparse['tensors']} sparse tensors: overlap {sparse['overlap']:.1%} of the values" in flat
-    assert f"{summary['dense']['tensors']} densely changed tensors (full overlap by design)" in flat
+    assert f"{summary['dense']['tensors']} densely changed tensors (overlap 100.0%, full by design)" in flat
     assert "sign conflicts" in flat and not (tmp_path / "x").exists()
 
 

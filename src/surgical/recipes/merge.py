@@ -238,5 +238,5 @@ def print_summary(summary: dict[str, dict[str, Any]], console: Console) -> None:
                 f"(per-tensor mean {s['mean_overlap']:.1%}),"
             )
         else:
-            what = f"{n} densely changed tensor{'s' * (n != 1)} (full overlap by design):"
+            what = f"{n} densely changed tensor{'s' * (n != 1)} (overlap {s['overlap']:.1%}, full by design):"
         console.print(f"{what} sign conflicts {s['mean_sign_conflict']:.1%}, cosine {s['mean_cosine']:+.3f}")
