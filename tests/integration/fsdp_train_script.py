@@ -6,7 +6,8 @@ the root) and trained on ``STEPS`` global batches, each split between the ranks.
 the delta it extracts under ``<out>/rank<R>``; rank 0 then trains the same plan on one process,
 each global batch as the mean of the two halves' losses (what FSDP's averaged gradient computes),
 and saves that delta under ``<out>/single``. The ranks also record what they hold of the frozen
-weights and check the refusals that need a process group.
+weights and check the refusals that need a process group, and compare ``sg.base_values`` on the
+shards with the unsharded base.
 """
 
 from __future__ import annotations
@@ -129,6 +130,27 @@ def refusals(rank: int) -> dict:
     return seen
 
 
+def base_values_gap(model, batch: dict) -> dict:
+    """How far the sharded model's logits inside ``sg.base_values`` are from the unsharded base's,
+    and after it from its own trained logits; each pass follows a forward without gradients, after
+    which FSDP2 keeps the root's parameters (the trained final norm among them) gathered."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    base, _ = model_and_plan()
+    with torch.no_grad():
+        model.eval()
+        trained = model(**inputs).logits
+        with sg.base_values(model):
+            swapped = model(**inputs).logits
+        again = model(**inputs).logits
+        want = base.eval()(**inputs).logits
+    model.train()
+    return {
+        "base_gap": float((swapped - want).abs().max()),
+        "trained_gap": float((again - trained).abs().max()),
+        "trained_vs_base": float((trained - want).abs().max()),
+    }
+
+
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -148,6 +170,7 @@ def main(out: str) -> None:
         loss.backward()
         opt.step()
         losses.append(loss.item())
+    base_gap = base_values_gap(model, halves(global_batches()[0], world)[rank])
     regrow_refused = None
     try:  # prune-and-regrow ranks each tensor's entries on one process: refused when sharded
         Regrow(every=2).on_train_begin(StepState(model, opt, None, 0, STEPS))
@@ -157,7 +180,7 @@ def main(out: str) -> None:
     delta.meta["world_size"] = world
     delta.save(out / f"rank{rank}")
     refused = {**refusals(rank), "regrow_sharded": regrow_refused}
-    info = {"frozen_held": held, "frozen_total": total, "losses": losses, "refused": refused}
+    info = {"frozen_held": held, "frozen_total": total, "losses": losses, "refused": refused, **base_gap}
     (out / f"rank{rank}.json").write_text(json.dumps(info))
     dist.barrier()
     checkpoint_and_resume(out, rank, world)

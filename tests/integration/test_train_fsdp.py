@@ -52,6 +52,16 @@ def test_two_process_fsdp2_matches_one_process_bit_for_bit(ran):
         assert "prune-and-regrow cannot run on a sharded model" in refused["regrow_sharded"]
 
 
+def test_base_values_on_the_shards_is_the_base_and_puts_the_trained_values_back(ran):
+    """FSDP2 keeps the root's gathered parameters after a forward without gradients; base_values
+    drops them on the way in and out, so the body runs on the base (not the trained final norm)
+    and the next forward on the trained values again."""
+    for rank in (0, 1):
+        info = json.loads((ran / f"rank{rank}.json").read_text())
+        assert info["trained_vs_base"] > 1e-2  # training moved the logits: the check can fail
+        assert info["base_gap"] < 1e-5 and info["trained_gap"] == 0.0, info
+
+
 def test_sharded_checkpoints_resume_bit_for_bit_and_are_one_file_set(ran):
     """``sg.fit`` on the FSDP2-sharded model with ``checkpoint_dir``: process 0 writes one checkpoint
     (sharded values and Adam moments gathered whole, every process's RNG state); a run resumed from

@@ -26,6 +26,25 @@ def is_dtensor(t: object) -> bool:
     return mod is not None and isinstance(t, mod.DTensor)
 
 
+def drop_gathered(model: nn.Module) -> None:
+    """Frees the whole (gathered) parameters FSDP2 may still hold for ``model``'s sharded modules,
+    so that the next forward gathers the shards afresh.
+
+    FSDP2 keeps the root module's parameters gathered after a forward (the backward needs them
+    at once), also after a forward without gradients, and while they are gathered the module's
+    parameters *are* the whole tensors: a value written to them then (a base value swapped in)
+    is lost when FSDP reshards, and a value written to the shards is not seen by the next forward.
+    Call this before writing to a sharded model's parameters and after a forward that should not
+    leave them gathered. Nothing to do for a model FSDP2 has not sharded.
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing can be sharded
+    if fsdp is None:
+        return
+    for module in model.modules():
+        if isinstance(module, fsdp.FSDPModule):
+            module.reshard()
+
+
 def is_plain(t: torch.Tensor) -> bool:
     """Whether ``t`` is an ordinary tensor or parameter, whose values can be written in place."""
     return type(t) in _PLAIN

@@ -37,7 +37,7 @@ from surgical.core.errors import SurgicalError
 from surgical.core.fingerprint import BaseOverlay
 from surgical.core.marks import Saved, is_prepared, prepared_record, set_prepared
 from surgical.core.patterns import as_patterns, matches
-from surgical.core.tensors import is_dtensor, is_plain, logical_shape, shard_like
+from surgical.core.tensors import drop_gathered, is_dtensor, is_plain, logical_shape, shard_like
 from surgical.select.api import is_transposed_linear
 from surgical.select.plan import Plan
 from surgical.train.additive import attach_additive
@@ -394,6 +394,9 @@ def base_values(model: nn.Module) -> Iterator[nn.Module]:
     """
     info = prepared(model)
     sync(model)  # so that no forward inside re-writes the trained values (nothing is dirty)
+    # FSDP2: the shards, not whole parameters still gathered by a forward, are what is written
+    # (and what the body's forward will gather)
+    drop_gathered(model)
     params = dict(model.named_parameters())
     swapped: list[tuple[torch.Tensor, Saved, torch.Tensor]] = []
     added = [st for _, _, st in stateful_modules(model) if not st.in_place and st.active]
@@ -420,6 +423,7 @@ def base_values(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
+        drop_gathered(model)  # the body's forward gathered the base values
         with torch.no_grad():
             for tensor, saved, now in reversed(swapped):
                 _write(tensor, saved, now)
