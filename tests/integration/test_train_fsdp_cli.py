@@ -84,32 +84,39 @@ def test_two_processes_train_the_delta_of_one(tmp_path, files, monkeypatch, caps
 
 def test_token_selection_trains_the_same_tokens_sharded(tmp_path, files, monkeypatch, capsys):
     """Excess-loss token selection keeps each example's own top tokens: on each rank's share of a
-    batch as on the whole batch, so the sharded run ends near the one-process delta."""
-    tokens = {"method": "excess_loss", "fraction": 0.5}
-    cfgs = {}
-    for name, extra in (("single", {}), ("fsdp", {"fsdp": True})):
-        path = _config(tmp_path / f"{name}.yaml", files, tmp_path / name, **extra)
-        cfg = yaml.safe_load(open(path))
-        cfg["token_selection"] = tokens
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
-        cfgs[name] = path
-    code, _, err = run_main(monkeypatch, capsys, "train", "-c", cfgs["single"])
-    assert code == 0, err
-    run_two_processes("surgical", "train", "-c", cfgs["fsdp"], launcher=TORCHRUN)
-    one, two = (sg.Delta.load(tmp_path / n / "delta") for n in ("single", "fsdp"))
-    for name, (idx, vals) in one.entries.items():
-        assert torch.equal(two.entries[name][0], idx), name
-        torch.testing.assert_close(two.entries[name][1], vals, rtol=1e-3, atol=1e-5)
-    for name, value in one.dense.items():
-        torch.testing.assert_close(two.dense[name], value, rtol=1e-3, atol=1e-5)
-    s1, s2 = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("single", "fsdp"))
-    assert s2["losses"] == pytest.approx(s1["losses"], rel=1e-4)
-    # a run on every token trains otherwise: the selection did act
-    full = _config(tmp_path / "all.yaml", files, tmp_path / "all")
+    batch as on the whole batch, so the sharded run ends near the one-process delta. Against the
+    base (toggled off on the shards) and against a tuned reference delta (its losses computed
+    before sharding, where one process keeps a whole second model)."""
+    full = _config(tmp_path / "all.yaml", files, tmp_path / "all")  # every token: the reference delta
     code, _, err = run_main(monkeypatch, capsys, "train", "-c", full)
     assert code == 0, err
     s0 = json.loads((tmp_path / "all" / "summary.json").read_text())
-    assert s0["losses"] != pytest.approx(s1["losses"], rel=1e-3)
+    losses = {}
+    for ref in ("base", str(tmp_path / "all" / "delta")):
+        tokens = {"method": "excess_loss", "fraction": 0.5, "reference": ref}
+        cfgs = {}
+        for name, extra in (("single", {}), ("fsdp", {"fsdp": True})):
+            path = _config(tmp_path / f"{name}.yaml", files, tmp_path / f"{name}-{len(losses)}", **extra)
+            cfg = yaml.safe_load(open(path))
+            cfg["token_selection"] = tokens
+            (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+            cfgs[name] = (path, tmp_path / f"{name}-{len(losses)}")
+        code, _, err = run_main(monkeypatch, capsys, "train", "-c", cfgs["single"][0])
+        assert code == 0, err
+        run_two_processes("surgical", "train", "-c", cfgs["fsdp"][0], launcher=TORCHRUN)
+        one, two = (sg.Delta.load(cfgs[n][1] / "delta") for n in ("single", "fsdp"))
+        for name, (idx, vals) in one.entries.items():
+            assert torch.equal(two.entries[name][0], idx), name
+            torch.testing.assert_close(two.entries[name][1], vals, rtol=1e-3, atol=1e-5)
+        for name, value in one.dense.items():
+            torch.testing.assert_close(two.dense[name], value, rtol=1e-3, atol=1e-5)
+        s1, s2 = (json.loads((cfgs[n][1] / "summary.json").read_text()) for n in ("single", "fsdp"))
+        assert s2["losses"] == pytest.approx(s1["losses"], rel=1e-4)
+        # a run on every token trains otherwise: the selection did act
+        assert s0["losses"] != pytest.approx(s1["losses"], rel=1e-3)
+        losses[ref] = s1["losses"]
+    # the tuned reference keeps other tokens than the base does
+    assert losses["base"] != pytest.approx(list(losses.values())[1], rel=1e-3)
 
 
 @pytest.mark.parametrize(

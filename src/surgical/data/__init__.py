@@ -8,7 +8,7 @@ from surgical.data.online import OnlineSelector
 from surgical.data.select_data import DataSelection, select_data
 from surgical.data.table import load_table
 from surgical.data.text import TextExamples, text_batches
-from surgical.data.tokens import TOKEN_CRITERIA, token_mask, token_report
+from surgical.data.tokens import TOKEN_CRITERIA, ReferenceLosses, token_mask, token_report
 
 __all__ = [
     "DATA_CRITERIA",
@@ -17,6 +17,7 @@ __all__ = [
     "DataSelection",
     "LazyBatches",
     "OnlineSelector",
+    "ReferenceLosses",
     "TextExamples",
     "as_examples",
     "batches_of",

@@ -26,12 +26,15 @@ toggled off. For a model and a delta (``scores = tuned - base``)::
     labels = token_mask(tuned, batch, reference=model)   # model alone is the base
 
 ``model`` and ``reference`` are each a module (run without the labels, in eval mode, no
-gradients) or a ``(batch) -> logits`` function.
+gradients) or a ``(batch) -> logits`` function. A reference that must not stay in memory beside
+the model (a tuned reference when the model is sharded) can be a :class:`ReferenceLosses`: its
+per-token losses computed in one pass before training, looked up by each batch's content.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import hashlib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +43,7 @@ from torch import nn
 
 from surgical.core.errors import SurgicalError
 from surgical.core.registry import Registry, check_range
+from surgical.core.runtime import progress
 from surgical.data.examples import IGNORE_INDEX
 from surgical.data.losses import LogitsFn, frozen_eval, logits_of, target_mask, token_losses
 
@@ -52,7 +56,7 @@ class TokenContext:
         model: The model (a module or a ``(batch) -> logits`` function), or None.
         batch: The batch (``input_ids``, ``labels`` shaped like them, optional ``attention_mask``).
         targets: ``(B, T)`` bool, the positions that may be kept.
-        reference: The reference (module or function), or None.
+        reference: The reference (module, function or :class:`ReferenceLosses`), or None.
         seed: Seed for any randomness.
         options: The criterion's declared options, checked and completed with defaults.
     """
@@ -60,9 +64,79 @@ class TokenContext:
     model: nn.Module | LogitsFn | None
     batch: Mapping[str, torch.Tensor]
     targets: torch.Tensor
-    reference: nn.Module | LogitsFn | None = None
+    reference: nn.Module | LogitsFn | ReferenceLosses | None = None
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
+
+
+class ReferenceLosses:
+    """A reference model given by its per-token losses on the batches it will score, computed once.
+
+    Excess-loss token selection needs the reference's loss on every batch the model trains on.
+    Keeping a second, tuned model in memory for that is what a sharded run cannot afford; its
+    losses, ``(B, T)`` float32 per batch (4 bytes a token), can be. :meth:`compute` runs the
+    reference over the batches (in eval mode, without gradients, exactly as :func:`token_mask`
+    would run it) and keeps each batch's losses under a digest of its ``input_ids``, ``labels``
+    and ``attention_mask``, so a batch met again in any order, on any device, finds them.
+
+    Example (the reference is the model with a tuned delta applied, then reverted)::
+
+        with surgical.applied(model, reference_delta):
+            reference = ReferenceLosses.compute(model, batches)
+        labels = token_mask(model, batch, reference=reference)
+    """
+
+    def __init__(self) -> None:
+        self._losses: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._losses)
+
+    @staticmethod
+    def key(batch: Mapping[str, torch.Tensor]) -> str:
+        """The digest a batch is looked up by: its token ids, labels and attention mask."""
+        h = hashlib.blake2b(digest_size=16)
+        for name in ("input_ids", "labels", "attention_mask"):
+            value = batch.get(name)
+            if value is None:
+                h.update(f"{name}:none;".encode())
+                continue
+            t = value.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
+    def add(self, batch: Mapping[str, torch.Tensor], losses: torch.Tensor) -> None:
+        """Keeps ``losses`` (``(B, T)``, as :func:`per_token_losses` returns) for ``batch``."""
+        self._losses[self.key(batch)] = losses.detach().float().cpu()
+
+    def losses(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The reference's ``(B, T)`` losses on ``batch``; a SurgicalError for a batch never seen."""
+        found = self._losses.get(self.key(batch))
+        if found is None:
+            raise SurgicalError(
+                "the reference's losses were not computed for this batch",
+                "Compute them with ReferenceLosses.compute over the batches that will be trained on",
+            )
+        return found
+
+    @classmethod
+    def compute(
+        cls,
+        reference: nn.Module | LogitsFn,
+        batches: Iterable[Mapping[str, torch.Tensor]],
+        show: bool = False,
+    ) -> ReferenceLosses:
+        """The losses of ``reference`` (a module or ``(batch) -> logits``) on every batch."""
+        out = cls()
+        total = len(batches) if hasattr(batches, "__len__") else None
+        with progress(disable=not show) as bar:
+            task = bar.add_task("reference losses", total=total, info="")
+            for batch in batches:
+                _check_batch(batch)
+                out.add(batch, per_token_losses(reference, batch))
+                bar.update(task, advance=1)
+        return out
 
 
 TokenCriterion = Callable[[TokenContext], torch.Tensor]
@@ -97,7 +171,9 @@ def random_token_scores(ctx: TokenContext) -> torch.Tensor:
 )
 def excess_loss_scores(ctx: TokenContext) -> torch.Tensor:
     """``loss(model) - loss(reference)`` per token."""
-    return per_token_losses(ctx.model, ctx.batch) - per_token_losses(ctx.reference, ctx.batch)
+    ref = ctx.reference
+    base = ref.losses(ctx.batch) if isinstance(ref, ReferenceLosses) else per_token_losses(ref, ctx.batch)
+    return per_token_losses(ctx.model, ctx.batch) - base
 
 
 def _check_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -132,7 +208,7 @@ def token_mask(
     batch: Mapping[str, torch.Tensor],
     method: str = "excess_loss",
     fraction: float = 0.6,
-    reference: nn.Module | LogitsFn | None = None,
+    reference: nn.Module | LogitsFn | ReferenceLosses | None = None,
     seed: int = 0,
     **options: Any,
 ) -> torch.Tensor:
@@ -143,7 +219,8 @@ def token_mask(
         batch: ``input_ids`` (B, T), ``labels`` shaped like them, optional ``attention_mask``.
         method: A token criterion (``TOKEN_CRITERIA.names()``): ``excess_loss`` or ``random``.
         fraction: Share of each example's target tokens to keep, in (0, 1].
-        reference: ``excess_loss``: the reference model or function (e.g. the base, see above).
+        reference: ``excess_loss``: the reference model or function (e.g. the base, see above),
+            or its precomputed :class:`ReferenceLosses`.
         seed: Seed of ``random``.
         **options: The criterion's own options.
 

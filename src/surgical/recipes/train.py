@@ -40,7 +40,8 @@ from surgical.core.errors import SurgicalError
 from surgical.core.io import atomic_write_text, check_output
 from surgical.core.processes import RankShares, launched_processes, on_first_rank, start_process_group
 from surgical.core.runtime import peak_rss_bytes, plain_console
-from surgical.delta import Delta, apply
+from surgical.data.tokens import ReferenceLosses
+from surgical.delta import Delta, applied, apply
 from surgical.recipes.config import (
     DataConfig,
     ScheduleConfig,
@@ -147,9 +148,6 @@ class RunConfig:
             )
         unsupported = {
             "schedule.name": self.schedule.name != "none",
-            # the reference delta is applied to a whole copy of the model on every process
-            "token_selection.reference": self.token_selection.method == "excess_loss"
-            and self.token_selection.reference != "base",
             "model.quantization.backend": self.model.quantization.backend != "none",
         }
         for key, used in unsupported.items():
@@ -204,16 +202,30 @@ def _base_logits(model):
     return logits
 
 
-def token_reference(section: TokenSelectionConfig, model) -> Any:
+def token_reference(section: TokenSelectionConfig, model, sharded: bool = False) -> Any:
     """``excess_loss``'s reference: the base (``(batch) -> logits`` of the prepared model with its
     trained values swapped back, no second copy) or, with ``reference: DELTA_DIR``, a frozen copy
     of the base with that delta applied (Rho-1's reference tuned on target data). Call it before
-    ``model`` is quantized or prepared: the copy is taken of the full-precision base."""
+    ``model`` is quantized or prepared: the copy is taken of the full-precision base.
+
+    ``sharded``: no copy; the delta itself, checked against the base, whose losses
+    :func:`reference_losses` computes before the model is sharded."""
     if section.method != "excess_loss" or section.reference == "base":
         return _base_logits(model)
+    delta = Delta.load(section.reference)
+    if sharded:
+        with applied(model, delta):  # refuses a delta made on another base
+            return delta
     reference = copy.deepcopy(model)
-    apply(reference, Delta.load(section.reference))  # refuses a delta made on another base
+    apply(reference, delta)  # refuses a delta made on another base
     return reference.requires_grad_(False).eval()
+
+
+def reference_losses(model, delta: Delta, batches: Sequence[dict], show: bool) -> ReferenceLosses:
+    """The losses of ``model`` with ``delta`` applied on ``batches``, computed once (the model is
+    restored exactly after): a sharded run's tuned reference, with no second model kept."""
+    with applied(model, delta):
+        return ReferenceLosses.compute(model, batches, show=show)
 
 
 def task_of(cfg: RunConfig) -> str:
@@ -352,7 +364,7 @@ def run_train(
         gradient_checkpointing=m.gradient_checkpointing,
     )
     # first: a reference delta made on another base is refused before any scoring time is spent
-    reference = token_reference(cfg.token_selection, model)
+    reference = token_reference(cfg.token_selection, model, sharded=fsdp)
     batches = make_batches(cfg.data, task, tokenizer, num_labels=m.num_labels)
     plan = on_first_rank(lambda: make_plan(cfg, model, batches))  # scored on all the data, once
     check_plan(model, plan)  # a given plan made for another model: refused before anything is lost
@@ -365,13 +377,16 @@ def run_train(
         console.print(report.summary())
     if fsdp:
         model.to(device)
+        batches = RankShares(batches, rank, dist.get_world_size())
+        if isinstance(reference, Delta):  # while each process still holds the whole model
+            console.print("computing the reference's token losses (token_selection.reference)")
+            reference = reference_losses(model, reference, batches, show)
     # a plan for another model fails here with the mismatching shape; sharding needs the additive path
     prepare(model, plan, additive=fsdp)
     if rank == 0 and not (out / "plan" / "plan.json").is_file():
         plan.save(out / "plan")
     if fsdp:
         shard(model)
-        batches = RankShares(batches, rank, dist.get_world_size())
     hooks = make_schedule(cfg.schedule.name, cfg.schedule.options, seed=cfg.training.seed)
     t = cfg.training
     lr = t.lr if t.lr is not None else DEFAULT_LR[task]

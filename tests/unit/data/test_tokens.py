@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_llama
 from surgical.core.errors import SurgicalError
-from surgical.data.tokens import TOKEN_CRITERIA, keep_top, token_mask, token_report
+from surgical.data.tokens import TOKEN_CRITERIA, ReferenceLosses, keep_top, token_mask, token_report
 
 
 def _batch(seed: int = 0) -> dict:
@@ -105,6 +105,28 @@ def test_the_base_is_a_free_reference_through_a_delta():
     two_copies = token_mask(tuned, batch, fraction=0.4, reference=tiny_llama(0))
     assert torch.equal(free, two_copies)
     assert all(torch.equal(v, state[k]) for k, v in base.state_dict().items())  # the delta is off again
+
+
+def test_precomputed_reference_losses_select_what_the_reference_model_does():
+    """A reference given by its losses, computed once, keeps the same tokens as the reference
+    model run at every batch; batches are found by content (a copy, in another order), and a batch
+    it never saw is refused in one line."""
+    model, ref = tiny_llama(0), tiny_llama(1)
+    batches = [_batch(s) for s in range(3)]
+    losses = ReferenceLosses.compute(ref, batches)
+    assert len(losses) == 3
+    for b in reversed(batches):
+        copied = {k: v.clone() for k, v in b.items()}
+        assert torch.equal(
+            token_mask(model, copied, fraction=0.5, reference=losses),
+            token_mask(model, b, fraction=0.5, reference=ref),
+        )
+    other = _batch(7)
+    with pytest.raises(SurgicalError, match="reference's losses were not computed for this batch"):
+        token_mask(model, other, fraction=0.5, reference=losses)
+    # the key is the content: the same ids with other labels are another batch
+    relabeled = {**batches[0], "labels": torch.where(_targets(batches[0]), -100, batches[0]["labels"])}
+    assert ReferenceLosses.key(relabeled) != ReferenceLosses.key(batches[0])
 
 
 def test_padding_that_carries_labels_is_not_trained():
