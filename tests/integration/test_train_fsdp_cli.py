@@ -119,6 +119,38 @@ def test_token_selection_trains_the_same_tokens_sharded(tmp_path, files, monkeyp
     assert losses["base"] != pytest.approx(list(losses.values())[1], rel=1e-3)
 
 
+@pytest.mark.parametrize("schedule", ["lisa", "hft"])
+def test_lisa_and_hft_train_the_delta_of_one_process_sharded(tmp_path, files, monkeypatch, capsys, schedule):
+    """A schedule that switches layers (LISA) or tensors (HFT) off and on: sharded, the inactive
+    keep requires_grad (FSDP2 settles at its first forward which get gradients) and their
+    gradients are dropped before each step; the run ends near the one-process delta, where
+    layers and tensors first switched on after the first step train too."""
+    options = {"lisa": {"every": 2, "gamma": 1}, "hft": {"every": 2}}[schedule]
+    runs = {}
+    for name, extra in (("single", {}), ("fsdp", {"fsdp": True})):
+        path = _config(tmp_path / f"{name}.yaml", files, tmp_path / name, **extra)
+        cfg = yaml.safe_load(open(path))
+        cfg["schedule"] = {"name": schedule, "options": options}
+        cfg["training"]["max_steps"] = 6
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        runs[name] = path
+    code, _, err = run_main(monkeypatch, capsys, "train", "-c", runs["single"])
+    assert code == 0, err
+    run_two_processes("surgical", "train", "-c", runs["fsdp"], launcher=TORCHRUN)
+    one, two = (sg.Delta.load(tmp_path / n / "delta") for n in ("single", "fsdp"))
+    # every tensor trained at some step: with one layer (LISA) or half the tensors (HFT) on at a
+    # time, some were first switched on after FSDP's first forward
+    moved = sum(bool((v != 0).any()) for _, v in one.entries.values())
+    assert moved == len(one.entries) if schedule == "lisa" else moved > len(one.entries) // 2
+    for name, (idx, vals) in one.entries.items():
+        assert torch.equal(two.entries[name][0], idx), name
+        torch.testing.assert_close(two.entries[name][1], vals, rtol=1e-3, atol=1e-5)
+    for name, value in one.dense.items():
+        torch.testing.assert_close(two.dense[name], value, rtol=1e-3, atol=1e-5)
+    s1, s2 = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("single", "fsdp"))
+    assert s2["losses"] == pytest.approx(s1["losses"], rel=1e-4)
+
+
 @pytest.mark.parametrize(
     ("world", "training", "sections", "needle"),
     [
@@ -130,7 +162,7 @@ def test_token_selection_trains_the_same_tokens_sharded(tmp_path, files, monkeyp
             {"model": {"quantization": {"backend": "torchao"}}},
             "training.fsdp does not support model.quantization.backend yet",
         ),
-        ("2", {}, {"schedule": {"name": "lisa"}}, "training.fsdp does not support schedule.name yet"),
+        ("2", {}, {"schedule": {"name": "regrow"}}, "training.fsdp does not support schedule.name: regrow"),
         ("2", {}, {"data_selection": {"method": "random", "fraction": 0.5}}, "select-data"),
     ],
 )

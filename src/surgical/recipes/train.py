@@ -146,10 +146,13 @@ class RunConfig:
                 f"data.batch_size {self.data.batch_size} does not split evenly between {n} processes",
                 f"Use a multiple of {n}",
             )
-        unsupported = {
-            "schedule.name": self.schedule.name != "none",
-            "model.quantization.backend": self.model.quantization.backend != "none",
-        }
+        if self.schedule.name == "regrow":
+            raise SurgicalError(
+                "training.fsdp does not support schedule.name: regrow (it ranks and moves each "
+                "tensor's entries on one process)",
+                "Use lisa or hft, or train without training.fsdp",
+            )
+        unsupported = {"model.quantization.backend": self.model.quantization.backend != "none"}
         for key, used in unsupported.items():
             if used:
                 raise SurgicalError(

@@ -53,6 +53,14 @@ class SurgicalCallback(TrainerCallback):
         for h in self.hooks:
             h.on_train_begin(s)
 
+    def on_pre_optimizer_step(
+        self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw
+    ):
+        s = self._sync_state(args, state, model, optimizer, lr_scheduler)
+        for h in self.hooks:
+            if (before := getattr(h, "on_before_step", None)) is not None:
+                before(s)
+
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):
         s = self._sync_state(args, state, model, optimizer, lr_scheduler)
         for h in self.hooks:

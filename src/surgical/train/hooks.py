@@ -42,6 +42,12 @@ class TrainHook:
     def on_train_begin(self, state: StepState) -> None:
         """Called once before the first step (after a resume, with the restored step)."""
 
+    def on_before_step(self, state: StepState) -> None:
+        """Called once the step's gradients are computed (every micro-batch), before they are
+        clipped and the optimizer steps (``state.step`` does not count the step yet). Under the
+        HF ``Trainer`` it runs after the Trainer's clipping (its ``on_pre_optimizer_step``).
+        Optional: a hook without it is not called here."""
+
     def on_step_end(self, state: StepState) -> None:
         """Called after each optimizer step (``state.step`` already counts it)."""
 

@@ -248,6 +248,9 @@ def fit(
                         "Lower the learning rate or set max_grad_norm",
                     )
                 break
+            for h in hooks:  # optional: a hook is any object with TrainHook's methods
+                if (before := getattr(h, "on_before_step", None)) is not None:
+                    before(state)
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(
                     [p for g in opt.param_groups for p in g["params"]], max_grad_norm

@@ -41,18 +41,31 @@ def _optimizer_params(state: StepState) -> dict[str, nn.Parameter]:
     return {n: p for n, p in state.model.named_parameters() if id(p) in ids}
 
 
-def set_active(optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter], active: set[str]) -> None:
+def set_active(
+    optimizer: torch.optim.Optimizer,
+    params: dict[str, nn.Parameter],
+    active: set[str],
+    keep_requires_grad: bool = False,
+) -> list[nn.Parameter]:
     """Trains exactly the ``active`` names among ``params``; frees the optimizer state of the rest.
 
     Freed state is really freed: the moments are dropped from ``optimizer.state``, and a
-    parameter that becomes active again starts with fresh moments.
+    parameter that becomes active again starts with fresh moments. Returns the inactive ones.
+
+    ``keep_requires_grad`` (a model sharded by FSDP2, which settles at its first forward which
+    parameters get their gradients reduced): the inactive parameters keep ``requires_grad``, and
+    the caller drops their gradients before each optimizer step (:meth:`_Freezer.on_before_step`).
     """
+    inactive = []
     for name, p in params.items():
         on = name in active
-        p.requires_grad_(on)
+        if not keep_requires_grad:
+            p.requires_grad_(on)
         if not on:
             p.grad = None
             optimizer.state.pop(p, None)
+            inactive.append(p)
+    return inactive
 
 
 class _Freezer(TrainHook):
@@ -64,6 +77,7 @@ class _Freezer(TrainHook):
         self.every = every
         self.seed = seed
         self.active_units: list[str] = []
+        self._dropped: list[nn.Parameter] = []  # sharded model: inactive, gradients dropped
 
     def units(self, params: dict[str, nn.Parameter]) -> tuple[dict[str, list[str]], list[str]]:
         """(unit -> parameter names) and the names that always stay trainable."""
@@ -80,13 +94,19 @@ class _Freezer(TrainHook):
         active = set(always)
         for u in self.active_units:
             active.update(units[u])
-        set_active(state.optimizer, params, active)
+        sharded = any(is_dtensor(p) for p in state.model.parameters())
+        inactive = set_active(state.optimizer, params, active, keep_requires_grad=sharded)
+        self._dropped = inactive if sharded else []
 
     def config(self) -> dict[str, Any]:
         return {"every": self.every, "seed": self.seed}
 
     def on_train_begin(self, state: StepState) -> None:
         self._apply(state)
+
+    def on_before_step(self, state: StepState) -> None:
+        for p in self._dropped:  # computed (a sharded model trains them all) but not applied
+            p.grad = None
 
     def on_step_end(self, state: StepState) -> None:
         if state.step % self.every == 0:
@@ -104,7 +124,10 @@ class LISA(_Freezer):
     Parameters outside the repeated layers (embeddings, final norm, heads) train throughout,
     as in the LISA paper. Deactivated layers get ``requires_grad=False`` and their optimizer
     state is freed, so memory follows the active layers only; autograd stops below the lowest
-    active layer when nothing beneath it is trainable.
+    active layer when nothing beneath it is trainable. On a model sharded by FSDP2 the
+    deactivated layers keep ``requires_grad`` (FSDP2 settles at its first forward which
+    parameters get gradients) and their gradients are dropped before each step: the same
+    updates, without the savings in backward compute and gradient memory.
     """
 
     def __init__(self, gamma: int = 2, every: int = 10, seed: int = 0) -> None:

@@ -126,3 +126,57 @@ def test_sparse_grads_equal_dense_grads_gathered(mode):
             torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
         else:
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_on_before_step_sees_the_step_gradients_once_and_before_the_update():
+    """The hook runs once per optimizer step, after every micro-batch's backward (the gradients
+    are there) and before the step: a gradient it drops is not applied. A hook without the
+    method (any object with TrainHook's others) still runs."""
+
+    class Drop(TrainHook):
+        def __init__(self, name):
+            self.name, self.calls = name, []
+
+        def on_before_step(self, state):
+            p = dict(state.model.named_parameters())[self.name]
+            self.calls.append((state.step, p.grad is not None))
+            p.grad = None
+
+    class Plain:  # duck-typed: no on_before_step
+        def on_train_begin(self, state):
+            pass
+
+        def on_step_end(self, state):
+            pass
+
+    model = _prepared()
+    name = "classifier.weight"
+    before = dict(model.named_parameters())[name].detach().clone()
+    hook = Drop(name)
+    fit(
+        model,
+        BATCHES,
+        max_steps=3,
+        grad_accum=2,
+        lr=1e-2,
+        weight_decay=0.0,
+        show=False,
+        hooks=[hook, Plain()],
+    )
+    assert hook.calls == [(0, True), (1, True), (2, True)]
+    assert torch.equal(dict(model.named_parameters())[name].detach(), before)  # never updated
+    assert sg.extract(model).num_entries > 0
+
+
+def test_a_sharded_freezer_keeps_requires_grad_and_returns_the_inactive():
+    from surgical.train.schedules import set_active
+
+    model = _prepared()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(params.values())
+    active = set(list(params)[:2])
+    inactive = set_active(opt, params, active, keep_requires_grad=True)
+    assert all(p.requires_grad for p in params.values())
+    assert {id(p) for p in inactive} == {id(p) for n, p in params.items() if n not in active}
+    set_active(opt, params, active)  # one process: requires_grad follows the active set
+    assert {n for n, p in params.items() if p.requires_grad} == active
