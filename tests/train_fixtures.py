@@ -198,6 +198,36 @@ def assert_resume_with_regrow_is_exact(prepared, batches: list[dict], ckpt: Path
     return whole
 
 
+def assert_quantized_resume_is_exact(quantized, batches: list[dict], ckpt: Path) -> None:
+    """:func:`assert_resume_with_regrow_is_exact` on ``quantized()`` (a quantized model and its
+    plan, first), prepared: 4 steps stopped after 3, checkpoints every 2."""
+    import surgical as sg
+
+    def prepared():
+        model, plan, *_ = quantized()
+        return sg.prepare(model, plan)
+
+    run = dict(max_steps=4, lr=1e-2, show=False, checkpoint_every=2)
+    assert_resume_with_regrow_is_exact(prepared, batches, ckpt, stop_at=3, **run)
+
+
+def assert_delta_applies_to_fp32(delta, plan, fp32):
+    """``delta`` (trained on a quantized base) names the full-precision base ``fp32()`` builds and
+    applies to it exactly: base + delta at the entries. Returns that base with the delta."""
+    import torch
+
+    import surgical as sg
+
+    made_on_fp32 = sg.extract(sg.prepare(fp32(), plan))
+    assert delta.meta["base"]["fingerprint"] == made_on_fp32.meta["base"]["fingerprint"]
+    base = fp32()
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    sg.apply(base, delta)
+    for name, (idx, vals) in delta.entries.items():
+        assert torch.equal(base.get_parameter(name).view(-1)[idx], before[name].view(-1)[idx] + vals)
+    return base
+
+
 def assert_grads_match_dequantized(model, ref, plan, dequantize, batch: dict) -> None:
     """``model`` (prepared on a quantized base) and ``ref`` (the same architecture, given the
     dequantized weights here and prepared additively) must give the delta the same gradients."""

@@ -7,11 +7,14 @@ the delta it extracts under ``<out>/rank<R>``; rank 0 then trains the same plan 
 each global batch as the mean of the two halves' losses (what FSDP's averaged gradient computes),
 and saves that delta under ``<out>/single``. The ranks also record what they hold of the frozen
 weights and check the refusals that need a process group, and compare ``sg.base_values`` on the
-shards with the unsharded base.
+shards with the unsharded base. The same plan then trains on a torchao NF4 base, sharded (under
+``<out>/nf4-rank<R>``) and on one process (``<out>/nf4-single``).
 """
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import json
 import shutil
 import sys
@@ -52,9 +55,12 @@ def halves(batch: dict, n: int = 2) -> list[dict]:
     return [{k: v[i * size : (i + 1) * size] for k, v in batch.items()} for i in range(n)]
 
 
-def train_single(out: Path, additive: bool = True) -> None:
-    """The reference: one process, the same plan, each global batch's halves averaged."""
+def train_single(out: Path, additive: bool = True, bits: int | None = None) -> None:
+    """The reference: one process, the same plan, each global batch's halves averaged (on an NF4
+    base with ``bits=4``, saved as ``nf4-single``)."""
     model, plan = model_and_plan()
+    if bits:
+        sg.quantize_base(model, bits=bits)
     sg.prepare(model, plan, additive=additive)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     for batch in global_batches():
@@ -63,7 +69,7 @@ def train_single(out: Path, additive: bool = True) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    sg.extract(model).save(out / "single")
+    sg.extract(model).save(out / ("nf4-single" if bits else "single"))
 
 
 class KeepStep2(TrainHook):
@@ -151,6 +157,53 @@ def base_values_gap(model, batch: dict) -> dict:
     }
 
 
+def train_sharded(model, rank: int, world: int) -> tuple[torch.optim.Optimizer, list[float]]:
+    """AdamW on the sharded ``model``, each rank on its half of every global batch; returns the
+    optimizer and this rank's losses."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    model.train()
+    losses = []
+    for batch in global_batches():
+        loss = model(**halves(batch, world)[rank]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return opt, losses
+
+
+def quantized_sharded(out: Path, rank: int, world: int) -> None:
+    """The plan on a torchao NF4 base, sharded: saves the delta and what each rank holds of the
+    quantized weights; torchao int8, which FSDP2 cannot split, is refused by ``shard``."""
+    from surgical.train.quantize import _storage_bytes
+
+    model, plan = model_and_plan()
+    int8 = copy.deepcopy(model)
+    report = sg.quantize_base(model, bits=4)
+    sg.prepare(model, plan, additive=True)
+    shard(model)
+    quantized = [p for n, p in model.named_parameters() if n in report.quantized]
+    held = sum(_storage_bytes(p.to_local()) for p in quantized)
+    opt, losses = train_sharded(model, rank, world)
+    sg.extract(model).save(out / f"nf4-rank{rank}")
+    sg.quantize_base(int8)
+    sg.prepare(int8, plan, additive=True)
+    try:
+        shard(int8)
+        refused = None
+    except sg.SurgicalError as e:
+        refused = str(e)
+    types = sorted({type(p.to_local()).__name__ for p in quantized})
+    info = {
+        "held": held,
+        "total": report.bytes_after,
+        "types": types,
+        "losses": losses,
+        "int8_refused": refused,
+    }
+    (out / f"nf4-rank{rank}.json").write_text(json.dumps(info))
+
+
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -161,15 +214,7 @@ def main(out: str) -> None:
     frozen = [p for n, p in model.named_parameters() if not p.requires_grad]
     held = sum(p.to_local().numel() if is_dtensor(p) else p.numel() for p in frozen)
     total = sum(p.numel() for p in frozen)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-    model.train()
-    losses = []
-    for batch in global_batches():
-        loss = model(**halves(batch, world)[rank]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    opt, losses = train_sharded(model, rank, world)
     base_gap = base_values_gap(model, halves(global_batches()[0], world)[rank])
     regrow_refused = None
     try:  # prune-and-regrow ranks each tensor's entries on one process: refused when sharded
@@ -184,8 +229,13 @@ def main(out: str) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(info))
     dist.barrier()
     checkpoint_and_resume(out, rank, world)
+    nf4 = importlib.util.find_spec("torchao") is not None  # the quant extra
+    if nf4:
+        quantized_sharded(out, rank, world)
     if rank == 0:
         train_single(out)
+        if nf4:
+            train_single(out, bits=4)
     dist.destroy_process_group()
 
 

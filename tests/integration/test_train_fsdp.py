@@ -52,6 +52,28 @@ def test_two_process_fsdp2_matches_one_process_bit_for_bit(ran):
         assert "prune-and-regrow cannot run on a sharded model" in refused["regrow_sharded"]
 
 
+def test_an_nf4_base_shards_and_trains_the_delta_of_one_process(ran):
+    """torchao NF4 weights split by rows under FSDP2 (each rank holds half their bytes), and the
+    delta trained beside them is the one-process NF4 run's within float rounding; torchao int8,
+    which FSDP2 cannot split, is refused by ``shard`` in one line."""
+    pytest.importorskip("torchao", reason="the quant extra (torchao) is not installed")
+    single = sg.Delta.load(ran / "nf4-single")
+    assert sum(int((v != 0).sum()) for _, v in single.entries.values()) > 0.9 * single.num_entries
+    for rank in (0, 1):
+        d = sg.Delta.load(ran / f"nf4-rank{rank}")
+        assert d.meta["base"]["fingerprint"] == single.meta["base"]["fingerprint"]  # the fp32 base
+        for name, (idx, vals) in single.entries.items():
+            assert torch.equal(d.entries[name][0], idx), name
+            torch.testing.assert_close(d.entries[name][1], vals, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(d.dense["model.norm.weight"], single.dense["model.norm.weight"])
+        info = json.loads((ran / f"nf4-rank{rank}.json").read_text())
+        assert info["types"] == ["NF4Tensor"]
+        assert 0.45 * info["total"] <= info["held"] <= 0.55 * info["total"], info
+        refused = info["int8_refused"]
+        assert "is quantized as Int8Tensor, which FSDP2 cannot shard" in refused and "bits 4" in refused
+        assert "\n" not in refused
+
+
 def test_base_values_on_the_shards_is_the_base_and_puts_the_trained_values_back(ran):
     """FSDP2 keeps the root's gathered parameters after a forward without gradients; base_values
     drops them on the way in and out, so the body runs on the base (not the trained final norm)

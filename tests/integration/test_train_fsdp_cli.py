@@ -40,6 +40,36 @@ def _config(path, files, out, **training) -> str:
     return str(path)
 
 
+def _pair(tmp_path, files, edit) -> dict[str, str]:
+    """The configs of a one-process run and of a sharded one (``single``, ``fsdp``), each
+    changed by ``edit(cfg)``."""
+    runs = {}
+    for name, extra in (("single", {}), ("fsdp", {"fsdp": True})):
+        path = _config(tmp_path / f"{name}.yaml", files, tmp_path / name, **extra)
+        cfg = yaml.safe_load(open(path))
+        edit(cfg)
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        runs[name] = path
+    return runs
+
+
+def _run_pair(tmp_path, monkeypatch, capsys, runs: dict[str, str]):
+    """Runs both; asserts that the sharded delta and losses are the one-process run's to float
+    rounding; returns both deltas and summaries."""
+    code, _, err = run_main(monkeypatch, capsys, "train", "-c", runs["single"])
+    assert code == 0, err
+    run_two_processes("surgical", "train", "-c", runs["fsdp"], launcher=TORCHRUN)
+    one, two = (sg.Delta.load(tmp_path / n / "delta") for n in ("single", "fsdp"))
+    for name, (idx, vals) in one.entries.items():
+        assert torch.equal(two.entries[name][0], idx), name
+        torch.testing.assert_close(two.entries[name][1], vals, rtol=1e-3, atol=1e-5)
+    for name, value in one.dense.items():
+        torch.testing.assert_close(two.dense[name], value, rtol=1e-3, atol=1e-5)
+    s1, s2 = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("single", "fsdp"))
+    assert s2["losses"] == pytest.approx(s1["losses"], rel=1e-4)
+    return one, two, s1, s2
+
+
 def test_two_processes_train_the_delta_of_one(tmp_path, files, monkeypatch, capsys):
     single = _config(tmp_path / "single.yaml", files, tmp_path / "single")
     code, _, err = run_main(monkeypatch, capsys, "train", "-c", single)
@@ -119,6 +149,22 @@ def test_token_selection_trains_the_same_tokens_sharded(tmp_path, files, monkeyp
     assert losses["base"] != pytest.approx(list(losses.values())[1], rel=1e-3)
 
 
+def test_an_nf4_base_trains_sharded_as_on_one_process(tmp_path, files, monkeypatch, capsys):
+    """``model.quantization: {backend: torchao, bits: 4}`` with ``training.fsdp``: the NF4 weights
+    are split between the ranks and the delta is the one-process NF4 run's to float rounding."""
+    pytest.importorskip("torchao", reason="the quant extra (torchao) is not installed")
+
+    def nf4(cfg):
+        cfg["model"]["quantization"] = {"backend": "torchao", "bits": 4}
+
+    one, two, s1, s2 = _run_pair(tmp_path, monkeypatch, capsys, _pair(tmp_path, files, nf4))
+    assert two.meta["base"]["fingerprint"] == one.meta["base"]["fingerprint"]
+    assert sum(int((v != 0).sum()) for _, v in one.entries.values()) > 0.9 * one.num_entries
+    q = s2["quantization"]
+    assert q == s1["quantization"] and q["format"] == "NF4" and q["backend"] == "torchao" and q["bits"] == 4
+    assert q["quantized"] == 14 and q["bytes_after"] < 0.2 * q["bytes_before"]  # about 0.5-0.6 of 4 bytes
+
+
 @pytest.mark.parametrize("schedule", ["lisa", "hft"])
 def test_lisa_and_hft_train_the_delta_of_one_process_sharded(tmp_path, files, monkeypatch, capsys, schedule):
     """A schedule that switches layers (LISA) or tensors (HFT) off and on: sharded, the inactive
@@ -126,29 +172,16 @@ def test_lisa_and_hft_train_the_delta_of_one_process_sharded(tmp_path, files, mo
     gradients are dropped before each step; the run ends near the one-process delta, where
     layers and tensors first switched on after the first step train too."""
     options = {"lisa": {"every": 2, "gamma": 1}, "hft": {"every": 2}}[schedule]
-    runs = {}
-    for name, extra in (("single", {}), ("fsdp", {"fsdp": True})):
-        path = _config(tmp_path / f"{name}.yaml", files, tmp_path / name, **extra)
-        cfg = yaml.safe_load(open(path))
+
+    def scheduled(cfg):
         cfg["schedule"] = {"name": schedule, "options": options}
         cfg["training"]["max_steps"] = 6
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
-        runs[name] = path
-    code, _, err = run_main(monkeypatch, capsys, "train", "-c", runs["single"])
-    assert code == 0, err
-    run_two_processes("surgical", "train", "-c", runs["fsdp"], launcher=TORCHRUN)
-    one, two = (sg.Delta.load(tmp_path / n / "delta") for n in ("single", "fsdp"))
+
+    one, _, _, _ = _run_pair(tmp_path, monkeypatch, capsys, _pair(tmp_path, files, scheduled))
     # every tensor trained at some step: with one layer (LISA) or half the tensors (HFT) on at a
     # time, some were first switched on after FSDP's first forward
     moved = sum(bool((v != 0).any()) for _, v in one.entries.values())
     assert moved == len(one.entries) if schedule == "lisa" else moved > len(one.entries) // 2
-    for name, (idx, vals) in one.entries.items():
-        assert torch.equal(two.entries[name][0], idx), name
-        torch.testing.assert_close(two.entries[name][1], vals, rtol=1e-3, atol=1e-5)
-    for name, value in one.dense.items():
-        torch.testing.assert_close(two.dense[name], value, rtol=1e-3, atol=1e-5)
-    s1, s2 = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("single", "fsdp"))
-    assert s2["losses"] == pytest.approx(s1["losses"], rel=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -160,7 +193,9 @@ def test_lisa_and_hft_train_the_delta_of_one_process_sharded(tmp_path, files, mo
             "2",
             {},
             {"model": {"quantization": {"backend": "torchao"}}},
-            "training.fsdp does not support model.quantization.backend yet",
+            "training.fsdp cannot shard model.quantization.backend: torchao with bits: its default "
+            "(FSDP2 splits only torchao's NF4 weights). Set model.quantization to {backend: torchao, "
+            "bits: 4}",
         ),
         ("2", {}, {"schedule": {"name": "regrow"}}, "training.fsdp does not support schedule.name: regrow"),
         ("2", {}, {"data_selection": {"method": "random", "fraction": 0.5}}, "select-data"),

@@ -95,7 +95,7 @@ def test_densely_trained_heads_stay_in_full_precision(tmp_path, files, monkeypat
         ),
         ({"backend": "bnb"}, {}, "quantization backend 'bnb' is not installed"),
         ({"backend": "bnb", "bits": 8}, {}, "backend 'bnb' quantizes to 4 bits here, not 8. Use bits: 4"),
-        ({"backend": "torchao", "bits": 4}, {}, "backend 'torchao' quantizes to 8 bits here, not 4"),
+        ({"backend": "torchao", "bits": 2}, {}, "backend 'torchao' quantizes to 8, 4 bits here, not 2"),
     ],
 )
 def test_bad_quantization_settings_are_one_line_exit_2(

@@ -56,6 +56,12 @@ def is_quantized(t: torch.Tensor) -> bool:
     return isinstance(t, torch.Tensor) and not is_plain(t) and not is_dtensor(t)
 
 
+def dequantized(weight: torch.Tensor) -> torch.Tensor:
+    """The values a torchao quantized weight stands for, in its dtype (int8 or NF4)."""
+    original = getattr(weight, "get_original_weight", None)  # NF4Tensor (its dequantize is static)
+    return original() if original is not None else weight.dequantize()
+
+
 def is_zero3(t: object) -> bool:
     """Whether ``t`` is a parameter partitioned by DeepSpeed ZeRO-3 (it carries ``ds_id``)."""
     return isinstance(t, torch.Tensor) and hasattr(t, "ds_id") and hasattr(t, "ds_shape")

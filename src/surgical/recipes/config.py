@@ -61,12 +61,13 @@ class QuantizationConfig:
 
     backend: str = _f(
         "none",
-        "'none', 'torchao' (int8 weight-only Linear weights) or 'bnb' (bitsandbytes NF4, QLoRA's "
-        "format); pip install 'surgical[quant]'.",
+        "'none', 'torchao' (int8 weight-only Linear weights, or NF4 with bits: 4, the one format "
+        "training.fsdp can shard) or 'bnb' (bitsandbytes NF4, QLoRA's format); "
+        "pip install 'surgical[quant]'.",
         choices=("none", "torchao", "bnb"),
     )
     bits: int | None = _f(
-        None, "Bits per quantized weight (default: the backend's; torchao: 8, bnb: 4).", low=1
+        None, "Bits per quantized weight (default: the backend's; torchao: 8 or 4, bnb: 4).", low=1
     )
     exclude: tuple[str, ...] = _f(
         (),

@@ -64,7 +64,7 @@ from surgical.select import CRITERIA, Plan, select
 from surgical.train import base_values, extract, fit, prepare, shard, trainable_count
 from surgical.train.checkpoint import latest_checkpoint
 from surgical.train.prepare import check_plan
-from surgical.train.quantize import check_backend, quantize_base
+from surgical.train.quantize import FORMATS, check_backend, quantize_base
 from surgical.train.schedules import SCHEDULES, make_schedule
 
 # Keys that cannot change what a run computes, so ``--resume`` accepts a change to them: where
@@ -152,13 +152,14 @@ class RunConfig:
                 "tensor's entries on one process)",
                 "Use lisa or hft, or train without training.fsdp",
             )
-        unsupported = {"model.quantization.backend": self.model.quantization.backend != "none"}
-        for key, used in unsupported.items():
-            if used:
-                raise SurgicalError(
-                    f"training.fsdp does not support {key} yet",
-                    f"Remove {key}, or train without training.fsdp",
-                )
+        quant = self.model.quantization
+        if quant.backend != "none" and (quant.backend, quant.bits) != ("torchao", 4):
+            bits = quant.bits if quant.bits is not None else "its default"
+            raise SurgicalError(
+                f"training.fsdp cannot shard model.quantization.backend: {quant.backend} with bits: "
+                f"{bits} (FSDP2 splits only torchao's NF4 weights)",
+                "Set model.quantization to {backend: torchao, bits: 4}, or train without training.fsdp",
+            )
         if self.data_selection.manifest is None and self.data_selection.method != "none":
             raise SurgicalError(
                 "training.fsdp does not select data itself (data_selection.method)",
@@ -374,10 +375,19 @@ def run_train(
     # the input is checked: the earlier run's files (--overwrite) go before this run writes its own
     on_first_rank(lambda: clear_run_files(out, replaced))
     batches = select_training_data(cfg, model, tokenizer, task, plan, show, batches)
-    quant = m.quantization
+    quant, quantized = m.quantization, None
     if quant.backend != "none":  # selected on the full-precision model; the base trains quantized
         report = quantize_base(model, quant.bits, quant.backend, exclude=[*quant.exclude, *plan.dense])
         console.print(report.summary())
+        quantized = {
+            "backend": report.backend,
+            "bits": report.bits,
+            "format": FORMATS[report.backend, report.bits],
+            "quantized": len(report.quantized),
+            "kept": len(report.kept),
+            "bytes_before": report.bytes_before,
+            "bytes_after": report.bytes_after,
+        }
     if fsdp:
         model.to(device)
         batches = RankShares(batches, rank, dist.get_world_size())
@@ -437,6 +447,8 @@ def run_train(
             "peak_rss_bytes": peak_rss_bytes(),
             "config": cfg.to_dict(),
         }
+        if quantized:
+            summary["quantization"] = quantized
         if fsdp:
             n = dist.get_world_size()
             rss: list[Any] = [None] * n

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgical.core.errors import SurgicalError
-from surgical.core.tensors import full_tensor, is_plain, is_quantized
+from surgical.core.tensors import dequantized, full_tensor, is_plain, is_quantized
 from surgical.train.sparse import grad_dtype, index_dtype, sampled_weight_grad
 from surgical.train.state import SparseState, delta_attr, install
 
@@ -173,7 +173,7 @@ class _QuantizedLinearFn(torch.autograd.Function):
     def backward(ctx, gy):  # noqa: D102
         gx = gb = None
         if ctx.needs_input_grad[0]:
-            gx = gy @ ctx.module.weight.dequantize().to(gy.dtype)
+            gx = gy @ dequantized(ctx.module.weight).to(gy.dtype)
         if ctx.needs_input_grad[1]:
             gb = gy.reshape(-1, gy.shape[-1]).sum(0)
         return gx, gb, None

@@ -8,7 +8,9 @@ and then to the whole model, after checking what makes that sound:
 - a model prepared with ``additive=True`` (or on a quantized base): FSDP2 keeps one shard of each
   weight per process and gathers it afresh for every forward and backward pass, so the in-place
   path's write into the weight would be lost; the additive path never writes the weight
-  (:mod:`surgical.train.additive`).
+  (:mod:`surgical.train.additive`);
+- quantized weights only in a format FSDP2 can split and gather (torchao NF4, whose blocks and
+  scales split by rows), with rows and scales that divide evenly between the processes.
 
 FSDP2 then shards everything it manages: the frozen weights (each process holds 1/N of them
 between passes), the delta parameters and their gradients (reduce-scattered) and so the
@@ -20,11 +22,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
 from surgical.core.errors import SurgicalError
 from surgical.core.names import split_layer
+from surgical.core.tensors import is_quantized
 from surgical.train.prepare import prepared
 from surgical.train.state import stateful_modules
 
@@ -54,8 +58,8 @@ def shard(model: nn.Module, **fsdp_kwargs: Any) -> nn.Module:
         The model (its class swapped for FSDP's, as ``fully_shard`` does).
 
     Raises:
-        SurgicalError: no process group of at least two processes, a model not prepared, or one
-            with a state that writes its weight in place.
+        SurgicalError: no process group of at least two processes, a model not prepared, one
+            with a state that writes its weight in place, or quantized weights FSDP2 cannot shard.
     """
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
         n = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -73,9 +77,37 @@ def shard(model: nn.Module, **fsdp_kwargs: Any) -> nn.Module:
             "Prepare with surgical.prepare(model, plan, additive=True) (entries of Linear weights and "
             "dense parameters only)",
         )
+    _check_quantized(model, dist.get_world_size())
     from torch.distributed.fsdp import fully_shard
 
     for block in _blocks(model):
         fully_shard(block, **fsdp_kwargs)
     fully_shard(model, **fsdp_kwargs)
     return model
+
+
+#: the parts of a torchao NF4 weight that FSDP2 splits by rows (values, block scales, their scales)
+_NF4_PARTS = ("quantized_data", "quantized_scalers", "quantization_factor")
+
+
+def _check_quantized(model: nn.Module, world: int) -> None:
+    """Raises unless every quantized weight of ``model`` can be split between ``world`` processes:
+    a format that tells FSDP2 how to gather it (torchao NF4; not torchao int8 nor bitsandbytes),
+    with its rows and each of its parts a multiple of ``world``."""
+    for name, p in model.named_parameters():
+        if not is_quantized(p):
+            continue
+        if not hasattr(type(p), "fsdp_pre_all_gather"):
+            raise SurgicalError(
+                f"{name!r} is quantized as {type(p).__name__}, which FSDP2 cannot shard",
+                "Quantize with backend torchao and bits 4 (NF4, surgical.quantize_base(model, bits=4)) "
+                "to shard a quantized base, or train on one process",
+            )
+        inner = [getattr(p, a, None) for a in _NF4_PARTS]
+        parts = [p.shape[0]] + [t.numel() for t in inner if torch.is_tensor(t)]
+        if any(n % world for n in parts):
+            raise SurgicalError(
+                f"{name!r} (NF4, {p.shape[0]} rows, {parts[-1]} scales) does not split evenly between "
+                f"{world} processes",
+                "Use a process count that divides both, or keep it in full precision (quantization exclude)",
+            )

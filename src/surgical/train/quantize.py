@@ -2,8 +2,10 @@
 
 ``quantize_base(model)`` replaces the weights of the model's Linear layers in place by torchao
 int8 weight-only tensors (per output row scales; 1 byte per weight instead of 4 in fp32 or 2 in
-bf16), or with ``backend="bnb", bits=4`` swaps those layers for bitsandbytes ``Linear4bit``
-(NF4 in blocks of 64, their scales double-quantized: QLoRA's format, about 0.52 bytes per weight).
+bf16); with ``bits=4`` by torchao ``NF4Tensor`` weights (NF4 in blocks of 64, their scales
+quantized to int8 in blocks of up to 256: QLoRA's format, about 0.52 bytes per weight), the one
+format here that FSDP2 can shard (:func:`surgical.train.shard`); or with ``backend="bnb"`` swaps
+those layers for bitsandbytes ``Linear4bit`` (NF4 in blocks of 64, double-quantized scales).
 ``prepare`` then trains the selected entries of those weights additively
 (:mod:`surgical.train.additive`): the forward pass is the quantized layer plus the sparse delta,
 which stays in float32. The delta comes out of ``extract`` like any other and applies to the
@@ -17,9 +19,10 @@ a multiple of 64 (its CPU kernel, 0.50.2, dequantizes NF4 blocks that span two r
 transformer widths are multiples of 64). Dense training of a quantized weight is refused
 by ``prepare``; keep such weights out with ``exclude``.
 
-Both run on CPU and CUDA. torchao's 4-bit weight formats are not offered: on CPU torchao stores
-4-bit weights unpacked in int8 bytes (no saving) and its packed formats need CUDA kernels;
-bitsandbytes packs two NF4 values per byte on both.
+All run on CPU and CUDA. torchao's int4 weight formats are not offered: on CPU torchao stores
+them unpacked in int8 bytes (no saving) and its packed formats need CUDA kernels; its NF4 tensor
+and bitsandbytes pack two NF4 values per byte on both. A torchao NF4 weight is kept in full
+precision when its size is not a multiple of 64 values.
 """
 
 from __future__ import annotations
@@ -38,12 +41,14 @@ from surgical.core.tensors import is_plain
 from surgical.train.tied import weight_users
 
 #: backend -> the bit widths it offers here
-BACKENDS = {"torchao": (8,), "bnb": (4,)}
+BACKENDS = {"torchao": (8, 4), "bnb": (4,)}
 #: values per NF4 block (one fp32 scale each); bitsandbytes quantizes only weights whose rows are
 #: whole blocks here (in_features a multiple of it), the others stay in full precision
 NF4_BLOCK = 64
-#: backend -> the format its weights are stored in
-FORMATS = {"torchao": "int8", "bnb": "NF4"}
+#: (backend, bits) -> the format its weights are stored in
+FORMATS = {("torchao", 8): "int8", ("torchao", 4): "NF4", ("bnb", 4): "NF4"}
+#: the most NF4 blocks that share one (int8-quantized) scale with torchao, as in QLoRA
+NF4_SCALER_BLOCK = 256
 #: backend -> the pip requirement that installs it
 PACKAGES = {"torchao": "torchao", "bnb": "bitsandbytes"}
 #: Linear modules kept in full precision by default: LM and task heads (the last projection is
@@ -63,9 +68,9 @@ class QuantizeReport:
     bytes_after: int  # of the same weights quantized (values, scales, zero points)
 
     def summary(self) -> str:
-        mb = 1 / 2**20
+        mb, fmt = 1 / 2**20, FORMATS[self.backend, self.bits]
         return (
-            f"quantized {len(self.quantized)} Linear weights to {FORMATS[self.backend]} ({self.backend}): "
+            f"quantized {len(self.quantized)} Linear weights to {fmt} ({self.backend}): "
             f"{self.bytes_before * mb:.1f} MiB -> {self.bytes_after * mb:.1f} MiB; "
             f"{len(self.kept)} kept in full precision"
         )
@@ -134,8 +139,8 @@ def quantize_base(
 
     Args:
         model: A plain model (not prepared).
-        bits: 8 with torchao (int8 weight-only, per-row scales), 4 with bitsandbytes (NF4);
-            None: the backend's.
+        bits: 8 (int8 weight-only, per-row scales) or 4 (NF4, shardable by FSDP2) with torchao,
+            4 with bitsandbytes (NF4); None: the backend's first (8 with torchao).
         backend: ``"torchao"`` or ``"bnb"`` (bitsandbytes).
         exclude: Patterns of weights (or of their modules) to keep in full precision, beside the
             heads and shared weights that are always kept (see :func:`surgical.core.patterns.matches`).
@@ -160,6 +165,7 @@ def quantize_base(
         keep = any(matches(wname, p) for p in patterns)
         # bitsandbytes' CPU kernel dequantizes NF4 blocks that span rows wrongly (0.50.2, measured)
         keep = keep or (backend == "bnb" and module.in_features % NF4_BLOCK != 0)
+        keep = keep or (bits == 4 and module.weight.numel() % NF4_BLOCK != 0)  # whole blocks only
         if keep or not module.weight.is_floating_point() or len(weight_users(model, module.weight)) > 1:
             kept.append(wname)
         else:
@@ -169,7 +175,10 @@ def quantize_base(
         w = module.weight.detach()
         samples[wname] = w.reshape(-1).index_select(0, sample_positions(w.numel()).to(w.device)).float().cpu()
         before += _storage_bytes(w)
-    if backend == "torchao":
+    if backend == "torchao" and bits == 4:
+        for module in chosen.values():
+            _to_torchao_nf4(module)
+    elif backend == "torchao":
         targets = {id(m) for m in chosen.values()}
         lib.quantize_(model, lib.Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: id(m) in targets)
     else:
@@ -177,6 +186,25 @@ def quantize_base(
     record_quantized(model, samples)
     after = sum(_storage_bytes(m.weight) for m in chosen.values())
     return QuantizeReport(backend, bits, sorted(chosen), sorted(kept), before, after)
+
+
+def nf4_scaler_block(numel: int) -> int:
+    """How many NF4 blocks of a weight of ``numel`` values share one scale: the largest divisor of
+    its block count up to :data:`NF4_SCALER_BLOCK` (torchao needs whole groups) that leaves a
+    number of scales divisible by 8, so that FSDP2 can split them between 2, 4 or 8 processes
+    (576 x 576: 5,184 blocks, 216 per scale), else the largest divisor."""
+    blocks = numel // NF4_BLOCK
+    divisors = [d for d in range(min(NF4_SCALER_BLOCK, blocks), 0, -1) if blocks % d == 0]
+    return next((d for d in divisors if (blocks // d) % 8 == 0), divisors[0])
+
+
+def _to_torchao_nf4(linear: nn.Linear) -> None:
+    """Replaces the weight of ``linear`` by a torchao ``NF4Tensor`` (blocks of 64 values)."""
+    from torchao.quantization import to_nf4
+
+    w = linear.weight.detach().contiguous()
+    nf4 = to_nf4(w, NF4_BLOCK, nf4_scaler_block(w.numel()))
+    linear.weight = nn.Parameter(nf4, requires_grad=False)
 
 
 def _to_nf4(bnb, model: nn.Module, name: str, linear: nn.Linear) -> nn.Module:

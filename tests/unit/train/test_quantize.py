@@ -14,7 +14,11 @@ from surgical.core.tensors import is_quantized
 from surgical.select.plan import Plan
 from surgical.train.additive import AdditiveEntryState
 from surgical.train.state import stateful_modules
-from train_fixtures import assert_grads_match_dequantized, assert_resume_with_regrow_is_exact
+from train_fixtures import (
+    assert_delta_applies_to_fp32,
+    assert_grads_match_dequantized,
+    assert_quantized_resume_is_exact,
+)
 
 pytest.importorskip("torchao", reason="the quant extra (torchao) is not installed")
 
@@ -53,15 +57,7 @@ def test_training_on_the_quantized_base_decreases_the_loss_and_the_delta_applies
         assert torch.equal(idx, plan.entries[name].to(torch.int64))
         assert torch.equal(vals, model.get_submodule(mname).weight_sg_delta.detach())
     # it names the full-precision base, and applies to it exactly: base + delta at the entries
-    base = tiny_llama()
-    assert (
-        delta.meta["base"]["fingerprint"]
-        == sg.extract(sg.prepare(tiny_llama(), plan)).meta["base"]["fingerprint"]
-    )
-    before = {n: p.detach().clone() for n, p in base.named_parameters()}
-    sg.apply(base, delta)
-    for name, (idx, vals) in delta.entries.items():
-        assert torch.equal(base.get_parameter(name).view(-1)[idx], before[name].view(-1)[idx] + vals)
+    base = assert_delta_applies_to_fp32(delta, plan, tiny_llama)
     # the fp32 model with the delta is close to the quantized one with it (int8 rounding apart)
     with torch.no_grad():
         lq, lf = model(**batches[0]).loss, base(**batches[0]).loss
@@ -72,12 +68,7 @@ def test_training_on_the_quantized_base_decreases_the_loss_and_the_delta_applies
 
 
 def test_resume_and_regrow_on_a_quantized_base(tmp_path):
-    def prepared():
-        model, plan, _ = _quantized()
-        return sg.prepare(model, plan)
-
-    run = dict(max_steps=4, lr=1e-2, show=False, checkpoint_every=2)
-    assert_resume_with_regrow_is_exact(prepared, lm_batches(n=4), tmp_path, stop_at=3, **run)
+    assert_quantized_resume_is_exact(_quantized, lm_batches(n=4), tmp_path)
 
 
 def test_what_a_quantized_weight_cannot_do_is_refused_in_one_line():
@@ -99,8 +90,8 @@ def test_what_a_quantized_weight_cannot_do_is_refused_in_one_line():
         sg.apply(other, delta)
     with pytest.raises(sg.SurgicalError, match="cannot quantize a prepared model"):
         sg.quantize_base(model)
-    with pytest.raises(sg.SurgicalError, match="quantizes to 8 bits here, not 4"):
-        sg.quantize_base(tiny_llama(), bits=4)
+    with pytest.raises(sg.SurgicalError, match="quantizes to 8, 4 bits here, not 16. Use bits: 8, 4"):
+        sg.quantize_base(tiny_llama(), bits=16)
     with pytest.raises(sg.SurgicalError, match="unknown quantization backend 'gptq'"):
         sg.quantize_base(tiny_llama(), backend="gptq")
 

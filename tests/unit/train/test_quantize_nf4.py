@@ -13,7 +13,11 @@ from conftest import lm_batches
 from surgical.core.tensors import is_quantized, logical_shape
 from surgical.train.additive import AdditiveEntryState
 from surgical.train.state import stateful_modules
-from train_fixtures import assert_grads_match_dequantized, assert_resume_with_regrow_is_exact
+from train_fixtures import (
+    assert_delta_applies_to_fp32,
+    assert_grads_match_dequantized,
+    assert_quantized_resume_is_exact,
+)
 
 bnb = pytest.importorskip("bitsandbytes", reason="the quant extra (bitsandbytes) is not installed")
 
@@ -77,15 +81,7 @@ def test_training_on_nf4_decreases_the_loss_and_the_delta_applies_to_fp32():
     delta = sg.extract(model)
     assert delta.num_entries == plan.num_entries
     # it names the full-precision base and applies to it: base + delta at the entries
-    assert (
-        delta.meta["base"]["fingerprint"]
-        == sg.extract(sg.prepare(tiny_llama(), plan)).meta["base"]["fingerprint"]
-    )
-    base = tiny_llama()
-    before = {n: p.detach().clone() for n, p in base.named_parameters()}
-    sg.apply(base, delta)
-    for name, (idx, vals) in delta.entries.items():
-        assert torch.equal(base.get_parameter(name).view(-1)[idx], before[name].view(-1)[idx] + vals)
+    assert_delta_applies_to_fp32(delta, plan, tiny_llama)
 
 
 def test_nf4_path_gradients_equal_those_of_the_dequantized_weights():
@@ -95,12 +91,7 @@ def test_nf4_path_gradients_equal_those_of_the_dequantized_weights():
 
 
 def test_resume_and_regrow_on_an_nf4_base(tmp_path):
-    def prepared():
-        model, plan, _ = _quantized()
-        return sg.prepare(model, plan)
-
-    run = dict(max_steps=4, lr=1e-2, show=False, checkpoint_every=2)
-    assert_resume_with_regrow_is_exact(prepared, lm_batches(n=4), tmp_path, stop_at=3, **run)
+    assert_quantized_resume_is_exact(_quantized, lm_batches(n=4), tmp_path)
 
 
 def test_what_a_packed_weight_cannot_do_is_refused_in_one_line(monkeypatch):
