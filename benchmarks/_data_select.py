@@ -37,15 +37,24 @@ CRITERIA: dict[str, tuple[str, dict]] = {
     "trajectory+classes": ("trajectory", {}),
     "trajectory+classes-agreeing": ("trajectory", {}),
     "trajectory+classes-subset": ("trajectory", {}),
+    "trajectory+classes-agreeing-balanced": ("trajectory", {}),
 }
 # criteria that always keep the class shares (select_data(stratify=True)), with or without
 # --stratify: trajectory chooses a set, so --stratify leaves the plain ``trajectory`` as it is
-CLASS_SHARES = {"trajectory+classes", "trajectory+classes-agreeing", "trajectory+classes-subset"}
+CLASS_SHARES = {
+    "trajectory+classes",
+    "trajectory+classes-agreeing",
+    "trajectory+classes-subset",
+    "trajectory+classes-agreeing-balanced",
+}
 # trajectory+classes's kept set without the clusters whose loss rose during its proxy training
 # (the library's ``rising_clusters``, which the select-data note reports; on every point run here
 # the same clusters as those ending above ln 2): the direct test of why trajectory+classes trains
 # to chance (docs/data.md)
-AGREEING = {"trajectory+classes-agreeing"}
+AGREEING = {"trajectory+classes-agreeing", "trajectory+classes-agreeing-balanced"}
+# -agreeing with the class shares of the whole training set restored (the drop can leave one
+# class short): the larger class cut down at random to match
+BALANCED = {"trajectory+classes-agreeing-balanced"}
 # its control for the size: a random subset of trajectory+classes's kept set as large as what
 # -agreeing keeps (the same share of those clusters as before, fewer examples)
 SUBSET = {"trajectory+classes-subset"}
@@ -55,6 +64,7 @@ QUICK_OPTIONS = {  # tiny data: fewer proxy-training steps
     "trajectory+classes": {"steps": 4, "clusters": 3},
     "trajectory+classes-agreeing": {"steps": 4, "clusters": 3},
     "trajectory+classes-subset": {"steps": 4, "clusters": 3},
+    "trajectory+classes-agreeing-balanced": {"steps": 4, "clusters": 3},
     "gradient+adam": {"warmup_steps": 2},
 }
 
@@ -128,6 +138,8 @@ def select(
     )
     if name in SUBSET:
         return same_size_subset(sel, seed)
+    if name in BALANCED:
+        return balanced(agreeing(sel), list(train.labels), seed)
     return agreeing(sel) if name in AGREEING else sel
 
 
@@ -145,6 +157,35 @@ def agreeing(sel):
     meta = {**sel.meta, "dropped": int((~keep).sum()), "dropped_clusters": sorted(wrong)}
     meta["kept_clusters"] = [c for c in sel.meta["kept_clusters"] if c not in wrong]
     return dataclasses.replace(sel, indices=sel.indices[keep], meta=meta)
+
+
+def balanced(sel, labels: list[int], seed: int):
+    """``sel`` cut to the class shares of ``labels`` (the whole training set): the largest set that
+    keeps every class at its share, each class's examples drawn at random (seeded) from those
+    selected. ``kept_by_cluster`` and ``kept_clusters`` count what is left; the meta records how
+    many were cut (``balance_cut``) and the sizes per class before (``by_class_before``)."""
+    import dataclasses
+
+    import torch
+
+    classes = sorted(set(labels))
+    share = {c: labels.count(c) / len(labels) for c in classes}
+    mine = [labels[i] for i in sel.indices.tolist()]
+    have = {c: mine.count(c) for c in classes}
+    n = min(int(have[c] / share[c]) for c in classes)  # the most every class can fill
+    want = {c: min(have[c], round(n * share[c])) for c in classes}
+    gen = torch.Generator().manual_seed(seed)
+    pick = []
+    for c in classes:
+        where = torch.tensor([i for i, y in enumerate(mine) if y == c], dtype=torch.long)
+        pick.append(where[torch.randperm(len(where), generator=gen)[: want[c]]])
+    pick = torch.cat(pick).sort().values
+    clusters = [sel.meta["kept_clusters"][i] for i in pick.tolist()]
+    cut = {j: sel.meta["kept_clusters"].count(j) - clusters.count(j) for j in set(sel.meta["kept_clusters"])}
+    kept = [k - cut.get(j, 0) for j, k in enumerate(sel.meta["kept_by_cluster"])]
+    meta = {**sel.meta, "kept_clusters": clusters, "kept_by_cluster": kept,
+            "balance_cut": len(mine) - len(pick), "by_class_before": [have[c] for c in classes]}  # fmt: skip
+    return dataclasses.replace(sel, indices=sel.indices[pick], meta=meta)
 
 
 def same_size_subset(sel, seed: int):

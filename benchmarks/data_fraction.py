@@ -68,7 +68,8 @@ FULL = "all"  # the 100% points' criterion name
 FRACTIONS = (0.1, 0.3, 0.5, 1.0)
 # what a point keeps of its selection's record (trajectory: its clusters and what was kept of each)
 INFO = ("kept", "unwarmed", "features", "clusters", "cluster_sizes", "kept_by_cluster", "checkpoint_steps",
-        "cluster_mean_losses", "dropped", "dropped_clusters", "subset_of")  # fmt: skip
+        "cluster_mean_losses", "dropped", "dropped_clusters", "subset_of", "balance_cut",
+        "by_class_before")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

@@ -75,6 +75,33 @@ def test_agreeing_drops_the_kept_examples_of_the_rising_clusters():
     assert "trajectory+classes-subset" in ds.CLASS_SHARES
 
 
+def test_balanced_restores_the_class_shares_of_the_training_set():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import _data_select as ds
+    import torch
+
+    from surgical.data.select_data import DataSelection
+
+    labels = [0, 1] * 10  # the training set: half of each class
+    # what -agreeing kept: 6 of class 1 (indices 1, 3, ...), 2 of class 0, from clusters 0 and 2
+    indices = torch.tensor([0, 1, 3, 4, 5, 7, 9, 11])
+    meta = {"kept_clusters": [0, 0, 2, 2, 0, 2, 2, 0], "kept_by_cluster": [4, 3, 4], "dropped": 3}
+    sel = DataSelection(indices, None, "trajectory", {}, "h", 20, meta)
+    out = ds.balanced(sel, labels, seed=0)
+    kept = out.indices.tolist()
+    assert [labels[i] for i in kept].count(0) == [labels[i] for i in kept].count(1) == 2
+    assert set(kept) >= {0, 4} and set(kept) <= set(indices.tolist()) and kept == sorted(kept)
+    assert out.meta["balance_cut"] == 4 and out.meta["by_class_before"] == [2, 6]
+    by_index = dict(zip(indices.tolist(), meta["kept_clusters"], strict=True))
+    assert out.meta["kept_clusters"] == [by_index[i] for i in kept]
+    # a dropped cluster's count stays as selected (the renderer subtracts ``dropped``); the others
+    # lose what was cut
+    assert out.meta["kept_by_cluster"][1] == 3
+    assert out.meta["kept_by_cluster"][0] + out.meta["kept_by_cluster"][2] == 4
+    assert ds.balanced(sel, labels, seed=0).indices.tolist() == kept  # seeded
+    assert "trajectory+classes-agreeing-balanced" in ds.CLASS_SHARES & ds.AGREEING & ds.BALANCED
+
+
 def test_data_fraction_quick(tmp_path):
     out = tmp_path / "df.json"
     args = ["--criteria", "gradient+adam", "--fractions", "0.5", "1.0", "--jobs", "2", "--stratify"]
